@@ -1,0 +1,185 @@
+"""Record each layer's attention row for the current query position, without eager attention.
+
+headscope registers one attention function with transformers' `AttentionInterface`. On a
+recorded decoding step (one query position) it computes, for every head, the softmax row of
+that query over all cached keys in float32 -- with the model's own scaling, mask (causal,
+sliding window, padding), logit soft-capping and grouped-query mapping -- and the layer's
+output from those same probabilities, so attention runs once. On every other call (the
+prefill, or when nothing is being recorded) it hands the call to a fast backend (SDPA or
+flash-attention), so memory stays linear in the context.
+
+A row is never kept: it is reduced on the spot to its top-k (value, position) pairs,
+k being the largest any scorer asked for. That is all the retrieval and reasoning scores
+need, and it is O(layers x heads x k) per step instead of O(layers x heads x context).
+
+Models whose attention does not go through the interface fall back to eager attention with
+`output_attentions=True` on the decoding steps only (the prefill stays on the fast path):
+`Recorder.add_eager_attentions` takes those tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
+
+ATTN_SDPA = "headscope"  # no "sdpa" in the name: transformers would then check SDPA support
+ATTN_FLASH = "headscope-fa"
+
+_active: "Recorder | None" = None  # the recorder of the forward pass in flight, if any
+
+
+class Recorder:
+    """Reduces each layer's current-query attention row to its top-k positions, for one forward pass."""
+
+    def __init__(self, num_layers: int, top_k: int):
+        self.num_layers = num_layers
+        self.top_k = top_k
+        self.seq_len = 0  # length of the whole sequence, the current query included
+        self.values: list[torch.Tensor | None] = [None] * num_layers  # each (batch, heads, k) float32
+        self.positions: list[torch.Tensor | None] = [None] * num_layers  # each (batch, heads, k) int64
+        self.row_hooks: list = []  # callables (layer, probs) for scorers that need whole rows
+
+    def add(self, layer: int, probs: torch.Tensor) -> None:
+        """probs: (batch, heads, kv_len) float32, the softmax row of the current query."""
+        # A sliding-window cache may hold only the most recent kv_len keys: they are the last
+        # kv_len positions of the sequence, so positions are counted from there.
+        offset = self.seq_len - probs.shape[-1]
+        for hook in self.row_hooks:
+            hook(layer, probs, offset)
+        values, positions = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
+        positions = positions + offset
+        missing = self.top_k - values.shape[-1]
+        if missing > 0:  # fewer keys than k (a short window): pad with zero mass at position -1
+            values = torch.nn.functional.pad(values, (0, missing), value=0.0)
+            positions = torch.nn.functional.pad(positions, (0, missing), value=-1)
+        self.values[layer] = values
+        self.positions[layer] = positions
+
+    def add_eager_attentions(self, attentions) -> None:
+        """The fallback: `attentions` is the model output's tuple of (batch, heads, q_len, kv_len)."""
+        for layer, weights in enumerate(attentions):
+            self.add(layer, weights[:, :, -1, :].float())
+
+    def take(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's top-k values and positions, each (layers, batch, heads, k), on one device."""
+        missing = [layer for layer, v in enumerate(self.values) if v is None]
+        if missing:
+            raise RuntimeError(f"no attention row was recorded for layers {missing}")
+        values = torch.stack([v.to(device) for v in self.values])
+        positions = torch.stack([p.to(device) for p in self.positions])
+        self.values = [None] * self.num_layers
+        self.positions = [None] * self.num_layers
+        return values, positions
+
+
+@contextlib.contextmanager
+def recording(recorder: Recorder, seq_len: int):
+    """Record the rows of the single-query forward pass run inside this block."""
+    global _active
+    recorder.seq_len = seq_len
+    _active = recorder
+    try:
+        yield recorder
+    finally:
+        _active = None
+
+
+def last_row_probs(
+    query: torch.Tensor,  # (batch, q_heads, 1, dim)
+    key: torch.Tensor,  # (batch, kv_heads, kv_len, dim)
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Softmax row of the single query over all keys, float32, shape (batch, q_heads, kv_len)."""
+    batch, q_heads, _, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    # Query head h reads KV head h // group (transformers' repeat_kv order), without copying keys.
+    grouped_query = query.reshape(batch, kv_heads, group, dim)
+    logits = torch.matmul(grouped_query, key.transpose(-1, -2)).float() * scaling  # (batch, kv_heads, group, kv_len)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.reshape(batch, q_heads, kv_len)
+
+    visible = _visible_keys(attention_mask, batch, kv_len, logits.device)
+    if visible is not None:
+        logits = logits.masked_fill(~visible, float("-inf"))
+    elif attention_mask is not None:  # an additive float mask
+        logits = logits + attention_mask[:, :, -1, -kv_len:].float()
+    if sliding_window is not None and kv_len > sliding_window:
+        # transformers' rule: key j is visible from query i when i - j < sliding_window.
+        logits[..., : kv_len - sliding_window] = float("-inf")
+    return torch.softmax(logits, dim=-1)
+
+
+def _visible_keys(attention_mask, batch, kv_len, device) -> torch.Tensor | None:
+    """Boolean (batch, 1, kv_len) visibility of the last query, or None if the mask is additive or absent."""
+    if attention_mask is None or attention_mask.dtype != torch.bool and attention_mask.dim() == 4:
+        return None
+    if attention_mask.dim() == 4:  # sdpa-style boolean (batch, 1, q_len, kv_len)
+        return attention_mask[:, :, -1, -kv_len:].expand(batch, 1, kv_len)
+    return attention_mask[:, None, -kv_len:].bool().to(device)  # flash-style 2D padding mask (batch, kv_len)
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """Plain attention for what SDPA cannot serve (logit soft-capping): memory quadratic in the prompt."""
+    group = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(group, dim=1)
+    value = value.repeat_interleave(group, dim=1)
+    logits = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attention_mask[..., -key.shape[2] :], float("-inf"))
+        else:
+            logits = logits + attention_mask[..., -key.shape[2] :]
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def _make_attention(backend):
+    def headscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        softcap = kwargs.get("softcap")
+        if _active is None or query.shape[2] != 1:
+            fast = eager_attention if softcap is not None else backend
+            return fast(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        probs = last_row_probs(query, key, attention_mask, scaling, softcap, kwargs.get("sliding_window"))
+        _active.add(module.layer_idx, probs)
+        batch, q_heads, kv_len = probs.shape
+        kv_heads = value.shape[1]
+        grouped_probs = probs.to(value.dtype).reshape(batch, kv_heads, q_heads // kv_heads, kv_len)
+        output = torch.matmul(grouped_probs, value)  # (batch, kv_heads, group, dim)
+        return output.reshape(batch, 1, q_heads, value.shape[-1]), None
+
+    return headscope_attention
+
+
+def _flash_backend(*args, **kwargs):
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    return flash_attention_forward(*args, **kwargs)
+
+
+AttentionInterface.register(ATTN_SDPA, _make_attention(sdpa_attention_forward))
+AttentionMaskInterface.register(ATTN_SDPA, sdpa_mask)
+AttentionInterface.register(ATTN_FLASH, _make_attention(_flash_backend))
+AttentionMaskInterface.register(ATTN_FLASH, flash_attention_mask)
+
+
+def install(model, attn: str = "sdpa") -> bool:
+    """Route the model's attention through headscope. False when the model cannot use the interface."""
+    if not getattr(model, "_supports_attention_backend", False):
+        return False
+    name = {"sdpa": ATTN_SDPA, "flash_attention_2": ATTN_FLASH}[attn]
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError, KeyError):
+        return False
+    return True
