@@ -1,0 +1,136 @@
+"""headscope's command line: `headscope detect retrieval|reasoning ...`, `headscope organism train ...`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .errors import HeadscopeError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _fields(text: str) -> dict:
+    from .tasks.reasoning import parse_fields
+
+    try:
+        return parse_fields(text)
+    except HeadscopeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="name or path of a Hugging Face causal LM (default: the bundled organism)")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    group.add_argument("--device", default="auto", help="auto (all GPUs via device_map, else CPU), cpu, cuda, cuda:1, ...")
+    group.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"])
+    group.add_argument("--trust-remote-code", action="store_true")
+
+
+def add_detect_options(parser: argparse.ArgumentParser, task: str) -> None:
+    add_model_options(parser)
+    run = parser.add_argument_group("run")
+    run.add_argument("--max-new-tokens", type=int, help=f"default {50 if task == 'retrieval' else 100}")
+    run.add_argument("--out", default="head_scores", help="output folder (default head_scores/)")
+    run.add_argument("--overwrite", action="store_true", help="replace earlier results instead of merging with them")
+    run.add_argument("--save-prompts", action="store_true", help="write each prompt into samples.jsonl")
+    run.add_argument("--chat", default="auto", choices=["auto", "on", "off"], help="use the chat template")
+    run.add_argument("--no-stop-at-newline", dest="stop_at_newline", action="store_false")
+    run.add_argument("--success-threshold", type=float, default=50.0,
+                     help="a sample counts if its metric (0-100) is strictly above this (negative: all count)")
+    run.add_argument("--metric", default="rouge1", choices=["rouge1", "rougeL", "f1", "exact", "contains"])
+    run.add_argument("--keep-zeros", action="store_true", help="reasoning: append zero scores to the head lists too")
+    run.add_argument("--batch-size", type=int, default=1, help="decode several prompts together (left padding)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--quiet", action="store_true", help="no progress bar or running top-10")
+    grid = parser.add_argument_group("context lengths")
+    grid.add_argument("--context-lengths", type=_ints, help="e.g. 1000,2000,4000")
+    grid.add_argument("--min-length", type=int, help="default 1000 (organism: 300)")
+    grid.add_argument("--max-length", type=int, help="default 50000, capped at the model's maximum (organism: 1200)")
+    grid.add_argument("--num-lengths", type=int, help="default 20 (organism: 4)")
+    grid.add_argument("--length-buffer", type=int, default=200, help="context trimmed to length minus this")
+    data = parser.add_argument_group("data")
+    if task == "retrieval":
+        data.add_argument("--haystack", help="folder of .txt files (default: the bundled haystack)")
+        data.add_argument("--needles", help="JSON Lines of {needle, question, real_needle}")
+        data.add_argument("--depths", type=_floats, help="needle depths in percent, e.g. 0,50,100")
+        data.add_argument("--num-depths", type=int, help="default 10 (organism: 5)")
+        data.add_argument("--depth-spacing", default="linear", choices=["linear", "sigmoid"])
+    else:
+        data.add_argument("--data", help="JSON list or JSON Lines with id, context, question, answer")
+        data.add_argument("--fields", type=_fields, help="rename fields, e.g. id=qid,answer=gold")
+        data.add_argument("--num-samples", type=int, help="sample this many records (with --seed)")
+        data.add_argument("--top-k", type=int, default=5, help="positions of each attention row scored")
+        data.add_argument("--generated-weight", type=float, default=1.0)
+        data.add_argument("--query-weight", type=float, default=0.5)
+
+
+ORGANISM_GRID = {"min_length": 300, "max_length": 1200, "num_lengths": 4, "num_depths": 5}
+
+
+def run_detect(args: argparse.Namespace) -> None:
+    from .engine import DetectOptions, detect
+
+    names = {f.name for f in dataclasses.fields(DetectOptions)}
+    # Unset grid options take the defaults; the organism's context is short, so it has its own grid.
+    grid = ORGANISM_GRID if args.model is None else {}
+    options = {k: v if v is not None else grid.get(k) for k, v in vars(args).items() if k in names}
+    detect(args.task, DetectOptions(**{k: v for k, v in options.items() if v is not None}))
+
+
+def run_organism_train(args: argparse.Namespace, rest: list[str]) -> None:
+    from .organism import train
+
+    train.main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headscope", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    detect = commands.add_parser("detect", help="find retrieval or reasoning heads")
+    tasks = detect.add_subparsers(dest="task", required=True)
+    for task, text in (("retrieval", "needle-in-a-haystack retrieval heads (Wu et al. 2024)"),
+                       ("reasoning", "reasoning heads: attention on generated tokens and the question")):
+        add_detect_options(tasks.add_parser(task, help=text, description=text), task)
+    organism = commands.add_parser("organism", help="the bundled model organism")
+    organism_commands = organism.add_subparsers(dest="organism_command", required=True)
+    organism_commands.add_parser("train", help="train the organism from scratch (options: see `train --help`)",
+                                 add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not (args.command == "organism"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "detect":
+            run_detect(args)
+        elif args.command == "organism":
+            run_organism_train(args, rest)
+    except HeadscopeError as error:
+        print(f"headscope: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("headscope: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

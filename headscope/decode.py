@@ -1,0 +1,108 @@
+"""Greedy decoding with a KV cache, recording every step's attention rows for the scorers.
+
+The prompt minus its last token is prefilled on the fast attention path with nothing
+recorded; the last prompt token is then fed as the first single-query step. So step 0's row
+is the last prompt position's, step s >= 1's is that of generated token s - 1, and every
+recorded step is a one-query forward pass (linear memory, one attention computation).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .recorder import Recorder, recording
+from .scorers import Scorer, StepView
+
+
+@dataclass
+class StopRule:
+    eos_ids: set[int]
+    newline_ids: set[int]  # tokens whose text is a newline; empty with --no-stop-at-newline
+
+    def stops(self, token: int) -> bool:
+        return token in self.eos_ids or token in self.newline_ids
+
+
+def newline_token_ids(tokenizer) -> set[int]:
+    """Ids of tokens whose text is only whitespace with a newline in it ("\\n", "\\n\\n", "<0x0A>", "Ċ")."""
+    ids = set()
+    for token, index in tokenizer.get_vocab().items():
+        if token in ("\n", "<0x0A>", "Ċ", "ĊĊ") or ("\n" in token and not token.strip()):
+            ids.add(index)
+    return ids
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    return ids
+
+
+def _cache_argument(model) -> str:
+    # transformers 5 renames `past_key_values` to `cache`; accept whichever this version has.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def num_layers_and_heads(model) -> tuple[int, int]:
+    config = model.config.get_text_config()
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    return layers, heads
+
+
+@torch.no_grad()
+def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, scorers: list[Scorer],
+                  max_new_tokens: int, stop: StopRule, eager_fallback: bool = False) -> list[list[int]]:
+    """Decode the (left-padded) prompts, feeding every step to the scorers. Returns each sample's tokens.
+
+    input_ids: (batch, prompt_len); attention_mask: (batch, prompt_len) or None when nothing is padded.
+    """
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    num_layers, _ = num_layers_and_heads(model)
+    recorder = Recorder(num_layers, max(s.top_k for s in scorers))
+    cache_kw = {_cache_argument(model): DynamicCache(config=model.config), "use_cache": True}
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    # Left padding: positions count real tokens only, as generate() does.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded = attention_mask is not None and not bool(mask.all())
+
+    if prompt_len > 1:
+        model(input_ids[:, :-1], attention_mask=mask[:, :-1] if padded else None, position_ids=positions[:, :-1],
+              logits_to_keep=1, **cache_kw)
+    if eager_fallback:  # this model's attention is not on the interface: eager rows, decoding steps only
+        prefill_attention = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+    next_input = input_ids[:, -1:]
+    next_position = positions[:, -1:]
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        with recording(recorder, seq_len=mask.shape[1]):
+            output = model(next_input, attention_mask=mask if padded else None, position_ids=next_position,
+                           output_attentions=eager_fallback, **cache_kw)
+        if eager_fallback:
+            recorder.add_eager_attentions(output.attentions)
+        tokens = output.logits[:, -1].argmax(-1)  # (batch,)
+        values, top_positions = recorder.take(device)
+        view = StepView(values=values, positions=top_positions, tokens=tokens, active=active.clone())
+        for scorer in scorers:
+            scorer.step(view)
+        for i, token in enumerate(tokens.tolist()):  # one host sync per step, for the stopping rule
+            if active[i]:
+                generated[i].append(token)
+                if stop.stops(token):
+                    active[i] = False
+        if not active.any():
+            break
+        next_input = tokens[:, None]
+        next_position = next_position + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    if eager_fallback:
+        model.set_attn_implementation(prefill_attention)
+    return generated

@@ -1,0 +1,101 @@
+"""Load any Hugging Face causal LM and its tokenizer, and route its attention through headscope."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from . import recorder
+from .errors import HeadscopeError
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: transformers.PreTrainedModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    name: str  # the model's last path component: output files are named after it
+    path: str
+    eager_fallback: bool  # attention not on the interface: eager rows on decoding steps
+    attention: str  # what computes attention: "headscope+sdpa", "headscope+flash_attention_2" or "eager"
+
+    @property
+    def max_context(self) -> int | None:
+        config = self.model.config.get_text_config()
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+
+def default_model_path() -> str:
+    from .organism import CHECKPOINT_DIR
+
+    return str(CHECKPOINT_DIR)
+
+
+def model_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path)) or "model"
+
+
+def prepare(model, tokenizer, path: str, attn: str = "sdpa") -> LoadedModel:
+    """Install the recorder on an already loaded model (the Python API's entry point for your own model)."""
+    if attn not in ("sdpa", "flash_attention_2"):
+        raise HeadscopeError(f"--attn must be sdpa or flash_attention_2, not {attn!r}")
+    model.eval()
+    on_interface = recorder.install(model, attn)
+    if not on_interface:
+        print(f"headscope: {type(model).__name__} does not use transformers' attention interface; "
+              "falling back to eager attention with output_attentions on decoding steps.", file=sys.stderr)
+    return LoadedModel(model, tokenizer, model_name(path), path, not on_interface,
+                       f"headscope+{attn}" if on_interface else "eager")
+
+
+def load(path: str | None = None, dtype: str = "auto", device: str = "auto", attn: str = "sdpa",
+         trust_remote_code: bool = False) -> LoadedModel:
+    path = path or default_model_path()
+    if dtype not in DTYPES:
+        raise HeadscopeError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise HeadscopeError(f"cannot load model {path!r}: {_first_line(error)}") from None
+    if not _is_causal_lm(config):
+        raise HeadscopeError(f"{path!r} is a {type(config).__name__.removesuffix('Config')} model, "
+                             "not a causal language model (AutoModelForCausalLM cannot load it)")
+    options = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if device == "auto" and torch.cuda.is_available():
+        options["device_map"] = "auto"  # spread over every visible GPU
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, **options)
+        except ValueError:  # the architecture refuses this backend (Gemma 2 and SDPA): load it plainly
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **options)
+    except (OSError, ValueError, ImportError) as error:
+        raise HeadscopeError(f"cannot load model {path!r}: {_first_line(error)}") from None
+    if "device_map" not in options:
+        target = "cpu" if device == "auto" else device
+        try:
+            model.to(target)
+        except (RuntimeError, AssertionError) as error:
+            raise HeadscopeError(f"cannot move the model to {target!r}: {_first_line(error)}") from None
+    return prepare(model, tokenizer, path, attn)
+
+
+def _is_causal_lm(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or bool(getattr(config, "auto_map", {}).get(
+        "AutoModelForCausalLM"))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,113 @@
+"""The files a run writes, and how: atomically, so a crash never leaves half a file.
+
+In `--out`, with NAME the model's last path component and TASK the task (plus the scorer's
+name when it is not the task's own):
+  NAME_TASK_heads.json     {"L-H": [score, ...]} for every head (Retrieval_Head format)
+  NAME_TASK_summary.json   {"L-H": {"mean", "std", "count", "max"}}
+  NAME_TASK_samples.jsonl  one object per finished sample, appended and flushed as it finishes
+  NAME_TASK_manifest.json  what is needed to reproduce the run
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import HeadscopeError
+
+
+def output_paths(out_dir: str | Path, name: str, task: str) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    return {kind: out_dir / f"{name}_{task}_{kind}.{'jsonl' if kind == 'samples' else 'json'}"
+            for kind in ("heads", "summary", "samples", "manifest")}
+
+
+def head_key(layer: int, head: int) -> str:
+    return f"{layer}-{head}"
+
+
+def parse_head_key(key: str) -> tuple[int, int]:
+    try:
+        layer, head = key.split("-")
+        return int(layer), int(head)
+    except ValueError:
+        raise HeadscopeError(f"{key!r} is not a head id of the form LAYER-HEAD (e.g. 13-4)") from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def read_heads(path: str | Path) -> dict[str, list[float]]:
+    """Read a heads file ({"L-H": [score, ...]}), refusing anything else with one clear line."""
+    try:
+        with open(path) as file:
+            heads = json.load(file)
+    except FileNotFoundError:
+        raise HeadscopeError(f"no such score file: {path}") from None
+    except json.JSONDecodeError as error:
+        raise HeadscopeError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(heads, dict) or not heads:
+        raise HeadscopeError(f"{path} is not a heads file: expected an object {{\"LAYER-HEAD\": [scores]}}")
+    for key, scores in heads.items():
+        parse_head_key(key)
+        if not isinstance(scores, list) or not all(isinstance(s, (int, float)) for s in scores):
+            raise HeadscopeError(f"{path}: head {key} must map to a list of numbers")
+    return heads
+
+
+def summarize(heads: dict[str, list[float]]) -> dict[str, dict]:
+    """Mean, population std, count and max of each head's list (zeros for an empty list)."""
+    summary = {}
+    for key, scores in heads.items():
+        count = len(scores)
+        mean = sum(scores) / count if count else 0.0
+        std = math.sqrt(sum((s - mean) ** 2 for s in scores) / count) if count else 0.0
+        summary[key] = {"mean": mean, "std": std, "count": count, "max": max(scores) if count else 0.0}
+    return summary
+
+
+def ranked(summary: dict[str, dict]) -> list[tuple[str, dict]]:
+    """Heads by mean score, highest first; ties by layer then head, so the order is stable."""
+    return sorted(summary.items(), key=lambda item: (-item[1]["mean"], parse_head_key(item[0])))
+
+
+def format_table(summary: dict[str, dict], top: int = 30) -> str:
+    lines = [f"{'layer':>5} {'head':>4} {'mean':>8} {'std':>8} {'count':>5}"]
+    for key, stats in ranked(summary)[:top]:
+        layer, head = parse_head_key(key)
+        lines.append(f"{layer:>5} {head:>4} {stats['mean']:>8.4f} {stats['std']:>8.4f} {stats['count']:>5}")
+    return "\n".join(lines)
+
+
+class SampleLog:
+    """NAME_TASK_samples.jsonl: each finished sample is one line, flushed to disk before the next starts."""
+
+    def __init__(self, path: Path, truncate: bool):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "w" if truncate else "a")
+
+    def append(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()

@@ -1,0 +1,64 @@
+"""Tasks: small declarative pieces that turn options and data into `Sample`s for the one engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+from ..errors import HeadscopeError
+from . import reasoning, retrieval
+from .base import Sample
+
+DATA_DIR = resources.files("headscope") / "data"
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    default_scorer: str
+    default_max_new_tokens: int
+    span_overlap_threshold: float  # the original token-overlap rule's threshold when locating the span
+    span_required: bool  # True: a span that cannot be located is an error for that sample
+
+    def build(self, options, tokenizer, max_context: int | None) -> list[Sample]:
+        return BUILDERS[self.name](options, tokenizer, max_context)
+
+
+TASKS = {
+    "retrieval": Task("retrieval", "retrieval", 50, 0.9, True),
+    "reasoning": Task("reasoning", "reasoning", 100, 0.8, False),
+}
+
+
+def context_lengths(options, max_context: int | None) -> list[int] | None:
+    """Explicit --context-lengths (checked against the model), or the --min/--max/--num-lengths grid (capped)."""
+    if options.context_lengths:
+        too_long = [length for length in options.context_lengths if max_context and length > max_context]
+        if too_long:
+            raise HeadscopeError(f"context length {too_long[0]} is larger than the model's maximum of {max_context}")
+        return list(options.context_lengths)
+    if options.max_length is None:
+        return None
+    top = min(options.max_length, max_context) if max_context else options.max_length
+    if options.min_length > top:
+        raise HeadscopeError(f"--min-length {options.min_length} is larger than the model's maximum of {top}")
+    return sorted(set(retrieval.linear_lengths(options.min_length, top, options.num_lengths)))
+
+
+def _build_retrieval(options, tokenizer, max_context):
+    haystack = retrieval.load_haystack(options.haystack or DATA_DIR / "haystack")
+    needles = retrieval.load_needles(options.needles or DATA_DIR / "needles.jsonl")
+    depths = options.depths if options.depths else retrieval.depth_percents(options.num_depths, options.depth_spacing)
+    lengths = context_lengths(options, max_context)
+    return retrieval.build_retrieval_samples(tokenizer, haystack, needles, lengths, depths,
+                                             length_buffer=options.length_buffer, chat=options.chat)
+
+
+def _build_reasoning(options, tokenizer, max_context):
+    records = reasoning.load_reasoning_data(options.data or DATA_DIR / "reasoning.jsonl", fields=options.fields,
+                                            num_samples=options.num_samples, seed=options.seed)
+    lengths = context_lengths(options, max_context) if options.context_lengths else None
+    return reasoning.build_reasoning_samples(tokenizer, records, lengths, length_buffer=options.length_buffer,
+                                             chat=options.chat)
+
+
+BUILDERS = {"retrieval": _build_retrieval, "reasoning": _build_reasoning}

@@ -1,0 +1,312 @@
+"""Needle in a haystack, built like the Retrieval_Head script (Wu et al. 2024, after gkamradt's NIAH test).
+
+For each needle x context length x depth: take the haystack's first tokens, put the needle right after
+the sentence end nearest (before) `depth` percent of them, and ask the needle's question after the text.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from headscope.errors import HeadscopeError
+from headscope.spans import chat_prompt
+from headscope.tasks.base import Sample
+
+NEEDLE_FIELDS = ("needle", "question", "real_needle")
+QUESTION_SUFFIX = "\nBased on the content of the book, Question: {question}\nAnswer:"
+CHAT_BOOK_PREFIX = "<book>"
+CHAT_BOOK_SUFFIX = "</book>\nBased on the content of the book, Question: {question}\nAnswer:"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_haystack(haystack_dir) -> str:
+    """All .txt files directly inside `haystack_dir`, in name order, concatenated."""
+    folder = Path(haystack_dir)
+    if not folder.is_dir():
+        raise HeadscopeError(f"haystack folder not found: {folder}")
+    files = sorted(p for p in folder.glob("*.txt") if p.is_file())
+    if not files:
+        raise HeadscopeError(f"haystack folder {folder} has no .txt files")
+    parts = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise HeadscopeError(f"haystack file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+        # Keep the last word of one file from gluing onto the first word of the next.
+        if parts and parts[-1] and not parts[-1][-1].isspace():
+            parts.append("\n")
+        parts.append(text)
+    haystack = "".join(parts)
+    if not haystack.strip():
+        raise HeadscopeError(f"haystack folder {folder} holds only empty .txt files")
+    return haystack
+
+
+def _find_real_needle(needle: str, real_needle: str) -> re.Match | None:
+    # Case-insensitive, so the original needles.jsonl loads: its "Mr Green" needle says "because he is"
+    # while its real_needle says "Because he is".
+    return re.search(re.escape(real_needle), needle) or re.search(re.escape(real_needle), needle, re.IGNORECASE)
+
+
+def load_needles(path) -> list[dict]:
+    """Needles from JSON Lines: one {"needle", "question", "real_needle"} object a line (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HeadscopeError(f"needles file not found: {path}")
+    needles = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HeadscopeError(f"{path} line {line_no}: not valid JSON ({e.msg})") from e
+        if not isinstance(record, dict):
+            raise HeadscopeError(f"{path} line {line_no}: expected a JSON object, got {type(record).__name__}")
+        for name in NEEDLE_FIELDS:
+            value = record.get(name)
+            if not isinstance(value, str) or not value.strip():
+                what = "is missing" if value is None else "must be a non-empty string"
+                raise HeadscopeError(f"{path} line {line_no}: field {name!r} {what}")
+        if _find_real_needle(record["needle"], record["real_needle"]) is None:
+            raise HeadscopeError(f"{path} line {line_no}: real_needle is not part of needle")
+        needles.append({name: record[name] for name in NEEDLE_FIELDS})
+    if not needles:
+        raise HeadscopeError(f"needles file {path} has no needles")
+    return needles
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def linear_lengths(min_length: int, max_length: int, num: int) -> list[int]:
+    """`num` context lengths evenly spaced from min to max, rounded like np.round(np.linspace(...))."""
+    if num < 1:
+        raise HeadscopeError(f"number of context lengths must be at least 1, got {num}")
+    if min_length < 1 or max_length < min_length:
+        raise HeadscopeError(f"context lengths need 1 <= min <= max, got min {min_length}, max {max_length}")
+    lengths = np.round(np.linspace(min_length, max_length, num=num, endpoint=True)).astype(int)
+    return list(dict.fromkeys(int(x) for x in lengths))  # a narrow range can round two points together
+
+
+def _logistic(x: float) -> float:
+    # The NIAH test's sigmoid spacing: 100 / (1 + exp(-0.1 * (x - 50))), rounded to 3 decimals, with the
+    # ends pinned to exactly 0 and 100.
+    if x == 0:
+        return 0.0
+    if x == 100:
+        return 100.0
+    return float(np.round(100 / (1 + np.exp(-0.1 * (x - 50))), 3))
+
+
+def depth_percents(num: int, spacing: str = "linear") -> list[int | float]:
+    """`num` needle depths from 0 to 100 percent.
+
+    linear:  round(linspace(0, 100, num)) -> ints, evenly spaced.
+    sigmoid: x = linspace(0, 100, num); depth = 100 / (1 + exp(-0.1 * (x - 50))) rounded to 3 decimals,
+             with 0 and 100 kept exact -> denser near the start and the end of the document.
+    """
+    if num < 1:
+        raise HeadscopeError(f"number of depths must be at least 1, got {num}")
+    grid = np.linspace(0, 100, num=num, endpoint=True)
+    if spacing == "linear":
+        return list(dict.fromkeys(int(x) for x in np.round(grid).astype(int)))
+    if spacing == "sigmoid":
+        return list(dict.fromkeys(_tidy_depth(_logistic(float(x))) for x in grid))
+    raise HeadscopeError(f"depth spacing must be 'linear' or 'sigmoid', got {spacing!r}")
+
+
+def _parse_numbers(text: str, what: str, number) -> list:
+    items = [item.strip() for item in str(text).split(",")]
+    if not any(items):
+        raise HeadscopeError(f"no {what} given")
+    values = []
+    for item in items:
+        if not item:
+            raise HeadscopeError(f"empty entry in {what} {text!r}")
+        try:
+            values.append(number(item))
+        except ValueError:
+            raise HeadscopeError(f"{what}: {item!r} is not a number (expected e.g. '1000,2000')") from None
+    return values
+
+
+def parse_lengths(text: str) -> list[int]:
+    """"1000,2000" -> [1000, 2000]"""
+    lengths = _parse_numbers(text, "context lengths", int)
+    _check_lengths(lengths)
+    return lengths
+
+
+def parse_depths(text: str) -> list[float]:
+    """"0,50,100" -> [0, 50, 100] (ints where whole, floats otherwise)"""
+    depths = [_tidy_depth(d) for d in _parse_numbers(text, "depth percents", float)]
+    _check_depths(depths)
+    return depths
+
+
+def _check_lengths(lengths) -> None:
+    if not lengths:
+        raise HeadscopeError("no context lengths given")
+    for length in lengths:
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+            raise HeadscopeError(f"context lengths must be positive integers, got {length!r}")
+    if len(set(lengths)) != len(lengths):
+        raise HeadscopeError(f"context lengths repeat: {list(lengths)}")
+
+
+def _check_depths(depths) -> None:
+    if not depths:
+        raise HeadscopeError("no depth percents given")
+    for depth in depths:
+        if isinstance(depth, bool) or not isinstance(depth, (int, float, np.number)) or not 0 <= depth <= 100:
+            raise HeadscopeError(f"depth percents must be numbers from 0 to 100, got {depth!r}")
+    if len(set(depths)) != len(depths):
+        raise HeadscopeError(f"depth percents repeat: {list(depths)}")
+
+
+def _tidy_depth(depth) -> int | float:
+    depth = float(depth)
+    return int(depth) if depth.is_integer() else depth
+
+
+# ----------------------------------------------------------------------------- building prompts
+
+
+def _haystack_ids(tokenizer, haystack: str, tokens_needed: int) -> list[int]:
+    """Haystack tokens (no special tokens), at least `tokens_needed` of them.
+
+    Like the original, a short haystack is repeated as text until it is long enough.
+    """
+    # verbose=False: the haystack is longer than the model on purpose; no "sequence too long" warning.
+    ids = list(tokenizer.encode(haystack, add_special_tokens=False, verbose=False))
+    if not ids:
+        raise HeadscopeError("the haystack tokenizes to nothing")
+    if len(ids) < tokens_needed:
+        joiner = "" if haystack[-1].isspace() else "\n"
+        copies = math.ceil(tokens_needed / len(ids)) + 1  # +1: joins can tokenize a little shorter
+        ids = list(tokenizer.encode(joiner.join([haystack] * copies), add_special_tokens=False, verbose=False))
+    return ids
+
+
+def _period_ids(tokenizer, ids: list[int]) -> set[int]:
+    """Tokens that end a sentence: the ones that decode to "." (give or take whitespace)."""
+    unique = sorted(set(ids))
+    texts = tokenizer.batch_decode([[i] for i in unique])
+    return {i for i, text in zip(unique, texts) if text.strip() == "."}
+
+
+def insertion_point(ids: list[int], depth: float, period_ids: set[int]) -> int:
+    """Token index the needle goes in front of: `depth` percent into `ids`, moved back until the token
+    before it is a period (0 when there is none). Depth 100 puts the needle at the very end."""
+    if depth >= 100:
+        return len(ids)
+    point = int(len(ids) * (depth / 100))
+    while point > 0 and ids[point - 1] not in period_ids:
+        point -= 1
+    return point
+
+
+def insert_needle(tokenizer, ids: list[int], text: str, needle: str, point: int) -> tuple[str, int]:
+    """Put `needle` into the haystack at token `point`; `text` is tokenizer.decode(ids).
+
+    Returns the new text and the character offset of the needle in it. The needle is pasted in as
+    text (never round-tripped through tokens), so its offsets are exact.
+    """
+    before = tokenizer.decode(ids[:point])
+    if text.startswith(before):
+        after = text[len(before):]  # keeps the spacing of the whole decode at the seam
+    else:
+        after = tokenizer.decode(ids[point:])
+    # One space keeps the needle from gluing onto "end." or the next word (Llama's tokenizer gave the
+    # original that space for free; byte-level BPE does not).
+    space_before = " " if before and not before[-1].isspace() and not needle[0].isspace() else ""
+    space_after = " " if after and not after[0].isspace() and not needle[-1].isspace() else ""
+    start = len(before) + len(space_before)
+    return before + space_before + needle + space_after + after, start
+
+
+def _depth_label(depth) -> str:
+    return f"{depth:g}" if isinstance(depth, float) else str(depth)
+
+
+def build_retrieval_samples(
+    tokenizer,
+    haystack: str,
+    needles: list[dict],
+    context_lengths,
+    depth_percents,
+    length_buffer: int = 200,
+    chat: bool = False,
+) -> list[Sample]:
+    """One Sample per needle x context length x depth, in that nesting order.
+
+    As in the original, haystack + needle fill `length - length_buffer` tokens (the buffer leaves room
+    for the question, template and answer): the haystack is cut to length - buffer - needle tokens.
+    """
+    if not needles:
+        raise HeadscopeError("no needles given")
+    for i, needle in enumerate(needles):
+        if not all(isinstance(needle.get(name), str) and needle[name] for name in NEEDLE_FIELDS):
+            raise HeadscopeError(f"needle {i} needs non-empty strings for {', '.join(NEEDLE_FIELDS)}")
+    context_lengths = [int(x) if isinstance(x, np.integer) else x for x in context_lengths]
+    _check_lengths(context_lengths)
+    depths = list(depth_percents)
+    _check_depths(depths)
+    depths = [_tidy_depth(d) for d in depths]
+    if isinstance(length_buffer, bool) or not isinstance(length_buffer, int) or length_buffer < 0:
+        raise HeadscopeError(f"length buffer must be a non-negative integer, got {length_buffer!r}")
+
+    needle_sizes = [len(tokenizer.encode(n["needle"], add_special_tokens=False)) for n in needles]
+    for i, size in enumerate(needle_sizes):
+        room = min(context_lengths) - length_buffer - size
+        if room < 1:
+            raise HeadscopeError(
+                f"context length {min(context_lengths)} is too short: needle {i} takes {size} tokens "
+                f"and the buffer {length_buffer}, leaving no haystack"
+            )
+    tokens_needed = max(context_lengths) - length_buffer - min(needle_sizes)
+    haystack_ids = _haystack_ids(tokenizer, haystack, tokens_needed)
+    period_ids = _period_ids(tokenizer, haystack_ids[:tokens_needed])
+
+    samples = []
+    for i, (needle, size) in enumerate(zip(needles, needle_sizes)):
+        match = _find_real_needle(needle["needle"], needle["real_needle"])
+        if match is None:
+            raise HeadscopeError(f"needle {i}: real_needle is not part of needle")
+        for length in context_lengths:
+            ids = haystack_ids[: length - length_buffer - size]
+            text = tokenizer.decode(ids)
+            for depth in depths:
+                context, needle_at = insert_needle(
+                    tokenizer, ids, text, needle["needle"], insertion_point(ids, depth, period_ids)
+                )
+                if chat:
+                    user = CHAT_BOOK_PREFIX + context + CHAT_BOOK_SUFFIX.format(question=needle["question"])
+                    prompt, user_at = chat_prompt(tokenizer, user)
+                    context_at = user_at + len(CHAT_BOOK_PREFIX)
+                else:
+                    prompt = context + QUESTION_SUFFIX.format(question=needle["question"])
+                    context_at = 0
+                span_start = context_at + needle_at + match.start()
+                span_end = context_at + needle_at + match.end()
+                samples.append(
+                    Sample(
+                        id=f"n{i}-L{length}-d{_depth_label(depth)}",
+                        task="retrieval",
+                        prompt=prompt,
+                        add_special_tokens=not chat,
+                        answer=needle["real_needle"],
+                        span_text=prompt[span_start:span_end],  # = real_needle, in the needle's own casing
+                        span_char=(span_start, span_end),
+                        meta={"context_length": length, "depth_percent": depth, "needle_index": i},
+                    )
+                )
+    return samples
