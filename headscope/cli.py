@@ -5,6 +5,8 @@ import argparse
 import dataclasses
 import sys
 
+from transformers.utils import logging as transformers_logging
+
 from .errors import HeadscopeError
 
 
@@ -83,12 +85,19 @@ ORGANISM_GRID = {"min_length": 300, "max_length": 1200, "num_lengths": 4, "num_d
 
 def run_detect(args: argparse.Namespace) -> None:
     from .engine import DetectOptions, detect
+    from .outputs import format_table
 
     names = {f.name for f in dataclasses.fields(DetectOptions)}
     # Unset grid options take the defaults; the organism's context is short, so it has its own grid.
     grid = ORGANISM_GRID if args.model is None else {}
     options = {k: v if v is not None else grid.get(k) for k, v in vars(args).items() if k in names}
-    detect(args.task, DetectOptions(**{k: v for k, v in options.items() if v is not None}))
+    result = detect(args.task, DetectOptions(**{k: v for k, v in options.items() if v is not None}))
+    print(format_table(result.summary, 30))
+    counts = result.counts
+    print(f"samples run: {counts['run']}  passed: {counts['passed']}  span errors: {counts['span_errors']}")
+    for error in sorted({row["error"] for row in result.samples if row["error"]}):
+        print(f"span error: {error}")
+    print(f"wrote {result.paths['heads']}")
 
 
 def run_organism_train(args: argparse.Namespace, rest: list[str]) -> None:
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and not (args.command == "organism"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    transformers_logging.disable_progress_bar()  # our own progress bar is enough; errors stay one line
     try:
         if args.command == "detect":
             run_detect(args)

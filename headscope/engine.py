@@ -20,11 +20,8 @@ from .errors import HeadscopeError
 from .metrics import METRICS, score_response
 from .scorers import SCORERS, PromptBatch, ReasoningScorer
 from .spans import encode_with_span
-from .tasks import TASKS
+from .tasks import TASKS, prompt_template
 
-RETRIEVAL_TEMPLATE = "{haystack}\nBased on the content of the book, Question: {question}\nAnswer:"
-RETRIEVAL_CHAT_TEMPLATE = "<book>{haystack}</book>\nBased on the content of the book, Question: {question}\nAnswer:"
-REASONING_TEMPLATE = "Context: {context}\n\nQuestion: {question}\n\nAnswer:"
 
 
 @dataclass
@@ -165,23 +162,19 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
     outputs.atomic_write_json(paths["heads"], heads)
     outputs.atomic_write_json(paths["summary"], summary)
     outputs.atomic_write_json(paths["manifest"], manifest(task, options, loaded, chat, started))
-    result = DetectResult(heads, summary, rows, paths)
-    if not options.quiet:
-        print(outputs.format_table(summary, 30))
-        counts = result.counts
-        print(f"samples run: {counts['run']}  passed: {counts['passed']}  span errors: {counts['span_errors']}")
-        print(f"wrote {paths['heads']}")
-    return result
+    return DetectResult(heads, summary, rows, paths)
 
 
 def run_batch(loaded, batch, scorer, stop, max_new_tokens, task, options):
     """Decode a batch of (sample, encoded prompt) and yield (samples.jsonl row, (layers, heads) scores)."""
     started = time.time()
-    runnable = [(sample, prompt) for sample, prompt in batch if prompt.span is not None or not TASKS[task].span_required]
+    runnable = []
     for sample, prompt in batch:
-        if (sample, prompt) not in runnable:
+        if prompt.span is None and TASKS[task].span_required:  # a needle we cannot find is an error, not a zero
             yield sample_row(sample, prompt, task, options, response="", score=0.0, passed=False,
                              error=f"could not locate {sample.span_text!r} in the prompt", seconds=0.0), None
+        else:
+            runnable.append((sample, prompt))
     if not runnable:
         return
     device = loaded.device
@@ -238,8 +231,7 @@ def manifest(task, options, loaded, chat, started) -> dict:
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "attention": loaded.attention,
         "chat_template": chat,
-        "prompt_template": (RETRIEVAL_CHAT_TEMPLATE if chat else RETRIEVAL_TEMPLATE) if task == "retrieval"
-        else REASONING_TEMPLATE,
+        "prompt_template": prompt_template(task, chat),
         "seed": options.seed,
         "versions": versions,
         "python": platform.python_version(),

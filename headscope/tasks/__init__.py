@@ -61,4 +61,14 @@ def _build_reasoning(options, tokenizer, max_context):
                                              chat=options.chat)
 
 
+def prompt_template(task: str, chat: bool) -> str:
+    """The prompt's shape, for the manifest (the builders assemble it from the same pieces)."""
+    if task == "retrieval":
+        if chat:
+            return retrieval.CHAT_BOOK_PREFIX + "{haystack}" + retrieval.CHAT_BOOK_SUFFIX + "  (as the chat user turn)"
+        return "{haystack}" + retrieval.QUESTION_SUFFIX
+    text = reasoning.PROMPT_HEAD + "{context}" + reasoning.PROMPT_MIDDLE + "{question}" + reasoning.PROMPT_TAIL
+    return text + ("  (as the chat user turn)" if chat else "")
+
+
 BUILDERS = {"retrieval": _build_retrieval, "reasoning": _build_reasoning}

@@ -1,0 +1,38 @@
+"""Shared fixtures: a small random-weight model saved like a hub model, and small data files."""
+import json
+
+import pytest
+
+from headscope.toy import tiny_model, word_tokenizer
+
+WORDS = "red blue green gold fish bird tree stone river code key is the of what".split()
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory):
+    """A 3-layer random Llama over a 15-word vocabulary: small enough that heads copy by chance."""
+    path = tmp_path_factory.mktemp("toy")
+    tokenizer = word_tokenizer(WORDS + ["book", "based", "on", "content", "question", "answer", "context"])
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=3, num_heads=4, seed=5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    (path / "haystack").mkdir()
+    filler = " ".join(["the red fish of the blue river is gold .", "the green bird is the key of the tree ."] * 40)
+    (path / "haystack" / "a.txt").write_text(filler)
+    # A long needle answer over a tiny vocabulary, so that random heads land on it and copy by chance.
+    answer = " ".join(WORDS[(7 * i) % 12] for i in range(30))
+    needles = [{"needle": f"the code of the stone is {answer} .", "question": "what is the code of the stone ?",
+                "real_needle": answer}]
+    (path / "needles.jsonl").write_text("\n".join(json.dumps(n) for n in needles))
+    records = [{"id": f"q{i}", "context": " ".join(WORDS[i:] + WORDS[:i]) + " .",
+                "question": f"what is the {WORDS[i]} ?", "answer": WORDS[i]} for i in range(4)]
+    (path / "reasoning.json").write_text(json.dumps(records))
+    return path
+
+
