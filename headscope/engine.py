@@ -139,6 +139,8 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
                     newline_token_ids(tokenizer) if options.stop_at_newline else set())
     log = outputs.SampleLog(paths["samples"], truncate=options.overwrite)
     rows = []
+    running_sum = torch.tensor([sum(heads[k]) for k in keys], dtype=torch.float64)  # for the running top-10
+    running_count = torch.tensor([len(heads[k]) for k in keys])
     try:
         order = range(0, len(samples), options.batch_size)
         for first in tqdm(order, desc=f"{task} {loaded.name}", unit="batch" if options.batch_size > 1 else "sample",
@@ -146,13 +148,17 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
             batch = list(zip(samples[first:first + options.batch_size], encoded[first:first + options.batch_size]))
             for row, per_head in run_batch(loaded, batch, scorer, stop, max_new_tokens, task, options):
                 if row["passed"]:
-                    flat = per_head.flatten().tolist()
-                    for key, score in zip(keys, flat):
-                        if scorer.keep_zeros or score > 0:
-                            heads[key].append(score)
+                    flat = per_head.flatten()
+                    kept = flat > 0 if not scorer.keep_zeros else torch.ones_like(flat, dtype=torch.bool)
+                    values = flat.tolist()
+                    for index in kept.nonzero().flatten().tolist():
+                        heads[keys[index]].append(values[index])
+                    running_sum += torch.where(kept, flat, 0.0)
+                    running_count += kept
                     if not options.quiet:
-                        top = outputs.ranked(outputs.summarize(heads))[:10]
-                        tqdm.write("top-10: " + "  ".join(f"{k} {s['mean']:.3f}" for k, s in top), file=sys.stderr)
+                        mean = running_sum / running_count.clamp(min=1)
+                        top = mean.topk(min(10, len(keys))).indices.tolist()
+                        tqdm.write("top-10: " + "  ".join(f"{keys[i]} {mean[i]:.3f}" for i in top), file=sys.stderr)
                 log.append(row)
                 rows.append(row)
     finally:

@@ -30,7 +30,7 @@ FAMILIES = {
 
 
 def tiny_config(family: str, vocab_size: int = 256, num_layers: int = 2, num_heads: int = 4, hidden: int = 64,
-                max_positions: int = 4096):
+                max_positions: int = 4096, **overrides):
     class_name, extra = FAMILIES[family]
     config_class = getattr(transformers, class_name)
     if family == "gpt2":
@@ -42,6 +42,7 @@ def tiny_config(family: str, vocab_size: int = 256, num_layers: int = 2, num_hea
     options.update(extra)
     if "num_key_value_heads" in extra:
         options["num_key_value_heads"] = min(extra["num_key_value_heads"], num_heads)
+    options.update(overrides)
     return config_class(**options)
 
 
