@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from transformers.utils import logging as transformers_logging
@@ -58,6 +59,9 @@ def add_detect_options(parser: argparse.ArgumentParser, task: str) -> None:
     run.add_argument("--batch-size", type=int, default=1, help="decode several prompts together (left padding)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--quiet", action="store_true", help="no progress bar or running top-10")
+    run.add_argument("--append", action="store_true",
+                     help="add this run to an --out folder that holds a run with other settings")
+    run.add_argument("--shard", help="I/N: run every N-th sample from the I-th; join shards with `headscope merge`")
     grid = parser.add_argument_group("context lengths")
     grid.add_argument("--context-lengths", type=_ints, help="e.g. 1000,2000,4000")
     grid.add_argument("--min-length", type=int, help="default 1000 (organism: 300)")
@@ -91,13 +95,76 @@ def run_detect(args: argparse.Namespace) -> None:
     # Unset grid options take the defaults; the organism's context is short, so it has its own grid.
     grid = ORGANISM_GRID if args.model is None else {}
     options = {k: v if v is not None else grid.get(k) for k, v in vars(args).items() if k in names}
-    result = detect(args.task, DetectOptions(**{k: v for k, v in options.items() if v is not None}))
+    options = DetectOptions(**{k: v for k, v in options.items() if v is not None})
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        result = distributed_detect(args.task, options)
+        if result is None:  # not rank 0: rank 0 prints the merged results
+            return
+    else:
+        result = detect(args.task, options)
     print(format_table(result.summary, 30))
     counts = result.counts
     print(f"samples run: {counts['run']}  passed: {counts['passed']}  span errors: {counts['span_errors']}")
     for error in sorted({row["error"] for row in result.samples if row["error"]}):
         print(f"span error: {error}")
     print(f"wrote {result.paths['heads']}")
+
+
+def distributed_detect(task, options):
+    """Under torchrun: each rank runs its shard of the sample grid; rank 0 merges the shards."""
+    import torch
+    import torch.distributed as dist
+
+    from .engine import detect
+    from .store import merge
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if options.shard is not None:
+        raise HeadscopeError("--shard is set by torchrun's ranks: leave it out")
+    if torch.cuda.is_available() and options.device == "auto":
+        options.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    dist.init_process_group("nccl" if options.device.startswith("cuda") else "gloo")
+    try:
+        options.shard = f"{rank}/{world}"
+        options.quiet = options.quiet or rank != 0
+        failure = None
+        try:
+            detect(task, options)
+        except HeadscopeError as error:
+            failure = error
+        failures = [None] * world
+        dist.all_gather_object(failures, str(failure) if failure else None)
+        if any(failures):
+            raise HeadscopeError(next(f for f in failures if f))
+        result = None
+        if rank == 0:
+            merge([options.out])
+            options.shard, options.quiet = None, True
+            result = _merged_result(task, options)
+        dist.barrier()
+        return result
+    finally:
+        dist.destroy_process_group()
+
+
+def _merged_result(task, options):
+    import json
+
+    from .engine import DetectResult
+    from .loading import default_model_path, model_name
+    from .outputs import output_paths
+    from .store import read_rows
+
+    paths = output_paths(options.out, model_name(options.model or default_model_path()), task)
+    summary = json.loads(paths["summary"].read_text())
+    return DetectResult(json.loads(paths["heads"].read_text()), summary, read_rows(paths["samples"]), paths)
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from .store import merge
+
+    for path in merge(args.dirs, args.out):
+        print(f"wrote {path}")
 
 
 def run_organism_train(args: argparse.Namespace, rest: list[str]) -> None:
@@ -114,10 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     for task, text in (("retrieval", "needle-in-a-haystack retrieval heads (Wu et al. 2024)"),
                        ("reasoning", "reasoning heads: attention on generated tokens and the question")):
         add_detect_options(tasks.add_parser(task, help=text, description=text), task)
+    merge = commands.add_parser("merge", help="merge the shard files of `detect --shard I/N` runs")
+    merge.add_argument("dirs", nargs="+", help="folders holding *_samples.shard-I-of-N.jsonl files")
+    merge.add_argument("--out", help="where to write the merged files (default: the first folder)")
     organism = commands.add_parser("organism", help="the bundled model organism")
     organism_commands = organism.add_subparsers(dest="organism_command", required=True)
     organism_commands.add_parser("train", help="train the organism from scratch (options: see `train --help`)",
                                  add_help=False)
+    from . import cli_analysis
+    cli_analysis.add_commands(commands)
     return parser
 
 
@@ -131,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "detect":
             run_detect(args)
+        elif args.command == "merge":
+            run_merge(args)
+        elif hasattr(args, "handler"):
+            args.handler(args)
         elif args.command == "organism":
             run_organism_train(args, rest)
     except HeadscopeError as error:

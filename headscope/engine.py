@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import platform
 import sys
 import time
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from . import loading, outputs
+from . import loading, outputs, store
 from .decode import StopRule, eos_token_ids, greedy_decode, newline_token_ids, num_layers_and_heads
 from .errors import HeadscopeError
 from .metrics import METRICS, score_response
@@ -63,6 +62,8 @@ class DetectOptions:
     generated_weight: float = 1.0
     query_weight: float = 0.5
     quiet: bool = False
+    append: bool = False  # add this run to a folder that holds a run with other settings
+    shard: str | None = None  # "I/N": run every N-th sample from the I-th (merge the shards with `headscope merge`)
 
 
 @dataclass
@@ -124,73 +125,98 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
         if len(prompt.input_ids) == 0:
             raise HeadscopeError(f"sample {sample.id}: the prompt is empty")
 
-    paths = outputs.output_paths(options.out, loaded.name, task)
-    earlier = {} if options.overwrite or not paths["heads"].exists() else outputs.read_heads(paths["heads"])
+    shard = parse_shard(options.shard)
+    mine = [index for index in range(len(samples)) if shard is None or index % shard[1] == shard[0]]
+    paths = outputs.output_paths(options.out, loaded.name, task, shard)
     num_layers, num_heads = num_layers_and_heads(loaded.model)
     keys = [outputs.head_key(layer, head) for layer in range(num_layers) for head in range(num_heads)]
-    unknown = set(earlier) - set(keys)
-    if unknown:
-        raise HeadscopeError(f"{paths['heads']} holds head {sorted(unknown)[0]}, which this model does not have: "
-                             "use --overwrite or another --out")
-    heads = {key: list(earlier.get(key, [])) for key in keys}
+    run = store.run_id(task, dataclasses.asdict(options), loaded.name)
+    runs = store.RunStore(paths, run, keys, options.overwrite, options.append)
+    todo = [index for index in mine if samples[index].id not in runs.done]
+    if options.append and not todo and runs.done:
+        runs.close()
+        raise HeadscopeError(f"this run ({run}) is already complete in {paths['samples']}: nothing to append")
+    info = manifest(task, options, loaded, chat, started, run, keys, shard)
+    outputs.atomic_write_json(paths["manifest"], info)
 
     scorer = make_scorer(task, options)
     stop = StopRule(eos_token_ids(loaded.model, tokenizer),
                     newline_token_ids(tokenizer) if options.stop_at_newline else set())
-    log = outputs.SampleLog(paths["samples"], truncate=options.overwrite)
-    rows = []
-    running_sum = torch.tensor([sum(heads[k]) for k in keys], dtype=torch.float64)  # for the running top-10
-    running_count = torch.tensor([len(heads[k]) for k in keys])
+    running = RunningTop(keys, store.derive_heads(runs.rows, keys))
     try:
-        order = range(0, len(samples), options.batch_size)
-        for first in tqdm(order, desc=f"{task} {loaded.name}", unit="batch" if options.batch_size > 1 else "sample",
-                          disable=options.quiet, file=sys.stderr):
-            batch = list(zip(samples[first:first + options.batch_size], encoded[first:first + options.batch_size]))
-            for row, per_head in run_batch(loaded, batch, scorer, stop, max_new_tokens, task, options):
-                if row["passed"]:
-                    flat = per_head.flatten()
-                    kept = flat > 0 if not scorer.keep_zeros else torch.ones_like(flat, dtype=torch.bool)
-                    values = flat.tolist()
-                    for index in kept.nonzero().flatten().tolist():
-                        heads[keys[index]].append(values[index])
-                    running_sum += torch.where(kept, flat, 0.0)
-                    running_count += kept
-                    if not options.quiet:
-                        mean = running_sum / running_count.clamp(min=1)
-                        top = mean.topk(min(10, len(keys))).indices.tolist()
-                        tqdm.write("top-10: " + "  ".join(f"{keys[i]} {mean[i]:.3f}" for i in top), file=sys.stderr)
-                log.append(row)
-                rows.append(row)
+        batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
+        progress = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{task} {loaded.name}",
+                        unit="sample", disable=options.quiet, file=sys.stderr)
+        for batch in batches:
+            items = [(index, samples[index], encoded[index]) for index in batch]
+            for row in run_batch(loaded, items, scorer, stop, max_new_tokens, task, options, run):
+                runs.append(row)
+                progress.update(1)
+                if row["passed"] and not options.quiet:
+                    tqdm.write("top-10: " + running.add(row), file=sys.stderr)
+        progress.close()
     finally:
-        log.close()
+        runs.close()
 
-    summary = outputs.summarize(heads)
-    outputs.atomic_write_json(paths["heads"], heads)
-    outputs.atomic_write_json(paths["summary"], summary)
-    outputs.atomic_write_json(paths["manifest"], manifest(task, options, loaded, chat, started))
-    return DetectResult(heads, summary, rows, paths)
+    heads, summary = store.write_derived(paths, runs.rows, keys)
+    info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    outputs.atomic_write_json(paths["manifest"], info)
+    this_run = [row for row in runs.rows if row.get("run") == run]
+    return DetectResult(heads, summary, this_run, paths)
 
 
-def run_batch(loaded, batch, scorer, stop, max_new_tokens, task, options):
-    """Decode a batch of (sample, encoded prompt) and yield (samples.jsonl row, (layers, heads) scores)."""
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """"I/N" -> (I, N): this process runs samples I, I+N, I+2N, ... of the grid."""
+    if text is None:
+        return None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise HeadscopeError(f"--shard must look like I/N (e.g. 0/4), not {text!r}") from None
+    if not 0 <= index < count:
+        raise HeadscopeError(f"--shard {text}: I must be between 0 and N-1")
+    return index, count
+
+
+class RunningTop:
+    """The running top-10 printed after each passing sample, from running sums (not a re-summary)."""
+
+    def __init__(self, keys: list[str], heads: dict[str, list[float]]):
+        self.keys = keys
+        self.total = torch.tensor([sum(heads[k]) for k in keys], dtype=torch.float64)
+        self.count = torch.tensor([len(heads[k]) for k in keys])
+
+    def add(self, row: dict) -> str:
+        scores = torch.tensor(row["head_scores"], dtype=torch.float64).flatten()
+        kept = torch.ones_like(scores, dtype=torch.bool) if row["keep_zeros"] else scores > 0
+        self.total += torch.where(kept, scores, 0.0)
+        self.count += kept
+        mean = self.total / self.count.clamp(min=1)
+        top = mean.topk(min(10, len(self.keys))).indices.tolist()
+        return "  ".join(f"{self.keys[i]} {mean[i]:.3f}" for i in top)
+
+
+def run_batch(loaded, items, scorer, stop, max_new_tokens, task, options, run):
+    """Decode a batch of (index, sample, encoded prompt) and yield their samples.jsonl rows."""
     started = time.time()
     runnable = []
-    for sample, prompt in batch:
+    for index, sample, prompt in items:
+        row = {"index": index, "run": run, "keep_zeros": scorer.keep_zeros}
         if prompt.span is None and TASKS[task].span_required:  # a needle we cannot find is an error, not a zero
-            yield sample_row(sample, prompt, task, options, response="", score=0.0, passed=False,
-                             error=f"could not locate {sample.span_text!r} in the prompt", seconds=0.0), None
+            yield row | sample_row(sample, prompt, task, options, response="", score=0.0, passed=False,
+                                   error=f"could not locate {sample.span_text!r} in the prompt", seconds=0.0)
         else:
-            runnable.append((sample, prompt))
+            runnable.append((row, sample, prompt))
     if not runnable:
         return
     device = loaded.device
-    width = max(len(prompt.input_ids) for _, prompt in runnable)
+    width = max(len(prompt.input_ids) for _, _, prompt in runnable)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(runnable), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(runnable), width), dtype=torch.long)
     span_start = torch.zeros(len(runnable), dtype=torch.long)
     span_end = torch.zeros(len(runnable), dtype=torch.long)
-    for i, (_, prompt) in enumerate(runnable):
+    for i, (_, _, prompt) in enumerate(runnable):
         pad = width - len(prompt.input_ids)  # left padding: every prompt ends at position width - 1
         input_ids[i, pad:] = torch.tensor(prompt.input_ids)
         attention_mask[i, pad:] = 1
@@ -203,11 +229,11 @@ def run_batch(loaded, batch, scorer, stop, max_new_tokens, task, options):
                               [scorer], max_new_tokens, stop, loaded.eager_fallback)
     per_sample = scorer.result().float().cpu()  # (batch, layers, heads)
     seconds = (time.time() - started) / len(runnable)
-    for i, (sample, prompt) in enumerate(runnable):
+    for i, (row, sample, prompt) in enumerate(runnable):
         response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
         score = score_response(options.metric, sample.answer, response)
-        yield sample_row(sample, prompt, task, options, response, score, score > options.success_threshold,
-                         None, seconds, per_sample[i]), per_sample[i]
+        yield row | sample_row(sample, prompt, task, options, response, score, score > options.success_threshold,
+                               None, seconds, per_sample[i])
 
 
 def sample_row(sample, prompt, task, options, response, score, passed, error, seconds, per_head=None) -> dict:
@@ -221,7 +247,7 @@ def sample_row(sample, prompt, task, options, response, score, passed, error, se
     return row
 
 
-def manifest(task, options, loaded, chat, started) -> dict:
+def manifest(task, options, loaded, chat, started, run, keys, shard) -> dict:
     versions = {}
     for package in ("headscope", "torch", "transformers", "tokenizers", "rouge-score"):
         try:
@@ -241,11 +267,9 @@ def manifest(task, options, loaded, chat, started) -> dict:
         "seed": options.seed,
         "versions": versions,
         "python": platform.python_version(),
+        "run": run,
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+        "heads": keys,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished": None,
     }
-
-
-def read_jsonl(path) -> list[dict]:
-    with open(path) as file:
-        return [json.loads(line) for line in file if line.strip()]

@@ -6,6 +6,7 @@ name when it is not the task's own):
   NAME_TASK_summary.json   {"L-H": {"mean", "std", "count", "max"}}
   NAME_TASK_samples.jsonl  one object per finished sample, appended and flushed as it finishes
   NAME_TASK_manifest.json  what is needed to reproduce the run
+(see store.py for how the samples file makes runs resumable and shards mergeable).
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from pathlib import Path
 from .errors import HeadscopeError
 
 
-def output_paths(out_dir: str | Path, name: str, task: str) -> dict[str, Path]:
+def output_paths(out_dir: str | Path, name: str, task: str, shard: tuple[int, int] | None = None) -> dict[str, Path]:
+    """The run's files; a shard's carry `.shard-I-of-N` before the extension. `base` holds legacy lists."""
     out_dir = Path(out_dir)
-    return {kind: out_dir / f"{name}_{task}_{kind}.{'jsonl' if kind == 'samples' else 'json'}"
-            for kind in ("heads", "summary", "samples", "manifest")}
+    suffix = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
+    return {kind: out_dir / f"{name}_{task}_{kind}{suffix}.{'jsonl' if kind == 'samples' else 'json'}"
+            for kind in ("heads", "summary", "samples", "manifest", "base")}
 
 
 def head_key(layer: int, head: int) -> str:
@@ -95,19 +98,3 @@ def format_table(summary: dict[str, dict], top: int = 30) -> str:
         layer, head = parse_head_key(key)
         lines.append(f"{layer:>5} {head:>4} {stats['mean']:>8.4f} {stats['std']:>8.4f} {stats['count']:>5}")
     return "\n".join(lines)
-
-
-class SampleLog:
-    """NAME_TASK_samples.jsonl: each finished sample is one line, flushed to disk before the next starts."""
-
-    def __init__(self, path: Path, truncate: bool):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "w" if truncate else "a")
-
-    def append(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.file.close()

@@ -40,13 +40,19 @@ def test_detect_writes_the_four_files(task, toy_dir, data_dir, tmp_path, capsys)
     assert "layer head" in capsys.readouterr().out
 
 
-def test_rerun_merges_and_overwrite_replaces(toy_dir, data_dir, tmp_path):
+def test_rerun_resumes_append_extends_overwrite_replaces(toy_dir, data_dir, tmp_path, capsys):
     path = tmp_path / f"{toy_dir.name}_retrieval_heads.json"
     detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-1")
     first = json.loads(path.read_text())
-    detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-1")
-    merged = json.loads(path.read_text())
-    assert all(merged[key] == first[key] * 2 for key in first)  # the lists were extended
+    detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-1")  # same settings: resumes, no-op
+    assert json.loads(path.read_text()) == first
+    # other settings are refused, unless appended as a further run
+    assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-2") == 2
+    assert "--append" in capsys.readouterr().err
+    assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-2", "--append") == 0
+    assert all(json.loads(path.read_text())[key] == first[key] * 2 for key in first)  # the lists were extended
+    assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-2", "--append") == 2
+    assert "already complete" in capsys.readouterr().err
     detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-1", "--overwrite")
     assert json.loads(path.read_text()) == first
 
