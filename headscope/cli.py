@@ -61,6 +61,8 @@ def add_detect_options(parser: argparse.ArgumentParser, task: str) -> None:
     run.add_argument("--quiet", action="store_true", help="no progress bar or running top-10")
     run.add_argument("--append", action="store_true",
                      help="add this run to an --out folder that holds a run with other settings")
+    run.add_argument("--scorer", help="comma-separated scorers to run in one pass (registered names or "
+                                      "module:Class); default: the task's own. Each writes NAME_TASK_SCORER_* files")
     run.add_argument("--shard", help="I/N: run every N-th sample from the I-th; join shards with `headscope merge`")
     grid = parser.add_argument_group("context lengths")
     grid.add_argument("--context-lengths", type=_ints, help="e.g. 1000,2000,4000")

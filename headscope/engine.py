@@ -17,7 +17,7 @@ from . import loading, outputs, store
 from .decode import StopRule, eos_token_ids, greedy_decode, newline_token_ids, num_layers_and_heads
 from .errors import HeadscopeError
 from .metrics import METRICS, score_response
-from .scorers import SCORERS, PromptBatch, ReasoningScorer
+from .scorers import PromptBatch, load_scorer
 from .spans import encode_with_span
 from .tasks import TASKS, prompt_template
 
@@ -63,6 +63,7 @@ class DetectOptions:
     query_weight: float = 0.5
     quiet: bool = False
     append: bool = False  # add this run to a folder that holds a run with other settings
+    scorer: str | None = None  # comma-separated scorer names or module:Class (default: the task's own)
     shard: str | None = None  # "I/N": run every N-th sample from the I-th (merge the shards with `headscope merge`)
 
 
@@ -72,6 +73,7 @@ class DetectResult:
     summary: dict[str, dict]
     samples: list[dict]  # this run's rows of samples.jsonl
     paths: dict = field(default_factory=dict)
+    by_scorer: dict = field(default_factory=dict)  # scorer name -> DetectResult, when several ran together
 
     @property
     def counts(self) -> dict[str, int]:
@@ -93,30 +95,79 @@ def check_options(task: str, options: DetectOptions) -> None:
         raise HeadscopeError("--max-new-tokens must be at least 1")
 
 
-def make_scorer(task: str, options: DetectOptions):
-    name = TASKS[task].default_scorer
-    if name == "reasoning":
-        return ReasoningScorer(options.top_k, options.generated_weight, options.query_weight, options.keep_zeros)
-    return SCORERS[name]()
+def make_scorers(task: str, options: DetectOptions) -> list:
+    names = [n.strip() for n in (options.scorer or TASKS[task].default_scorer).split(",") if n.strip()]
+    scorers = [load_scorer(name, options) for name in names]
+    labels = [scorer.name for scorer in scorers]
+    if len(set(labels)) != len(labels):
+        raise HeadscopeError(f"--scorer names a scorer twice: {options.scorer}")
+    return scorers
+
+
+def file_label(task: str, scorer) -> str:
+    """Files are NAME_TASK_* for the task's own scorer and NAME_TASK_SCORER_* for any other."""
+    return task if scorer.name == TASKS[task].default_scorer else f"{task}_{scorer.name}"
 
 
 def detect(task: str, options: DetectOptions | None = None, loaded: loading.LoadedModel | None = None,
            **overrides) -> DetectResult:
-    """Run one detection and write its files. `overrides` set DetectOptions fields by name."""
+    """Run one detection and write its files. `overrides` set DetectOptions fields by name.
+
+    With several scorers (`scorer="retrieval,r2"`) every scorer reads the same generation; the result
+    is the first scorer's, the others' are in `result.by_scorer`.
+    """
     options = dataclasses.replace(options or DetectOptions(), **overrides)
     check_options(task, options)
     started = time.time()
+    scorers = make_scorers(task, options)
     loaded = loaded or loading.load(options.model, options.dtype, options.device, options.attn,
                                     options.trust_remote_code)
-    tokenizer = loaded.tokenizer
-    chat = options.chat == "on" or (options.chat == "auto" and bool(getattr(tokenizer, "chat_template", None)))
-    if options.chat == "on" and not getattr(tokenizer, "chat_template", None):
+    chat = options.chat == "on" or (options.chat == "auto" and bool(getattr(loaded.tokenizer, "chat_template", None)))
+    if options.chat == "on" and not getattr(loaded.tokenizer, "chat_template", None):
         raise HeadscopeError("--chat on, but the tokenizer has no chat template")
+    samples, encoded, max_new_tokens = prepare_samples(task, options, loaded, chat)
+
+    shard = parse_shard(options.shard)
+    mine = [index for index in range(len(samples)) if shard is None or index % shard[1] == shard[0]]
+    num_layers, num_heads = num_layers_and_heads(loaded.model)
+    keys = [outputs.head_key(layer, head) for layer in range(num_layers) for head in range(num_heads)]
+    run = store.run_id(task, dataclasses.asdict(options), loaded.name)
+    stores = {}
+    try:
+        for scorer in scorers:
+            paths = outputs.output_paths(options.out, loaded.name, file_label(task, scorer), shard)
+            stores[scorer.name] = store.RunStore(paths, run, keys, options.overwrite, options.append)
+        todo = [i for i in mine if any(samples[i].id not in runs.done for runs in stores.values())]
+        if options.append and not todo:
+            raise HeadscopeError(f"this run ({run}) is already complete in {options.out}: nothing to append")
+        info = manifest(task, options, loaded, chat, started, run, keys, shard)
+        for scorer in scorers:
+            outputs.atomic_write_json(stores[scorer.name].paths["manifest"], info | {"scorer": scorer.name})
+        decode_all(loaded, task, options, samples, encoded, mine, todo, scorers, stores, max_new_tokens, keys)
+    finally:
+        for runs in stores.values():
+            runs.close()
+
+    results = {}
+    for scorer in scorers:
+        runs = stores[scorer.name]
+        heads, summary = store.write_derived(runs.paths, runs.rows, keys)
+        finished = info | {"scorer": scorer.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        outputs.atomic_write_json(runs.paths["manifest"], finished)
+        this_run = [row for row in runs.rows if row.get("run") == run]
+        results[scorer.name] = DetectResult(heads, summary, this_run, runs.paths)
+    first = results[scorers[0].name]
+    first.by_scorer = results
+    return first
+
+
+def prepare_samples(task, options, loaded, chat):
+    """Build the task's samples, tokenise them, locate their spans, and check they fit the model."""
     spec = TASKS[task]
-    samples = spec.build(dataclasses.replace(options, chat=chat), tokenizer, loaded.max_context)
+    samples = spec.build(dataclasses.replace(options, chat=chat), loaded.tokenizer, loaded.max_context)
     if not samples:
         raise HeadscopeError("the task produced no samples: check the data and the grid options")
-    encoded = [encode_with_span(tokenizer, sample, spec.span_overlap_threshold) for sample in samples]
+    encoded = [encode_with_span(loaded.tokenizer, sample, spec.span_overlap_threshold) for sample in samples]
     max_new_tokens = options.max_new_tokens or spec.default_max_new_tokens
     for sample, prompt in zip(samples, encoded):
         if loaded.max_context and len(prompt.input_ids) + max_new_tokens > loaded.max_context:
@@ -124,45 +175,30 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
                                  f"tokens exceed the model's maximum context of {loaded.max_context}")
         if len(prompt.input_ids) == 0:
             raise HeadscopeError(f"sample {sample.id}: the prompt is empty")
+    return samples, encoded, max_new_tokens
 
-    shard = parse_shard(options.shard)
-    mine = [index for index in range(len(samples)) if shard is None or index % shard[1] == shard[0]]
-    paths = outputs.output_paths(options.out, loaded.name, task, shard)
-    num_layers, num_heads = num_layers_and_heads(loaded.model)
-    keys = [outputs.head_key(layer, head) for layer in range(num_layers) for head in range(num_heads)]
-    run = store.run_id(task, dataclasses.asdict(options), loaded.name)
-    runs = store.RunStore(paths, run, keys, options.overwrite, options.append)
-    todo = [index for index in mine if samples[index].id not in runs.done]
-    if options.append and not todo and runs.done:
-        runs.close()
-        raise HeadscopeError(f"this run ({run}) is already complete in {paths['samples']}: nothing to append")
-    info = manifest(task, options, loaded, chat, started, run, keys, shard)
-    outputs.atomic_write_json(paths["manifest"], info)
 
-    scorer = make_scorer(task, options)
-    stop = StopRule(eos_token_ids(loaded.model, tokenizer),
-                    newline_token_ids(tokenizer) if options.stop_at_newline else set())
-    running = RunningTop(keys, store.derive_heads(runs.rows, keys))
-    try:
-        batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
-        progress = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{task} {loaded.name}",
-                        unit="sample", disable=options.quiet, file=sys.stderr)
-        for batch in batches:
-            items = [(index, samples[index], encoded[index]) for index in batch]
-            for row in run_batch(loaded, items, scorer, stop, max_new_tokens, task, options, run):
-                runs.append(row)
-                progress.update(1)
-                if row["passed"] and not options.quiet:
-                    tqdm.write("top-10: " + running.add(row), file=sys.stderr)
-        progress.close()
-    finally:
-        runs.close()
-
-    heads, summary = store.write_derived(paths, runs.rows, keys)
-    info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    outputs.atomic_write_json(paths["manifest"], info)
-    this_run = [row for row in runs.rows if row.get("run") == run]
-    return DetectResult(heads, summary, this_run, paths)
+def decode_all(loaded, task, options, samples, encoded, mine, todo, scorers, stores, max_new_tokens, keys):
+    """Decode the samples still to do, batch by batch, appending each finished one to every scorer's file."""
+    stop = StopRule(eos_token_ids(loaded.model, loaded.tokenizer),
+                    newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
+    primary = stores[scorers[0].name]
+    running = RunningTop(keys, store.derive_heads(primary.rows, keys))
+    progress = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{task} {loaded.name}", unit="sample",
+                    disable=options.quiet, file=sys.stderr)
+    for first in range(0, len(todo), options.batch_size):
+        items = [(index, samples[index], encoded[index]) for index in todo[first:first + options.batch_size]]
+        for row, per_scorer in run_batch(loaded, items, scorers, max_new_tokens, stop, task, options):
+            for scorer in scorers:
+                runs = stores[scorer.name]
+                if row["id"] not in runs.done:
+                    per_head = per_scorer.get(scorer.name)
+                    runs.append({"run": runs.run, **row, "scorer": scorer.name, "keep_zeros": scorer.keep_zeros,
+                                 "head_scores": None if per_head is None else per_head.tolist()})
+            progress.update(1)
+            if row["passed"] and not options.quiet:
+                tqdm.write("top-10: " + running.add(primary.rows[-1]), file=sys.stderr)
+    progress.close()
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -196,17 +232,17 @@ class RunningTop:
         return "  ".join(f"{self.keys[i]} {mean[i]:.3f}" for i in top)
 
 
-def run_batch(loaded, items, scorer, stop, max_new_tokens, task, options, run):
-    """Decode a batch of (index, sample, encoded prompt) and yield their samples.jsonl rows."""
+def run_batch(loaded, items, scorers, max_new_tokens, stop, task, options):
+    """Decode a batch of (index, sample, encoded prompt); yield each sample's row and {scorer: (layers, heads)}."""
     started = time.time()
     runnable = []
     for index, sample, prompt in items:
-        row = {"index": index, "run": run, "keep_zeros": scorer.keep_zeros}
         if prompt.span is None and TASKS[task].span_required:  # a needle we cannot find is an error, not a zero
-            yield row | sample_row(sample, prompt, task, options, response="", score=0.0, passed=False,
-                                   error=f"could not locate {sample.span_text!r} in the prompt", seconds=0.0)
+            yield {"index": index} | sample_row(sample, prompt, task, options, response="", score=0.0, passed=False,
+                                                error=f"could not locate {sample.span_text!r} in the prompt",
+                                                seconds=0.0), {}
         else:
-            runnable.append((row, sample, prompt))
+            runnable.append((index, sample, prompt))
     if not runnable:
         return
     device = loaded.device
@@ -214,34 +250,35 @@ def run_batch(loaded, items, scorer, stop, max_new_tokens, task, options, run):
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(runnable), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(runnable), width), dtype=torch.long)
-    span_start = torch.zeros(len(runnable), dtype=torch.long)
-    span_end = torch.zeros(len(runnable), dtype=torch.long)
+    span = torch.zeros(2, len(runnable), dtype=torch.long)  # start, end; empty when there is no span
+    pad = torch.zeros(len(runnable), dtype=torch.long)
     for i, (_, _, prompt) in enumerate(runnable):
-        pad = width - len(prompt.input_ids)  # left padding: every prompt ends at position width - 1
-        input_ids[i, pad:] = torch.tensor(prompt.input_ids)
-        attention_mask[i, pad:] = 1
+        pad[i] = width - len(prompt.input_ids)  # left padding: every prompt ends at position width - 1
+        input_ids[i, pad[i]:] = torch.tensor(prompt.input_ids)
+        attention_mask[i, pad[i]:] = 1
         if prompt.span is not None:
-            span_start[i], span_end[i] = prompt.span[0] + pad, prompt.span[1] + pad
+            span[:, i] = torch.tensor(prompt.span) + pad[i]
     input_ids = input_ids.to(device)
-    scorer.begin(PromptBatch(input_ids, width, span_start.to(device), span_end.to(device)),
-                 *num_layers_and_heads(loaded.model))
+    batch = PromptBatch(input_ids, width, span[0].to(device), span[1].to(device), pad.to(device),
+                        [sample for _, sample, _ in runnable])
+    for scorer in scorers:
+        scorer.begin(batch, *num_layers_and_heads(loaded.model))
     generated = greedy_decode(loaded.model, input_ids, attention_mask.to(device) if len(runnable) > 1 else None,
-                              [scorer], max_new_tokens, stop, loaded.eager_fallback)
-    per_sample = scorer.result().float().cpu()  # (batch, layers, heads)
+                              scorers, max_new_tokens, stop, loaded.eager_fallback)
+    per_scorer = {scorer.name: scorer.result().float().cpu() for scorer in scorers}  # each (batch, layers, heads)
     seconds = (time.time() - started) / len(runnable)
-    for i, (row, sample, prompt) in enumerate(runnable):
+    for i, (index, sample, prompt) in enumerate(runnable):
         response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
         score = score_response(options.metric, sample.answer, response)
-        yield row | sample_row(sample, prompt, task, options, response, score, score > options.success_threshold,
-                               None, seconds, per_sample[i])
+        row = sample_row(sample, prompt, task, options, response, score, score > options.success_threshold, None,
+                         seconds)
+        yield {"index": index} | row, {name: scores[i] for name, scores in per_scorer.items()}
 
 
-def sample_row(sample, prompt, task, options, response, score, passed, error, seconds, per_head=None) -> dict:
+def sample_row(sample, prompt, task, options, response, score, passed, error, seconds) -> dict:
     row = {"id": sample.id, "task": task, **sample.meta, "prompt_tokens": len(prompt.input_ids),
            "span": list(prompt.span) if prompt.span else None, "span_method": prompt.method,
            "response": response, "score": score, "passed": passed, "error": error, "duration_s": round(seconds, 4)}
-    if per_head is not None:
-        row["head_scores"] = per_head.tolist()  # (layers, heads): what this sample contributes
     if options.save_prompts:
         row["prompt"] = sample.prompt
     return row

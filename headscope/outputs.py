@@ -1,7 +1,7 @@
 """The files a run writes, and how: atomically, so a crash never leaves half a file.
 
-In `--out`, with NAME the model's last path component and TASK the task (plus the scorer's
-name when it is not the task's own):
+In `--out`, with NAME the model's last path component and TASK the task (TASK_SCORER for a
+scorer other than the task's own):
   NAME_TASK_heads.json     {"L-H": [score, ...]} for every head (Retrieval_Head format)
   NAME_TASK_summary.json   {"L-H": {"mean", "std", "count", "max"}}
   NAME_TASK_samples.jsonl  one object per finished sample, appended and flushed as it finishes
@@ -19,11 +19,15 @@ from pathlib import Path
 from .errors import HeadscopeError
 
 
-def output_paths(out_dir: str | Path, name: str, task: str, shard: tuple[int, int] | None = None) -> dict[str, Path]:
-    """The run's files; a shard's carry `.shard-I-of-N` before the extension. `base` holds legacy lists."""
-    out_dir = Path(out_dir)
+def output_paths(out_dir: str | Path, name: str, label: str, shard: tuple[int, int] | None = None) -> dict[str, Path]:
+    """The run's files, named NAME_LABEL_KIND (LABEL: the task, or TASK_SCORER for a scorer other than the
+    task's own); a shard's carry `.shard-I-of-N` before the extension. `base` holds legacy lists."""
+    return prefix_paths(out_dir, f"{name}_{label}", shard)
+
+
+def prefix_paths(out_dir: str | Path, prefix: str, shard: tuple[int, int] | None = None) -> dict[str, Path]:
     suffix = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
-    return {kind: out_dir / f"{name}_{task}_{kind}{suffix}.{'jsonl' if kind == 'samples' else 'json'}"
+    return {kind: Path(out_dir) / f"{prefix}_{kind}{suffix}.{'jsonl' if kind == 'samples' else 'json'}"
             for kind in ("heads", "summary", "samples", "manifest", "base")}
 
 

@@ -9,9 +9,12 @@ Positions are absolute indices into the (left-padded) sequence: prompt tokens oc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, field
 
 import torch
+
+from .errors import HeadscopeError
 
 
 @dataclass
@@ -22,6 +25,8 @@ class PromptBatch:
     prompt_len: int  # padded prompt length: the first generated token is fed at this position
     span_start: torch.Tensor  # (batch,) start of the needle answer / question span (padded coordinates)
     span_end: torch.Tensor  # (batch,) its end, exclusive; start == end for "no span"
+    pad: torch.Tensor | None = None  # (batch,) left padding of each prompt: unpadded index = position - pad
+    samples: list = field(default_factory=list)  # the task's Sample objects, for scorers that need more spans
 
 
 @dataclass
@@ -41,6 +46,11 @@ class Scorer:
     name = "scorer"
     top_k = 1
     keep_zeros = True
+
+    @classmethod
+    def from_options(cls, options) -> "Scorer":
+        """Build the scorer from the run's DetectOptions (a plug-in may read any option it needs)."""
+        return cls()
 
     def begin(self, batch: PromptBatch, num_layers: int, num_heads: int) -> None:
         self.batch = batch
@@ -104,6 +114,10 @@ class ReasoningScorer(Scorer):
     name = "reasoning"
     keep_zeros = False
 
+    @classmethod
+    def from_options(cls, options) -> "ReasoningScorer":
+        return cls(options.top_k, options.generated_weight, options.query_weight, options.keep_zeros)
+
     def __init__(self, top_k: int = 5, generated_weight: float = 1.0, query_weight: float = 0.5,
                  keep_zeros: bool = False):
         self.top_k = top_k
@@ -120,4 +134,31 @@ class ReasoningScorer(Scorer):
         return (values * weights).sum(-1)
 
 
-SCORERS = {"retrieval": RetrievalScorer, "reasoning": ReasoningScorer}
+SCORERS: dict[str, type[Scorer]] = {}
+
+
+def register_scorer(cls: type[Scorer]) -> type[Scorer]:
+    """Class decorator: make a scorer usable by name (`--scorer NAME`)."""
+    SCORERS[cls.name] = cls
+    return cls
+
+
+register_scorer(RetrievalScorer)
+register_scorer(ReasoningScorer)
+
+
+def load_scorer(spec: str, options) -> Scorer:
+    """A registered name ("retrieval") or a class in any importable module ("mypkg.module:MyScorer")."""
+    if ":" in spec:
+        module_name, _, class_name = spec.partition(":")
+        try:
+            scorer_class = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as error:
+            raise HeadscopeError(f"cannot load scorer {spec!r}: {error}") from None
+        if not (isinstance(scorer_class, type) and issubclass(scorer_class, Scorer)):
+            raise HeadscopeError(f"{spec!r} is not a headscope.scorers.Scorer subclass")
+    elif spec in SCORERS:
+        scorer_class = SCORERS[spec]
+    else:
+        raise HeadscopeError(f"unknown scorer {spec!r}: choose from {', '.join(sorted(SCORERS))} or give module:Class")
+    return scorer_class.from_options(options)

@@ -27,7 +27,7 @@ from . import outputs
 from .errors import HeadscopeError
 
 # Options that do not change any score: left out of the run id.
-NOT_IN_RUN_ID = {"out", "overwrite", "append", "quiet", "batch_size", "save_prompts", "device", "shard", "model",
+NOT_IN_RUN_ID = {"scorer", "out", "overwrite", "append", "quiet", "batch_size", "save_prompts", "device", "shard", "model",
                  "trust_remote_code"}
 
 
@@ -153,7 +153,7 @@ def merge(dirs: list[str | Path], out: str | Path | None = None) -> list[Path]:
             if (row.get("run"), row["index"]) in seen:
                 raise HeadscopeError(f"{prefix}: sample {row['id']} appears in two shards")
             seen.add((row.get("run"), row["index"]))
-        paths = outputs.output_paths(out, *prefix_parts(prefix))
+        paths = outputs.prefix_paths(out, prefix)
         keys = manifests[0]["heads"]
         outputs.atomic_write_text(paths["samples"], "".join(json.dumps(row) + "\n" for row in rows))
         write_derived(paths, rows, keys)
@@ -161,11 +161,6 @@ def merge(dirs: list[str | Path], out: str | Path | None = None) -> list[Path]:
         outputs.atomic_write_json(paths["manifest"], manifest)
         written.append(paths["heads"])
     return written
-
-
-def prefix_parts(prefix: str) -> tuple[str, str]:
-    name, _, task = prefix.rpartition("_")
-    return name, task
 
 
 def _shard_manifest(samples_path: Path) -> dict:

@@ -162,16 +162,14 @@ class DataGen:
         return self.ids(toks), w
 
     # induction: a random word sequence repeated ---------------------------------------------------
-    def induction(self, T: int):
+    def induction(self, T: int, max_seg: int | None = None):
+        """A random word segment repeated until T tokens (grows induction heads)."""
         rng = self.rng
-        words = [t for t in self.vocab if t not in SPECIAL_TOKENS and t != NEWLINE]
-        n = rng.randint(8, max(9, (T - 1) // 2))
-        seq = [rng.choice(words) for _ in range(n)]
-        toks = ["<s>"] + seq + seq
-        w = [0.0] + [0.02] * n + [0.99] * n
-        toks = (toks + ["<pad>"] * T)[:T]
-        w = (w + [0.0] * T)[:T]
-        return self.ids(toks), w
+        n = rng.randint(8, max(8, min(max_seg or T, (T - 1) // 2)))
+        seg = [rng.randrange(NEWLINE_ID + 1, len(self.vocab)) for _ in range(n)]
+        ids = [BOS] + (seg * (T // n + 1))[: T - 1]
+        w = [0.0] + [0.02] * n + [0.99] * (T - 1 - n)
+        return ids, w
 
 
 def pad_batch(items, length=None):
@@ -220,7 +218,8 @@ def train(out_dir, seed: int = 0, steps: int = 3000, hidden: int = 128, layers: 
           tokens_per_step: int = 6144, reasoning_batch: int = 16, max_len: int = 1216,
           min_len: int = 160, curriculum_frac: float = 0.6, induction_prob: float = 0.1,
           threads: int = 2, log_every: int = 25, time_limit: float | None = None,
-          save_every: int = 0) -> Path:
+          save_every: int = 0, induction_steps: int = 800, induction_batch: int = 32,
+          induction_len: int = 64) -> Path:
     """Train the organism from scratch, deterministically from ``seed``; save it to ``out_dir``."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
@@ -247,17 +246,35 @@ def train(out_dir, seed: int = 0, steps: int = 3000, hidden: int = 128, layers: 
     def lr_at(s):
         if s < warmup:
             return lr * (s + 1) / warmup
-        p = (s - warmup) / max(1, steps - warmup)
+        if s < induction_steps:
+            return lr
+        p = (s - induction_steps) / max(1, steps - induction_steps)
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
     def max_len_at(s):
-        p = min(1.0, s / max(1, curriculum_frac * steps))
+        p = min(1.0, (s - induction_steps) / max(1, curriculum_frac * (steps - induction_steps)))
         return int(min_len + (max_len - min_len) * p)
 
     model.train()
     t0 = time.time()
     ema = {}
-    for step in range(steps):
+    # phase 1: pure induction on short sequences (cheap), so that copying circuits exist early
+    for step in range(induction_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        ids, wt = pad_batch([gen.induction(induction_len, 24) for _ in range(induction_batch)])
+        loss, _, acc = weighted_loss(model, ids, wt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema["acc_ind"] = acc if step == 0 else 0.9 * ema["acc_ind"] + 0.1 * acc
+        if step % log_every == 0:
+            print(f"induction step {step:5d} loss {loss.item():.3f} acc_ind {ema['acc_ind']:.3f}"
+                  f"  {time.time() - t0:7.1f}s", flush=True)
+    ema = {}
+    # phase 2: the tasks, with a length curriculum
+    for step in range(induction_steps, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         hi = max_len_at(step)
@@ -440,6 +457,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--curriculum-frac", type=float, default=0.6)
     ap.add_argument("--induction-prob", type=float, default=0.1)
+    ap.add_argument("--induction-steps", type=int, default=800)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     ap.add_argument("--save-every", type=int, default=0)
@@ -458,7 +476,8 @@ def main(argv=None) -> int:
           heads=args.heads, intermediate=args.intermediate, lr=args.lr,
           tokens_per_step=args.tokens_per_step, reasoning_batch=args.reasoning_batch,
           max_len=args.max_len, min_len=args.min_len, warmup=args.warmup,
-          curriculum_frac=args.curriculum_frac, induction_prob=args.induction_prob, threads=args.threads, time_limit=args.time_limit,
+          curriculum_frac=args.curriculum_frac, induction_prob=args.induction_prob,
+          induction_steps=args.induction_steps, threads=args.threads, time_limit=args.time_limit,
           save_every=args.save_every)
     return 0
 

@@ -1,0 +1,322 @@
+"""Reading score files back and asking how much to trust them: rankings, GQA, agreement, stability.
+
+Every function works on a "summary" ({"L-H": {"mean", "std", "count", "max"}}, from either a heads
+or a summary file) or on numpy arrays of shape (layers, heads) / (samples, layers * heads).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import HeadscopeError
+from .outputs import head_key, parse_head_key, ranked, summarize
+
+RUN_FILE = re.compile(r"^(?P<prefix>.+)_(?P<kind>heads|summary)(?P<shard>\.shard-\d+-of-\d+)?\.json$")
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def load_summary(path: str | Path) -> dict[str, dict]:
+    """A heads file ({"L-H": [scores]}) or a summary file ({"L-H": {"mean", ...}}), told apart by its values."""
+    try:
+        with open(path) as file:
+            data = json.load(file)
+    except FileNotFoundError:
+        raise HeadscopeError(f"no such score file: {path}") from None
+    except IsADirectoryError:
+        raise HeadscopeError(f"{path} is a folder, not a score file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HeadscopeError(f"{path} is not valid JSON ({getattr(error, 'msg', error)})") from None
+    if not isinstance(data, dict) or not data:
+        raise HeadscopeError(f"{path} is not a heads or summary file: expected a non-empty object keyed by LAYER-HEAD")
+    for key in data:
+        parse_head_key(key)
+    values = list(data.values())
+    if all(isinstance(v, list) and all(_is_number(s) for s in v) for v in values):
+        return summarize(data)
+    if all(isinstance(v, dict) and _is_number(v.get("mean")) for v in values):
+        return {key: {"mean": float(v["mean"]), "std": float(v.get("std", 0.0)), "count": int(v.get("count", 0)),
+                      "max": float(v.get("max", v["mean"]))} for key, v in data.items()}
+    raise HeadscopeError(f"{path} is not a heads or summary file: each LAYER-HEAD must map to a list of scores "
+                         "or to {\"mean\": ...}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def companion(path: str | Path, kind: str) -> Path:
+    """The file of another `kind` (samples, manifest, heatmap, ...) from the same run as a heads/summary file.
+
+    NAME_TASK_heads.json -> NAME_TASK_samples.jsonl; other names just get `_kind` after their stem."""
+    path = Path(path)
+    match = RUN_FILE.match(path.name)
+    prefix, shard = (match["prefix"], match["shard"] or "") if match else (path.stem, "")
+    extension = {"samples": ".jsonl", "manifest": ".json", "summary": ".json"}.get(kind, ".png")
+    return path.with_name(f"{prefix}_{kind}{shard}{extension}")
+
+
+def read_samples(path: str | Path) -> list[dict]:
+    """NAME_TASK_samples.jsonl, one object per line; a bad line is reported by number."""
+    rows = []
+    try:
+        with open(path) as file:
+            for number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise HeadscopeError(f"{path} line {number} is not valid JSON") from None
+                if not isinstance(row, dict):
+                    raise HeadscopeError(f"{path} line {number} is not a JSON object")
+                rows.append(row)
+    except FileNotFoundError:
+        raise HeadscopeError(f"no samples file {path}: it is written next to the heads file by `detect`") from None
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- the grid
+
+def grid_shape(keys) -> tuple[int, int]:
+    """(layers, heads) of a complete LAYER-HEAD grid; a missing or stray head id is an error."""
+    pairs = {parse_head_key(key) for key in keys}
+    layers = 1 + max(layer for layer, _ in pairs)
+    heads = 1 + max(head for _, head in pairs)
+    if min(min(pair) for pair in pairs) < 0:
+        raise HeadscopeError("head ids must not be negative")
+    if len(pairs) != layers * heads:
+        missing = next(head_key(l, h) for l in range(layers) for h in range(heads) if (l, h) not in pairs)
+        raise HeadscopeError(f"the head ids do not form a full layers x heads grid: {layers} x {heads} would need "
+                             f"{missing}, which is missing (is a head id like 99-0 out of range?)")
+    return layers, heads
+
+
+def mean_matrix(summary: dict[str, dict]) -> np.ndarray:
+    """The (layers, heads) array of mean scores."""
+    layers, heads = grid_shape(summary)
+    means = np.zeros((layers, heads))
+    for key, stats in summary.items():
+        means[parse_head_key(key)] = stats["mean"]
+    return means
+
+
+def check_top(k: int, num_heads: int) -> None:
+    if k < 1:
+        raise HeadscopeError(f"K must be at least 1, not {k}")
+    if k > num_heads:
+        raise HeadscopeError(f"K = {k} is larger than the number of heads ({num_heads})")
+
+
+def top_keys(summary: dict[str, dict], k: int) -> list[str]:
+    """The K best heads by mean (ties by layer then head, as `outputs.ranked`)."""
+    check_top(k, len(summary))
+    return [key for key, _ in ranked(summary)[:k]]
+
+
+# ------------------------------------------------------------------------------------------------ GQA
+
+def kv_head_scores(means: np.ndarray, num_kv_heads: int, reduce: str = "max") -> np.ndarray:
+    """Aggregate query heads onto the KV head they read, for grouped-query attention.
+
+    With H query heads and G KV heads, each KV head serves H / G consecutive query heads:
+    query head h reads KV head h // (H / G) (transformers' `repeat_kv` repeats each KV head
+    H / G times in place). score[l, g] = reduce over h in [g * H/G, (g+1) * H/G) of means[l, h],
+    with reduce = max (a KV head matters if any of its query heads does) or mean.
+    """
+    layers, heads = means.shape
+    if num_kv_heads < 1 or heads % num_kv_heads:
+        raise HeadscopeError(f"{heads} query heads per layer cannot be shared by {num_kv_heads} KV heads "
+                             "(the number of KV heads must divide the number of query heads)")
+    if reduce not in ("max", "mean"):
+        raise HeadscopeError(f"--kv-heads must be max or mean, not {reduce!r}")
+    grouped = means.reshape(layers, num_kv_heads, heads // num_kv_heads)
+    return grouped.max(axis=2) if reduce == "max" else grouped.mean(axis=2)
+
+
+def num_kv_heads_from_config(model: str, local_only: bool = False) -> tuple[int, int]:
+    """(num_attention_heads, num_key_value_heads) from a model's config.json (MHA: the two are equal)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, local_files_only=local_only)
+    except Exception as error:  # transformers raises many types; the user needs one line
+        text = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise HeadscopeError(f"cannot read the config of {model!r}: {text}") from None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_attention_heads", None)
+    if heads is None:
+        raise HeadscopeError(f"the config of {model!r} has no num_attention_heads")
+    return heads, getattr(config, "num_key_value_heads", None) or heads
+
+
+def model_from_manifest(path: str | Path) -> str | None:
+    """The model path recorded in the run's manifest, when there is one beside the score file."""
+    manifest = companion(path, "manifest")
+    try:
+        return json.loads(manifest.read_text()).get("model_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def resolve_num_kv_heads(path, num_query_heads: int, num_kv_heads: int | None, model: str | None) -> int:
+    """--num-kv-heads, else --model's config, else the config of the model in the run's manifest."""
+    if num_kv_heads is not None:
+        return num_kv_heads
+    source, local_only = (model, False) if model else (model_from_manifest(path), True)
+    if not source:
+        raise HeadscopeError("the number of KV heads is needed: pass --num-kv-heads K or --model PATH")
+    heads, kv_heads = num_kv_heads_from_config(source, local_only)
+    if heads != num_query_heads:
+        raise HeadscopeError(f"{source} has {heads} attention heads per layer but {path} has {num_query_heads}")
+    return kv_heads
+
+
+# ------------------------------------------------------------------------------------------ agreement
+
+def overlap(a: list[str], b: list[str]) -> tuple[int, float]:
+    """|A ∩ B| and Jaccard |A ∩ B| / |A ∪ B| of two sets of head ids."""
+    a, b = set(a), set(b)
+    shared = len(a & b)
+    return shared, shared / len(a | b) if a | b else 1.0
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of `values`, tied values sharing the mean of the ranks they span."""
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    # Tie groups: starts where the sorted value changes.
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    group_rank = (starts + ends + 1) / 2  # mean of ranks starts+1 .. ends
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat(group_rank, ends - starts)
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho: the Pearson correlation of the average ranks of x and y (ties handled).
+
+    rho = cov(rank x, rank y) / (std(rank x) std(rank y)); nan if either is constant."""
+    rx, ry = average_ranks(np.asarray(x, float)), average_ranks(np.asarray(y, float))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    norm = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    return float((rx * ry).sum() / norm) if norm > 0 else float("nan")
+
+
+def compare(a: dict[str, dict], b: dict[str, dict], ks: list[int]) -> dict:
+    """Overlap and Jaccard of the top-K sets for each K, Spearman over all heads, and the
+    heads in only one top-K for the largest K. The two files must score the same heads."""
+    if set(a) != set(b):
+        only = sorted(set(a) ^ set(b), key=parse_head_key)
+        ga, gb = grid_shape(a), grid_shape(b)
+        raise HeadscopeError(f"the files score different heads ({ga[0]}x{ga[1]} vs {gb[0]}x{gb[1]}, "
+                             f"e.g. {only[0]} is in one only): were they made with the same model?")
+    if not ks:
+        raise HeadscopeError("--top needs at least one K")
+    keys = sorted(a, key=parse_head_key)
+    per_k = []
+    for k in ks:
+        top_a, top_b = top_keys(a, k), top_keys(b, k)
+        shared, jaccard = overlap(top_a, top_b)
+        per_k.append({"k": k, "overlap": shared, "jaccard": jaccard})
+    largest = max(ks)
+    top_a, top_b = top_keys(a, largest), top_keys(b, largest)
+    return {"per_k": per_k, "num_heads": len(keys),
+            "spearman": spearman(np.array([a[k]["mean"] for k in keys]), np.array([b[k]["mean"] for k in keys])),
+            "largest_k": largest,
+            "only_a": [k for k in top_a if k not in top_b], "only_b": [k for k in top_b if k not in top_a]}
+
+
+# ------------------------------------------------------------------------------------------ stability
+
+def sample_contributions(rows: list[dict], keys: list[str]) -> np.ndarray:
+    """(passing samples, heads) array of what each passing sample contributed to each head,
+    columns in the order of `keys` (LAYER-HEAD ids)."""
+    layers, heads = np.array([parse_head_key(key) for key in keys]).T
+    matrix = []
+    for row in rows:
+        if not row.get("passed") or row.get("head_scores") is None:
+            continue
+        try:
+            scores = np.asarray(row["head_scores"], dtype=float)
+        except (TypeError, ValueError):
+            scores = np.zeros(0)
+        if scores.ndim != 2 or scores.shape[0] <= layers.max() or scores.shape[1] <= heads.max():
+            raise HeadscopeError(f"sample {row.get('id')!r}: head_scores of shape {scores.shape} do not match "
+                                 "the heads file")
+        matrix.append(scores[layers, heads])
+    return np.array(matrix).reshape(len(matrix), len(keys))
+
+
+def keeps_zeros(rows: list[dict], manifest: dict | None = None) -> bool:
+    """Whether a passing sample's zero joins a head's list: always for retrieval, for reasoning
+    only when the run used --keep-zeros (recorded in the manifest)."""
+    tasks = {row.get("task") for row in rows}
+    if len(tasks) != 1:
+        raise HeadscopeError(f"the samples file mixes tasks {sorted(map(str, tasks))}: cannot tell how scores accumulate")
+    task = tasks.pop()
+    if task == "retrieval":
+        return True
+    return bool(((manifest or {}).get("options") or {}).get("keep_zeros", False))
+
+
+def head_means(weights: np.ndarray, contributions: np.ndarray, keep_zeros: bool) -> np.ndarray:
+    """Each head's mean under sample weights (how many times each sample is drawn).
+
+    weights (draws, samples), contributions X (samples, heads):
+      keep zeros:  mean[d, j] = sum_i w[d, i] X[i, j] / sum_i w[d, i]
+      drop zeros:  mean[d, j] = sum_i w[d, i] X[i, j] / sum_i w[d, i] [X[i, j] > 0]   (0 if no positive entry)
+    """
+    totals = weights @ contributions
+    counts = weights.sum(axis=1, keepdims=True) if keep_zeros else weights @ (contributions > 0)
+    return np.divide(totals, counts, out=np.zeros_like(totals), where=counts > 0)
+
+
+def top_k_frequency(means: np.ndarray, k: int) -> np.ndarray:
+    """For each head, the fraction of rows of `means` (draws, heads) in which it is among the K best
+    (ties to the lower column, i.e. by layer then head, as `outputs.ranked`)."""
+    top = np.argsort(-means, axis=1, kind="stable")[:, :k]
+    return np.bincount(top.ravel(), minlength=means.shape[1]) / means.shape[0]
+
+
+def bootstrap(contributions: np.ndarray, keep_zeros: bool, num_resamples: int, k: int, seed: int = 0) -> dict:
+    """Resample the passing samples with replacement and see how much each head's mean moves.
+
+    Draw `num_resamples` sets of S samples from the S passing ones (multinomial counts w, seeded),
+    recompute every head's mean under the task's accumulation rule (`head_means`), and report per head
+    the full-data mean, the 2.5 and 97.5 percentiles of the resampled means (a 95% percentile
+    confidence interval), and P(top K): the fraction of resamples in which the head ranks in the top K.
+    """
+    num_samples, num_heads = contributions.shape
+    if num_samples < 2:
+        raise HeadscopeError(f"--bootstrap needs at least 2 passing samples with head scores, found {num_samples}")
+    if num_resamples < 1:
+        raise HeadscopeError("--bootstrap must be at least 1")
+    check_top(k, num_heads)
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(num_samples, np.full(num_samples, 1 / num_samples), size=num_resamples).astype(float)
+    resampled = head_means(weights, contributions, keep_zeros)
+    low, high = np.percentile(resampled, [2.5, 97.5], axis=0)
+    return {"mean": head_means(np.ones((1, num_samples)), contributions, keep_zeros)[0],
+            "ci_low": low, "ci_high": high, "p_top_k": top_k_frequency(resampled, k),
+            "num_samples": num_samples, "num_resamples": num_resamples, "k": k}
+
+
+def stability_table(keys: list[str], result: dict, top: int) -> tuple[str, int]:
+    """The ranked table with CI and P(top K), '*' marking a top-K head with P(top K) < 0.5;
+    returns the text and how many of the top K are stable."""
+    k = result["k"]
+    order = np.argsort(-result["mean"], kind="stable")
+    lines = [f"{'layer':>5} {'head':>4} {'mean':>8} {'ci95_low':>9} {'ci95_high':>9} {f'P(top{k})':>9}"]
+    for rank, index in enumerate(order[:max(top, 0)]):
+        layer, head = parse_head_key(keys[index])
+        p = result["p_top_k"][index]
+        flag = " *" if rank < k and p < 0.5 else ""
+        lines.append(f"{layer:>5} {head:>4} {result['mean'][index]:>8.4f} {result['ci_low'][index]:>9.4f} "
+                     f"{result['ci_high'][index]:>9.4f} {p:>9.3f}{flag}")
+    stable = int((result["p_top_k"][order[:k]] >= 0.5).sum())
+    return "\n".join(lines), stable

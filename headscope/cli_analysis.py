@@ -1,0 +1,164 @@
+"""`headscope show | compare | plot | export`: read score files back, check them, draw them, hand them on."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_kv_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-kv-heads", type=int, help="KV heads per layer (GQA); default: read from --model")
+    parser.add_argument("--model", help="read num_key_value_heads from this model's config.json "
+                                        "(default: the model in the run's manifest, if any)")
+
+
+def add_commands(subparsers) -> None:
+    show = subparsers.add_parser("show", help="ranked table of a heads or summary file")
+    show.add_argument("file", help="NAME_TASK_heads.json or NAME_TASK_summary.json")
+    show.add_argument("--top", type=int, default=30, help="rows to print (default 30)")
+    show.add_argument("--kv-heads", choices=["max", "mean"], help="aggregate query heads onto their KV head (GQA)")
+    add_kv_options(show)
+    stability = show.add_argument_group("stability (needs NAME_TASK_samples.jsonl beside the file)")
+    stability.add_argument("--bootstrap", type=int, default=0, metavar="N", help="resample the samples N times")
+    stability.add_argument("--seed", type=int, default=0)
+    stability.add_argument("--k", type=int, default=10, help="the top K whose membership is tested (default 10)")
+    show.set_defaults(handler=run_show)
+
+    compare = subparsers.add_parser("compare", help="agreement of two score files: top-K overlap, Spearman")
+    compare.add_argument("a")
+    compare.add_argument("b")
+    compare.add_argument("--top", type=_ints, default=[5, 10, 20, 30], help="values of K (default 5,10,20,30)")
+    compare.add_argument("--plot", help="scatter plot path (default: A_vs_B.png next to A)")
+    compare.add_argument("--no-plot", action="store_true")
+    compare.set_defaults(handler=run_compare)
+
+    plot = subparsers.add_parser("plot", help="heatmap (and NIAH grid) PNGs next to a score file")
+    plot.add_argument("file")
+    plot.add_argument("--top", type=int, default=10, help="label this many best heads (default 10)")
+    plot.set_defaults(handler=run_plot)
+
+    export = subparsers.add_parser("export", help="scores in the format of a KV-cache method")
+    export.add_argument("file")
+    export.add_argument("--to", required=True, choices=["topk", "duo", "razor", "headkv"])
+    export.add_argument("--top", type=int, default=20, help="topk, razor: how many heads (default 20)")
+    export.add_argument("--out", help="output path (duo: a folder); default next to FILE")
+    duo = export.add_argument_group("duo")
+    duo.add_argument("--threshold", type=float, help="1 where the KV head's score >= T")
+    duo.add_argument("--sparsity", type=float, help="keep the top (1 - S) fraction of KV heads")
+    duo.add_argument("--raw", action="store_true", help="scores / max, for DuoAttention to threshold itself")
+    duo.add_argument("--sink-size", type=int, default=64, help="written to config.json (default 64)")
+    duo.add_argument("--recent-size", type=int, default=256, help="written to config.json (default 256)")
+    add_kv_options(duo)
+    headkv = export.add_argument_group("headkv")
+    headkv.add_argument("--budget", type=int, default=128, help="average KV entries per head (default 128)")
+    headkv.add_argument("--beta", type=float, default=1.2, help="pool = floor(budget / beta) per head (default 1.2)")
+    headkv.add_argument("--temperature", type=float, default=1.0, help="exponent on the score shares (default 1)")
+    headkv.add_argument("--layout", choices=["keys", "matrix"], default="keys",
+                        help='{"L-H": budget} or a layers x heads list')
+    export.set_defaults(handler=run_export)
+
+
+def run_show(args) -> None:
+    from . import analysis
+    from .errors import HeadscopeError
+    from .outputs import format_table, parse_head_key
+
+    summary = analysis.load_summary(args.file)
+    if args.top < 1:
+        raise HeadscopeError("--top must be at least 1")
+    if args.kv_heads and args.bootstrap:
+        raise HeadscopeError("--kv-heads and --bootstrap cannot be combined")
+    if args.kv_heads:
+        means = analysis.mean_matrix(summary)
+        num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model)
+        scores = analysis.kv_head_scores(means, num_kv, args.kv_heads)
+        group = means.shape[1] // num_kv
+        order = sorted(np.ndindex(scores.shape), key=lambda lg: (-scores[lg], lg))
+        print(f"{'layer':>5} {'kv_head':>7} {args.kv_heads:>8}  query heads")
+        for layer, kv in order[:args.top]:
+            print(f"{layer:>5} {kv:>7} {scores[layer, kv]:>8.4f}  {kv * group}-{(kv + 1) * group - 1}")
+        return
+    if not args.bootstrap:
+        print(format_table(summary, args.top))
+        return
+    keys = sorted(summary, key=parse_head_key)
+    analysis.grid_shape(keys)
+    samples_path = analysis.companion(args.file, "samples")
+    rows = analysis.read_samples(samples_path)
+    contributions = analysis.sample_contributions(rows, keys)
+    if not contributions.size:
+        raise HeadscopeError(f"{samples_path} has no passing samples with head_scores to resample")
+    manifest = analysis.companion(args.file, "manifest")
+    keep_zeros = analysis.keeps_zeros(rows, json.loads(manifest.read_text()) if manifest.exists() else None)
+    result = analysis.bootstrap(contributions, keep_zeros, args.bootstrap, args.k, args.seed)
+    table, stable = analysis.stability_table(keys, result, args.top)
+    print(table)
+    file_means = np.array([summary[key]["mean"] for key in keys])
+    if not np.allclose(file_means, result["mean"], rtol=1e-4, atol=1e-6):
+        print(f"note: the means from {samples_path.name} differ from {Path(args.file).name} "
+              "(merged or legacy runs?): the table uses the samples")
+    print(f"{stable} of the top {args.k} heads are stable (P(top {args.k}) >= 0.5 over {args.bootstrap} resamples "
+          f"of {result['num_samples']} passing samples); * marks the others")
+
+
+def run_compare(args) -> None:
+    from . import analysis, plots
+
+    a, b = analysis.load_summary(args.a), analysis.load_summary(args.b)
+    result = analysis.compare(a, b, args.top)
+    print(f"{'K':>4} {'overlap':>7} {'jaccard':>7}")
+    for row in result["per_k"]:
+        print(f"{row['k']:>4} {row['overlap']:>7} {row['jaccard']:>7.3f}")
+    print(f"spearman rank correlation over {result['num_heads']} heads: {result['spearman']:.4f}")
+    k = result["largest_k"]
+    print(f"top-{k} only in A: {' '.join(result['only_a']) or '-'}")
+    print(f"top-{k} only in B: {' '.join(result['only_b']) or '-'}")
+    if not args.no_plot:
+        path_a, path_b = Path(args.a), Path(args.b)
+        out = Path(args.plot) if args.plot else path_a.with_name(f"{path_a.stem}_vs_{path_b.stem}.png")
+        print(f"wrote {plots.scatter(a, b, out, labels=(path_a.stem, path_b.stem))}")
+
+
+def run_plot(args) -> None:
+    from . import plots
+
+    for path in plots.plot_run(args.file, top=args.top):
+        print(f"wrote {path}")
+
+
+def run_export(args) -> None:
+    from . import analysis, exports
+    from .errors import HeadscopeError
+    from .outputs import atomic_write_json
+
+    summary = analysis.load_summary(args.file)
+    means = analysis.mean_matrix(summary)
+    default = analysis.companion(args.file, args.to)
+    if args.to == "topk":
+        out = Path(args.out or default.with_suffix(".json"))
+        atomic_write_json(out, exports.top_k_list(summary, args.top))
+    elif args.to == "razor":
+        out = Path(args.out or default.with_suffix(".json"))
+        atomic_write_json(out, exports.razor_heads(summary, args.top))
+    elif args.to == "headkv":
+        out = Path(args.out or default.with_suffix(".json"))
+        budgets = exports.headkv_budgets(means, args.budget, args.beta, args.temperature)
+        atomic_write_json(out, exports.headkv_json(budgets, args.layout))
+    else:
+        num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model)
+        pattern = exports.duo_pattern(means, num_kv, args.threshold, args.sparsity, args.raw or None)
+        if args.sink_size < 0 or args.recent_size < 0:
+            raise HeadscopeError("--sink-size and --recent-size must not be negative")
+        out = exports.write_duo(pattern, args.out or default.with_suffix(""), args.sink_size, args.recent_size)
+        print(f"{int((pattern > 0).sum())} of {pattern.size} KV heads marked full attention" if not args.raw else
+              f"{pattern.size} KV heads, scores scaled to [0, 1]")
+    print(f"wrote {out}")

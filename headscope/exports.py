@@ -1,0 +1,121 @@
+"""Head scores in the formats of the KV-cache methods that consume them.
+
+  topk    [[layer, head, score], ...] of the K best heads
+  duo     DuoAttention's pattern folder: full_attention_heads.tsv (layers x KV heads, in [0, 1]) + config.json
+  razor   RazorAttention-style {"layer": [heads]} of the K best heads
+  headkv  HeadKV's per-head KV budgets
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .analysis import kv_head_scores, parse_head_key, top_keys
+from .errors import HeadscopeError
+from .outputs import atomic_write_json, atomic_write_text, head_key
+
+
+def top_k_list(summary: dict[str, dict], k: int) -> list[list]:
+    """[[layer, head, mean score], ...] of the K best heads, best first."""
+    return [[*parse_head_key(key), summary[key]["mean"]] for key in top_keys(summary, k)]
+
+
+def razor_heads(summary: dict[str, dict], k: int) -> dict[str, list[int]]:
+    """{"layer": [head, ...]} of the K best heads: string layer keys in layer order, heads sorted."""
+    chosen: dict[int, list[int]] = {}
+    for key in top_keys(summary, k):
+        layer, head = parse_head_key(key)
+        chosen.setdefault(layer, []).append(head)
+    return {str(layer): sorted(heads) for layer, heads in sorted(chosen.items())}
+
+
+def duo_pattern(means: np.ndarray, num_kv_heads: int, threshold: float | None = None,
+                sparsity: float | None = None, raw: bool = False) -> np.ndarray:
+    """DuoAttention's full_attention_heads: a (layers, KV heads) array in [0, 1], 1 = keep the full KV
+    cache (a retrieval head), 0 = streaming (sink + recent window only).
+
+    A KV head's score is the max of its query heads' means (`kv_head_scores`), s[l, g]. Then exactly one of
+      threshold T:  1 where s >= T else 0;
+      sparsity S:   the round((1 - S) * n) best of the n KV heads are 1, the rest 0 (ties by layer, head;
+                    DuoAttention's own `sparsify_attention_heads` breaks ties with random noise instead);
+      raw:          s / max(s), so DuoAttention's loader can apply its own --sparsity or threshold.
+    """
+    if sum(option is not None and option is not False for option in (threshold, sparsity, raw)) != 1:
+        raise HeadscopeError("--to duo needs exactly one of --threshold T, --sparsity S or --raw")
+    scores = kv_head_scores(means, num_kv_heads, "max")
+    if raw:
+        if scores.min() < 0:
+            raise HeadscopeError("--raw needs non-negative scores")
+        return scores / scores.max() if scores.max() > 0 else np.zeros_like(scores)
+    if threshold is not None:
+        return (scores >= threshold).astype(float)
+    if not 0 <= sparsity <= 1:
+        raise HeadscopeError(f"--sparsity must be between 0 and 1, not {sparsity}")
+    keep = round((1 - sparsity) * scores.size)
+    order = np.argsort(-scores.ravel(), kind="stable")
+    pattern = np.zeros(scores.size)
+    pattern[order[:keep]] = 1.0
+    return pattern.reshape(scores.shape)
+
+
+def write_duo(pattern: np.ndarray, folder: str | Path, sink_size: int, recent_size: int) -> Path:
+    """A folder DuoAttention's `load_attn_pattern(folder)` reads: full_attention_heads.tsv (one line per
+    layer, one tab-separated value per KV head) and config.json ({"sink_size", "recent_size"})."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise HeadscopeError(f"--to duo writes a folder, but {folder} is a file")
+    lines = ["\t".join(f"{value:.6f}" for value in row) for row in pattern]
+    atomic_write_text(folder / "full_attention_heads.tsv", "\n".join(lines) + "\n")
+    atomic_write_json(folder / "config.json", {"sink_size": sink_size, "recent_size": recent_size})
+    return folder / "full_attention_heads.tsv"
+
+
+def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
+    """Integers that sum to exactly `total`, as close as possible to `shares` (which sum to `total`):
+    floor every share, then give the units left over to the largest fractional parts (ties: first)."""
+    floors = np.floor(shares).astype(np.int64)
+    left = int(total - floors.sum())
+    order = np.argsort(-(shares - floors), kind="stable")
+    floors[order[:left]] += 1
+    return floors
+
+
+def headkv_budgets(means: np.ndarray, budget: int, beta: float = 1.2, temperature: float = 1.0) -> np.ndarray:
+    """HeadKV's per-head KV cache budgets (Fu et al. 2025, `ReasonSnapKVCluster` in FYYFU/HeadKV's
+    headkv/snapkv_utils.py), for N = layers x heads heads with mean scores s_i:
+
+      p_i   = s_i / sum_j s_j                 importance distribution
+      p_i   = p_i^T / sum_j p_j^T             T = temperature ("temp"; an exponent: 1 keeps p, >1 sharpens, 0 = uniform)
+      pool  = floor(B / beta) * N             entries pooled and shared out by importance (beta >= 1: larger, bigger pool)
+      floor = B - floor(B / beta)             entries every head keeps
+      c_i   = floor + p_i * pool
+
+    B is the average budget per head (HeadKV's base_capacity minus its observation window). HeadKV
+    rounds each c_i, so its total can drift by a few entries; here the pooled shares are rounded by
+    largest remainder, so sum_i c_i = B * N exactly. Returns the (layers, heads) integer budgets.
+    """
+    if budget < 1:
+        raise HeadscopeError(f"--budget must be at least 1, not {budget}")
+    if beta < 1:
+        raise HeadscopeError(f"--beta must be at least 1 (the pool is floor(budget / beta)), not {beta}")
+    if temperature < 0:
+        raise HeadscopeError(f"--temperature must not be negative, not {temperature}")
+    if means.min() < 0:
+        raise HeadscopeError("HeadKV budgets need non-negative scores")
+    if means.sum() <= 0:
+        raise HeadscopeError("every head scores 0: there is nothing to allocate the pooled budget by")
+    share = means / means.sum()
+    share = np.where(share > 0, share, 0.0) ** temperature if temperature > 0 else np.ones_like(share)
+    share = share / share.sum()
+    pooled_per_head = int(budget // beta)
+    pool = pooled_per_head * means.size
+    return (budget - pooled_per_head) + largest_remainder(share.ravel() * pool, pool).reshape(means.shape)
+
+
+def headkv_json(budgets: np.ndarray, layout: str = "keys"):
+    """{"L-H": budget} (layout "keys") or the layers x heads nested list (layout "matrix")."""
+    if layout == "matrix":
+        return budgets.tolist()
+    return {head_key(layer, head): int(budgets[layer, head])
+            for layer in range(budgets.shape[0]) for head in range(budgets.shape[1])}

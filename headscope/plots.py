@@ -1,0 +1,163 @@
+"""PNG figures of head scores and of what the heads do (matplotlib, Agg backend: no display needed).
+
+Every figure has a fixed size in inches at DPI dots per inch, so its pixel size is known, and is
+written to a temporary file that is renamed over the target: never a half-written PNG.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from .analysis import companion, grid_shape, load_summary, mean_matrix, read_samples, top_keys  # noqa: E402
+from .errors import HeadscopeError  # noqa: E402
+from .outputs import parse_head_key  # noqa: E402
+
+DPI = 100
+HEATMAP_SIZE = (8, 6)  # inches: 800 x 600 pixels
+NIAH_SIZE = (8, 5)
+CURVE_SIZE = (6, 4)
+SCATTER_SIZE = (6, 6)
+# The red-yellow-green map of the needle-in-a-haystack plots (Kamradt's LLMTest_NeedleInAHaystack).
+NIAH_COLORS = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"])
+
+
+def save(figure, path: str | Path) -> Path:
+    """Write `figure` as a PNG to `path` atomically and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(handle)
+    try:
+        figure.savefig(temporary, format="png", dpi=DPI)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    finally:
+        plt.close(figure)
+    return path
+
+
+def heatmap(summary: dict[str, dict], path, title: str = "", top: int = 10) -> Path:
+    """Layer x head map of mean scores; the `top` best heads carry their rank (1 = best)."""
+    means = mean_matrix(summary)
+    figure, axes = plt.subplots(figsize=HEATMAP_SIZE)
+    image = axes.imshow(means, aspect="auto", cmap="viridis", origin="lower", interpolation="nearest")
+    figure.colorbar(image, ax=axes, label="mean score")
+    for rank, key in enumerate(top_keys(summary, min(top, len(summary))) if top > 0 else [], 1):
+        layer, head = parse_head_key(key)
+        axes.text(head, layer, str(rank), ha="center", va="center", fontsize=8, color="red", fontweight="bold")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # heads and layers are whole numbers
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set(xlabel="head", ylabel="layer", title=title or "mean head score")
+    figure.tight_layout()
+    return save(figure, path)
+
+
+def niah_matrix(rows: list[dict]) -> tuple[np.ndarray, list, list]:
+    """(depths, lengths) grid of the mean metric score (0-100) over the needles at each cell; NaN where no
+    sample ran. Samples whose needle could not be located (`error`) measured nothing and are left out."""
+    cells = [r for r in rows if r.get("error") is None and "context_length" in r and "depth_percent" in r]
+    if not cells:
+        raise HeadscopeError("no retrieval samples with context_length and depth_percent to draw a NIAH grid from")
+    lengths = sorted({r["context_length"] for r in cells})
+    depths = sorted({r["depth_percent"] for r in cells})
+    total = np.zeros((len(depths), len(lengths)))
+    count = np.zeros_like(total)
+    for r in cells:
+        index = depths.index(r["depth_percent"]), lengths.index(r["context_length"])
+        total[index] += float(r["score"])
+        count[index] += 1
+    return np.divide(total, count, out=np.full_like(total, np.nan), where=count > 0), lengths, depths
+
+
+def _draw_niah(axes, rows, title):
+    scores, lengths, depths = niah_matrix(rows)
+    image = axes.imshow(scores, aspect="auto", cmap=NIAH_COLORS, vmin=0, vmax=100, interpolation="nearest")
+    axes.set_xticks(range(len(lengths)), [str(x) for x in lengths], rotation=45, fontsize=7)
+    axes.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+    axes.set(xlabel="context length (tokens)", ylabel="needle depth (%)", title=title)
+    return image
+
+
+def niah_grid(rows: list[dict], path, title: str = "needle in a haystack") -> Path:
+    """The needle-in-a-haystack grid: x = context length, y = depth %, colour = mean score (0-100)."""
+    figure, axes = plt.subplots(figsize=NIAH_SIZE)
+    figure.colorbar(_draw_niah(axes, rows, title), ax=axes, label="score")
+    figure.tight_layout()
+    return save(figure, path)
+
+
+def niah_grids_side_by_side(arms: dict[str, list[dict]], path) -> Path:
+    """One NIAH grid per ablation arm ({name: samples rows}), sharing one colour scale."""
+    if not arms:
+        raise HeadscopeError("no arms to draw")
+    figure, axes = plt.subplots(1, len(arms), figsize=(NIAH_SIZE[0] * len(arms) * 0.6, NIAH_SIZE[1]), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], arms.items()):
+        image = _draw_niah(ax, rows, name)
+    figure.colorbar(image, ax=list(axes[0]), label="score")
+    return save(figure, path)
+
+
+def ablation_curve(sweep: list[dict], path, title: str = "ablation") -> Path:
+    """Success rate against the number of ablated heads K: the top heads against random heads
+    (mean +- std over repeats). `sweep` is [{"k", "top", "random", "random_std"}, ...]."""
+    needed = {"k", "top", "random", "random_std"}
+    if not sweep or not all(isinstance(point, dict) and needed <= set(point) for point in sweep):
+        raise HeadscopeError(f"an ablation sweep is a non-empty list of objects with {', '.join(sorted(needed))}")
+    sweep = sorted(sweep, key=lambda point: point["k"])
+    ks = [point["k"] for point in sweep]
+    figure, axes = plt.subplots(figsize=CURVE_SIZE)
+    axes.plot(ks, [point["top"] for point in sweep], "o-", color="#d62728", label="top-K heads ablated")
+    axes.errorbar(ks, [point["random"] for point in sweep], yerr=[point["random_std"] for point in sweep],
+                  fmt="s--", color="#7f7f7f", capsize=3, label="random K heads ablated")
+    axes.set(xlabel="heads ablated (K)", ylabel="success rate", title=title)
+    axes.legend()
+    figure.tight_layout()
+    return save(figure, path)
+
+
+def scatter(a_summary: dict[str, dict], b_summary: dict[str, dict], path, labels=("A", "B"), annotate: int = 5) -> Path:
+    """Each head's mean score in A against B, with the diagonal and the best `annotate` heads of each named."""
+    keys = sorted(a_summary, key=parse_head_key)
+    if set(keys) != set(b_summary):
+        raise HeadscopeError("the two score files score different heads")
+    grid_shape(keys)
+    x = np.array([a_summary[k]["mean"] for k in keys])
+    y = np.array([b_summary[k]["mean"] for k in keys])
+    figure, axes = plt.subplots(figsize=SCATTER_SIZE)
+    axes.scatter(x, y, s=10, alpha=0.6)
+    high = max(x.max(), y.max(), 1e-12)
+    low = min(x.min(), y.min(), 0.0)
+    axes.plot([low, high], [low, high], ":", color="grey", linewidth=1)
+    named = set(top_keys(a_summary, min(annotate, len(keys)))) | set(top_keys(b_summary, min(annotate, len(keys))))
+    for key in named:
+        axes.annotate(key, (a_summary[key]["mean"], b_summary[key]["mean"]), fontsize=7)
+    axes.set(xlabel=f"{labels[0]} mean score", ylabel=f"{labels[1]} mean score", title=f"{labels[0]} vs {labels[1]}")
+    figure.tight_layout()
+    return save(figure, path)
+
+
+def plot_run(heads_path, top: int = 10) -> list[Path]:
+    """The figures of one run, next to its heads (or summary) file: NAME_TASK_heatmap.png, and for a
+    retrieval run with its samples file, NAME_TASK_niah.png. Returns the paths written."""
+    heads_path = Path(heads_path)
+    summary = load_summary(heads_path)
+    name = companion(heads_path, "heatmap").name.removesuffix("_heatmap.png")
+    written = [heatmap(summary, companion(heads_path, "heatmap"), title=f"{name}: mean head score", top=top)]
+    samples = companion(heads_path, "samples")
+    if samples.exists():
+        rows = read_samples(samples)
+        # Only when some needle was located: a figure of nothing would help no one (and must not fail `detect`).
+        if any(row.get("task") == "retrieval" and "depth_percent" in row and row.get("error") is None for row in rows):
+            written.append(niah_grid(rows, companion(heads_path, "niah"), title=f"{name}: needle in a haystack"))
+    return written
