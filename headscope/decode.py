@@ -65,7 +65,7 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     num_layers, _ = num_layers_and_heads(model)
-    recorder = Recorder(num_layers, max(s.top_k for s in scorers))
+    recorder = Recorder(num_layers, max((s.top_k for s in scorers), default=1))
     cache_kw = {_cache_argument(model): DynamicCache(config=model.config), "use_cache": True}
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     # Left padding: positions count real tokens only, as generate() does.

@@ -15,6 +15,8 @@ need, and it is O(layers x heads x k) per step instead of O(layers x heads x con
 Models whose attention does not go through the interface fall back to eager attention with
 `output_attentions=True` on the decoding steps only (the prefill stays on the fast path):
 `Recorder.add_eager_attentions` takes those tensors.
+
+The same function ablates heads when asked to (masking.py), on the prefill and every step.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
+
+from . import masking
 
 ATTN_SDPA = "headscope"  # no "sdpa" in the name: transformers would then check SDPA support
 ATTN_FLASH = "headscope-fa"
@@ -146,17 +150,19 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
 def _make_attention(backend):
     def headscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        softcap = kwargs.get("softcap")
+        softcap, sliding_window = kwargs.get("softcap"), kwargs.get("sliding_window")
         if _active is None or query.shape[2] != 1:
             fast = eager_attention if softcap is not None else backend
-            return fast(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        probs = last_row_probs(query, key, attention_mask, scaling, softcap, kwargs.get("sliding_window"))
-        _active.add(module.layer_idx, probs)
-        batch, q_heads, kv_len = probs.shape
-        kv_heads = value.shape[1]
-        grouped_probs = probs.to(value.dtype).reshape(batch, kv_heads, q_heads // kv_heads, kv_len)
-        output = torch.matmul(grouped_probs, value)  # (batch, kv_heads, group, dim)
-        return output.reshape(batch, 1, q_heads, value.shape[-1]), None
+            output, _ = fast(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        else:
+            probs = last_row_probs(query, key, attention_mask, scaling, softcap, sliding_window)
+            _active.add(module.layer_idx, probs)
+            batch, q_heads, kv_len = probs.shape
+            kv_heads = value.shape[1]
+            grouped_probs = probs.to(value.dtype).reshape(batch, kv_heads, q_heads // kv_heads, kv_len)
+            output = torch.matmul(grouped_probs, value)  # (batch, kv_heads, group, dim)
+            output = output.reshape(batch, 1, q_heads, value.shape[-1])
+        return masking.apply(module.layer_idx, output, value, attention_mask, sliding_window), None
 
     return headscope_attention
 

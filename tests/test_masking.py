@@ -1,0 +1,63 @@
+"""Head ablation inside the attention function equals editing eager attention probabilities."""
+import pytest
+import torch
+from transformers import AttentionInterface
+
+from headscope import masking, recorder
+from headscope.decode import StopRule, greedy_decode
+from headscope.toy import tiny_model
+
+MASKED = {0: [1], 1: [0, 3]}
+
+
+def uniform_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The reference: eager attention whose masked heads' probabilities are set to uniform over visible keys."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    logits = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    q_len, kv_len = query.shape[2], key.shape[2]
+    visible = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+    if attention_mask is not None:
+        visible = visible & attention_mask[..., -kv_len:] if attention_mask.dtype == torch.bool else visible
+    logits = logits.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    for head in MASKED.get(module.layer_idx, []):
+        probs[:, head] = visible / visible.sum(-1, keepdim=True)
+    return torch.matmul(probs, value).transpose(1, 2), None
+
+
+AttentionInterface.register("test_uniform_eager", uniform_eager)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_uniform_mode_equals_eager_with_uniform_probabilities(family):
+    torch.manual_seed(0)
+    input_ids = torch.randint(4, 256, (1, 50))
+    reference = tiny_model(family, attn="eager")
+    reference.set_attn_implementation("test_uniform_eager")
+    with torch.no_grad():
+        expected = reference(input_ids).logits[0, -1]
+    model = tiny_model(family)
+    recorder.install(model)
+    with torch.no_grad(), masking.ablating(MASKED, "uniform"):
+        prefill_logits = model(input_ids).logits[0, -1]
+        generated = greedy_decode(model, input_ids, None, [], 1, StopRule(set(), set()))
+    assert (prefill_logits - expected).abs().max() <= 1e-4
+    assert generated[0][0] == int(expected.argmax())  # decoding steps are masked the same way
+
+
+def test_zero_and_mean_modes_change_only_what_they_should():
+    torch.manual_seed(1)
+    input_ids = torch.randint(4, 256, (1, 30))
+    model = tiny_model("llama")
+    recorder.install(model)
+    with torch.no_grad():
+        plain = model(input_ids).logits
+        with masking.ablating({}, "zero"):
+            assert torch.equal(model(input_ids).logits, plain)  # K = 0 changes nothing
+        with masking.ablating({0: [0]}, "zero"):
+            zeroed = model(input_ids).logits
+        with masking.ablating({0: [0]}, "mean"):
+            meaned = model(input_ids).logits
+    assert not torch.allclose(zeroed, plain) and not torch.allclose(meaned, plain)
+    assert not torch.allclose(zeroed, meaned)
