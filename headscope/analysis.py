@@ -153,13 +153,18 @@ def num_kv_heads_from_config(model: str, local_only: bool = False) -> tuple[int,
     return heads, getattr(config, "num_key_value_heads", None) or heads
 
 
+def read_manifest(path: str | Path) -> dict | None:
+    """The run's manifest beside a score file, or None when there is none (or it is unreadable)."""
+    try:
+        manifest = json.loads(companion(path, "manifest").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 def model_from_manifest(path: str | Path) -> str | None:
     """The model path recorded in the run's manifest, when there is one beside the score file."""
-    manifest = companion(path, "manifest")
-    try:
-        return json.loads(manifest.read_text()).get("model_path")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (read_manifest(path) or {}).get("model_path")
 
 
 def resolve_num_kv_heads(path, num_query_heads: int, num_kv_heads: int | None, model: str | None) -> int:
@@ -257,7 +262,8 @@ def keeps_zeros(rows: list[dict], manifest: dict | None = None) -> bool:
     only when the run used --keep-zeros (recorded in the manifest)."""
     tasks = {row.get("task") for row in rows}
     if len(tasks) != 1:
-        raise HeadscopeError(f"the samples file mixes tasks {sorted(map(str, tasks))}: cannot tell how scores accumulate")
+        raise HeadscopeError(f"the samples file mixes tasks {sorted(map(str, tasks))}: "
+                             "cannot tell how scores accumulate")
     task = tasks.pop()
     if task == "retrieval":
         return True
@@ -277,10 +283,16 @@ def head_means(weights: np.ndarray, contributions: np.ndarray, keep_zeros: bool)
 
 
 def top_k_frequency(means: np.ndarray, k: int) -> np.ndarray:
-    """For each head, the fraction of rows of `means` (draws, heads) in which it is among the K best
-    (ties to the lower column, i.e. by layer then head, as `outputs.ranked`)."""
-    top = np.argsort(-means, axis=1, kind="stable")[:, :k]
-    return np.bincount(top.ravel(), minlength=means.shape[1]) / means.shape[0]
+    """For each head, the fraction of rows of `means` (draws, heads) in which it is among the K best.
+
+    Ties share: with v the K-th largest value of a row, a head above v scores 1, and the heads equal
+    to v split the slots left, (K - #above) / #equal each, so that a block of tied heads (e.g. all
+    zero) is not called stable just because of the order they are listed in. Each row gives out K."""
+    cutoff = -np.partition(-means, k - 1, axis=1)[:, k - 1:k]  # (draws, 1): the K-th largest value
+    above = means > cutoff
+    tied = means == cutoff
+    share = (k - above.sum(axis=1, keepdims=True)) / tied.sum(axis=1, keepdims=True)
+    return np.where(above, 1.0, np.where(tied, share, 0.0)).mean(axis=0)
 
 
 def bootstrap(contributions: np.ndarray, keep_zeros: bool, num_resamples: int, k: int, seed: int = 0) -> dict:

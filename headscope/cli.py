@@ -89,15 +89,22 @@ def add_detect_options(parser: argparse.ArgumentParser, task: str) -> None:
 ORGANISM_GRID = {"min_length": 300, "max_length": 1200, "num_lengths": 4, "num_depths": 5}
 
 
+def detect_options(args: argparse.Namespace) -> dict:
+    """The DetectOptions fields set on the command line. Unset grid options take the defaults;
+    the organism's context is short, so it has its own grid."""
+    from .engine import DetectOptions
+
+    names = {f.name for f in dataclasses.fields(DetectOptions)}
+    grid = ORGANISM_GRID if args.model is None else {}
+    options = {k: v if v is not None else grid.get(k) for k, v in vars(args).items() if k in names}
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def run_detect(args: argparse.Namespace) -> None:
     from .engine import DetectOptions, detect
     from .outputs import format_table
 
-    names = {f.name for f in dataclasses.fields(DetectOptions)}
-    # Unset grid options take the defaults; the organism's context is short, so it has its own grid.
-    grid = ORGANISM_GRID if args.model is None else {}
-    options = {k: v if v is not None else grid.get(k) for k, v in vars(args).items() if k in names}
-    options = DetectOptions(**{k: v for k, v in options.items() if v is not None})
+    options = DetectOptions(**detect_options(args))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         result = distributed_detect(args.task, options)
         if result is None:  # not rank 0: rank 0 prints the merged results
@@ -162,6 +169,18 @@ def _merged_result(task, options):
     return DetectResult(json.loads(paths["heads"].read_text()), summary, read_rows(paths["samples"]), paths)
 
 
+def run_ablate(args: argparse.Namespace) -> None:
+    from .ablation import ablate, format_report
+    from .engine import DetectOptions
+
+    report = ablate(args.task, args.scores, args.top, args.random, args.repeats, args.mode,
+                    DetectOptions(**detect_options(args)))
+    print(format_report(report))
+    print(f"wrote {report['path']}")
+    for picture in report["pictures"]:
+        print(f"wrote {picture}")
+
+
 def run_merge(args: argparse.Namespace) -> None:
     from .store import merge
 
@@ -183,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     for task, text in (("retrieval", "needle-in-a-haystack retrieval heads (Wu et al. 2024)"),
                        ("reasoning", "reasoning heads: attention on generated tokens and the question")):
         add_detect_options(tasks.add_parser(task, help=text, description=text), task)
+    ablate = commands.add_parser("ablate", help="mask the top-K heads (and K random ones) and re-run the task")
+    ablate_tasks = ablate.add_subparsers(dest="task", required=True)
+    for task in ("retrieval", "reasoning"):
+        parser_ = ablate_tasks.add_parser(task, help=f"ablation on the {task} task")
+        group = parser_.add_argument_group("ablation")
+        group.add_argument("--scores", required=True, help="a heads or summary file (NAME_TASK_heads.json)")
+        group.add_argument("--top", type=_ints, required=True, help="K, or a sweep 1,5,10,20")
+        group.add_argument("--random", type=int, help="K random heads outside the top K (default: the same K; "
+                                                      "0: no random arm)")
+        group.add_argument("--repeats", type=int, default=3, help="random draws (mean and std are reported)")
+        group.add_argument("--mode", default="uniform", choices=["uniform", "zero", "mean"])
+        add_detect_options(parser_, task)
     merge = commands.add_parser("merge", help="merge the shard files of `detect --shard I/N` runs")
     merge.add_argument("dirs", nargs="+", help="folders holding *_samples.shard-I-of-N.jsonl files")
     merge.add_argument("--out", help="where to write the merged files (default: the first folder)")
@@ -207,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             run_detect(args)
         elif args.command == "merge":
             run_merge(args)
+        elif args.command == "ablate":
+            run_ablate(args)
         elif hasattr(args, "handler"):
             args.handler(args)
         elif args.command == "organism":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +29,13 @@ def add_commands(subparsers) -> None:
     stability = show.add_argument_group("stability (needs NAME_TASK_samples.jsonl beside the file)")
     stability.add_argument("--bootstrap", type=int, default=0, metavar="N", help="resample the samples N times")
     stability.add_argument("--seed", type=int, default=0)
-    stability.add_argument("--k", type=int, default=10, help="the top K whose membership is tested (default 10)")
+    stability.add_argument("--k", type=int, help="the top K whose membership is tested (default 10 or all heads)")
     show.set_defaults(handler=run_show)
 
     compare = subparsers.add_parser("compare", help="agreement of two score files: top-K overlap, Spearman")
     compare.add_argument("a")
     compare.add_argument("b")
-    compare.add_argument("--top", type=_ints, default=[5, 10, 20, 30], help="values of K (default 5,10,20,30)")
+    compare.add_argument("--top", type=_ints, help="values of K (default 5,10,20,30, those up to the head count)")
     compare.add_argument("--plot", help="scatter plot path (default: A_vs_B.png next to A)")
     compare.add_argument("--no-plot", action="store_true")
     compare.set_defaults(handler=run_compare)
@@ -49,7 +48,7 @@ def add_commands(subparsers) -> None:
     export = subparsers.add_parser("export", help="scores in the format of a KV-cache method")
     export.add_argument("file")
     export.add_argument("--to", required=True, choices=["topk", "duo", "razor", "headkv"])
-    export.add_argument("--top", type=int, default=20, help="topk, razor: how many heads (default 20)")
+    export.add_argument("--top", type=int, help="topk, razor: how many heads (default 20 or all heads)")
     export.add_argument("--out", help="output path (duo: a folder); default next to FILE")
     duo = export.add_argument_group("duo")
     duo.add_argument("--threshold", type=float, help="1 where the KV head's score >= T")
@@ -60,7 +59,8 @@ def add_commands(subparsers) -> None:
     add_kv_options(duo)
     headkv = export.add_argument_group("headkv")
     headkv.add_argument("--budget", type=int, default=128, help="average KV entries per head (default 128)")
-    headkv.add_argument("--beta", type=float, default=1.2, help="pool = floor(budget / beta) per head (default 1.2)")
+    headkv.add_argument("--beta", type=float, default=1.2,
+                        help="floor(budget / beta) per head is pooled; larger beta, bigger floor (default 1.2)")
     headkv.add_argument("--temperature", type=float, default=1.0, help="exponent on the score shares (default 1)")
     headkv.add_argument("--layout", choices=["keys", "matrix"], default="keys",
                         help='{"L-H": budget} or a layers x heads list')
@@ -97,16 +97,16 @@ def run_show(args) -> None:
     contributions = analysis.sample_contributions(rows, keys)
     if not contributions.size:
         raise HeadscopeError(f"{samples_path} has no passing samples with head_scores to resample")
-    manifest = analysis.companion(args.file, "manifest")
-    keep_zeros = analysis.keeps_zeros(rows, json.loads(manifest.read_text()) if manifest.exists() else None)
-    result = analysis.bootstrap(contributions, keep_zeros, args.bootstrap, args.k, args.seed)
+    keep_zeros = analysis.keeps_zeros(rows, analysis.read_manifest(args.file))
+    k = args.k if args.k is not None else min(10, len(keys))
+    result = analysis.bootstrap(contributions, keep_zeros, args.bootstrap, k, args.seed)
     table, stable = analysis.stability_table(keys, result, args.top)
     print(table)
     file_means = np.array([summary[key]["mean"] for key in keys])
     if not np.allclose(file_means, result["mean"], rtol=1e-4, atol=1e-6):
         print(f"note: the means from {samples_path.name} differ from {Path(args.file).name} "
               "(merged or legacy runs?): the table uses the samples")
-    print(f"{stable} of the top {args.k} heads are stable (P(top {args.k}) >= 0.5 over {args.bootstrap} resamples "
+    print(f"{stable} of the top {k} heads are stable (P(top {k}) >= 0.5 over {args.bootstrap} resamples "
           f"of {result['num_samples']} passing samples); * marks the others")
 
 
@@ -114,7 +114,8 @@ def run_compare(args) -> None:
     from . import analysis, plots
 
     a, b = analysis.load_summary(args.a), analysis.load_summary(args.b)
-    result = analysis.compare(a, b, args.top)
+    ks = args.top if args.top is not None else [k for k in (5, 10, 20, 30) if k <= len(a)] or [len(a)]
+    result = analysis.compare(a, b, ks)
     print(f"{'K':>4} {'overlap':>7} {'jaccard':>7}")
     for row in result["per_k"]:
         print(f"{row['k']:>4} {row['overlap']:>7} {row['jaccard']:>7.3f}")
@@ -143,12 +144,13 @@ def run_export(args) -> None:
     summary = analysis.load_summary(args.file)
     means = analysis.mean_matrix(summary)
     default = analysis.companion(args.file, args.to)
+    top = args.top if args.top is not None else min(20, len(summary))
     if args.to == "topk":
         out = Path(args.out or default.with_suffix(".json"))
-        atomic_write_json(out, exports.top_k_list(summary, args.top))
+        atomic_write_json(out, exports.top_k_list(summary, top))
     elif args.to == "razor":
         out = Path(args.out or default.with_suffix(".json"))
-        atomic_write_json(out, exports.razor_heads(summary, args.top))
+        atomic_write_json(out, exports.razor_heads(summary, top))
     elif args.to == "headkv":
         out = Path(args.out or default.with_suffix(".json"))
         budgets = exports.headkv_budgets(means, args.budget, args.beta, args.temperature)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .analysis import kv_head_scores, parse_head_key, top_keys
+from .analysis import kv_head_scores, top_keys
 from .errors import HeadscopeError
-from .outputs import atomic_write_json, atomic_write_text, head_key
+from .outputs import atomic_write_json, atomic_write_text, head_key, parse_head_key
 
 
 def top_k_list(summary: dict[str, dict], k: int) -> list[list]:
@@ -86,12 +86,14 @@ def headkv_budgets(means: np.ndarray, budget: int, beta: float = 1.2, temperatur
     headkv/snapkv_utils.py), for N = layers x heads heads with mean scores s_i:
 
       p_i   = s_i / sum_j s_j                 importance distribution
-      p_i   = p_i^T / sum_j p_j^T             T = temperature ("temp"; an exponent: 1 keeps p, >1 sharpens, 0 = uniform)
-      pool  = floor(B / beta) * N             entries pooled and shared out by importance (beta >= 1: larger, bigger pool)
+      p_i   = p_i^T / sum_j p_j^T             T = temperature, HeadKV's "temp": an exponent (1 keeps p, > 1 sharpens)
+      pool  = floor(B / beta) * N             entries pooled, shared out by importance (beta >= 1)
       floor = B - floor(B / beta)             entries every head keeps
       c_i   = floor + p_i * pool
 
-    B is the average budget per head (HeadKV's base_capacity minus its observation window). HeadKV
+    Larger beta: a smaller pool and a bigger floor (beta = 1 pools everything; HeadKV's README says the
+    opposite, but its code is the formula above, and so is this). B is the average budget per head
+    (HeadKV's base_capacity, i.e. max_capacity_prompts minus its observation window). HeadKV
     rounds each c_i, so its total can drift by a few entries; here the pooled shares are rounded by
     largest remainder, so sum_i c_i = B * N exactly. Returns the (layers, heads) integer budgets.
     """
@@ -105,8 +107,7 @@ def headkv_budgets(means: np.ndarray, budget: int, beta: float = 1.2, temperatur
         raise HeadscopeError("HeadKV budgets need non-negative scores")
     if means.sum() <= 0:
         raise HeadscopeError("every head scores 0: there is nothing to allocate the pooled budget by")
-    share = means / means.sum()
-    share = np.where(share > 0, share, 0.0) ** temperature if temperature > 0 else np.ones_like(share)
+    share = (means / means.sum()) ** temperature  # numpy's 0 ** 0 is 1: T = 0 shares equally, as HeadKV's torch.pow
     share = share / share.sum()
     pooled_per_head = int(budget // beta)
     pool = pooled_per_head * means.size

@@ -1,0 +1,194 @@
+"""Prove the heads matter: mask the top-K heads of a score file, or K random others, and re-run the task.
+
+Arms, each over the same samples as `detect` builds:
+  none    nothing masked (the model as it is)
+  top     the K best heads of the score file
+  random  K heads drawn (seeded, once per repeat) from the heads outside the top K
+The central result of the retrieval-head paper is that `top` collapses needle-in-a-haystack while
+`random` barely moves it. With several K (`top=[1, 5, 10, 20]`) each K gets a top and a random arm:
+the ablation curve.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+import sys
+
+from tqdm import tqdm
+
+from . import analysis, loading, masking, outputs
+from .decode import StopRule, eos_token_ids, newline_token_ids, num_layers_and_heads
+from .engine import DetectOptions, check_options, prepare_samples, run_batch
+from .errors import HeadscopeError
+
+
+def run_arm(loaded, task, options, samples, encoded, max_new_tokens, heads: list[str], mode: str) -> list[dict]:
+    """Every sample's row (response, score, passed) with `heads` masked."""
+    stop = StopRule(eos_token_ids(loaded.model, loaded.tokenizer),
+                    newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
+    by_layer: dict[int, list[int]] = {}
+    for key in heads:
+        layer, head = outputs.parse_head_key(key)
+        by_layer.setdefault(layer, []).append(head)
+    rows = []
+    items = list(zip(range(len(samples)), samples, encoded))
+    with masking.ablating(by_layer, mode):
+        for first in range(0, len(items), options.batch_size):
+            for row, _ in run_batch(loaded, items[first:first + options.batch_size], [], max_new_tokens, stop, task,
+                                    options):
+                rows.append(row)
+    return rows
+
+
+def cell_of(row: dict) -> str:
+    """Retrieval: one cell per (context length, depth); reasoning: one per sample."""
+    if "depth_percent" in row:
+        return f"{row['context_length']}-{row['depth_percent']}"
+    return row["id"]
+
+
+def arm_result(rows_per_repeat: list[list[dict]], k: int, heads: list, drawn: bool) -> dict:
+    """success_rate (0-1), mean_metric and cells of an arm; for several repeats, their mean and the std."""
+    def rates(rows):
+        measured = [r for r in rows if r["error"] is None]
+        return (sum(r["passed"] for r in measured) / max(len(measured), 1),
+                sum(r["score"] for r in measured) / max(len(measured), 1))
+
+    per_repeat = [rates(rows) for rows in rows_per_repeat]
+    cells = {}
+    for rows in rows_per_repeat:
+        for row in rows:
+            cell = cells.setdefault(cell_of(row), {"passed": 0, "metric": 0.0, "n": 0})
+            if row["error"] is None:
+                cell["passed"] += row["passed"]
+                cell["metric"] += row["score"]
+                cell["n"] += 1
+    result = {
+        "k": k,
+        "heads": heads,
+        "success_rate": statistics.fmean(rate for rate, _ in per_repeat),
+        "mean_metric": statistics.fmean(metric for _, metric in per_repeat),
+        "cells": {name: {"success_rate": c["passed"] / max(c["n"], 1), "mean_metric": c["metric"] / max(c["n"], 1),
+                         "n": c["n"]} for name, c in cells.items()},
+    }
+    if drawn:  # random heads: one head list per repeat, and the spread over repeats
+        result["success_rate_std"] = statistics.pstdev(rate for rate, _ in per_repeat)
+        result["repeats"] = len(rows_per_repeat)
+    return result
+
+
+def random_heads(all_keys: list[str], excluded: list[str], k: int, seed: int) -> list[str]:
+    pool = sorted(set(all_keys) - set(excluded), key=outputs.parse_head_key)
+    if k > len(pool):
+        raise HeadscopeError(f"cannot draw {k} random heads from the {len(pool)} heads outside the top K")
+    return sorted(random.Random(seed).sample(pool, k), key=outputs.parse_head_key)
+
+
+def ablate(task: str, scores: str, top: list[int], random_k: int | None = None, repeats: int = 3,
+           mode: str = "uniform", options: DetectOptions | None = None, loaded: loading.LoadedModel | None = None,
+           **overrides) -> dict:
+    """Run the arms and write NAME_TASK_ablation.json (and pictures) in options.out. Returns that object."""
+    options = dataclasses.replace(options or DetectOptions(), **overrides)
+    check_options(task, options)
+    if mode not in masking.MODES:
+        raise HeadscopeError(f"--mode must be one of {', '.join(masking.MODES)}, not {mode!r}")
+    if repeats < 1:
+        raise HeadscopeError("--repeats must be at least 1")
+    summary = analysis.load_summary(scores)
+    loaded = loaded or loading.load(options.model, options.dtype, options.device, options.attn,
+                                    options.trust_remote_code)
+    num_layers, num_heads = num_layers_and_heads(loaded.model)
+    all_keys = [outputs.head_key(layer, head) for layer in range(num_layers) for head in range(num_heads)]
+    unknown = sorted(set(summary) - set(all_keys), key=outputs.parse_head_key)
+    if unknown:
+        raise HeadscopeError(f"{scores} has head {unknown[0]}, but the model has {num_layers} layers x {num_heads} "
+                             "heads: the score file is for another model")
+    for k in top:
+        if k < 0 or k > len(all_keys):
+            raise HeadscopeError(f"K = {k} is not between 0 and the number of heads ({len(all_keys)})")
+    ranking = [key for key, _ in outputs.ranked(summary)]
+    chat = options.chat == "on" or (options.chat == "auto" and bool(getattr(loaded.tokenizer, "chat_template", None)))
+    samples, encoded, max_new_tokens = prepare_samples(task, options, loaded, chat)
+
+    arms_to_run = [("none", 0, [[]])]
+    for k in top:
+        arms_to_run.append((f"top-{k}", k, [ranking[:k]]))
+        if k and (random_k is None or random_k > 0):
+            count = k if random_k is None or len(top) > 1 else random_k
+            arms_to_run.append((f"random-{count}", count,
+                                [random_heads(all_keys, ranking[:k], count, options.seed + r) for r in range(repeats)]))
+    results, rows_of = {}, {}
+    progress = tqdm(total=sum(len(h) for _, _, h in arms_to_run), desc=f"ablate {task}", unit="arm",
+                    disable=options.quiet, file=sys.stderr)
+    for name, k, head_sets in arms_to_run:
+        if name in results:
+            continue
+        per_repeat = []
+        for heads in head_sets:
+            per_repeat.append(run_arm(loaded, task, options, samples, encoded, max_new_tokens, heads, mode))
+            progress.update(1)
+        drawn = name.startswith("random-")
+        results[name] = arm_result(per_repeat, k, head_sets if drawn else head_sets[0], drawn)
+        rows_of[name] = [row for rows in per_repeat for row in rows]
+    progress.close()
+
+    report = {"task": task, "model": loaded.path, "scores": str(scores), "mode": mode, "samples": len(samples),
+              "none": results["none"]}
+    if len(top) == 1:
+        k = top[0]
+        report["top"] = results[f"top-{k}"]
+        random_name = next((n for n in results if n.startswith("random-")), None)
+        if random_name:
+            report["random"] = results[random_name]
+    else:
+        report["sweep"] = [{"k": k, "top": results[f"top-{k}"], "random": results.get(f"random-{k}")} for k in top]
+    paths = outputs.output_paths(options.out, loaded.name, task)
+    path = paths["heads"].with_name(paths["heads"].name.replace("_heads.json", "_ablation.json"))
+    outputs.atomic_write_json(path, report)
+    report["path"] = str(path)
+    report["pictures"] = draw(report, rows_of, path)
+    return report
+
+
+def draw(report: dict, rows_of: dict, path) -> list[str]:
+    """NIAH grids of the arms side by side (retrieval) and the ablation curve (a sweep)."""
+    from . import plots
+
+    pictures = []
+    if report["task"] == "retrieval":
+        chosen = {name: rows for name, rows in rows_of.items() if not name.startswith("random-") or "sweep" not in report}
+        pictures.append(plots.niah_grids_side_by_side(chosen, str(path).replace("_ablation.json", "_ablation_niah.png")))
+    if "sweep" in report:
+        curve = [{"k": point["k"], "top": point["top"]["success_rate"],
+                  "random": (point["random"] or point["top"])["success_rate"],
+                  "random_std": (point["random"] or {}).get("success_rate_std", 0.0)} for point in report["sweep"]]
+        curve.insert(0, {"k": 0, "top": report["none"]["success_rate"], "random": report["none"]["success_rate"],
+                         "random_std": 0.0})
+        pictures.append(plots.ablation_curve(curve, str(path).replace("_ablation.json", "_ablation_curve.png")))
+    return [str(p) for p in pictures]
+
+
+def format_report(report: dict) -> str:
+    """The console table: overall per arm, then per cell."""
+    arms = [("none", report["none"])]
+    if "sweep" in report:
+        for point in report["sweep"]:
+            arms.append((f"top-{point['k']}", point["top"]))
+            if point["random"]:
+                arms.append((f"random-{point['k']}", point["random"]))
+    else:
+        arms += [(f"top-{report['top']['k']}", report["top"])]
+        if "random" in report:
+            arms.append((f"random-{report['random']['k']}", report["random"]))
+    lines = [f"{'arm':<12} {'success':>8} {'± std':>7} {'metric':>7}"]
+    for name, arm in arms:
+        std = f"{arm['success_rate_std']:.3f}" if "success_rate_std" in arm else ""
+        lines.append(f"{name:<12} {arm['success_rate']:>8.3f} {std:>7} {arm['mean_metric']:>7.1f}")
+    cells = list(report["none"]["cells"])
+    if len(cells) <= 60:
+        lines.append("")
+        lines.append(f"{'cell':<14}" + "".join(f"{name:>12}" for name, _ in arms) + "   (success rate)")
+        for cell in cells:
+            lines.append(f"{cell:<14}" + "".join(f"{arm['cells'][cell]['success_rate']:>12.2f}" for _, arm in arms))
+    return "\n".join(lines)
