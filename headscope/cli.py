@@ -59,6 +59,7 @@ def add_detect_options(parser: argparse.ArgumentParser, task: str) -> None:
     run.add_argument("--batch-size", type=int, default=1, help="decode several prompts together (left padding)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--quiet", action="store_true", help="no progress bar or running top-10")
+    run.add_argument("--no-plots", dest="plots", action="store_false", help="do not draw the heatmap / NIAH grid")
     run.add_argument("--append", action="store_true",
                      help="add this run to an --out folder that holds a run with other settings")
     run.add_argument("--scorer", help="comma-separated scorers to run in one pass (registered names or "
@@ -117,6 +118,12 @@ def run_detect(args: argparse.Namespace) -> None:
     for error in sorted({row["error"] for row in result.samples if row["error"]}):
         print(f"span error: {error}")
     print(f"wrote {result.paths['heads']}")
+    if args.plots:
+        from .plots import plot_run
+
+        for name, scorer_result in (result.by_scorer or {None: result}).items():
+            for picture in plot_run(scorer_result.paths["heads"]):
+                print(f"wrote {picture}")
 
 
 def distributed_detect(task, options):

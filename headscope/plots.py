@@ -54,6 +54,8 @@ def heatmap(summary: dict[str, dict], path, title: str = "", top: int = 10) -> P
     image = axes.imshow(means, aspect="auto", cmap="viridis", origin="lower", interpolation="nearest")
     figure.colorbar(image, ax=axes, label="mean score")
     for rank, key in enumerate(top_keys(summary, min(top, len(summary))) if top > 0 else [], 1):
+        if summary[key]["mean"] <= 0:  # a rank among zeros means nothing
+            break
         layer, head = parse_head_key(key)
         axes.text(head, layer, str(rank), ha="center", va="center", fontsize=8, color="red", fontweight="bold")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # heads and layers are whole numbers
