@@ -41,6 +41,9 @@ def default_model_path() -> str:
 
 
 def model_name(path: str) -> str:
+    """Output files are named after the model's last path component; the bundled organism is "organism"."""
+    if os.path.normpath(path) == os.path.normpath(default_model_path()):
+        return "organism"
     return os.path.basename(os.path.normpath(path)) or "model"
 
 
