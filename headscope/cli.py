@@ -78,6 +78,13 @@ def add_detect_options(parser: argparse.ArgumentParser, task: str) -> None:
         data.add_argument("--depths", type=_floats, help="needle depths in percent, e.g. 0,50,100")
         data.add_argument("--num-depths", type=int, help="default 10 (organism: 5)")
         data.add_argument("--depth-spacing", default="linear", choices=["linear", "sigmoid"])
+    elif task == "pattern":
+        data.add_argument("--block-length", type=int, default=32, help="random tokens in the repeated block")
+        data.add_argument("--repeats", dest="block_repeats", type=int, default=4, help="times the block is repeated")
+        data.add_argument("--num-samples", type=int, help="number of random sequences (default 8)")
+    elif task == "query":
+        data.add_argument("--data", help="JSON list or JSON Lines with id, documents, gold, question, answer")
+        data.add_argument("--num-samples", type=int, help="sample this many records (with --seed)")
     else:
         data.add_argument("--data", help="JSON list or JSON Lines with id, context, question, answer")
         data.add_argument("--fields", type=_fields, help="rename fields, e.g. id=qid,answer=gold")
@@ -207,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     detect = commands.add_parser("detect", help="find retrieval or reasoning heads")
     tasks = detect.add_subparsers(dest="task", required=True)
     for task, text in (("retrieval", "needle-in-a-haystack retrieval heads (Wu et al. 2024)"),
-                       ("reasoning", "reasoning heads: attention on generated tokens and the question")):
+                       ("reasoning", "reasoning heads: attention on generated tokens and the question"),
+                       ("query", "query-focused retrieval heads (QRHead): question -> gold document attention"),
+                       ("pattern", "previous-token, duplicate-token, induction and echo heads on repeated tokens")):
         add_detect_options(tasks.add_parser(task, help=text, description=text), task)
     ablate = commands.add_parser("ablate", help="mask the top-K heads (and K random ones) and re-run the task")
     ablate_tasks = ablate.add_subparsers(dest="task", required=True)

@@ -4,16 +4,32 @@ The prompt minus its last token is prefilled on the fast attention path with not
 recorded; the last prompt token is then fed as the first single-query step. So step 0's row
 is the last prompt position's, step s >= 1's is that of generated token s - 1, and every
 recorded step is a one-query forward pass (linear memory, one attention computation).
+
+Prefill rows. A scorer whose `prefill_queries()` returns (start, end) gets the softmax rows of the
+query positions [start, end) (padded coordinates) through `prefill_rows(layer, query_start, probs)`,
+each exactly once: the rows [start, prompt_len - 1) come block by block from the prefill pass, and the
+last prompt position's row -- which is decoding step 0's -- is handed over as one more one-row block
+at step 0 (left-padded with zeros when a sliding-window cache dropped its first keys), besides going
+to the top-k view as usual. So the prefill stays prompt[:-1] and nothing is computed twice.
+
+Calibration prompts. A scorer whose `calibration_prompt()` returns (input_ids, attention_mask,
+(start, end)) gets that prompt prefilled once more before the real one, in a throw-away cache, with
+the rows [start, end) handed to `calibration_rows(layer, query_start, probs)` (QRHead's null query).
+
+Full decoding rows. A scorer with `full_rows = True` gets every step's whole rows through
+`step_rows(layer, probs (batch, heads, kv_len), offset)` (offset: position of key 0) before `step`.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from .recorder import Recorder, recording
+from .errors import HeadscopeError
+from .recorder import Recorder, prefilling, recording
 from .scorers import Scorer, StepView
 
 
@@ -65,16 +81,25 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     num_layers, _ = num_layers_and_heads(model)
-    recorder = Recorder(num_layers, max((s.top_k for s in scorers), default=1))
+    recorder = Recorder(num_layers, max((s.top_k for s in scorers), default=1))  # after begin(): k may depend on the batch
     cache_kw = {_cache_argument(model): DynamicCache(config=model.config), "use_cache": True}
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     # Left padding: positions count real tokens only, as generate() does.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     padded = attention_mask is not None and not bool(mask.all())
 
+    targets = prefill_targets(scorers, prompt_len)
+    if eager_fallback and (targets or any(s.calibration_prompt() is not None for s in scorers)):
+        raise HeadscopeError("a scorer needs prefill rows, but this model's attention is not on transformers' "
+                             "attention interface")
+    run_calibration_prompts(model, recorder, scorers)
     if prompt_len > 1:
-        model(input_ids[:, :-1], attention_mask=mask[:, :-1] if padded else None, position_ids=positions[:, :-1],
-              logits_to_keep=1, **cache_kw)
+        with prefilling(recorder, targets) if targets else contextlib.nullcontext():
+            model(input_ids[:, :-1], attention_mask=mask[:, :-1] if padded else None,
+                  position_ids=positions[:, :-1], logits_to_keep=1, **cache_kw)
+    step_zero_hook = last_prompt_row_hook(targets, prompt_len)
+    recorder.row_hooks.append(step_zero_hook)
+    recorder.row_hooks.extend(s.step_rows for s in scorers if s.full_rows)
     if eager_fallback:  # this model's attention is not on the interface: eager rows, decoding steps only
         prefill_attention = model.config._attn_implementation
         model.set_attn_implementation("eager")
@@ -90,6 +115,8 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             recorder.add_eager_attentions(output.attentions)
         tokens = output.logits[:, -1].argmax(-1)  # (batch,)
         values, top_positions = recorder.take(device)
+        if step_zero_hook in recorder.row_hooks:
+            recorder.row_hooks.remove(step_zero_hook)
         view = StepView(values=values, positions=top_positions, tokens=tokens, active=active.clone())
         for scorer in scorers:
             scorer.step(view)
@@ -106,3 +133,43 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if eager_fallback:
         model.set_attn_implementation(prefill_attention)
     return generated
+
+
+def prefill_targets(scorers: list[Scorer], prompt_len: int) -> list[tuple[int, int, object]]:
+    """(start, end, hook) of every scorer that wants prefill rows, clipped to the prompt."""
+    targets = []
+    for scorer in scorers:
+        wanted = scorer.prefill_queries()
+        if wanted is not None:
+            start, end = max(int(wanted[0]), 0), min(int(wanted[1]), prompt_len)
+            if start < end:
+                targets.append((start, end, scorer.prefill_rows))
+    return targets
+
+
+def last_prompt_row_hook(targets, prompt_len: int):
+    """A row hook for step 0: hands the last prompt position's row to the targets that want it."""
+    wanting = [hook for start, end, hook in targets if start <= prompt_len - 1 < end]
+
+    def hook(layer, probs, offset):
+        if wanting:
+            row = probs.new_zeros(*probs.shape[:2], 1, offset + probs.shape[-1])  # keys from position 0
+            row[:, :, 0, offset:] = probs
+            for deliver in wanting:
+                deliver(layer, prompt_len - 1, row)
+
+    return hook
+
+
+def run_calibration_prompts(model, recorder: Recorder, scorers: list[Scorer]) -> None:
+    """Prefill each scorer's calibration prompt in a throw-away cache, its rows going to calibration_rows."""
+    for scorer in scorers:
+        prompt = scorer.calibration_prompt()
+        if prompt is None:
+            continue
+        input_ids, attention_mask, (start, end) = prompt
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache_kw = {_cache_argument(model): DynamicCache(config=model.config), "use_cache": True}
+        with prefilling(recorder, [(start, end, scorer.calibration_rows)]):
+            model(input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1, **cache_kw)

@@ -59,6 +59,9 @@ class DetectOptions:
     fields: dict | None = None
     num_samples: int | None = None
     top_k: int = 5
+    # pattern
+    block_length: int = 32
+    block_repeats: int = 4
     generated_weight: float = 1.0
     query_weight: float = 0.5
     quiet: bool = False
@@ -270,8 +273,8 @@ def run_batch(loaded, items, scorers, max_new_tokens, stop, task, options):
     for i, (index, sample, prompt) in enumerate(runnable):
         response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
         score = score_response(options.metric, sample.answer, response)
-        row = sample_row(sample, prompt, task, options, response, score, score > options.success_threshold, None,
-                         seconds)
+        passed = score > options.success_threshold or not TASKS[task].success_filter
+        row = sample_row(sample, prompt, task, options, response, score, passed, None, seconds)
         yield {"index": index} | row, {name: scores[i] for name, scores in per_scorer.items()}
 
 

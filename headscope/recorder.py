@@ -11,6 +11,13 @@ flash-attention), so memory stays linear in the context.
 A row is never kept: it is reduced on the spot to its top-k (value, position) pairs,
 k being the largest any scorer asked for. That is all the retrieval and reasoning scores
 need, and it is O(layers x heads x k) per step instead of O(layers x heads x context).
+Scorers that need whole rows get them through `row_hooks` as they are computed.
+
+Prefill rows: inside `prefilling(recorder, targets)`, the (multi-query) prefill pass still runs on
+the fast backend, and the attention function also computes, from the same query and key, the rows
+of the query positions the targets asked for, PREFILL_BLOCK rows at a time (`query_probs`, the same
+maths as the decoding rows), handing each block to the targets' hooks: the T x T matrix is never
+built, and no block outlives its hooks.
 
 Models whose attention does not go through the interface fall back to eager attention with
 `output_attentions=True` on the decoding steps only (the prefill stays on the fast path):
@@ -33,6 +40,8 @@ ATTN_SDPA = "headscope"  # no "sdpa" in the name: transformers would then check 
 ATTN_FLASH = "headscope-fa"
 
 _active: "Recorder | None" = None  # the recorder of the forward pass in flight, if any
+PREFILL_BLOCK = 256  # query rows computed at once when a scorer wants prefill rows
+PREFILL_ELEMENTS = 2**27  # ... fewer when batch x heads x block x kv_len would pass this (512 MiB of float32)
 
 
 class Recorder:
@@ -44,7 +53,31 @@ class Recorder:
         self.seq_len = 0  # length of the whole sequence, the current query included
         self.values: list[torch.Tensor | None] = [None] * num_layers  # each (batch, heads, k) float32
         self.positions: list[torch.Tensor | None] = [None] * num_layers  # each (batch, heads, k) int64
-        self.row_hooks: list = []  # callables (layer, probs) for scorers that need whole rows
+        self.row_hooks: list = []  # callables (layer, probs, offset) for scorers that need whole rows
+        self.prefill_targets: list = []  # (start, end, hook): hook(layer, query_start, probs) for prefill rows
+        self.prefilling = False  # True inside `prefilling(...)`: multi-query passes deliver prefill rows
+
+    def prefill(self, layer, query, key, attention_mask, scaling, softcap, sliding_window) -> None:
+        """Deliver the wanted prefill rows, block by block, to each target's hook.
+
+        The prefill pass starts from an empty cache, so query t of the pass sits at key index (and
+        padded position) kv_len - q_len + t. Each hook gets probs (batch, heads, block, kv_len) for its
+        own query positions [a, b) only, a view of the block being computed; no block is kept.
+        """
+        q_len, kv_len = query.shape[2], key.shape[2]
+        first = kv_len - q_len  # position of this pass's first query
+        lo = max(min(start for start, _, _ in self.prefill_targets), first)
+        hi = min(max(end for _, end, _ in self.prefill_targets), kv_len)
+        block = max(1, min(PREFILL_BLOCK, PREFILL_ELEMENTS // (query.shape[0] * query.shape[1] * kv_len)))
+        for block_start in range(lo, hi, block):
+            block_end = min(block_start + block, hi)
+            index = torch.arange(block_start, block_end, device=query.device)
+            probs = query_probs(query[:, :, block_start - first:block_end - first], key, attention_mask, scaling,
+                                softcap, sliding_window, index)
+            for start, end, hook in self.prefill_targets:
+                a, b = max(start, block_start), min(end, block_end)
+                if a < b:
+                    hook(layer, a, probs[:, :, a - block_start:b - block_start])
 
     def add(self, layer: int, probs: torch.Tensor) -> None:
         """probs: (batch, heads, kv_len) float32, the softmax row of the current query."""
@@ -91,43 +124,69 @@ def recording(recorder: Recorder, seq_len: int):
         _active = None
 
 
-def last_row_probs(
-    query: torch.Tensor,  # (batch, q_heads, 1, dim)
+@contextlib.contextmanager
+def prefilling(recorder: Recorder, targets: list):
+    """Deliver prefill rows to `targets` [(start, end, hook), ...] from the forward pass run inside this block
+    (which must start from an empty cache). Outputs still come from the fast backend."""
+    global _active
+    recorder.prefill_targets, recorder.prefilling = list(targets), True
+    _active = recorder
+    try:
+        yield recorder
+    finally:
+        _active = None
+        recorder.prefill_targets, recorder.prefilling = [], False
+
+
+def query_probs(
+    query: torch.Tensor,  # (batch, q_heads, q, dim): some (or all) of this forward pass's queries
     key: torch.Tensor,  # (batch, kv_heads, kv_len, dim)
     attention_mask: torch.Tensor | None,
     scaling: float,
     softcap: float | None = None,
     sliding_window: int | None = None,
+    query_index: torch.Tensor | None = None,  # (q,) each query's index on the key axis; default: the last q keys
 ) -> torch.Tensor:
-    """Softmax row of the single query over all keys, float32, shape (batch, q_heads, kv_len)."""
-    batch, q_heads, _, dim = query.shape
+    """Softmax rows of the queries over all keys, float32, shape (batch, q_heads, q, kv_len).
+
+    The model's own rule: logits = q.k * scaling, soft-capped, then key j is visible from the query at
+    key index i when j <= i (causal), i - j < sliding_window, and the model's mask allows it (padding).
+    Query head h reads KV head h // group (transformers' repeat_kv order), without copying keys.
+    A query that sees no key at all (a padding row) gets a row of zeros.
+    """
+    batch, q_heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
-    # Query head h reads KV head h // group (transformers' repeat_kv order), without copying keys.
-    grouped_query = query.reshape(batch, kv_heads, group, dim)
-    logits = torch.matmul(grouped_query, key.transpose(-1, -2)).float() * scaling  # (batch, kv_heads, group, kv_len)
+    if query_index is None:
+        query_index = torch.arange(kv_len - q_len, kv_len, device=query.device)
+    grouped_query = query.reshape(batch, kv_heads, group * q_len, dim)
+    logits = torch.matmul(grouped_query, key.transpose(-1, -2)).float() * scaling  # (batch, kv_heads, group*q, kv_len)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    logits = logits.reshape(batch, q_heads, kv_len)
+    logits = logits.reshape(batch, q_heads, q_len, kv_len)
 
-    visible = _visible_keys(attention_mask, batch, kv_len, logits.device)
-    if visible is not None:
-        logits = logits.masked_fill(~visible, float("-inf"))
-    elif attention_mask is not None:  # an additive float mask
-        logits = logits + attention_mask[:, :, -1, -kv_len:].float()
-    if sliding_window is not None and kv_len > sliding_window:
-        # transformers' rule: key j is visible from query i when i - j < sliding_window.
-        logits[..., : kv_len - sliding_window] = float("-inf")
-    return torch.softmax(logits, dim=-1)
+    keys = torch.arange(kv_len, device=logits.device)
+    distance = query_index.to(logits.device)[:, None] - keys[None, :]  # (q, kv_len): i - j
+    visible = distance >= 0
+    if sliding_window is not None:
+        visible = visible & (distance < sliding_window)
+    visible = visible[None, None]  # (1, 1, q, kv_len)
+    if attention_mask is not None and attention_mask.dim() == 4:  # (batch, 1, rows of this pass, >= kv_len)
+        rows = query_index.to(attention_mask.device) - kv_len + attention_mask.shape[-2]
+        mask_rows = attention_mask[:, :, rows, -kv_len:]
+        if mask_rows.dtype == torch.bool:
+            visible = visible & mask_rows.to(logits.device)
+        else:  # an additive float mask
+            logits = logits + mask_rows.to(logits.device).float()
+    elif attention_mask is not None:  # flash-style 2D padding mask (batch, kv_len)
+        visible = visible & attention_mask[:, None, None, -kv_len:].bool().to(logits.device)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
-def _visible_keys(attention_mask, batch, kv_len, device) -> torch.Tensor | None:
-    """Boolean (batch, 1, kv_len) visibility of the last query, or None if the mask is additive or absent."""
-    if attention_mask is None or attention_mask.dtype != torch.bool and attention_mask.dim() == 4:
-        return None
-    if attention_mask.dim() == 4:  # sdpa-style boolean (batch, 1, q_len, kv_len)
-        return attention_mask[:, :, -1, -kv_len:].expand(batch, 1, kv_len)
-    return attention_mask[:, None, -kv_len:].bool().to(device)  # flash-style 2D padding mask (batch, kv_len)
+def last_row_probs(query, key, attention_mask, scaling, softcap=None, sliding_window=None) -> torch.Tensor:
+    """Softmax row of the single (last) query over all keys, float32, shape (batch, q_heads, kv_len)."""
+    return query_probs(query, key, attention_mask, scaling, softcap, sliding_window)[:, :, 0]
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
@@ -151,9 +210,11 @@ def _make_attention(backend):
     def headscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         softcap, sliding_window = kwargs.get("softcap"), kwargs.get("sliding_window")
-        if _active is None or query.shape[2] != 1:
+        if _active is None or _active.prefilling or query.shape[2] != 1:
             fast = eager_attention if softcap is not None else backend
             output, _ = fast(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            if _active is not None and _active.prefilling:
+                _active.prefill(module.layer_idx, query, key, attention_mask, scaling, softcap, sliding_window)
         else:
             probs = last_row_probs(query, key, attention_mask, scaling, softcap, sliding_window)
             _active.add(module.layer_idx, probs)

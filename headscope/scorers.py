@@ -40,12 +40,24 @@ class StepView:
 
 
 class Scorer:
-    """Base class. A scorer states `top_k` (how many positions of each row it reads) and
-    `keep_zeros` (whether a passing sample appends a head's zero score to its list)."""
+    """Base class. A scorer states `top_k` (how many positions of each row it reads; it may set it
+    in `begin` from the batch, the recorder takes the largest of all scorers) and `keep_zeros`
+    (whether a passing sample appends a head's zero score to its list).
+
+    Beyond the top-k view of each decoding step, a scorer may ask for (see decode.py):
+      prefill rows      `prefill_queries()` -> (start, end): the rows of those query positions, in
+                        blocks, through `prefill_rows(layer, query_start, probs)`;
+      a calibration     `calibration_prompt()` -> (input_ids, attention_mask, (start, end)): one more
+      prompt            prompt, only prefilled, its rows going to `calibration_rows(...)`;
+      full step rows    `full_rows = True`: every step's whole rows through `step_rows(layer, probs, offset)`.
+    All probs are float32 softmax rows; prefill blocks are (batch, heads, block, kv_len) over keys
+    0..kv_len-1 (kv_len > the block's last query position; later keys are masked, so zero).
+    """
 
     name = "scorer"
     top_k = 1
     keep_zeros = True
+    full_rows = False
 
     @classmethod
     def from_options(cls, options) -> "Scorer":
@@ -66,6 +78,23 @@ class Scorer:
     def result(self) -> torch.Tensor:
         """(batch, layers, heads) score of each sample."""
         return self.total
+
+    def prefill_queries(self) -> tuple[int, int] | None:
+        """Query positions [start, end) (padded coordinates) whose prefill rows this scorer wants; None: none."""
+        return None
+
+    def prefill_rows(self, layer: int, query_start: int, probs: torch.Tensor) -> None:
+        """probs (batch, heads, block, kv_len): rows of query positions query_start, query_start + 1, ..."""
+
+    def calibration_prompt(self):
+        """(input_ids, attention_mask or None, (start, end)): a prompt prefilled before the real one; None: none."""
+        return None
+
+    def calibration_rows(self, layer: int, query_start: int, probs: torch.Tensor) -> None:
+        """Like prefill_rows, for the calibration prompt."""
+
+    def step_rows(self, layer: int, probs: torch.Tensor, offset: int) -> None:
+        """With full_rows: probs (batch, heads, kv_len), the step's whole rows; key j sits at position offset + j."""
 
 
 def _in_span(positions: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
@@ -145,6 +174,7 @@ def register_scorer(cls: type[Scorer]) -> type[Scorer]:
 
 register_scorer(RetrievalScorer)
 register_scorer(ReasoningScorer)
+from . import field_scorers  # noqa: E402,F401  registers r2, query and the pattern scorers
 
 
 def load_scorer(spec: str, options) -> Scorer:

@@ -213,10 +213,10 @@ def make_config(vocab_size: int, hidden=128, layers=4, heads=8, intermediate=512
         attention_dropout=0.0, hidden_act="silu", initializer_range=0.02)
 
 
-def train(out_dir, seed: int = 0, steps: int = 3000, hidden: int = 128, layers: int = 4,
-          heads: int = 8, intermediate: int = 512, lr: float = 2e-3, warmup: int = 150,
-          tokens_per_step: int = 6144, reasoning_batch: int = 16, max_len: int = 1216,
-          min_len: int = 160, curriculum_frac: float = 0.6, induction_prob: float = 0.1,
+def train(out_dir, seed: int = 0, steps: int = 2600, hidden: int = 128, layers: int = 4,
+          heads: int = 8, intermediate: int = 512, lr: float = 3e-3, warmup: int = 150,
+          tokens_per_step: int = 4096, reasoning_batch: int = 8, max_len: int = 1216,
+          min_len: int = 96, curriculum_frac: float = 0.6, induction_prob: float = 0.1,
           threads: int = 2, log_every: int = 25, time_limit: float | None = None,
           save_every: int = 0, induction_steps: int = 800, induction_batch: int = 32,
           induction_len: int = 64) -> Path:
@@ -331,12 +331,15 @@ def _save(model, tokenizer, out_dir):
 
 def _greedy(model, ids: list[int], max_new: int, stop: set[int], want_attn: bool = False):
     """Greedy decoding with a KV cache; optionally returns each step's attention rows."""
+    import inspect
+
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     x = torch.tensor([ids])
     out, attns, past = [], [], None
     with torch.no_grad():
         for _ in range(max_new):
-            r = model(input_ids=x, past_key_values=past, use_cache=True, output_attentions=want_attn)
-            past = r.past_key_values
+            r = model(input_ids=x, use_cache=True, output_attentions=want_attn, **{cache_kw: past})
+            past = getattr(r, "cache", None) or r.past_key_values
             nxt = int(r.logits[0, -1].argmax())
             if want_attn:  # per layer: (heads, kv_len) for the last query position
                 attns.append([a[0, :, -1].clone() for a in r.attentions])
@@ -444,16 +447,16 @@ def main(argv=None) -> int:
                                  description="Train or evaluate the bundled model organism.")
     ap.add_argument("--out", help="output checkpoint directory")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=2600)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--intermediate", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--tokens-per-step", type=int, default=6144)
-    ap.add_argument("--reasoning-batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--tokens-per-step", type=int, default=4096)
+    ap.add_argument("--reasoning-batch", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=1216)
-    ap.add_argument("--min-len", type=int, default=160)
+    ap.add_argument("--min-len", type=int, default=96)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--curriculum-frac", type=float, default=0.6)
     ap.add_argument("--induction-prob", type=float, default=0.1)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from ..errors import HeadscopeError
-from . import reasoning, retrieval
+from . import pattern, query, reasoning, retrieval
 from .base import Sample
 
 DATA_DIR = resources.files("headscope") / "data"
@@ -18,6 +18,7 @@ class Task:
     default_max_new_tokens: int
     span_overlap_threshold: float  # the original token-overlap rule's threshold when locating the span
     span_required: bool  # True: a span that cannot be located is an error for that sample
+    success_filter: bool = True  # False: every sample counts, whatever the model answers
 
     def build(self, options, tokenizer, max_context: int | None) -> list[Sample]:
         return BUILDERS[self.name](options, tokenizer, max_context)
@@ -26,6 +27,8 @@ class Task:
 TASKS = {
     "retrieval": Task("retrieval", "retrieval", 50, 0.9, True),
     "reasoning": Task("reasoning", "reasoning", 100, 0.8, False),
+    "query": Task("query", "query", 1, 0.8, True, success_filter=False),
+    "pattern": Task("pattern", "induction", 1, 0.9, False, success_filter=False),
 }
 
 
@@ -61,8 +64,20 @@ def _build_reasoning(options, tokenizer, max_context):
                                              chat=options.chat)
 
 
+def _build_query(options, tokenizer, max_context):
+    records = query.load_query_data(options.data or DATA_DIR / "query.jsonl", options.num_samples, options.seed)
+    return query.build_query_samples(tokenizer, records, chat=options.chat)
+
+
+def _build_pattern(options, tokenizer, max_context):
+    return pattern.build_pattern_samples(tokenizer, options.block_length, options.block_repeats,
+                                         options.num_samples or pattern.DEFAULT_SEQUENCES, options.seed)
+
+
 def prompt_template(task: str, chat: bool) -> str:
     """The prompt's shape, for the manifest (the builders assemble it from the same pieces)."""
+    if task == "pattern":
+        return " {w1} ... {wn} {w1} ... {wn} ...  (a block of random words, repeated)"
     if task == "retrieval":
         if chat:
             return retrieval.CHAT_BOOK_PREFIX + "{haystack}" + retrieval.CHAT_BOOK_SUFFIX + "  (as the chat user turn)"
@@ -71,4 +86,5 @@ def prompt_template(task: str, chat: bool) -> str:
     return text + ("  (as the chat user turn)" if chat else "")
 
 
-BUILDERS = {"retrieval": _build_retrieval, "reasoning": _build_reasoning}
+BUILDERS = {"retrieval": _build_retrieval, "reasoning": _build_reasoning, "query": _build_query,
+            "pattern": _build_pattern}

@@ -56,7 +56,11 @@ def _find_real_needle(needle: str, real_needle: str) -> re.Match | None:
 
 
 def load_needles(path) -> list[dict]:
-    """Needles from JSON Lines: one {"needle", "question", "real_needle"} object a line (blank lines skipped)."""
+    """Needles from JSON Lines: one {"needle", "question", "real_needle"} object a line (blank lines skipped).
+
+    An optional "answer" (HeadKV's retrieval-reasoning needles) is the expected response when it is not
+    the real_needle itself: the span stays real_needle, the success metric compares against the answer.
+    """
     path = Path(path)
     if not path.is_file():
         raise HeadscopeError(f"needles file not found: {path}")
@@ -77,7 +81,10 @@ def load_needles(path) -> list[dict]:
                 raise HeadscopeError(f"{path} line {line_no}: field {name!r} {what}")
         if _find_real_needle(record["needle"], record["real_needle"]) is None:
             raise HeadscopeError(f"{path} line {line_no}: real_needle is not part of needle")
-        needles.append({name: record[name] for name in NEEDLE_FIELDS})
+        needle = {name: record[name] for name in NEEDLE_FIELDS}
+        if isinstance(record.get("answer"), str) and record["answer"].strip():
+            needle["answer"] = record["answer"]  # HeadKV's r2 needles: the span is the facts, the answer differs
+        needles.append(needle)
     if not needles:
         raise HeadscopeError(f"needles file {path} has no needles")
     return needles
@@ -303,7 +310,7 @@ def build_retrieval_samples(
                         task="retrieval",
                         prompt=prompt,
                         add_special_tokens=not chat,
-                        answer=needle["real_needle"],
+                        answer=needle.get("answer") or needle["real_needle"],
                         span_text=prompt[span_start:span_end],  # = real_needle, in the needle's own casing
                         span_char=(span_start, span_end),
                         meta={"context_length": length, "depth_percent": depth, "needle_index": i},

@@ -1,0 +1,57 @@
+"""Repeated random tokens, the prompts of the pattern-head scores (previous-token, duplicate-token,
+induction, echo): a block of n random words repeated R times, after the tokenizer's BOS.
+
+Words are drawn from the tokenizer's own vocabulary: tokens whose text, after a space, encodes back to
+exactly that one token, so the prompt " w1 w2 ... wn w1 w2 ..." tokenizes to the repeated block
+(checked for every sequence). The answer is the block's first word, what an induction head predicts
+next; the task has no success filter, every sequence counts.
+"""
+from __future__ import annotations
+
+import random
+
+from headscope.errors import HeadscopeError
+from headscope.tasks.base import Sample
+
+DEFAULT_SEQUENCES = 8
+
+
+def word_pool(tokenizer, size: int, rng: random.Random) -> list[tuple[str, int]]:
+    """Up to `size` (word, token id) pairs: alphabetic tokens that encode back to themselves after a space."""
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(len(tokenizer)) if i not in special]
+    rng.shuffle(ids)
+    pool, seen = [], set()
+    for token_id in ids:
+        word = tokenizer.decode([token_id]).strip()
+        if not word.isalpha() or word in seen:
+            continue
+        if list(tokenizer.encode(" " + word, add_special_tokens=False)) == [token_id]:
+            pool.append((word, token_id))
+            seen.add(word)
+            if len(pool) == size:
+                break
+    return pool
+
+
+def build_pattern_samples(tokenizer, block_length: int = 32, repeats: int = 4, num_sequences: int = DEFAULT_SEQUENCES,
+                          seed: int = 0) -> list[Sample]:
+    if block_length < 2 or repeats < 2 or num_sequences < 1:
+        raise HeadscopeError("pattern needs --block-length >= 2, --repeats >= 2 and at least one sequence")
+    rng = random.Random(seed)
+    pool = word_pool(tokenizer, max(4 * block_length, 256), rng)
+    if len(pool) < block_length:
+        raise HeadscopeError(f"the tokenizer has only {len(pool)} single-token words: use --block-length {len(pool)} "
+                             "or less")
+    samples = []
+    for index in range(num_sequences):
+        block = rng.sample(pool, block_length)  # distinct words: "the earlier occurrence" is unique
+        prompt = " " + " ".join(word for word, _ in block * repeats)
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        expected = [token_id for _, token_id in block] * repeats
+        if ids[len(ids) - len(expected):] != expected or len(ids) - len(expected) > 2:
+            raise HeadscopeError(f"pattern sequence {index}: the words do not tokenize to the repeated block")
+        samples.append(Sample(id=f"p{index}", task="pattern", prompt=prompt, add_special_tokens=True,
+                              answer=block[0][0], span_text=None, span_char=None,
+                              meta={"block_length": block_length, "repeats": repeats, "sequence": index}))
+    return samples
