@@ -8,7 +8,8 @@ token budget (every run writes exactly --new-tokens tokens: no stopping), and pr
   generate  model.generate, greedy, SDPA: what the model costs anyway
   headscope greedy decoding with the recorder and both scorers (retrieval + reasoning)
   eager     the original scripts' way: eager attention with output_attentions at every step and a
-            Python loop over layers and heads with a .item() per value
+            Python loop over layers and heads with a .item() per value (its prefill keeps no attention
+            maps, or it would not fit in memory; that is what benchmarks/memory.py measures)
 """
 from __future__ import annotations
 
@@ -46,7 +47,10 @@ def run_eager_loop(model, prompt, new_tokens):
     scores = [[0.0] * 32 for _ in range(32)]
     ids = prompt[0].tolist()
     with torch.no_grad():
-        out = model(prompt, use_cache=True, output_attentions=True)
+        # The whole prompt's attention maps would not fit (32 x 32 x 2,500^2 floats = 25.6 GB): the prefill
+        # keeps none, and the last prompt token is fed as the first recorded step, as headscope does.
+        out = model(prompt[:, :-1], use_cache=True)
+        out = model(prompt[:, -1:], past_key_values=out.past_key_values, use_cache=True, output_attentions=True)
         for _ in range(new_tokens):
             token = int(out.logits[0, -1].argmax())
             for layer in range(32):

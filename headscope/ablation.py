@@ -74,6 +74,7 @@ def arm_result(rows_per_repeat: list[list[dict]], k: int, heads: list, drawn: bo
     }
     if drawn:  # random heads: one head list per repeat, and the spread over repeats
         result["success_rate_std"] = statistics.pstdev(rate for rate, _ in per_repeat)
+        result["success_rate_per_repeat"] = [rate for rate, _ in per_repeat]
         result["repeats"] = len(rows_per_repeat)
     return result
 

@@ -44,9 +44,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_detect_options(parser: argparse.ArgumentParser, task: str) -> None:
+    from .tasks import TASKS
+
     add_model_options(parser)
     run = parser.add_argument_group("run")
-    run.add_argument("--max-new-tokens", type=int, help=f"default {50 if task == 'retrieval' else 100}")
+    run.add_argument("--max-new-tokens", type=int, help=f"default {TASKS[task].default_max_new_tokens}")
     run.add_argument("--out", default="head_scores", help="output folder (default head_scores/)")
     run.add_argument("--overwrite", action="store_true", help="replace earlier results instead of merging with them")
     run.add_argument("--save-prompts", action="store_true", help="write each prompt into samples.jsonl")

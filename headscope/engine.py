@@ -59,11 +59,11 @@ class DetectOptions:
     fields: dict | None = None
     num_samples: int | None = None
     top_k: int = 5
+    generated_weight: float = 1.0
+    query_weight: float = 0.5
     # pattern
     block_length: int = 32
     block_repeats: int = 4
-    generated_weight: float = 1.0
-    query_weight: float = 0.5
     quiet: bool = False
     append: bool = False  # add this run to a folder that holds a run with other settings
     scorer: str | None = None  # comma-separated scorer names or module:Class (default: the task's own)
@@ -72,7 +72,7 @@ class DetectOptions:
 
 @dataclass
 class DetectResult:
-    heads: dict[str, list[float]]  # every head's list, merged with an earlier file unless overwrite
+    heads: dict[str, list[float]]  # every head's list: all runs in the folder (and a legacy base file)
     summary: dict[str, dict]
     samples: list[dict]  # this run's rows of samples.jsonl
     paths: dict = field(default_factory=dict)

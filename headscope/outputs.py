@@ -10,6 +10,7 @@ scorer other than the task's own):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,19 +44,31 @@ def parse_head_key(key: str) -> tuple[int, int]:
         raise HeadscopeError(f"{key!r} is not a head id of the form LAYER-HEAD (e.g. 13-4)") from None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside `path` to write; on success it replaces `path`, on failure it is removed.
+
+    Readers never see half a file, and a crash leaves at worst a hidden .tmp file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
+        yield temporary
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes files private; results are ordinary files
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as temporary, open(temporary, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def atomic_write_json(path: Path, obj) -> None:

@@ -5,8 +5,6 @@ written to a temporary file that is renamed over the target: never a half-writte
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -19,7 +17,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .analysis import companion, grid_shape, load_summary, mean_matrix, read_samples, top_keys  # noqa: E402
 from .errors import HeadscopeError  # noqa: E402
-from .outputs import parse_head_key  # noqa: E402
+from .outputs import atomic_path, parse_head_key  # noqa: E402
 
 DPI = 100
 HEATMAP_SIZE = (8, 6)  # inches: 800 x 600 pixels
@@ -32,19 +30,12 @@ NIAH_COLORS = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "
 
 def save(figure, path: str | Path) -> Path:
     """Write `figure` as a PNG to `path` atomically and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(temporary, format="png", dpi=DPI)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=DPI)
     finally:
         plt.close(figure)
-    return path
+    return Path(path)
 
 
 def heatmap(summary: dict[str, dict], path, title: str = "", top: int = 10) -> Path:
