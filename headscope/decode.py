@@ -78,8 +78,7 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
     input_ids: (batch, prompt_len); attention_mask: (batch, prompt_len) or None when nothing is padded.
     """
-    batch, prompt_len = input_ids.shape
-    device = input_ids.device
+    prompt_len = input_ids.shape[1]
     num_layers, _ = num_layers_and_heads(model)
     recorder = Recorder(num_layers, max((s.top_k for s in scorers), default=1))  # after begin(): k may depend on the batch
     cache_kw = {_cache_argument(model): DynamicCache(config=model.config), "use_cache": True}
@@ -103,6 +102,18 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if eager_fallback:  # this model's attention is not on the interface: eager rows, decoding steps only
         prefill_attention = model.config._attn_implementation
         model.set_attn_implementation("eager")
+    try:
+        return decode_steps(model, input_ids, positions, mask, padded, recorder, scorers, step_zero_hook,
+                            max_new_tokens, stop, eager_fallback, cache_kw)
+    finally:
+        if eager_fallback:
+            model.set_attn_implementation(prefill_attention)
+
+
+def decode_steps(model, input_ids, positions, mask, padded, recorder, scorers, step_zero_hook, max_new_tokens,
+                 stop, eager_fallback, cache_kw) -> list[list[int]]:
+    """The single-query steps: feed, record, score, stop."""
+    batch, device = input_ids.shape[0], input_ids.device
     next_input = input_ids[:, -1:]
     next_position = positions[:, -1:]
     generated: list[list[int]] = [[] for _ in range(batch)]
@@ -130,8 +141,6 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         next_input = tokens[:, None]
         next_position = next_position + 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    if eager_fallback:
-        model.set_attn_implementation(prefill_attention)
     return generated
 
 
