@@ -18,15 +18,14 @@ import sys
 from tqdm import tqdm
 
 from . import analysis, loading, masking, outputs
-from .decode import StopRule, eos_token_ids, newline_token_ids, num_layers_and_heads
-from .engine import DetectOptions, check_options, prepare_samples, run_batch
+from .decode import num_layers_and_heads
+from .engine import DetectOptions, check_options, prepare_samples, run_batch, stop_rule, use_chat
 from .errors import HeadscopeError
 
 
 def run_arm(loaded, task, options, samples, encoded, max_new_tokens, heads: list[str], mode: str) -> list[dict]:
     """Every sample's row (response, score, passed) with `heads` masked."""
-    stop = StopRule(eos_token_ids(loaded.model, loaded.tokenizer),
-                    newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
+    stop = stop_rule(loaded, options)
     by_layer: dict[int, list[int]] = {}
     for key in heads:
         layer, head = outputs.parse_head_key(key)
@@ -109,8 +108,7 @@ def ablate(task: str, scores: str, top: list[int], random_k: int | None = None, 
         if k < 0 or k > len(all_keys):
             raise HeadscopeError(f"K = {k} is not between 0 and the number of heads ({len(all_keys)})")
     ranking = [key for key, _ in outputs.ranked(summary)]
-    chat = options.chat == "on" or (options.chat == "auto" and bool(getattr(loaded.tokenizer, "chat_template", None)))
-    samples, encoded, max_new_tokens = prepare_samples(task, options, loaded, chat)
+    samples, encoded, max_new_tokens = prepare_samples(task, options, loaded, use_chat(options, loaded.tokenizer))
 
     arms_to_run = [("none", 0, [[]])]
     for k in top:

@@ -125,9 +125,7 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
     scorers = make_scorers(task, options)
     loaded = loaded or loading.load(options.model, options.dtype, options.device, options.attn,
                                     options.trust_remote_code)
-    chat = options.chat == "on" or (options.chat == "auto" and bool(getattr(loaded.tokenizer, "chat_template", None)))
-    if options.chat == "on" and not getattr(loaded.tokenizer, "chat_template", None):
-        raise HeadscopeError("--chat on, but the tokenizer has no chat template")
+    chat = use_chat(options, loaded.tokenizer)
     samples, encoded, max_new_tokens = prepare_samples(task, options, loaded, chat)
 
     shard = parse_shard(options.shard)
@@ -164,6 +162,19 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
     return first
 
 
+def use_chat(options: DetectOptions, tokenizer) -> bool:
+    """--chat on / off, or auto: on when the tokenizer has a chat template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if options.chat == "on" and not has_template:
+        raise HeadscopeError("--chat on, but the tokenizer has no chat template")
+    return options.chat == "on" or (options.chat == "auto" and has_template)
+
+
+def stop_rule(loaded, options: DetectOptions) -> StopRule:
+    return StopRule(eos_token_ids(loaded.model, loaded.tokenizer),
+                    newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
+
+
 def prepare_samples(task, options, loaded, chat):
     """Build the task's samples, tokenise them, locate their spans, and check they fit the model."""
     spec = TASKS[task]
@@ -183,8 +194,7 @@ def prepare_samples(task, options, loaded, chat):
 
 def decode_all(loaded, task, options, samples, encoded, mine, todo, scorers, stores, max_new_tokens, keys):
     """Decode the samples still to do, batch by batch, appending each finished one to every scorer's file."""
-    stop = StopRule(eos_token_ids(loaded.model, loaded.tokenizer),
-                    newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
+    stop = stop_rule(loaded, options)
     primary = stores[scorers[0].name]
     running = RunningTop(keys, store.derive_heads(primary.rows, keys))
     progress = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{task} {loaded.name}", unit="sample",
