@@ -2,7 +2,6 @@
 import json
 
 import matplotlib.image
-import numpy as np
 import pytest
 
 from headscope import plots

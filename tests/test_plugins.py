@@ -1,7 +1,6 @@
 """A scorer defined here, outside the package, runs through the CLI next to the built-in one."""
 import json
 
-import torch
 
 from headscope.cli import main
 from headscope.scorers import Scorer

@@ -221,7 +221,7 @@ def train(out_dir, seed: int = 0, steps: int = 2600, hidden: int = 128, layers: 
           save_every: int = 0, induction_steps: int = 800, induction_batch: int = 32,
           induction_len: int = 64) -> Path:
     """Train the organism from scratch, deterministically from ``seed``; save it to ``out_dir``."""
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
