@@ -85,10 +85,22 @@ def random_heads(all_keys: list[str], excluded: list[str], k: int, seed: int) ->
     return sorted(random.Random(seed).sample(pool, k), key=outputs.parse_head_key)
 
 
-def ablate(task: str, scores: str, top: list[int], random_k: int | None = None, repeats: int = 3,
+def heads_above(summary: dict[str, dict], min_score: float) -> int:
+    """K chosen by the data: how many heads have a mean score of at least ``min_score``.
+
+    Wu et al. (2024) call a head a retrieval head when its retrieval score exceeds 0.1, hence the default."""
+    k = sum(stats["mean"] >= min_score for stats in summary.values())
+    if k == 0:
+        raise HeadscopeError(f"--top auto: no head has a mean score of at least {min_score:g}; give K instead")
+    return k
+
+
+def ablate(task: str, scores: str, top: list[int] | str, random_k: int | None = None, repeats: int = 3,
            mode: str = "uniform", options: DetectOptions | None = None, loaded: loading.LoadedModel | None = None,
-           **overrides) -> dict:
-    """Run the arms and write NAME_TASK_ablation.json (and pictures) in options.out. Returns that object."""
+           min_score: float = 0.1, **overrides) -> dict:
+    """Run the arms and write NAME_TASK_ablation.json (and pictures) in options.out. Returns that object.
+
+    ``top`` is a list of K, or ``"auto"``: K = the heads scoring at least ``min_score`` (see heads_above)."""
     options = dataclasses.replace(options or DetectOptions(), **overrides)
     check_options(task, options)
     if mode not in masking.MODES:
@@ -96,6 +108,8 @@ def ablate(task: str, scores: str, top: list[int], random_k: int | None = None, 
     if repeats < 1:
         raise HeadscopeError("--repeats must be at least 1")
     summary = analysis.load_summary(scores)
+    if top == "auto":
+        top = [heads_above(summary, min_score)]
     loaded = loaded or loading.load(options.model, options.dtype, options.device, options.attn,
                                     options.trust_remote_code)
     num_layers, num_heads = num_layers_and_heads(loaded.model)

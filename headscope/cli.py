@@ -18,6 +18,10 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _top(text: str) -> list[int] | str:
+    return "auto" if text.strip() == "auto" else _ints(text)
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -190,7 +194,7 @@ def run_ablate(args: argparse.Namespace) -> None:
     from .engine import DetectOptions
 
     report = ablate(args.task, args.scores, args.top, args.random, args.repeats, args.mode,
-                    DetectOptions(**detect_options(args)))
+                    DetectOptions(**detect_options(args)), min_score=args.min_score)
     print(format_report(report))
     print(f"wrote {report['path']}")
     for picture in report["pictures"]:
@@ -226,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
         parser_ = ablate_tasks.add_parser(task, help=f"ablation on the {task} task")
         group = parser_.add_argument_group("ablation")
         group.add_argument("--scores", required=True, help="a heads or summary file (NAME_TASK_heads.json)")
-        group.add_argument("--top", type=_ints, required=True, help="K, or a sweep 1,5,10,20")
+        group.add_argument("--top", type=_top, required=True,
+                           help="K, a sweep 1,5,10,20, or auto: the heads scoring at least --min-score")
+        group.add_argument("--min-score", type=float, default=0.1,
+                           help="with --top auto (default 0.1, Wu et al.'s cut for a retrieval head)")
         group.add_argument("--random", type=int, help="K random heads outside the top K (default: the same K; "
                                                       "0: no random arm)")
         group.add_argument("--repeats", type=int, default=3, help="random draws (mean and std are reported)")

@@ -57,13 +57,31 @@ def test_sweep_gives_one_object_per_k_and_a_curve(toy_dir, data_dir, detected, t
     assert (tmp_path / f"{toy_dir.name}_retrieval_ablation_curve.png").exists()
 
 
-@pytest.mark.parametrize("case", ["unknown head", "k too large", "not a score file", "other model"])
+def test_top_auto_takes_the_heads_above_the_cut(toy_dir, data_dir, tmp_path):
+    # a hand-made score file: three heads at or above 0.1, the rest below
+    scores = {f"{layer}-{head}": [0.01] for layer in range(2) for head in range(4)}
+    scores.update({"1-2": [0.9], "0-3": [0.3, 0.1], "1-0": [0.1]})
+    path = tmp_path / "scores.json"
+    path.write_text(json.dumps(scores))
+    assert run(toy_dir, data_dir, tmp_path, path, "--top", "auto", "--repeats", "1") == 0
+    report = json.loads((tmp_path / f"{toy_dir.name}_retrieval_ablation.json").read_text())
+    assert report["top"]["heads"] == ["1-2", "0-3", "1-0"]  # best first
+    assert report["random"]["k"] == 3
+    assert run(toy_dir, data_dir, tmp_path, path, "--top", "auto", "--min-score", "0.5", "--random", "0") == 0
+    report = json.loads((tmp_path / f"{toy_dir.name}_retrieval_ablation.json").read_text())
+    assert report["top"]["heads"] == ["1-2"] and "random" not in report
+
+
+@pytest.mark.parametrize("case", ["unknown head", "no head above the cut", "k too large", "not a score file", "other model"])
 def test_bad_input(case, toy_dir, data_dir, detected, tmp_path, capsys):
     scores = tmp_path / "scores.json"
     top = "2"
     if case == "unknown head":
         scores.write_text(json.dumps({"0-0": [1.0], "99-0": [0.5]}))
         expected = "99-0"
+    elif case == "no head above the cut":
+        scores.write_text(json.dumps({"0-0": [0.05], "1-1": [0.0]}))
+        top, expected = "auto", "no head has a mean score of at least 0.1"
     elif case == "k too large":
         scores = detected.paths["heads"]
         top, expected = "13", "number of heads"

@@ -30,3 +30,15 @@ def test_reasoning_scores_are_real_and_reproducible(tmp_path):
         assert sum(stats["mean"] > 0 for stats in summary.values()) >= 5
         tops.append([key for key, _ in ranked(summary)[:5]])
     assert tops[0] == tops[1]
+
+
+def test_masking_the_retrieval_heads_breaks_retrieval_and_random_heads_do_not(tmp_path):
+    grid = ["--quiet", "--no-plots", "--context-lengths", "300,1200", "--num-depths", "3"]
+    assert main(["detect", "retrieval", "--out", str(tmp_path), *grid]) == 0
+    assert main(["ablate", "retrieval", "--scores", str(tmp_path / "organism_retrieval_heads.json"), "--top", "auto",
+                 "--repeats", "3", "--out", str(tmp_path), *grid]) == 0
+    report = json.loads((tmp_path / "organism_retrieval_ablation.json").read_text())
+    none, top, random_ = (report[arm]["success_rate"] for arm in ("none", "top", "random"))
+    num_heads = len(json.loads((tmp_path / "organism_retrieval_summary.json").read_text()))
+    assert report["top"]["k"] <= num_heads // 5  # a small fraction of the heads chosen by the data
+    assert none >= 0.9 and top <= none - 0.5 and random_ >= none - 0.1, (none, top, random_)

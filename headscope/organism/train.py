@@ -8,6 +8,8 @@ on CPU with dense supervision -- every retrieval sequence hides several needles 
 about several of them, in the exact prompt format of the retrieval detector; every reasoning sequence
 asks one to three multi-hop questions about one context in the exact format of the reasoning detector.
 The haystack length follows a curriculum up to the longest context evaluated (~1,200 tokens).
+Once the induction phase has grown copying heads, every head of every training sequence is ablated with
+probability 0.2 (head dropout, below), so that no single head is critical.
 """
 
 from __future__ import annotations
@@ -213,13 +215,45 @@ def make_config(vocab_size: int, hidden=128, layers=4, heads=8, intermediate=512
         attention_dropout=0.0, hidden_act="silu", initializer_range=0.02)
 
 
-def train(out_dir, seed: int = 0, steps: int = 2600, hidden: int = 128, layers: int = 4,
+# --------------------------------------------------------------------------------------------
+# Head dropout: during training each head is ablated (uniform attention, as `headscope ablate` does)
+# with probability p per sequence, so no single head becomes critical -- the redundancy that real
+# LLMs get from having a thousand heads, and without which random-head ablation of a 32-head model
+# breaks it (DropHead, Zhou et al. 2020).
+# --------------------------------------------------------------------------------------------
+
+_head_drop: dict[str, torch.Tensor | None] = {"mask": None}  # (batch, layers, heads) bool, True = ablated
+HEAD_DROPOUT_ATTENTION = "organism-head-dropout"
+
+
+def _head_dropout_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA, then the dropped heads' outputs replaced by the running mean of their values."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    mask = _head_drop["mask"]
+    if mask is None or query.shape[2] != key.shape[2]:  # only full causal training passes
+        return output, weights
+    dropped = mask[: output.shape[0], module.layer_idx]  # (batch, heads)
+    values = repeat_kv(value, query.shape[1] // value.shape[1]).float()  # (batch, heads, T, dim)
+    counts = torch.arange(1, values.shape[2] + 1, device=values.device, dtype=values.dtype)
+    uniform = (values.cumsum(2) / counts[:, None]).transpose(1, 2)  # (batch, T, heads, dim)
+    return torch.where(dropped[:, None, :, None], uniform.to(output.dtype), output), weights
+
+
+def _register_head_dropout():
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(HEAD_DROPOUT_ATTENTION, _head_dropout_attention)
+
+
+def train(out_dir, seed: int = 0, steps: int = 3000, hidden: int = 128, layers: int = 6,
           heads: int = 8, intermediate: int = 512, lr: float = 3e-3, warmup: int = 150,
           tokens_per_step: int = 4096, reasoning_batch: int = 8, max_len: int = 1216,
           min_len: int = 96, curriculum_frac: float = 0.6, induction_prob: float = 0.1,
           threads: int = 2, log_every: int = 25, time_limit: float | None = None,
-          save_every: int = 0, induction_steps: int = 800, induction_batch: int = 32,
-          induction_len: int = 64) -> Path:
+          save_every: int = 0, induction_steps: int = 1200, induction_batch: int = 32,
+          induction_len: int = 64, head_dropout: float = 0.2) -> Path:
     """Train the organism from scratch, deterministically from ``seed``; save it to ``out_dir``."""
     from transformers import LlamaForCausalLM
 
@@ -232,7 +266,21 @@ def train(out_dir, seed: int = 0, steps: int = 2600, hidden: int = 128, layers: 
     vocab_size = ((len(vocab) + 63) // 64) * 64
     config = make_config(vocab_size, hidden, layers, heads, intermediate)
     config._attn_implementation = "sdpa"
+    if head_dropout:
+        _register_head_dropout()
+        config._attn_implementation = HEAD_DROPOUT_ATTENTION
     model = LlamaForCausalLM(config)
+    drop_rng = torch.Generator().manual_seed(seed)
+
+    def loss_on(batch, drop: bool = True):  # the weighted loss, each sequence with its own dropped heads
+        ids, wt = batch
+        if head_dropout and drop:
+            _head_drop["mask"] = torch.rand(ids.shape[0], layers, heads, generator=drop_rng) < head_dropout
+        try:
+            return weighted_loss(model, ids, wt)
+        finally:
+            _head_drop["mask"] = None
+
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params:,}  vocab {len(vocab)} (padded {vocab_size})", flush=True)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -262,8 +310,8 @@ def train(out_dir, seed: int = 0, steps: int = 2600, hidden: int = 128, layers: 
     for step in range(induction_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        ids, wt = pad_batch([gen.induction(induction_len, 24) for _ in range(induction_batch)])
-        loss, _, acc = weighted_loss(model, ids, wt)
+        # no head dropout yet: it keeps the induction circuit from forming at all
+        loss, _, acc = loss_on(pad_batch([gen.induction(induction_len, 24) for _ in range(induction_batch)]), False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -287,10 +335,8 @@ def train(out_dir, seed: int = 0, steps: int = 2600, hidden: int = 128, layers: 
                 items.append(gen.induction(T))
             else:
                 items.append(gen.retrieval(T))
-        ids, wt = pad_batch(items, T)
-        loss_r, acc_r, acc_i = weighted_loss(model, ids, wt)
-        ids, wt = pad_batch([gen.reasoning() for _ in range(reasoning_batch)])
-        loss_q, acc_q, _ = weighted_loss(model, ids, wt)
+        loss_r, acc_r, acc_i = loss_on(pad_batch(items, T))
+        loss_q, acc_q, _ = loss_on(pad_batch([gen.reasoning() for _ in range(reasoning_batch)]))
         loss = loss_r + loss_q
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -319,8 +365,10 @@ def _save(model, tokenizer, out_dir):
     model.generation_config = GenerationConfig(
         bos_token_id=BOS, eos_token_id=[EOS, NEWLINE_ID], pad_token_id=PAD, do_sample=False,
         max_new_tokens=50)
-    model.config._attn_implementation = "sdpa"
+    training_attention = model.config._attn_implementation
+    model.config._attn_implementation = "sdpa"  # the saved model needs nothing of the training code
     model.save_pretrained(out_dir, safe_serialization=True)
+    model.config._attn_implementation = training_attention
     tokenizer.save_pretrained(out_dir)
 
 
@@ -447,9 +495,9 @@ def main(argv=None) -> int:
                                  description="Train or evaluate the bundled model organism.")
     ap.add_argument("--out", help="output checkpoint directory")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=2600)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--intermediate", type=int, default=512)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -460,7 +508,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--curriculum-frac", type=float, default=0.6)
     ap.add_argument("--induction-prob", type=float, default=0.1)
-    ap.add_argument("--induction-steps", type=int, default=800)
+    ap.add_argument("--induction-steps", type=int, default=1200)
+    ap.add_argument("--head-dropout", type=float, default=0.2,
+                    help="probability that a head is ablated (uniform attention) in a training sequence")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     ap.add_argument("--save-every", type=int, default=0)
@@ -481,7 +531,7 @@ def main(argv=None) -> int:
           max_len=args.max_len, min_len=args.min_len, warmup=args.warmup,
           curriculum_frac=args.curriculum_frac, induction_prob=args.induction_prob,
           induction_steps=args.induction_steps, threads=args.threads, time_limit=args.time_limit,
-          save_every=args.save_every)
+          save_every=args.save_every, head_dropout=args.head_dropout)
     return 0
 
 
