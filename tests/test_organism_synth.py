@@ -146,3 +146,33 @@ def test_training_is_deterministic(tmp_path):
     b = load_file(org_train.train(tmp_path / "b", **kw) / "model.safetensors")
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_head_dropout_in_training_is_the_uniform_ablation_of_headscope_ablate():
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import headscope.recorder  # noqa: F401  (registers the "headscope" attention function)
+    from headscope import masking
+
+    org_train._register_head_dropout()
+    config = org_train.make_config(576, layers=2, heads=4)
+    config._attn_implementation = org_train.HEAD_DROPOUT_ATTENTION
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(5, 500, (2, 24))
+    dropped = torch.zeros(2, 2, 4, dtype=torch.bool)
+    dropped[1, 1, 2] = True  # sequence 1 loses head 2 of layer 1; sequence 0 loses nothing
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        org_train._head_drop["mask"] = dropped
+        try:
+            trained = model(input_ids=ids).logits
+        finally:
+            org_train._head_drop["mask"] = None
+        model.set_attn_implementation("headscope")
+        with masking.ablating({1: [2]}, "uniform"):
+            ablated = model(input_ids=ids[1:]).logits
+    assert torch.equal(trained[0], plain[0])
+    assert (trained[1] - plain[1]).abs().max() > 1e-4
+    torch.testing.assert_close(trained[1:], ablated, atol=1e-5, rtol=0)
