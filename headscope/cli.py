@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("headscope: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `headscope show FILE | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit
+        return 141
     return 0
 
 

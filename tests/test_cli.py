@@ -115,3 +115,15 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_output_piped_into_head_stops_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    scores = tmp_path / "big_heads.json"  # a table larger than a pipe's buffer
+    scores.write_text(json.dumps({f"{layer}-{head}": [layer + head / 100] for layer in range(64) for head in range(64)}))
+    result = subprocess.run(f"{sys.executable} -m headscope show {scores} --top 5000 | head -n 1", shell=True,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["layer", "head", "mean", "std", "count"]
+    assert result.stderr == ""
