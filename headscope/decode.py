@@ -59,9 +59,19 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     # transformers 5 renames `past_key_values` to `cache`; accept whichever this version has.
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def fresh_cache(model) -> dict:
+    """The forward keyword arguments of a new, empty KV cache."""
+    return {cache_argument(model): DynamicCache(config=model.config), "use_cache": True}
+
+
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Left padding: positions count real tokens only, as generate() does."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def num_layers_and_heads(model) -> tuple[int, int]:
@@ -81,23 +91,24 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     prompt_len = input_ids.shape[1]
     num_layers, _ = num_layers_and_heads(model)
     recorder = Recorder(num_layers, max((s.top_k for s in scorers), default=1))  # after begin(): k may depend on the batch
-    cache_kw = {_cache_argument(model): DynamicCache(config=model.config), "use_cache": True}
+    cache_kw = fresh_cache(model)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    # Left padding: positions count real tokens only, as generate() does.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = positions_of(mask)
     padded = attention_mask is not None and not bool(mask.all())
 
     targets = prefill_targets(scorers, prompt_len)
-    if eager_fallback and (targets or any(s.calibration_prompt() is not None for s in scorers)):
+    calibrations = [(scorer, prompt) for scorer in scorers if (prompt := scorer.calibration_prompt()) is not None]
+    if eager_fallback and (targets or calibrations):
         raise HeadscopeError("a scorer needs prefill rows, but this model's attention is not on transformers' "
                              "attention interface")
-    run_calibration_prompts(model, recorder, scorers)
+    run_calibration_prompts(model, recorder, calibrations)
     if prompt_len > 1:
         with prefilling(recorder, targets) if targets else contextlib.nullcontext():
             model(input_ids[:, :-1], attention_mask=mask[:, :-1] if padded else None,
                   position_ids=positions[:, :-1], logits_to_keep=1, **cache_kw)
     step_zero_hook = last_prompt_row_hook(targets, prompt_len)
-    recorder.row_hooks.append(step_zero_hook)
+    if step_zero_hook is not None:
+        recorder.row_hooks.append(step_zero_hook)
     recorder.row_hooks.extend(s.step_rows for s in scorers if s.full_rows)
     if eager_fallback:  # this model's attention is not on the interface: eager rows, decoding steps only
         prefill_attention = model.config._attn_implementation
@@ -118,7 +129,7 @@ def decode_steps(model, input_ids, positions, mask, padded, recorder, scorers, s
     next_position = positions[:, -1:]
     generated: list[list[int]] = [[] for _ in range(batch)]
     active = torch.ones(batch, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         with recording(recorder, seq_len=mask.shape[1]):
             output = model(next_input, attention_mask=mask if padded else None, position_ids=next_position,
                            output_attentions=eager_fallback, **cache_kw)
@@ -126,7 +137,7 @@ def decode_steps(model, input_ids, positions, mask, padded, recorder, scorers, s
             recorder.add_eager_attentions(output.attentions)
         tokens = output.logits[:, -1].argmax(-1)  # (batch,)
         values, top_positions = recorder.take(device)
-        if step_zero_hook in recorder.row_hooks:
+        if step == 0 and step_zero_hook is not None:  # the last prompt row is handed over once
             recorder.row_hooks.remove(step_zero_hook)
         view = StepView(values=values, positions=top_positions, tokens=tokens, active=active.clone())
         for scorer in scorers:
@@ -157,28 +168,24 @@ def prefill_targets(scorers: list[Scorer], prompt_len: int) -> list[tuple[int, i
 
 
 def last_prompt_row_hook(targets, prompt_len: int):
-    """A row hook for step 0: hands the last prompt position's row to the targets that want it."""
+    """A row hook for step 0 that hands the last prompt position's row to the targets that want it; None if none does."""
     wanting = [hook for start, end, hook in targets if start <= prompt_len - 1 < end]
+    if not wanting:
+        return None
 
     def hook(layer, probs, offset):
-        if wanting:
-            row = probs.new_zeros(*probs.shape[:2], 1, offset + probs.shape[-1])  # keys from position 0
-            row[:, :, 0, offset:] = probs
-            for deliver in wanting:
-                deliver(layer, prompt_len - 1, row)
+        row = probs.new_zeros(*probs.shape[:2], 1, offset + probs.shape[-1])  # keys from position 0
+        row[:, :, 0, offset:] = probs
+        for deliver in wanting:
+            deliver(layer, prompt_len - 1, row)
 
     return hook
 
 
-def run_calibration_prompts(model, recorder: Recorder, scorers: list[Scorer]) -> None:
-    """Prefill each scorer's calibration prompt in a throw-away cache, its rows going to calibration_rows."""
-    for scorer in scorers:
-        prompt = scorer.calibration_prompt()
-        if prompt is None:
-            continue
-        input_ids, attention_mask, (start, end) = prompt
+def run_calibration_prompts(model, recorder: Recorder, calibrations: list) -> None:
+    """Prefill each (scorer, calibration prompt) in a throw-away cache, its rows going to calibration_rows."""
+    for scorer, (input_ids, attention_mask, (start, end)) in calibrations:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache_kw = {_cache_argument(model): DynamicCache(config=model.config), "use_cache": True}
         with prefilling(recorder, [(start, end, scorer.calibration_rows)]):
-            model(input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1, **cache_kw)
+            model(input_ids, attention_mask=attention_mask, position_ids=positions_of(mask), logits_to_keep=1,
+                  **fresh_cache(model))

@@ -310,7 +310,7 @@ def train(out_dir, seed: int = 0, steps: int = 3000, hidden: int = 128, layers: 
     for step in range(induction_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        # no head dropout yet: it keeps the induction circuit from forming at all
+        # no head dropout yet: with it, the induction circuit did not form in these steps
         loss, _, acc = loss_on(pad_batch([gen.induction(induction_len, 24) for _ in range(induction_batch)]), False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -379,9 +379,9 @@ def _save(model, tokenizer, out_dir):
 
 def _greedy(model, ids: list[int], max_new: int, stop: set[int], want_attn: bool = False):
     """Greedy decoding with a KV cache; optionally returns each step's attention rows."""
-    import inspect
+    from ..decode import cache_argument
 
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = cache_argument(model)
     x = torch.tensor([ids])
     out, attns, past = [], [], None
     with torch.no_grad():
