@@ -17,7 +17,7 @@ import sys
 
 from tqdm import tqdm
 
-from . import analysis, loading, masking, outputs
+from . import check, analysis, loading, masking, outputs
 from .decode import num_layers_and_heads
 from .engine import DetectOptions, check_options, prepare_samples, run_batch, stop_rule, use_chat
 from .errors import HeadscopeError
@@ -112,6 +112,11 @@ def ablate(task: str, scores: str, top: list[int] | str, random_k: int | None = 
         top = [heads_above(summary, min_score)]
     loaded = loaded or loading.load(options.model, options.dtype, options.device, options.attn,
                                     options.trust_remote_code)
+    if loaded.eager_fallback:  # masking lives in headscope's attention function: it would be a silent no-op
+        raise HeadscopeError(f"{type(loaded.model).__name__} does not use transformers' attention interface, so "
+                             "headscope cannot mask its heads")
+    if options.check:
+        check.require(loaded, "ablate", need_ablation=True)
     num_layers, num_heads = num_layers_and_heads(loaded.model)
     all_keys = [outputs.head_key(layer, head) for layer in range(num_layers) for head in range(num_heads)]
     unknown = sorted(set(summary) - set(all_keys), key=outputs.parse_head_key)

@@ -1,4 +1,4 @@
-"""headscope's command line: `headscope detect retrieval|reasoning ...`, `headscope organism train ...`."""
+"""headscope's command line: `headscope detect|ablate|check|show|compare|plot|export|merge|organism ...`."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +71,8 @@ def add_detect_options(parser: argparse.ArgumentParser, task: str) -> None:
     run.add_argument("--scorer", help="comma-separated scorers to run in one pass (registered names or "
                                       "module:Class); default: the task's own. Each writes NAME_TASK_SCORER_* files")
     run.add_argument("--shard", help="I/N: run every N-th sample from the I-th; join shards with `headscope merge`")
+    run.add_argument("--no-check", dest="check", action="store_false",
+                     help="skip the exactness check (`headscope check`) run on the model before the run")
     grid = parser.add_argument_group("context lengths")
     grid.add_argument("--context-lengths", type=_ints, help="e.g. 1000,2000,4000")
     grid.add_argument("--min-length", type=int, help="default 1000 (organism: 300)")
@@ -150,8 +152,10 @@ def distributed_detect(task, options):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if options.shard is not None:
         raise HeadscopeError("--shard is set by torchrun's ranks: leave it out")
-    if torch.cuda.is_available() and options.device == "auto":
+    if torch.cuda.is_available() and options.device in ("auto", "cuda"):  # each rank on its own GPU
         options.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if options.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(options.device))  # before NCCL: object collectives use this GPU
     dist.init_process_group("nccl" if options.device.startswith("cuda") else "gloo")
     try:
         options.shard = f"{rank}/{world}"
@@ -201,6 +205,23 @@ def run_ablate(args: argparse.Namespace) -> None:
         print(f"wrote {picture}")
 
 
+def run_check(args: argparse.Namespace) -> int:
+    from .check import run_check as check_model
+    from .loading import load
+
+    loaded = load(args.model, args.dtype, args.device, args.attn, args.trust_remote_code)
+    report = check_model(loaded, args.prompt_tokens, args.steps)
+    print(f"model {loaded.path}  dtype {str(loaded.model.dtype).removeprefix('torch.')}  device {loaded.device}  "
+          f"attention {loaded.attention}  prompt {args.prompt_tokens} tokens, {args.steps} steps")
+    print(report.table())
+    if report.passed:
+        print("verdict: PASS: headscope's rows, tokens and masking are exact on this model with these settings")
+        return 0
+    failing = ", ".join(figure.name for figure in report.failing())
+    print(f"verdict: FAIL ({failing}): do not trust headscope's scores on this model with these settings")
+    return 1
+
+
 def run_merge(args: argparse.Namespace) -> None:
     from .store import merge
 
@@ -239,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--repeats", type=int, default=3, help="random draws (mean and std are reported)")
         group.add_argument("--mode", default="uniform", choices=["uniform", "zero", "mean"])
         add_detect_options(parser_, task)
+    check = commands.add_parser("check", help="prove on your model and settings that headscope is exact (exit 0) "
+                                              "or show where it is not (exit 1)")
+    add_model_options(check)
+    check.add_argument("--prompt-tokens", type=int, default=256, help="length of the test prompt (default 256)")
+    check.add_argument("--steps", type=int, default=8, help="decoding steps compared (default 8)")
     merge = commands.add_parser("merge", help="merge the shard files of `detect --shard I/N` runs")
     merge.add_argument("dirs", nargs="+", help="folders holding *_samples.shard-I-of-N.jsonl files")
     merge.add_argument("--out", help="where to write the merged files (default: the first folder)")
@@ -265,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             run_merge(args)
         elif args.command == "ablate":
             run_ablate(args)
+        elif args.command == "check":
+            return run_check(args)
         elif hasattr(args, "handler"):
             args.handler(args)
         elif args.command == "organism":

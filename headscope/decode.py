@@ -43,12 +43,9 @@ class StopRule:
 
 
 def newline_token_ids(tokenizer) -> set[int]:
-    """Ids of tokens whose text is only whitespace with a newline in it ("\\n", "\\n\\n", "<0x0A>", "Ċ")."""
-    ids = set()
-    for token, index in tokenizer.get_vocab().items():
-        if token in ("\n", "<0x0A>", "Ċ", "ĊĊ") or ("\n" in token and not token.strip()):
-            ids.add(index)
-    return ids
+    """Ids of tokens whose decoded text contains a newline ("\\n", "<0x0A>", byte-level "Ċ", "ĊĊĊ", "ĠĊ", ".\\n", ...)."""
+    texts = tokenizer.batch_decode([[index] for index in range(len(tokenizer))])
+    return {index for index, text in enumerate(texts) if "\n" in text}
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -128,7 +125,7 @@ def decode_steps(model, input_ids, positions, mask, padded, recorder, scorers, s
     next_input = input_ids[:, -1:]
     next_position = positions[:, -1:]
     generated: list[list[int]] = [[] for _ in range(batch)]
-    active = torch.ones(batch, dtype=torch.bool, device=device)
+    active = [True] * batch  # on the host: the stopping rule reads it without a device sync
     for step in range(max_new_tokens):
         with recording(recorder, seq_len=mask.shape[1]):
             output = model(next_input, attention_mask=mask if padded else None, position_ids=next_position,
@@ -139,15 +136,15 @@ def decode_steps(model, input_ids, positions, mask, padded, recorder, scorers, s
         values, top_positions = recorder.take(device)
         if step == 0 and step_zero_hook is not None:  # the last prompt row is handed over once
             recorder.row_hooks.remove(step_zero_hook)
-        view = StepView(values=values, positions=top_positions, tokens=tokens, active=active.clone())
+        view = StepView(values=values, positions=top_positions, tokens=tokens,
+                        active=torch.tensor(active, device=device))  # a copy to the device, not a sync
         for scorer in scorers:
             scorer.step(view)
-        for i, token in enumerate(tokens.tolist()):  # one host sync per step, for the stopping rule
+        for i, token in enumerate(tokens.tolist()):  # the step's one host sync, for the stopping rule
             if active[i]:
                 generated[i].append(token)
-                if stop.stops(token):
-                    active[i] = False
-        if not active.any():
+                active[i] = not stop.stops(token)
+        if not any(active):
             break
         next_input = tokens[:, None]
         next_position = next_position + 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from . import loading, outputs, store
+from . import check, loading, outputs, store
 from .decode import StopRule, eos_token_ids, greedy_decode, newline_token_ids, num_layers_and_heads
 from .errors import HeadscopeError
 from .metrics import METRICS, score_response
@@ -68,6 +68,7 @@ class DetectOptions:
     append: bool = False  # add this run to a folder that holds a run with other settings
     scorer: str | None = None  # comma-separated scorer names or module:Class (default: the task's own)
     shard: str | None = None  # "I/N": run every N-th sample from the I-th (merge the shards with `headscope merge`)
+    check: bool = True  # run `headscope check`'s figures on the model before the run, and refuse if it fails
 
 
 @dataclass
@@ -125,8 +126,11 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
     scorers = make_scorers(task, options)
     loaded = loaded or loading.load(options.model, options.dtype, options.device, options.attn,
                                     options.trust_remote_code)
+    if options.check:
+        check.require(loaded, "detect", need_ablation=False)
     chat = use_chat(options, loaded.tokenizer)
-    samples, encoded, max_new_tokens = prepare_samples(task, options, loaded, chat)
+    samples = build_samples(task, options, loaded, chat)
+    max_new_tokens = options.max_new_tokens or TASKS[task].default_max_new_tokens
 
     shard = parse_shard(options.shard)
     mine = [index for index in range(len(samples)) if shard is None or index % shard[1] == shard[0]]
@@ -141,6 +145,7 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
         todo = [i for i in mine if any(samples[i].id not in runs.done for runs in stores.values())]
         if options.append and not todo:
             raise HeadscopeError(f"this run ({run}) is already complete in {options.out}: nothing to append")
+        encoded = encode_samples(task, samples, todo, loaded, max_new_tokens)  # this shard's, still to do
         info = manifest(task, options, loaded, chat, started, run, keys, shard)
         for scorer in scorers:
             outputs.atomic_write_json(stores[scorer.name].paths["manifest"], info | {"scorer": scorer.name})
@@ -175,21 +180,36 @@ def stop_rule(loaded, options: DetectOptions) -> StopRule:
                     newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
 
 
-def prepare_samples(task, options, loaded, chat):
-    """Build the task's samples, tokenise them, locate their spans, and check they fit the model."""
-    spec = TASKS[task]
-    samples = spec.build(dataclasses.replace(options, chat=chat), loaded.tokenizer, loaded.max_context)
+def build_samples(task, options, loaded, chat) -> list:
+    """The task's samples (prompt texts and spans), not yet tokenised."""
+    samples = TASKS[task].build(dataclasses.replace(options, chat=chat), loaded.tokenizer, loaded.max_context)
     if not samples:
         raise HeadscopeError("the task produced no samples: check the data and the grid options")
-    encoded = [encode_with_span(loaded.tokenizer, sample, spec.span_overlap_threshold) for sample in samples]
-    max_new_tokens = options.max_new_tokens or spec.default_max_new_tokens
-    for sample, prompt in zip(samples, encoded):
+    return samples
+
+
+def encode_samples(task, samples, indices, loaded, max_new_tokens) -> dict:
+    """{index: encoded prompt} for the samples at `indices` (a shard's, still to do: never the whole grid on
+    every rank); checks that each fits the model's context."""
+    encoded = {}
+    for index in indices:
+        sample = samples[index]
+        prompt = encode_with_span(loaded.tokenizer, sample, TASKS[task].span_overlap_threshold)
         if loaded.max_context and len(prompt.input_ids) + max_new_tokens > loaded.max_context:
             raise HeadscopeError(f"sample {sample.id}: {len(prompt.input_ids)} prompt tokens + {max_new_tokens} new "
                                  f"tokens exceed the model's maximum context of {loaded.max_context}")
         if len(prompt.input_ids) == 0:
             raise HeadscopeError(f"sample {sample.id}: the prompt is empty")
-    return samples, encoded, max_new_tokens
+        encoded[index] = prompt
+    return encoded
+
+
+def prepare_samples(task, options, loaded, chat):
+    """Every sample of the task, tokenised: (samples, encoded prompts, max_new_tokens). For ablation's arms."""
+    samples = build_samples(task, options, loaded, chat)
+    max_new_tokens = options.max_new_tokens or TASKS[task].default_max_new_tokens
+    encoded = encode_samples(task, samples, range(len(samples)), loaded, max_new_tokens)
+    return samples, [encoded[index] for index in range(len(samples))], max_new_tokens
 
 
 def decode_all(loaded, task, options, samples, encoded, mine, todo, scorers, stores, max_new_tokens, keys):

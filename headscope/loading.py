@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers
@@ -23,6 +23,7 @@ class LoadedModel:
     path: str
     eager_fallback: bool  # attention not on the interface: eager rows on decoding steps
     attention: str  # what computes attention: "headscope+sdpa", "headscope+flash_attention_2" or "eager"
+    checked: set = field(default_factory=set)  # what `check.require` has proven on this model: "detect", "ablate"
 
     @property
     def max_context(self) -> int | None:

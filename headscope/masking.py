@@ -7,8 +7,7 @@ Modes, for each masked head h of a layer (its output o_h at query position i, ke
   mean     the head's output is its mean over the prompt:     o_h[i] = mean_{t in prompt} o_h[t]
            (the mean is taken on the prefill and reused on every decoding step)
 
-Uniform outputs are computed in blocks of query positions, so memory stays
-O(block x context) per masked head whatever the context length.
+Uniform outputs come from prefix sums over the keys: O(context) time and memory per masked head.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import contextlib
 import torch
 
 MODES = ("uniform", "zero", "mean")
-QUERY_BLOCK = 512
 
 _ablation: "Ablation | None" = None
 
@@ -42,6 +40,11 @@ def ablating(heads: dict[int, list[int]], mode: str = "uniform"):
         _ablation = None
 
 
+def active() -> bool:
+    """Whether an ablation is in force (the forward pass in flight masks heads)."""
+    return _ablation is not None
+
+
 def apply(layer: int, output: torch.Tensor, value: torch.Tensor, attention_mask, sliding_window) -> torch.Tensor:
     """output: (batch, q_len, q_heads, dim) from the attention backend; value: (batch, kv_heads, kv_len, dim)."""
     if _ablation is None or layer not in _ablation.heads:
@@ -63,32 +66,34 @@ def apply(layer: int, output: torch.Tensor, value: torch.Tensor, attention_mask,
 
 
 def uniform_output(value, heads, q_heads, q_len, attention_mask, sliding_window) -> torch.Tensor:
-    """(batch, q_len, len(heads), dim): each masked head's mean of the values visible from each query."""
+    """(batch, q_len, len(heads), dim): each masked head's mean of the values visible from each query.
+
+    The keys a query at key index i sees are the real (non-padding) ones among [max(0, i - window + 1), i], so
+    with prefix sums S[j] = sum_{t < j} valid[t] v[t] and N[j] = sum_{t < j} valid[t] the mean is
+    (S[i + 1] - S[lo]) / (N[i + 1] - N[lo]): O(kv_len) per head whatever the number of queries.
+    Sums are float64: a difference of two long prefix sums keeps its precision.
+    """
     batch, kv_heads, kv_len, dim = value.shape
     kv_of_head = torch.tensor(heads, device=value.device) // (q_heads // kv_heads)  # repeat_kv order
-    head_values = value[:, kv_of_head].float()  # (batch, masked heads, kv_len, dim)
-    key_positions = torch.arange(kv_len, device=value.device)
-    blocks = []
-    for start in range(0, q_len, QUERY_BLOCK):
-        end = min(start + QUERY_BLOCK, q_len)
-        query_positions = torch.arange(start, end, device=value.device) + (kv_len - q_len)  # queries are the last
-        visible = _visible(attention_mask, query_positions, key_positions, start, end, sliding_window)
-        weights = visible.float() / visible.sum(-1, keepdim=True).clamp(min=1)  # (batch or 1, 1, block, kv_len)
-        blocks.append(torch.matmul(weights, head_values))  # (batch, masked heads, block, dim)
-    return torch.cat(blocks, dim=2).transpose(1, 2)
+    valid = _key_validity(attention_mask, batch, kv_len, value.device)  # (batch, kv_len) float64
+    head_values = value[:, kv_of_head].double() * valid[:, None, :, None]  # (batch, masked heads, kv_len, dim)
+    sums = torch.nn.functional.pad(head_values.cumsum(2), (0, 0, 1, 0))  # (batch, masked heads, kv_len + 1, dim)
+    counts = torch.nn.functional.pad(valid.cumsum(1), (1, 0))  # (batch, kv_len + 1)
+    end = torch.arange(kv_len - q_len + 1, kv_len + 1, device=value.device)  # queries are the last q_len keys
+    start = (end - sliding_window).clamp(min=0) if sliding_window is not None else torch.zeros_like(end)
+    totals = sums[:, :, end] - sums[:, :, start]  # (batch, masked heads, q_len, dim)
+    count = (counts[:, end] - counts[:, start]).clamp(min=1)  # (batch, q_len); a padding query sees nothing: 0
+    return (totals / count[:, None, :, None]).transpose(1, 2)
 
 
-def _visible(attention_mask, query_positions, key_positions, start, end, sliding_window) -> torch.Tensor:
-    if attention_mask is not None and attention_mask.dim() == 4:  # a materialised mask already says it all
-        mask = attention_mask[:, :, start:end, -len(key_positions):]
-        return mask if mask.dtype == torch.bool else mask == 0
-    visible = key_positions[None, :] <= query_positions[:, None]
-    if sliding_window is not None:
-        visible &= query_positions[:, None] - key_positions[None, :] < sliding_window
-    visible = visible[None, None]
-    if attention_mask is not None:  # a 2D padding mask (batch, kv_len)
-        visible = visible & attention_mask[:, None, None, -len(key_positions):].bool()
-    return visible
+def _key_validity(attention_mask, batch, kv_len, device) -> torch.Tensor:
+    """(batch, kv_len) 1.0 for real keys, 0.0 for padding, from a 2D padding mask or a 4D mask (any row sees it)."""
+    if attention_mask is None:
+        return torch.ones(batch, kv_len, dtype=torch.float64, device=device)
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -kv_len:].to(device, torch.float64)
+    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    return mask[:, 0, :, -kv_len:].any(-2).to(device, torch.float64).expand(batch, kv_len)
 
 
 def _query_validity(attention_mask, output, kv_len) -> torch.Tensor:

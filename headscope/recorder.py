@@ -2,11 +2,14 @@
 
 headscope registers one attention function with transformers' `AttentionInterface`. On a
 recorded decoding step (one query position) it computes, for every head, the softmax row of
-that query over all cached keys in float32 -- with the model's own scaling, mask (causal,
-sliding window, padding), logit soft-capping and grouped-query mapping -- and the layer's
-output from those same probabilities, so attention runs once. On every other call (the
-prefill, or when nothing is being recorded) it hands the call to a fast backend (SDPA or
-flash-attention), so memory stays linear in the context.
+that query over all cached keys in float32 (q.k taken in float32 whatever the model's dtype) --
+with the model's own scaling, mask (causal, sliding window, padding), logit soft-capping,
+attention sinks and grouped-query mapping -- and the layer's output from those same
+probabilities, so attention runs once. On every other call (the prefill, or when nothing is
+being recorded) it hands the call to a fast backend (SDPA or flash-attention), so memory stays
+linear in the context; what those backends cannot compute (soft-capping, sinks) runs through
+headscope's own block-wise attention, exact and linear in memory too. Any keyword argument
+that would change the maths and is not implemented is refused by name (`model_rule`).
 
 A row is never kept: it is reduced on the spot to its top-k (value, position) pairs,
 k being the largest any scorer asked for. That is all the retrieval and reasoning scores
@@ -28,6 +31,7 @@ The same function ablates heads when asked to (masking.py), on the prefill and e
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -35,6 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
 from . import masking
+from .errors import HeadscopeError
 
 ATTN_SDPA = "headscope"  # no "sdpa" in the name: transformers would then check SDPA support
 ATTN_FLASH = "headscope-fa"
@@ -57,23 +62,17 @@ class Recorder:
         self.prefill_targets: list = []  # (start, end, hook): hook(layer, query_start, probs) for prefill rows
         self.prefilling = False  # True inside `prefilling(...)`: multi-query passes deliver prefill rows
 
-    def prefill(self, layer, query, key, attention_mask, scaling, softcap, sliding_window) -> None:
+    def prefill(self, layer, query, key, attention_mask, rule: "Rule") -> None:
         """Deliver the wanted prefill rows, block by block, to each target's hook.
 
         The prefill pass starts from an empty cache, so query t of the pass sits at key index (and
         padded position) kv_len - q_len + t. Each hook gets probs (batch, heads, block, kv_len) for its
         own query positions [a, b) only, a view of the block being computed; no block is kept.
         """
-        q_len, kv_len = query.shape[2], key.shape[2]
-        first = kv_len - q_len  # position of this pass's first query
-        lo = max(min(start for start, _, _ in self.prefill_targets), first)
-        hi = min(max(end for _, end, _ in self.prefill_targets), kv_len)
-        block = max(1, min(PREFILL_BLOCK, PREFILL_ELEMENTS // (query.shape[0] * query.shape[1] * kv_len)))
-        for block_start in range(lo, hi, block):
-            block_end = min(block_start + block, hi)
-            index = torch.arange(block_start, block_end, device=query.device)
-            probs = query_probs(query[:, :, block_start - first:block_end - first], key, attention_mask, scaling,
-                                softcap, sliding_window, index)
+        lo = min(start for start, _, _ in self.prefill_targets)
+        hi = max(end for _, end, _ in self.prefill_targets)
+        for block_start, probs in row_blocks(query, key, attention_mask, rule, lo, hi):
+            block_end = block_start + probs.shape[2]
             for start, end, hook in self.prefill_targets:
                 a, b = max(start, block_start), min(end, block_end)
                 if a < b:
@@ -138,21 +137,65 @@ def prefilling(recorder: Recorder, targets: list):
         recorder.prefill_targets, recorder.prefilling = [], False
 
 
+@dataclass(frozen=True)
+class Rule:
+    """The model's own attention maths for one layer, as transformers hands it to the attention function."""
+
+    scaling: float
+    softcap: float | None = None  # logits -> tanh(logits / softcap) * softcap (Gemma 2)
+    sliding_window: int | None = None  # key j visible from query i only when i - j < sliding_window
+    sinks: torch.Tensor | None = None  # (q_heads,) one extra logit per head in the softmax's denominator (GPT-OSS)
+
+    @property
+    def needs_exact(self) -> bool:
+        """SDPA and flash-attention cannot compute this layer: headscope's own block-wise attention does."""
+        return self.softcap is not None or self.sinks is not None
+
+
+# Keyword arguments transformers' models pass to attention functions. Those that change the maths are
+# implemented (Rule, plus dropout and is_causal, which must be the inference values); those below do
+# not change it; anything else is refused by name, never ignored.
+NO_EFFECT = {"position_ids", "use_cache", "output_attentions", "output_router_logits", "cache_position",
+             "cache", "past_key_values", "layer_idx", "target_dtype"}
+
+
+def model_rule(module, scaling, dropout, kwargs) -> Rule:
+    """The layer's Rule from the attention function's arguments; refuse what headscope does not implement."""
+    for name, value in kwargs.items():
+        if value is None or name in NO_EFFECT or name in ("softcap", "sliding_window", "s_aux"):
+            continue
+        if name == "is_causal" and value:
+            continue
+        raise HeadscopeError(f"{type(module).__name__} passes `{name}` to its attention function, which headscope "
+                             "does not implement: its rows would be wrong, so it refuses this model")
+    if dropout:
+        raise HeadscopeError(f"{type(module).__name__} applies attention dropout ({dropout}): call model.eval()")
+    sinks = kwargs.get("s_aux")
+    return Rule(float(scaling), kwargs.get("softcap"), kwargs.get("sliding_window"),
+                None if sinks is None else sinks.detach())
+
+
+def attention_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """q.k * scaling in float32, however the model stores q and k: (batch, kv_heads, rows, dim) x
+    (batch, kv_heads, kv_len, dim) -> (batch, kv_heads, rows, kv_len). bf16/fp16 products are never
+    rounded (argmaxes near ties would flip) nor overflow (fp16)."""
+    return torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+
+
 def query_probs(
     query: torch.Tensor,  # (batch, q_heads, q, dim): some (or all) of this forward pass's queries
     key: torch.Tensor,  # (batch, kv_heads, kv_len, dim)
     attention_mask: torch.Tensor | None,
-    scaling: float,
-    softcap: float | None = None,
-    sliding_window: int | None = None,
+    rule: Rule,
     query_index: torch.Tensor | None = None,  # (q,) each query's index on the key axis; default: the last q keys
 ) -> torch.Tensor:
     """Softmax rows of the queries over all keys, float32, shape (batch, q_heads, q, kv_len).
 
-    The model's own rule: logits = q.k * scaling, soft-capped, then key j is visible from the query at
-    key index i when j <= i (causal), i - j < sliding_window, and the model's mask allows it (padding).
-    Query head h reads KV head h // group (transformers' repeat_kv order), without copying keys.
-    A query that sees no key at all (a padding row) gets a row of zeros.
+    The model's own rule: logits = q.k * scaling in float32, soft-capped, then key j is visible from the
+    query at key index i when j <= i (causal; a missing mask means causal), i - j < sliding_window, and the
+    model's mask allows it (padding). With sinks s_h the softmax is exp(l_j) / (sum_visible exp(l) + exp(s_h)),
+    so a row sums to less than 1. Query head h reads KV head h // group (transformers' repeat_kv order),
+    without copying keys. A query that sees no key at all (a padding row) gets a row of zeros.
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
@@ -160,70 +203,84 @@ def query_probs(
     if query_index is None:
         query_index = torch.arange(kv_len - q_len, kv_len, device=query.device)
     grouped_query = query.reshape(batch, kv_heads, group * q_len, dim)
-    logits = torch.matmul(grouped_query, key.transpose(-1, -2)).float() * scaling  # (batch, kv_heads, group*q, kv_len)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = attention_logits(grouped_query, key, rule.scaling)  # (batch, kv_heads, group*q, kv_len)
+    if rule.softcap is not None:
+        logits = torch.tanh(logits / rule.softcap) * rule.softcap
     logits = logits.reshape(batch, q_heads, q_len, kv_len)
 
     keys = torch.arange(kv_len, device=logits.device)
     distance = query_index.to(logits.device)[:, None] - keys[None, :]  # (q, kv_len): i - j
     visible = distance >= 0
-    if sliding_window is not None:
-        visible = visible & (distance < sliding_window)
+    if rule.sliding_window is not None:
+        visible = visible & (distance < rule.sliding_window)
     visible = visible[None, None]  # (1, 1, q, kv_len)
     if attention_mask is not None and attention_mask.dim() == 4:  # (batch, 1, rows of this pass, >= kv_len)
         rows = query_index.to(attention_mask.device) - kv_len + attention_mask.shape[-2]
-        mask_rows = attention_mask[:, :, rows, -kv_len:]
+        mask_rows = attention_mask[:, :, rows, -kv_len:].to(logits.device)
         if mask_rows.dtype == torch.bool:
-            visible = visible & mask_rows.to(logits.device)
-        else:  # an additive float mask
-            logits = logits + mask_rows.to(logits.device).float()
+            visible = visible & mask_rows
+        else:  # an additive float mask: its minimum means "hidden", anything else is a bias
+            hidden = mask_rows <= torch.finfo(mask_rows.dtype).min / 2
+            visible = visible & ~hidden
+            logits = logits + mask_rows.float().masked_fill(hidden, 0.0)
     elif attention_mask is not None:  # flash-style 2D padding mask (batch, kv_len)
         visible = visible & attention_mask[:, None, None, -kv_len:].bool().to(logits.device)
     logits = logits.masked_fill(~visible, float("-inf"))
+    if rule.sinks is not None:
+        sink = rule.sinks.float().to(logits.device).view(1, q_heads, 1, 1).expand(batch, q_heads, q_len, 1)
+        return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
-def last_row_probs(query, key, attention_mask, scaling, softcap=None, sliding_window=None) -> torch.Tensor:
-    """Softmax row of the single (last) query over all keys, float32, shape (batch, q_heads, kv_len)."""
-    return query_probs(query, key, attention_mask, scaling, softcap, sliding_window)[:, :, 0]
+def row_blocks(query, key, attention_mask, rule: Rule, start: int, end: int):
+    """Yield (first query position, probs (batch, q_heads, block, kv_len)) for the queries at key indices
+    [start, end) of a pass whose queries are the last q_len keys, PREFILL_BLOCK rows (or fewer) at a time."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    first = kv_len - q_len  # key index of this pass's first query
+    start, end = max(start, first), min(end, kv_len)
+    block = max(1, min(PREFILL_BLOCK, PREFILL_ELEMENTS // (query.shape[0] * query.shape[1] * kv_len)))
+    key = key.float()  # once for all blocks, not once per block
+    for block_start in range(start, end, block):
+        block_end = min(block_start + block, end)
+        index = torch.arange(block_start, block_end, device=query.device)
+        yield block_start, query_probs(query[:, :, block_start - first:block_end - first], key, attention_mask,
+                                       rule, index)
 
 
-def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
-    """Plain attention for what SDPA cannot serve (logit soft-capping): memory quadratic in the prompt."""
-    group = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(group, dim=1)
-    value = value.repeat_interleave(group, dim=1)
-    logits = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attention_mask[..., -key.shape[2] :], float("-inf"))
-        else:
-            logits = logits + attention_mask[..., -key.shape[2] :]
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+def attention_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """probs (batch, q_heads, q, kv_len) float32, value (batch, kv_heads, kv_len, dim) ->
+    (batch, q, q_heads, dim) in value's dtype, the layout attention functions return."""
+    batch, q_heads, q_len, kv_len = probs.shape
+    kv_heads = value.shape[1]
+    grouped = probs.to(value.dtype).reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, kv_len)
+    output = torch.matmul(grouped, value)  # (batch, kv_heads, group * q, dim)
+    return output.reshape(batch, q_heads, q_len, value.shape[-1]).transpose(1, 2)
+
+
+def exact_attention(query, key, value, attention_mask, rule: Rule) -> torch.Tensor:
+    """Attention computed block-wise from query_probs: exact for every Rule, memory linear in the context.
+    For what SDPA and flash-attention cannot compute (soft-capping, sinks)."""
+    blocks = [attention_output(probs, value) for _, probs in
+              row_blocks(query, key, attention_mask, rule, 0, key.shape[2])]
+    return torch.cat(blocks, dim=1)
 
 
 def _make_attention(backend):
     def headscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        softcap, sliding_window = kwargs.get("softcap"), kwargs.get("sliding_window")
+        rule = model_rule(module, query.shape[-1] ** -0.5 if scaling is None else scaling, dropout, kwargs)
+        layer = module.layer_idx
         if _active is None or _active.prefilling or query.shape[2] != 1:
-            fast = eager_attention if softcap is not None else backend
-            output, _ = fast(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            if rule.needs_exact:
+                output = exact_attention(query, key, value, attention_mask, rule)
+            else:
+                output, _ = backend(module, query, key, value, attention_mask, scaling=rule.scaling, **kwargs)
             if _active is not None and _active.prefilling:
-                _active.prefill(module.layer_idx, query, key, attention_mask, scaling, softcap, sliding_window)
+                _active.prefill(layer, query, key, attention_mask, rule)
         else:
-            probs = last_row_probs(query, key, attention_mask, scaling, softcap, sliding_window)
-            _active.add(module.layer_idx, probs)
-            batch, q_heads, kv_len = probs.shape
-            kv_heads = value.shape[1]
-            grouped_probs = probs.to(value.dtype).reshape(batch, kv_heads, q_heads // kv_heads, kv_len)
-            output = torch.matmul(grouped_probs, value)  # (batch, kv_heads, group, dim)
-            output = output.reshape(batch, 1, q_heads, value.shape[-1])
-        return masking.apply(module.layer_idx, output, value, attention_mask, sliding_window), None
+            probs = query_probs(query, key, attention_mask, rule)  # (batch, q_heads, 1, kv_len)
+            _active.add(layer, probs[:, :, 0])
+            output = attention_output(probs, value)
+        return masking.apply(layer, output, value, attention_mask, rule.sliding_window), None
 
     return headscope_attention
 

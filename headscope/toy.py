@@ -1,7 +1,8 @@
 """Small random-weight models and word-level tokenizers, built from configs with no download.
 
 Tests and benchmarks use them; their heads mean nothing. `tiny_model("llama")` gives a
-2-layer Llama with grouped-query attention, and so on for every family headscope is tested on.
+2-layer Llama with grouped-query attention (`num_layers=4` for the conformance tests), and so on
+for every family of the conformance matrix (`FAMILIES`).
 """
 from __future__ import annotations
 
@@ -19,12 +20,20 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}),
     "qwen3": ("Qwen3Config", {"num_key_value_heads": 2, "head_dim": 16}),
     "mistral": ("MistralConfig", {"num_key_value_heads": 2, "sliding_window": 24}),
+    "starcoder2": ("Starcoder2Config", {"num_key_value_heads": 2, "sliding_window": 24}),
     "gemma2": (
         "Gemma2Config",
         {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 24, "attn_logit_softcapping": 5.0,
          "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 16},
     ),
+    "gemma3": ("Gemma3TextConfig", {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 24,
+                                    "query_pre_attn_scalar": 16, "sliding_window_pattern": 2}),
     "phi3": ("Phi3Config", {"num_key_value_heads": 2, "pad_token_id": 1}),
+    "olmo2": ("Olmo2Config", {"num_key_value_heads": 2}),
+    "cohere": ("CohereConfig", {"num_key_value_heads": 2, "logit_scale": 1.0}),
+    "granite": ("GraniteConfig", {"num_key_value_heads": 2, "attention_multiplier": 0.2, "logits_scaling": 2.0}),
+    "gpt_oss": ("GptOssConfig", {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 24,
+                                 "num_local_experts": 4, "num_experts_per_tok": 2}),
     "gpt2": ("GPT2Config", {}),
 }
 
@@ -59,6 +68,13 @@ def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", **shape
         for name, param in model.named_parameters():
             if param.dim() == 2 and any(k in name for k in ("q_proj", "k_proj", "c_attn")):
                 param.mul_(8.0)
+            if name.endswith("sinks"):  # GPT-OSS: sinks large enough that dropping them shows
+                param.normal_(0.0, 2.0)
+        # The padding token's embedding starts at zero: its layer-0 rows would be exactly uniform, a tie
+        # whose top-k order is arbitrary. Give it a random embedding like every other token.
+        embedding = model.get_input_embeddings().weight
+        zero_rows = embedding.abs().sum(-1) == 0
+        embedding[zero_rows] = torch.randn(int(zero_rows.sum()), embedding.shape[1]) * embedding.std()
     return model.eval()
 
 

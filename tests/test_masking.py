@@ -2,6 +2,7 @@
 import pytest
 import torch
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from headscope import masking, recorder
 from headscope.decode import StopRule, greedy_decode
@@ -27,9 +28,10 @@ def uniform_eager(module, query, key, value, attention_mask, scaling=None, dropo
 
 
 AttentionInterface.register("test_uniform_eager", uniform_eager)
+AttentionMaskInterface.register("test_uniform_eager", sdpa_mask)  # boolean masks, sliding windows included
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_uniform_mode_equals_eager_with_uniform_probabilities(family):
     torch.manual_seed(0)
     input_ids = torch.randint(4, 256, (1, 50))

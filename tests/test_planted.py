@@ -66,7 +66,8 @@ def test_planted_retrieval_head_ranks_first_with_score_one(forced, data_dir, tmp
     try:
         result = headscope.detect("retrieval", loaded=forced["loaded"], out=str(tmp_path), quiet=True,
                                   haystack=str(data_dir / "haystack"), needles=str(data_dir / "needles.jsonl"),
-                                  context_lengths=[300], depths=[50], max_new_tokens=40)
+                                  context_lengths=[300], depths=[50], max_new_tokens=40,
+                                  check=False)  # the planted rows are wrong on purpose: the check would refuse
     finally:
         headscope.engine.encode_with_span = original_encode
     assert result.counts["passed"] == 1
@@ -81,7 +82,7 @@ def test_planted_reasoning_head_ranks_first(forced, data_dir, tmp_path):
     forced["answer"] = tokenizer("red is the key", add_special_tokens=False).input_ids
     forced["plant"] = lambda step, seq_len: seq_len - 1  # the token just fed: generated from step 1 on
     result = headscope.detect("reasoning", loaded=forced["loaded"], out=str(tmp_path), quiet=True,
-                              data=str(data_dir / "reasoning.json"), success_threshold=-1)
+                              data=str(data_dir / "reasoning.json"), success_threshold=-1, check=False)
     best, stats = ranked(result.summary)[0]
     assert best == f"{PLANTED[0]}-{PLANTED[1]}"
     assert stats["mean"] == pytest.approx(len(forced["answer"]), abs=1e-5)  # 1 per step after the first

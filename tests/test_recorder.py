@@ -1,12 +1,10 @@
-"""The recorded rows are eager attention's last rows, and the logits are eager's, for every family."""
-import pytest
+"""The recorder's own paths: the eager fallback, sliding-window alignment. (Every family against eager
+attention: test_conformance.py.)"""
 import torch
 from transformers import DynamicCache
 
 from headscope import recorder
-from headscope.decode import StopRule, greedy_decode
-from headscope.scorers import PromptBatch, Scorer
-from headscope.toy import FAMILIES, tiny_model
+from headscope.toy import tiny_model
 
 PROMPT_LEN = 40
 STEPS = 6
@@ -40,33 +38,6 @@ def decode_rows(model, input_ids, steps, eager_fallback=False):
     return step_rows, step_logits
 
 
-def eager_rows(family, input_ids, steps):
-    model = tiny_model(family, attn="eager")
-    rows, logits = [], []
-    with torch.no_grad():
-        out = model(input_ids, output_attentions=True)
-    for s in range(steps):
-        position = input_ids.shape[1] - steps + s - 1
-        rows.append(torch.stack([a[:, :, position, : position + 1] for a in out.attentions]))
-        logits.append(out.logits[:, position])
-    return rows, logits
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_rows_and_logits_equal_eager(family):
-    model = tiny_model(family)
-    assert recorder.install(model)
-    torch.manual_seed(0)
-    # Long enough to pass the sliding windows (24) of Mistral and Gemma 2.
-    input_ids = torch.randint(4, 256, (1, PROMPT_LEN + STEPS))
-    ours, our_logits = decode_rows(model, input_ids, STEPS)
-    reference, reference_logits = eager_rows(family, input_ids, STEPS)
-    for step in range(STEPS):
-        assert (ours[step] - reference[step]).abs().max() <= 1e-5, f"step {step}"
-        assert (our_logits[step] - reference_logits[step]).abs().max() <= 1e-4, f"step {step}"
-        assert torch.allclose(ours[step].sum(-1), torch.ones(()), atol=1e-5)
-
-
 def test_eager_fallback_rows_equal_interface_rows():
     """A model off the interface falls back to eager output_attentions on decoding steps only."""
     torch.manual_seed(0)
@@ -93,21 +64,3 @@ def test_sliding_window_rows_are_right_aligned():
     last = rows[-1]
     assert last[..., : last.shape[-1] - window].abs().max() == 0
     assert last[..., -window:].sum(-1).allclose(torch.ones(()))
-
-
-def test_greedy_decode_matches_generate():
-    """Our greedy loop (prefill all but one token, then single-query steps) picks generate()'s tokens."""
-    model = tiny_model("qwen2")
-    torch.manual_seed(3)
-    input_ids = torch.randint(4, 256, (1, 30))
-    expected = model.generate(input_ids, max_new_tokens=8, do_sample=False, eos_token_id=None)[0, 30:].tolist()
-    recorder.install(model)
-
-    class Nothing(Scorer):
-        def step(self, view):
-            pass
-
-    scorer = Nothing()
-    scorer.begin(PromptBatch(input_ids, 30, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)), 2, 4)
-    tokens = greedy_decode(model, input_ids, None, [scorer], 8, StopRule(set(), set()))
-    assert tokens[0] == expected
