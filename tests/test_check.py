@@ -84,3 +84,12 @@ def test_ablation_refused_off_the_interface(tokenizer, tmp_path):
     scores.write_text(json.dumps({f"{layer}-{head}": [float(head)] for layer in range(4) for head in range(4)}))
     with pytest.raises(headscope.HeadscopeError, match="cannot mask its heads"):
         ablate("reasoning", str(scores), [1], loaded=loaded, out=str(tmp_path))
+
+
+def test_check_fails_when_the_model_has_no_eager_reference(tokenizer, monkeypatch):
+    import transformers.models.llama.modeling_llama as modeling_llama
+
+    loaded = loaded_toy("llama", tokenizer)
+    monkeypatch.delattr(modeling_llama, "eager_attention_forward")
+    report = run_check(loaded, prompt_tokens=64, steps=2, need_ablation=False)
+    assert [f.name for f in report.failing()] == ["rows"] and "no eager reference" in report.figures[0].value
