@@ -129,9 +129,14 @@ def decode_and_compare_rows(loaded, input_ids, steps) -> tuple[list[int], list[f
     return tokens, diffs
 
 
+def model_eager_attention(module):
+    """The reference attention function of the module's modeling file (None for code that has none)."""
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+
+
 def eager_reference(module, query, key, value, attention_mask, kwargs) -> torch.Tensor:
     """The model's own eager attention probabilities, float32, from the given q, k, v and transformers' mask."""
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    eager = model_eager_attention(module)
     if eager is None:  # nothing to compare with: the rows figure fails (NaN), it is not skipped
         return torch.full(query.shape[:2] + key.shape[2:3], float("nan"), device=query.device)
     if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager adds a float mask

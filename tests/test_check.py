@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 import headscope
-from headscope import recorder
+from headscope import check, recorder
 from headscope.ablation import ablate
 from headscope.check import run_check
 from headscope.cli import main
@@ -87,9 +87,7 @@ def test_ablation_refused_off_the_interface(tokenizer, tmp_path):
 
 
 def test_check_fails_when_the_model_has_no_eager_reference(tokenizer, monkeypatch):
-    import transformers.models.llama.modeling_llama as modeling_llama
-
     loaded = loaded_toy("llama", tokenizer)
-    monkeypatch.delattr(modeling_llama, "eager_attention_forward")
+    monkeypatch.setattr(check, "model_eager_attention", lambda module: None)
     report = run_check(loaded, prompt_tokens=64, steps=2, need_ablation=False)
     assert [f.name for f in report.failing()] == ["rows"] and "no eager reference" in report.figures[0].value
