@@ -32,7 +32,7 @@ def run_arm(loaded, task, options, samples, encoded, max_new_tokens, heads: list
         by_layer.setdefault(layer, []).append(head)
     rows = []
     items = list(zip(range(len(samples)), samples, encoded))
-    with masking.ablating(by_layer, mode):
+    with masking.ablating(loaded.model, by_layer, mode):
         for first in range(0, len(items), options.batch_size):
             for row, _ in run_batch(loaded, items[first:first + options.batch_size], [], max_new_tokens, stop, task,
                                     options):

@@ -257,19 +257,6 @@ def sample_contributions(rows: list[dict], keys: list[str]) -> np.ndarray:
     return np.array(matrix).reshape(len(matrix), len(keys))
 
 
-def keeps_zeros(rows: list[dict], manifest: dict | None = None) -> bool:
-    """Whether a passing sample's zero joins a head's list: always for retrieval, for reasoning
-    only when the run used --keep-zeros (recorded in the manifest)."""
-    tasks = {row.get("task") for row in rows}
-    if len(tasks) != 1:
-        raise HeadscopeError(f"the samples file mixes tasks {sorted(map(str, tasks))}: "
-                             "cannot tell how scores accumulate")
-    task = tasks.pop()
-    if task == "retrieval":
-        return True
-    return bool(((manifest or {}).get("options") or {}).get("keep_zeros", False))
-
-
 def head_means(weights: np.ndarray, contributions: np.ndarray, keep_zeros: bool) -> np.ndarray:
     """Each head's mean under sample weights (how many times each sample is drawn).
 

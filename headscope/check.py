@@ -28,6 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from . import masking
 from .decode import StopRule, greedy_decode, num_layers_and_heads
 from .errors import HeadscopeError
+from .runstate import state_of
 from .scorers import PromptBatch, Scorer
 
 ROW_LIMIT = 1e-5
@@ -184,11 +185,11 @@ def ablation_figure(loaded, input_ids) -> Figure:
 
     def keep(module, query, key, value, attention_mask, kwargs, output):
         if module.layer_idx == layer:
-            outputs[masking.active()] = output.float()  # (batch, q_len, heads, dim)
+            outputs[state_of(loaded.model).ablation is not None] = output.float()  # (batch, q_len, heads, dim)
 
     with spying(loaded.model, keep), torch.no_grad():
         loaded.model(input_ids)
-        with masking.ablating({layer: [head]}, "uniform"):
+        with masking.ablating(loaded.model, {layer: [head]}, "uniform"):
             loaded.model(input_ids)
     if len(outputs) != 2:
         return Figure("ablation", f"layer {layer} not reached", f"{name} changes its output", False)

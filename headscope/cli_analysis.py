@@ -71,6 +71,7 @@ def run_show(args) -> None:
     from . import analysis
     from .errors import HeadscopeError
     from .outputs import format_table, parse_head_key
+    from .scorers import keeps_zeros
 
     summary = analysis.load_summary(args.file)
     if args.top < 1:
@@ -97,7 +98,7 @@ def run_show(args) -> None:
     contributions = analysis.sample_contributions(rows, keys)
     if not contributions.size:
         raise HeadscopeError(f"{samples_path} has no passing samples with head_scores to resample")
-    keep_zeros = analysis.keeps_zeros(rows, analysis.read_manifest(args.file))
+    keep_zeros = keeps_zeros(rows)  # the rule the scorer declared, as written into each row
     k = args.k if args.k is not None else min(10, len(keys))
     result = analysis.bootstrap(contributions, keep_zeros, args.bootstrap, k, args.seed)
     table, stable = analysis.stability_table(keys, result, args.top)

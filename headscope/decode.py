@@ -100,7 +100,7 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                              "attention interface")
     run_calibration_prompts(model, recorder, calibrations)
     if prompt_len > 1:
-        with prefilling(recorder, targets) if targets else contextlib.nullcontext():
+        with prefilling(model, recorder, targets) if targets else contextlib.nullcontext():
             model(input_ids[:, :-1], attention_mask=mask[:, :-1] if padded else None,
                   position_ids=positions[:, :-1], logits_to_keep=1, **cache_kw)
     step_zero_hook = last_prompt_row_hook(targets, prompt_len)
@@ -127,7 +127,7 @@ def decode_steps(model, input_ids, positions, mask, padded, recorder, scorers, s
     generated: list[list[int]] = [[] for _ in range(batch)]
     active = [True] * batch  # on the host: the stopping rule reads it without a device sync
     for step in range(max_new_tokens):
-        with recording(recorder, seq_len=mask.shape[1]):
+        with recording(model, recorder, seq_len=mask.shape[1]):
             output = model(next_input, attention_mask=mask if padded else None, position_ids=next_position,
                            output_attentions=eager_fallback, **cache_kw)
         if eager_fallback:
@@ -183,6 +183,6 @@ def run_calibration_prompts(model, recorder: Recorder, calibrations: list) -> No
     """Prefill each (scorer, calibration prompt) in a throw-away cache, its rows going to calibration_rows."""
     for scorer, (input_ids, attention_mask, (start, end)) in calibrations:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        with prefilling(recorder, [(start, end, scorer.calibration_rows)]):
+        with prefilling(model, recorder, [(start, end, scorer.calibration_rows)]):
             model(input_ids, attention_mask=attention_mask, position_ids=positions_of(mask), logits_to_keep=1,
                   **fresh_cache(model))

@@ -15,9 +15,9 @@ import contextlib
 
 import torch
 
-MODES = ("uniform", "zero", "mean")
+from .runstate import state_of
 
-_ablation: "Ablation | None" = None
+MODES = ("uniform", "zero", "mean")
 
 
 class Ablation:
@@ -28,40 +28,36 @@ class Ablation:
 
 
 @contextlib.contextmanager
-def ablating(heads: dict[int, list[int]], mode: str = "uniform"):
-    """Mask these heads ({layer: [head, ...]}) in every forward pass run inside the block."""
-    global _ablation
+def ablating(model, heads: dict[int, list[int]], mode: str = "uniform"):
+    """Mask these heads ({layer: [head, ...]}) in every forward pass of the model run inside the block."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    _ablation = Ablation(heads, mode)
+    state = state_of(model)
+    state.ablation = Ablation(heads, mode)
     try:
-        yield _ablation
+        yield state.ablation
     finally:
-        _ablation = None
+        state.ablation = None
 
 
-def active() -> bool:
-    """Whether an ablation is in force (the forward pass in flight masks heads)."""
-    return _ablation is not None
-
-
-def apply(layer: int, output: torch.Tensor, value: torch.Tensor, attention_mask, sliding_window) -> torch.Tensor:
+def apply(ablation: Ablation, layer: int, output: torch.Tensor, value: torch.Tensor, attention_mask,
+          sliding_window) -> torch.Tensor:
     """output: (batch, q_len, q_heads, dim) from the attention backend; value: (batch, kv_heads, kv_len, dim)."""
-    if _ablation is None or layer not in _ablation.heads:
+    if layer not in ablation.heads:
         return output
-    heads = _ablation.heads[layer]
+    heads = ablation.heads[layer]
     output = output.clone()
-    if _ablation.mode == "zero":
+    if ablation.mode == "zero":
         output[:, :, heads] = 0
-    elif _ablation.mode == "uniform":
+    elif ablation.mode == "uniform":
         output[:, :, heads] = uniform_output(value, heads, output.shape[2], output.shape[1], attention_mask,
                                              sliding_window).to(output.dtype)
     else:  # mean
-        if output.shape[1] > 1 or layer not in _ablation.means:  # the prefill: take this prompt's mean
+        if output.shape[1] > 1 or layer not in ablation.means:  # the prefill: take this prompt's mean
             valid = _query_validity(attention_mask, output, value.shape[2])  # (batch, q_len)
             summed = (output[:, :, heads] * valid[:, :, None, None]).sum(1)
-            _ablation.means[layer] = summed / valid.sum(1).clamp(min=1)[:, None, None]
-        output[:, :, heads] = _ablation.means[layer][:, None].to(output.dtype)
+            ablation.means[layer] = summed / valid.sum(1).clamp(min=1)[:, None, None]
+        output[:, :, heads] = ablation.means[layer][:, None].to(output.dtype)
     return output
 
 

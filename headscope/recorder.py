@@ -16,7 +16,8 @@ k being the largest any scorer asked for. That is all the retrieval and reasonin
 need, and it is O(layers x heads x k) per step instead of O(layers x heads x context).
 Scorers that need whole rows get them through `row_hooks` as they are computed.
 
-Prefill rows: inside `prefilling(recorder, targets)`, the (multi-query) prefill pass still runs on
+What to record and what to mask is the model's run state (runstate.py), read from the module the
+function is called for. Prefill rows: inside `prefilling(model, recorder, targets)`, the (multi-query) prefill pass still runs on
 the fast backend, and the attention function also computes, from the same query and key, the rows
 of the query positions the targets asked for, PREFILL_BLOCK rows at a time (`query_probs`, the same
 maths as the decoding rows), handing each block to the targets' hooks: the T x T matrix is never
@@ -40,11 +41,11 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from . import masking
 from .errors import HeadscopeError
+from .runstate import module_state, state_of
 
 ATTN_SDPA = "headscope"  # no "sdpa" in the name: transformers would then check SDPA support
 ATTN_FLASH = "headscope-fa"
 
-_active: "Recorder | None" = None  # the recorder of the forward pass in flight, if any
 PREFILL_BLOCK = 256  # query rows computed at once when a scorer wants prefill rows
 PREFILL_ELEMENTS = 2**27  # ... fewer when batch x heads x block x kv_len would pass this (512 MiB of float32)
 
@@ -112,28 +113,28 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def recording(recorder: Recorder, seq_len: int):
-    """Record the rows of the single-query forward pass run inside this block."""
-    global _active
+def recording(model, recorder: Recorder, seq_len: int):
+    """Record the rows of the model's single-query forward pass run inside this block."""
+    state = state_of(model)
     recorder.seq_len = seq_len
-    _active = recorder
+    state.recorder = recorder
     try:
         yield recorder
     finally:
-        _active = None
+        state.recorder = None
 
 
 @contextlib.contextmanager
-def prefilling(recorder: Recorder, targets: list):
-    """Deliver prefill rows to `targets` [(start, end, hook), ...] from the forward pass run inside this block
-    (which must start from an empty cache). Outputs still come from the fast backend."""
-    global _active
+def prefilling(model, recorder: Recorder, targets: list):
+    """Deliver prefill rows to `targets` [(start, end, hook), ...] from the model's forward pass run inside this
+    block (which must start from an empty cache). Outputs still come from the fast backend."""
+    state = state_of(model)
     recorder.prefill_targets, recorder.prefilling = list(targets), True
-    _active = recorder
+    state.recorder = recorder
     try:
         yield recorder
     finally:
-        _active = None
+        state.recorder = None
         recorder.prefill_targets, recorder.prefilling = [], False
 
 
@@ -268,19 +269,22 @@ def exact_attention(query, key, value, attention_mask, rule: Rule) -> torch.Tens
 def _make_attention(backend):
     def headscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         rule = model_rule(module, query.shape[-1] ** -0.5 if scaling is None else scaling, dropout, kwargs)
-        layer = module.layer_idx
-        if _active is None or _active.prefilling or query.shape[2] != 1:
+        layer, state = module.layer_idx, module_state(module)
+        active = state.recorder if state is not None else None
+        if active is None or active.prefilling or query.shape[2] != 1:
             if rule.needs_exact:
                 output = exact_attention(query, key, value, attention_mask, rule)
             else:
                 output, _ = backend(module, query, key, value, attention_mask, scaling=rule.scaling, **kwargs)
-            if _active is not None and _active.prefilling:
-                _active.prefill(layer, query, key, attention_mask, rule)
+            if active is not None and active.prefilling:
+                active.prefill(layer, query, key, attention_mask, rule)
         else:
             probs = query_probs(query, key, attention_mask, rule)  # (batch, q_heads, 1, kv_len)
-            _active.add(layer, probs[:, :, 0])
+            active.add(layer, probs[:, :, 0])
             output = attention_output(probs, value)
-        return masking.apply(layer, output, value, attention_mask, rule.sliding_window), None
+        if state is not None and state.ablation is not None:
+            output = masking.apply(state.ablation, layer, output, value, attention_mask, rule.sliding_window)
+        return output, None
 
     return headscope_attention
 

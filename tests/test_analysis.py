@@ -8,9 +8,11 @@ from headscope import analysis
 from headscope.cli import main
 from headscope.errors import HeadscopeError
 from headscope.outputs import summarize
+from headscope.scorers import keeps_zeros
 
 
 def write_run(folder, name, per_sample, task="retrieval", keep_zeros=None, passed=None):
+    """keep_zeros: the scorer's accumulation rule (default: retrieval keeps zeros, reasoning does not)."""
     """A run folder like `detect` writes: heads (the engine's accumulation rule), summary and samples files
     from `per_sample`, an array (samples, layers, heads) of what each sample contributes."""
     per_sample = np.asarray(per_sample, dtype=float)
@@ -22,11 +24,14 @@ def write_run(folder, name, per_sample, task="retrieval", keep_zeros=None, passe
     (folder / f"{name}_{task}_heads.json").write_text(json.dumps(lists))
     (folder / f"{name}_{task}_summary.json").write_text(json.dumps(summarize(lists)))
     rows = [{"id": str(i), "task": task, "context_length": 100 * (1 + i % 3), "depth_percent": 50 * (i // 3 % 3),
-             "score": 100.0 if ok else 0.0, "passed": ok, "error": None, "head_scores": s.tolist()}
+             "score": 100.0 if ok else 0.0, "passed": ok, "error": None, "head_scores": s.tolist(),
+             "keep_zeros": keep}
             for i, (s, ok) in enumerate(zip(per_sample, passed))]
     (folder / f"{name}_{task}_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if keep_zeros is not None:
-        (folder / f"{name}_{task}_manifest.json").write_text(json.dumps({"options": {"keep_zeros": keep_zeros}}))
+    # The manifest holds the --keep-zeros option, which only the reasoning scorer reads: a query or pattern run
+    # keeps zeros with the option off (reading the option instead of the rows' rule dropped them).
+    option = bool(keep_zeros) if task == "reasoning" else False
+    (folder / f"{name}_{task}_manifest.json").write_text(json.dumps({"options": {"keep_zeros": option}}))
     return folder / f"{name}_{task}_heads.json"
 
 
@@ -181,7 +186,8 @@ def test_accumulation_rules():
     assert analysis.head_means(np.array([[2.0, 0.0]]), contributions, keep_zeros=False)[0].tolist() == [0.5, 0.0]
 
 
-@pytest.mark.parametrize("task, keep_zeros", [("retrieval", None), ("reasoning", None), ("reasoning", True)])
+@pytest.mark.parametrize("task, keep_zeros", [("retrieval", None), ("reasoning", None), ("reasoning", True),
+                                              ("query", True), ("pattern", True)])
 def test_bootstrap_full_data_means_match_the_heads_file(tmp_path, task, keep_zeros):
     rng = np.random.default_rng(1)
     per_sample = rng.uniform(0, 1, (6, 2, 3)) * (rng.uniform(0, 1, (6, 2, 3)) > 0.4)
@@ -189,8 +195,7 @@ def test_bootstrap_full_data_means_match_the_heads_file(tmp_path, task, keep_zer
     summary = analysis.load_summary(path)
     keys = sorted(summary, key=analysis.parse_head_key)
     rows = analysis.read_samples(analysis.companion(path, "samples"))
-    manifest = analysis.companion(path, "manifest")
-    keep = analysis.keeps_zeros(rows, json.loads(manifest.read_text()) if manifest.exists() else None)
+    keep = keeps_zeros(rows)  # the scorer's rule, read back from the rows
     assert keep == (task == "retrieval" or bool(keep_zeros))
     contributions = analysis.sample_contributions(rows, keys)
     assert contributions.shape == (5, 6)

@@ -45,7 +45,7 @@ def recorded_rows(model, input_ids, steps):
         model(input_ids[:, : input_ids.shape[1] - steps], **cache)
         for s in range(steps):
             length = input_ids.shape[1] - steps + s + 1
-            with recorder.recording(rec, seq_len=length):
+            with recorder.recording(model, rec, seq_len=length):
                 out = model(input_ids[:, length - 1:length], **cache)
             rec.take("cpu")
             full = torch.zeros(layers, *seen[0][0].shape[:2], length)

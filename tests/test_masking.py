@@ -41,7 +41,7 @@ def test_uniform_mode_equals_eager_with_uniform_probabilities(family):
         expected = reference(input_ids).logits[0, -1]
     model = tiny_model(family)
     recorder.install(model)
-    with torch.no_grad(), masking.ablating(MASKED, "uniform"):
+    with torch.no_grad(), masking.ablating(model, MASKED, "uniform"):
         prefill_logits = model(input_ids).logits[0, -1]
         generated = greedy_decode(model, input_ids, None, [], 1, StopRule(set(), set()))
     assert (prefill_logits - expected).abs().max() <= 1e-4
@@ -55,11 +55,11 @@ def test_zero_and_mean_modes_change_only_what_they_should():
     recorder.install(model)
     with torch.no_grad():
         plain = model(input_ids).logits
-        with masking.ablating({}, "zero"):
+        with masking.ablating(model, {}, "zero"):
             assert torch.equal(model(input_ids).logits, plain)  # K = 0 changes nothing
-        with masking.ablating({0: [0]}, "zero"):
+        with masking.ablating(model, {0: [0]}, "zero"):
             zeroed = model(input_ids).logits
-        with masking.ablating({0: [0]}, "mean"):
+        with masking.ablating(model, {0: [0]}, "mean"):
             meaned = model(input_ids).logits
     assert not torch.allclose(zeroed, plain) and not torch.allclose(meaned, plain)
     assert not torch.allclose(zeroed, meaned)

@@ -165,13 +165,11 @@ def test_head_dropout_in_training_is_the_uniform_ablation_of_headscope_ablate():
     dropped[1, 1, 2] = True  # sequence 1 loses head 2 of layer 1; sequence 0 loses nothing
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-        org_train._head_drop["mask"] = dropped
-        try:
-            trained = model(input_ids=ids).logits
-        finally:
-            org_train._head_drop["mask"] = None
+        org_train.set_head_drop(model, dropped)
+        trained = model(input_ids=ids).logits
+        org_train.set_head_drop(model, None)
         model.set_attn_implementation("headscope")
-        with masking.ablating({1: [2]}, "uniform"):
+        with masking.ablating(model, {1: [2]}, "uniform"):
             ablated = model(input_ids=ids[1:]).logits
     assert torch.equal(trained[0], plain[0])
     assert (trained[1] - plain[1]).abs().max() > 1e-4

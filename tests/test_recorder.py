@@ -24,7 +24,7 @@ def decode_rows(model, input_ids, steps, eager_fallback=False):
             model.set_attn_implementation("eager")
         for s in range(steps):
             length = input_ids.shape[1] - steps + s  # feed the given continuation (teacher forcing)
-            with recorder.recording(rec, seq_len=length):
+            with recorder.recording(model, rec, seq_len=length):
                 out = model(input_ids[:, length - 1 : length], cache=cache, use_cache=True,
                             output_attentions=eager_fallback)
             if eager_fallback:

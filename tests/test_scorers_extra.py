@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from headscope.cli import main
-from headscope.field_scorers import (DuplicateTokenScorer, EchoScorer, InductionScorer, PreviousTokenScorer,
-                                     QueryScorer, R2Scorer, kv_head_max)
-from headscope.scorers import PromptBatch, StepView
+from headscope.scorers import (DuplicateTokenScorer, EchoScorer, InductionScorer, PreviousTokenScorer, PromptBatch,
+                               QueryScorer, R2Scorer, StepView)
 from headscope.tasks.base import Sample
 
 
@@ -103,11 +102,6 @@ def test_query_score_is_gold_mass_per_question_token_minus_the_null_questions():
     null_rows[0, 0, 0, 2], null_rows[0, 1, 0, 1] = 0.1, 0.3
     scorer.calibration_rows(0, 7, null_rows)
     torch.testing.assert_close(scorer.result(), torch.tensor([[[0.4 - 0.1, 0.0 - 0.3]]]))
-
-
-def test_kv_head_max_takes_the_max_over_each_group():
-    scores = torch.tensor([[0.1, 0.5, 0.3, 0.2]])
-    assert kv_head_max(scores, 2).tolist() == [[pytest.approx(0.5), pytest.approx(0.3)]]
 
 
 def test_detect_pattern_through_the_cli(toy_dir, tmp_path):

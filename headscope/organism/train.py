@@ -222,7 +222,6 @@ def make_config(vocab_size: int, hidden=128, layers=4, heads=8, intermediate=512
 # breaks it (DropHead, Zhou et al. 2020).
 # --------------------------------------------------------------------------------------------
 
-_head_drop: dict[str, torch.Tensor | None] = {"mask": None}  # (batch, layers, heads) bool, True = ablated
 HEAD_DROPOUT_ATTENTION = "organism-head-dropout"
 
 
@@ -231,7 +230,7 @@ def _head_dropout_attention(module, query, key, value, attention_mask, **kwargs)
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    mask = _head_drop["mask"]
+    mask = getattr(module, "head_drop_mask", None)  # set on the model's attention modules by set_head_drop
     if mask is None or query.shape[2] != key.shape[2]:  # only full causal training passes
         return output, weights
     dropped = mask[: output.shape[0], module.layer_idx]  # (batch, heads)
@@ -239,6 +238,13 @@ def _head_dropout_attention(module, query, key, value, attention_mask, **kwargs)
     counts = torch.arange(1, values.shape[2] + 1, device=values.device, dtype=values.dtype)
     uniform = (values.cumsum(2) / counts[:, None]).transpose(1, 2)  # (batch, T, heads, dim)
     return torch.where(dropped[:, None, :, None], uniform.to(output.dtype), output), weights
+
+
+def set_head_drop(model, mask: torch.Tensor | None) -> None:
+    """The heads each sequence drops in the next forward passes: (batch, layers, heads) bool, True = dropped."""
+    for module in model.modules():
+        if hasattr(module, "layer_idx"):
+            module.head_drop_mask = mask
 
 
 def _register_head_dropout():
@@ -275,11 +281,11 @@ def train(out_dir, seed: int = 0, steps: int = 3000, hidden: int = 128, layers: 
     def loss_on(batch, drop: bool = True):  # the weighted loss, each sequence with its own dropped heads
         ids, wt = batch
         if head_dropout and drop:
-            _head_drop["mask"] = torch.rand(ids.shape[0], layers, heads, generator=drop_rng) < head_dropout
+            set_head_drop(model, torch.rand(ids.shape[0], layers, heads, generator=drop_rng) < head_dropout)
         try:
             return weighted_loss(model, ids, wt)
         finally:
-            _head_drop["mask"] = None
+            set_head_drop(model, None)
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params:,}  vocab {len(vocab)} (padded {vocab_size})", flush=True)

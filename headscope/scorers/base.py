@@ -1,4 +1,4 @@
-"""Head scores: each scorer turns the recorded rows of every decoding step into one score per head.
+"""The scorer protocol: what the engine hands a scorer, what a scorer hands back, and the registry.
 
 A scorer sees, at each step s, the top-k (attention, position) pairs of every layer and head's
 row for the current query position -- `StepView` -- and adds to a (batch, layers, heads) total
@@ -6,6 +6,10 @@ with tensor operations on the model's device: no loop over heads, no host sync.
 
 Positions are absolute indices into the (left-padded) sequence: prompt tokens occupy
 [0, prompt_len), the token fed at step s >= 1 sits at prompt_len + s - 1.
+
+Accumulation rule: a scorer's `keep_zeros` says whether a passing sample's zero score joins a
+head's list. It is declared once, on the scorer, written into every samples row, and read back by
+every consumer (the engine's heads file, `show --bootstrap`) through `keeps_zeros`.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import HeadscopeError
+from ..errors import HeadscopeError
 
 
 @dataclass
@@ -97,70 +101,11 @@ class Scorer:
         """With full_rows: probs (batch, heads, kv_len), the step's whole rows; key j sits at position offset + j."""
 
 
-def _in_span(positions: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+def in_span(positions: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
     """positions: (layers, batch, heads, ...); start/end: (batch,). Elementwise start <= p < end."""
     shape = (1, -1) + (1,) * (positions.dim() - 2)
     return (positions >= start.view(shape)) & (positions < end.view(shape))
 
-
-class RetrievalScorer(Scorer):
-    """Retrieval score (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context Factuality").
-
-    With the needle answer at prompt positions [ns, ne), at each step s:
-        i* = argmax_j A[l, h, j]
-        score[l, h] += 1 / (ne - ns)   if ns <= i* < ne and prompt_ids[i*] == y_s
-    i.e. the head is copying, from the needle, exactly the token the model is writing.
-    """
-
-    name = "retrieval"
-    top_k = 1
-    keep_zeros = True
-
-    def step_scores(self, view: StepView) -> torch.Tensor:
-        top = view.positions[..., 0]  # (layers, batch, heads)
-        layers, batch, heads = top.shape
-        prompt_ids = self.batch.input_ids
-        in_needle = _in_span(top, self.batch.span_start, self.batch.span_end)
-        # Token at each head's argmax (clamped: positions outside the prompt are already out of the span).
-        looked_at = top.clamp(0, prompt_ids.shape[1] - 1).permute(1, 0, 2).reshape(batch, layers * heads)
-        looked_at_token = prompt_ids.gather(1, looked_at).view(batch, layers, heads).permute(1, 0, 2)
-        copied = in_needle & (looked_at_token == view.tokens.view(1, batch, 1))
-        needle_len = (self.batch.span_end - self.batch.span_start).clamp(min=1).float()
-        return copied.float() / needle_len.view(1, batch, 1)
-
-
-class ReasoningScorer(Scorer):
-    """Reasoning score: top-k attention mass on the model's own generated tokens plus the question.
-
-    With the question at [qs, qe) and the prompt ending at prompt_len, at each step s:
-        T = the top-k positions of A[l, h, :]
-        score[l, h] += generated_weight * sum(A[i] for i in T if i >= prompt_len)
-                     + query_weight     * sum(A[i] for i in T if qs <= i < qe)
-    (positions >= prompt_len are the generated tokens fed so far, the current one included).
-    Only heads with a score > 0 join a head's list, unless `keep_zeros`.
-    """
-
-    name = "reasoning"
-    keep_zeros = False
-
-    @classmethod
-    def from_options(cls, options) -> "ReasoningScorer":
-        return cls(options.top_k, options.generated_weight, options.query_weight, options.keep_zeros)
-
-    def __init__(self, top_k: int = 5, generated_weight: float = 1.0, query_weight: float = 0.5,
-                 keep_zeros: bool = False):
-        self.top_k = top_k
-        self.generated_weight = generated_weight
-        self.query_weight = query_weight
-        self.keep_zeros = keep_zeros
-
-    def step_scores(self, view: StepView) -> torch.Tensor:
-        values = view.values[..., : self.top_k]  # (layers, batch, heads, k)
-        positions = view.positions[..., : self.top_k]
-        on_generated = positions >= self.batch.prompt_len
-        on_question = _in_span(positions, self.batch.span_start, self.batch.span_end)
-        weights = self.generated_weight * on_generated + self.query_weight * on_question
-        return (values * weights).sum(-1)
 
 
 SCORERS: dict[str, type[Scorer]] = {}
@@ -170,11 +115,6 @@ def register_scorer(cls: type[Scorer]) -> type[Scorer]:
     """Class decorator: make a scorer usable by name (`--scorer NAME`)."""
     SCORERS[cls.name] = cls
     return cls
-
-
-register_scorer(RetrievalScorer)
-register_scorer(ReasoningScorer)
-from . import field_scorers  # noqa: E402,F401  registers r2, query and the pattern scorers
 
 
 def load_scorer(spec: str, options) -> Scorer:
@@ -192,3 +132,14 @@ def load_scorer(spec: str, options) -> Scorer:
     else:
         raise HeadscopeError(f"unknown scorer {spec!r}: choose from {', '.join(sorted(SCORERS))} or give module:Class")
     return scorer_class.from_options(options)
+
+
+def keeps_zeros(rows: list[dict]) -> bool:
+    """The accumulation rule of the scorer that wrote these samples rows (they must agree)."""
+    rules = {row.get("keep_zeros") for row in rows if row.get("head_scores") is not None}
+    if None in rules:
+        raise HeadscopeError("a samples row has no keep_zeros field (written before headscope recorded the "
+                             "accumulation rule in each row): re-run or add the field")
+    if len(rules) > 1:
+        raise HeadscopeError("the samples rows mix accumulation rules (keep_zeros true and false)")
+    return rules.pop() if rules else True

@@ -1,0 +1,101 @@
+"""Pattern heads on repeated random blocks: previous-token, duplicate-token, induction and echo
+(TransformerLens `head_detector`, Olsson et al. 2022, RazorAttention)."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import HeadscopeError
+from .base import PromptBatch, Scorer, register_scorer
+
+
+class PatternScorer(Scorer):
+    """Base of the pattern-head scores, on the `pattern` task's prompts: a block of n random tokens
+    repeated R times at the end of the prompt (after BOS), the sequence starting at position t0.
+
+    For query position i, the score of a head is sum_{d in offsets} A[i, i - d] (keys i - d >= t0 only),
+    averaged over the query positions i >= t0 + first; a subclass gives `offsets(n, R)` and `first(n)`.
+    The rows come from the prefill, block by block; the last position's is decoding step 0's.
+    """
+
+    keep_zeros = True
+
+    def offsets(self, n: int, repeats: int) -> list[int]:
+        raise NotImplementedError
+
+    def first(self, n: int) -> int:
+        return n  # queries of the repeats r >= 1
+
+    def begin(self, batch: PromptBatch, num_layers: int, num_heads: int) -> None:
+        super().begin(batch, num_layers, num_heads)
+        shapes = {(s.meta.get("block_length"), s.meta.get("repeats")) for s in batch.samples}
+        if len(shapes) != 1 or None in next(iter(shapes)):
+            raise HeadscopeError(f"the {self.name} scorer needs the pattern task's samples (block_length, repeats)")
+        self.n, self.repeats = next(iter(shapes))
+        self.t0 = batch.prompt_len - self.n * self.repeats
+
+    def prefill_queries(self) -> tuple[int, int]:
+        return self.t0 + self.first(self.n), self.batch.prompt_len
+
+    def prefill_rows(self, layer, query_start, probs) -> None:
+        batch, heads, block, _ = probs.shape
+        query = torch.arange(query_start, query_start + block, device=probs.device)
+        score = probs.new_zeros(batch, heads, block)
+        for d in self.offsets(self.n, self.repeats):  # a few diagonals, each one gather over every head
+            key = query - d
+            index = key.clamp(min=0).view(1, 1, block, 1).expand(batch, heads, block, 1)
+            score += probs.gather(-1, index).squeeze(-1) * (key >= self.t0)
+        self.total[:, layer] += score.sum(-1).to(self.total.device)  # the layer may sit on another GPU
+
+    def step(self, view) -> None:  # the score is the prompt's
+        pass
+
+    def result(self) -> torch.Tensor:
+        return self.total / (self.batch.prompt_len - self.t0 - self.first(self.n))
+
+
+@register_scorer
+class PreviousTokenScorer(PatternScorer):
+    """Previous-token score: mean over positions i >= t0 + 1 of A[i, i - 1] (TransformerLens head_detector)."""
+
+    name = "previous_token"
+
+    def offsets(self, n, repeats):
+        return [1]
+
+    def first(self, n):
+        return 1
+
+
+@register_scorer
+class DuplicateTokenScorer(PatternScorer):
+    """Duplicate-token score: mean over the repeats r >= 1 of A[i, i - n], the same token one repeat earlier
+    (TransformerLens head_detector)."""
+
+    name = "duplicate_token"
+
+    def offsets(self, n, repeats):
+        return [n]
+
+
+@register_scorer
+class InductionScorer(PatternScorer):
+    """Induction score: mean over the repeats r >= 1 of A[i, i - n + 1], the token that followed the
+    current token's previous occurrence (Olsson et al. 2022; TransformerLens head_detector)."""
+
+    name = "induction"
+
+    def offsets(self, n, repeats):
+        if n < 2:
+            raise HeadscopeError("induction needs a block length of at least 2")
+        return [n - 1]
+
+
+@register_scorer
+class EchoScorer(PatternScorer):
+    """Echo score (RazorAttention, Tang et al. 2024): mean over the repeats r >= 1 of
+    sum_{r' < r} A[i, i - (r - r') n], the attention on every earlier occurrence of the current token."""
+
+    name = "echo"
+
+    def offsets(self, n, repeats):
+        return [m * n for m in range(1, repeats)]
