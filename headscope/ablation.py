@@ -14,29 +14,46 @@ import dataclasses
 import random
 import statistics
 import sys
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from . import check, analysis, loading, masking, outputs
-from .decode import num_layers_and_heads
-from .engine import DetectOptions, check_options, prepare_samples, run_batch, stop_rule, use_chat
+from . import analysis, masking, outputs
+from .engine import Run, encode_samples, run_batch, start_run, task_options
 from .errors import HeadscopeError
+from .options import option, parse_ints, validate
 
 
-def run_arm(loaded, task, options, samples, encoded, max_new_tokens, heads: list[str], mode: str) -> list[dict]:
-    """Every sample's row (response, score, passed) with `heads` masked."""
-    stop = stop_rule(loaded, options)
+def parse_top(text: str) -> list[int] | str:
+    return "auto" if text.strip() == "auto" else parse_ints(text)
+
+
+@dataclass
+class AblationSettings:
+    """What `ablate` adds to the task's options; the flags have the same names (random_k: --random)."""
+
+    scores: str | None = option(None, "a heads or summary file (NAME_TASK_heads.json)", group="ablation",
+                                required=True)
+    top: list[int] | str | None = option(None, "K, a sweep 1,5,10,20, or auto: the heads scoring at least "
+                                               "--min-score", group="ablation", required=True, parse=parse_top)
+    min_score: float = option(0.1, "with --top auto (Wu et al.'s cut for a retrieval head)", group="ablation")
+    random_k: int | None = option(None, "K random heads outside the top K (default: the same K; 0: no random "
+                                        "arm)", group="ablation", flag="--random", minimum=0)
+    repeats: int = option(3, "random draws (mean and std are reported)", group="ablation", minimum=1)
+    mode: str = option("uniform", "how a masked head is ablated", group="ablation", choices=masking.MODES)
+
+
+def run_arm(run: Run, items: list, heads: list[str], mode: str) -> list[dict]:
+    """Every sample's row (response, score, passed) with `heads` masked; items: (index, sample, encoded)."""
     by_layer: dict[int, list[int]] = {}
     for key in heads:
         layer, head = outputs.parse_head_key(key)
         by_layer.setdefault(layer, []).append(head)
     rows = []
-    items = list(zip(range(len(samples)), samples, encoded))
-    with masking.ablating(loaded.model, by_layer, mode):
-        for first in range(0, len(items), options.batch_size):
-            for row, _ in run_batch(loaded, items[first:first + options.batch_size], [], max_new_tokens, stop, task,
-                                    options):
-                rows.append(row)
+    batch_size = run.options.batch_size
+    with masking.ablating(run.loaded.model, by_layer, mode):
+        for first in range(0, len(items), batch_size):
+            rows.extend(row for row, _ in run_batch(run, items[first:first + batch_size], []))
     return rows
 
 
@@ -95,47 +112,38 @@ def heads_above(summary: dict[str, dict], min_score: float) -> int:
     return k
 
 
-def ablate(task: str, scores: str, top: list[int] | str, random_k: int | None = None, repeats: int = 3,
-           mode: str = "uniform", options: DetectOptions | None = None, loaded: loading.LoadedModel | None = None,
-           min_score: float = 0.1, **overrides) -> dict:
+def ablate(task: str, scores: str, top: list[int] | str, options=None, loaded=None, **overrides) -> dict:
     """Run the arms and write NAME_TASK_ablation.json (and pictures) in options.out. Returns that object.
 
-    ``top`` is a list of K, or ``"auto"``: K = the heads scoring at least ``min_score`` (see heads_above)."""
-    options = dataclasses.replace(options or DetectOptions(), **overrides)
-    check_options(task, options)
-    if mode not in masking.MODES:
-        raise HeadscopeError(f"--mode must be one of {', '.join(masking.MODES)}, not {mode!r}")
-    if repeats < 1:
-        raise HeadscopeError("--repeats must be at least 1")
+    ``top`` is a list of K, or ``"auto"``: K = the heads scoring at least ``min_score`` (see heads_above).
+    ``overrides`` set AblationSettings fields (random_k, repeats, mode, min_score) and the task's options."""
+    names = {spec.name for spec in dataclasses.fields(AblationSettings)}
+    settings = AblationSettings(scores=scores, top=top, **{k: v for k, v in overrides.items() if k in names})
+    validate(settings)
+    options = task_options(task, options, **{k: v for k, v in overrides.items() if k not in names})
     summary = analysis.load_summary(scores)
     if top == "auto":
-        top = [heads_above(summary, min_score)]
-    loaded = loaded or loading.load(options.model, options.dtype, options.device, options.attn,
-                                    options.trust_remote_code)
-    if loaded.eager_fallback:  # masking lives in headscope's attention function: it would be a silent no-op
-        raise HeadscopeError(f"{type(loaded.model).__name__} does not use transformers' attention interface, so "
-                             "headscope cannot mask its heads")
-    if options.check:
-        check.require(loaded, "ablate", need_ablation=True)
-    num_layers, num_heads = num_layers_and_heads(loaded.model)
-    all_keys = [outputs.head_key(layer, head) for layer in range(num_layers) for head in range(num_heads)]
+        top = [heads_above(summary, settings.min_score)]
+    run = start_run(task, options, loaded, command="ablate", scorers=False)
+    all_keys = run.keys
     unknown = sorted(set(summary) - set(all_keys), key=outputs.parse_head_key)
     if unknown:
-        raise HeadscopeError(f"{scores} has head {unknown[0]}, but the model has {num_layers} layers x {num_heads} "
-                             "heads: the score file is for another model")
+        raise HeadscopeError(f"{scores} has head {unknown[0]}, but the model has {len(all_keys)} heads: the score "
+                             "file is for another model")
     for k in top:
         if k < 0 or k > len(all_keys):
             raise HeadscopeError(f"K = {k} is not between 0 and the number of heads ({len(all_keys)})")
     ranking = [key for key, _ in outputs.ranked(summary)]
-    samples, encoded, max_new_tokens = prepare_samples(task, options, loaded, use_chat(options, loaded.tokenizer))
+    encoded = encode_samples(run, range(len(run.samples)))
+    items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
 
     arms_to_run = [("none", 0, [[]])]
     for k in top:
         arms_to_run.append((f"top-{k}", k, [ranking[:k]]))
-        if k and (random_k is None or random_k > 0):
-            count = k if random_k is None or len(top) > 1 else random_k
-            arms_to_run.append((f"random-{count}", count,
-                                [random_heads(all_keys, ranking[:k], count, options.seed + r) for r in range(repeats)]))
+        if k and (settings.random_k is None or settings.random_k > 0):
+            count = k if settings.random_k is None or len(top) > 1 else settings.random_k
+            arms_to_run.append((f"random-{count}", count, [random_heads(all_keys, ranking[:k], count, options.seed + r)
+                                                            for r in range(settings.repeats)]))
     results, rows_of = {}, {}
     progress = tqdm(total=sum(len(h) for _, _, h in arms_to_run), desc=f"ablate {task}", unit="arm",
                     disable=options.quiet, file=sys.stderr)
@@ -144,15 +152,15 @@ def ablate(task: str, scores: str, top: list[int] | str, random_k: int | None = 
             continue
         per_repeat = []
         for heads in head_sets:
-            per_repeat.append(run_arm(loaded, task, options, samples, encoded, max_new_tokens, heads, mode))
+            per_repeat.append(run_arm(run, items, heads, settings.mode))
             progress.update(1)
         drawn = name.startswith("random-")
         results[name] = arm_result(per_repeat, k, head_sets if drawn else head_sets[0], drawn)
         rows_of[name] = [row for rows in per_repeat for row in rows]
     progress.close()
 
-    report = {"task": task, "model": loaded.path, "scores": str(scores), "mode": mode, "samples": len(samples),
-              "none": results["none"]}
+    report = {"task": task, "model": run.loaded.path, "scores": str(scores), "mode": settings.mode,
+              "samples": len(run.samples), "none": results["none"]}
     if len(top) == 1:
         k = top[0]
         report["top"] = results[f"top-{k}"]
@@ -161,11 +169,11 @@ def ablate(task: str, scores: str, top: list[int] | str, random_k: int | None = 
             report["random"] = results[random_name]
     else:
         report["sweep"] = [{"k": k, "top": results[f"top-{k}"], "random": results.get(f"random-{k}")} for k in top]
-    paths = outputs.output_paths(options.out, loaded.name, task)
+    paths = outputs.output_paths(options.out, run.loaded.name, task)
     path = paths["heads"].with_name(paths["heads"].name.replace("_heads.json", "_ablation.json"))
     outputs.atomic_write_json(path, report)
     report["path"] = str(path)
-    report["pictures"] = draw(report, rows_of, path)
+    report["pictures"] = draw(report, rows_of, path) if options.plots else []
     return report
 
 

@@ -6,12 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+from .options import parse_ints
 
 
 def add_kv_options(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +30,7 @@ def add_commands(subparsers) -> None:
     compare = subparsers.add_parser("compare", help="agreement of two score files: top-K overlap, Spearman")
     compare.add_argument("a")
     compare.add_argument("b")
-    compare.add_argument("--top", type=_ints, help="values of K (default 5,10,20,30, those up to the head count)")
+    compare.add_argument("--top", type=parse_ints, help="values of K (default 5,10,20,30, those up to the head count)")
     compare.add_argument("--plot", help="scatter plot path (default: A_vs_B.png next to A)")
     compare.add_argument("--no-plot", action="store_true")
     compare.set_defaults(handler=run_compare)

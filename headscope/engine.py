@@ -16,59 +16,11 @@ from tqdm import tqdm
 from . import check, loading, outputs, store
 from .decode import StopRule, eos_token_ids, greedy_decode, newline_token_ids, num_layers_and_heads
 from .errors import HeadscopeError
-from .metrics import METRICS, score_response
+from .metrics import passes, score_response
+from .options import DetectOptions, build, validate
 from .scorers import PromptBatch, load_scorer
 from .spans import encode_with_span
-from .tasks import TASKS, prompt_template
-
-
-
-@dataclass
-class DetectOptions:
-    """Every option of `headscope detect`; the CLI flags have the same names."""
-
-    model: str | None = None  # None: the bundled organism
-    dtype: str = "auto"
-    device: str = "auto"
-    attn: str = "sdpa"
-    trust_remote_code: bool = False
-    max_new_tokens: int | None = None  # None: the task's default (retrieval 50, reasoning 100)
-    out: str = "head_scores"
-    overwrite: bool = False
-    save_prompts: bool = False
-    chat: str = "auto"  # auto | on | off
-    stop_at_newline: bool = True
-    success_threshold: float = 50.0
-    metric: str = "rouge1"
-    keep_zeros: bool = False
-    batch_size: int = 1
-    seed: int = 0
-    length_buffer: int = 200
-    context_lengths: list[int] | None = None
-    min_length: int = 1000
-    max_length: int | None = 50000
-    num_lengths: int = 20
-    # retrieval
-    haystack: str | None = None
-    needles: str | None = None
-    depths: list[float] | None = None
-    num_depths: int = 10
-    depth_spacing: str = "linear"
-    # reasoning
-    data: str | None = None
-    fields: dict | None = None
-    num_samples: int | None = None
-    top_k: int = 5
-    generated_weight: float = 1.0
-    query_weight: float = 0.5
-    # pattern
-    block_length: int = 32
-    block_repeats: int = 4
-    quiet: bool = False
-    append: bool = False  # add this run to a folder that holds a run with other settings
-    scorer: str | None = None  # comma-separated scorer names or module:Class (default: the task's own)
-    shard: str | None = None  # "I/N": run every N-th sample from the I-th (merge the shards with `headscope merge`)
-    check: bool = True  # run `headscope check`'s figures on the model before the run, and refuse if it fails
+from .tasks import TASKS, Task
 
 
 @dataclass
@@ -85,22 +37,55 @@ class DetectResult:
                 "span_errors": sum(s["error"] is not None for s in self.samples)}
 
 
-def check_options(task: str, options: DetectOptions) -> None:
+@dataclass
+class Run:
+    """One run of a task on a loaded model: what every stage of the engine reads."""
+
+    task: Task
+    options: DetectOptions  # the task's own options dataclass
+    loaded: loading.LoadedModel
+    chat: bool  # the prompts are wrapped in the chat template
+    samples: list  # the task's Samples, not yet tokenised
+    scorers: list
+    stop: StopRule
+
+    @property
+    def keys(self) -> list[str]:
+        num_layers, num_heads = num_layers_and_heads(self.loaded.model)
+        return [outputs.head_key(layer, head) for layer in range(num_layers) for head in range(num_heads)]
+
+
+def task_options(task: str, options=None, **overrides):
+    """The task's options dataclass, from any options object (the fields they share) and overrides by name."""
     if task not in TASKS:
         raise HeadscopeError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
-    if options.metric not in METRICS:
-        raise HeadscopeError(f"--metric must be one of {', '.join(METRICS)}, not {options.metric!r}")
-    if options.chat not in ("auto", "on", "off"):
-        raise HeadscopeError(f"--chat must be auto, on or off, not {options.chat!r}")
-    for name in ("batch_size", "top_k", "num_depths", "num_lengths"):
-        if getattr(options, name) < 1:
-            raise HeadscopeError(f"--{name.replace('_', '-')} must be at least 1")
-    if options.max_new_tokens is not None and options.max_new_tokens < 1:
-        raise HeadscopeError("--max-new-tokens must be at least 1")
+    options = build(TASKS[task].options, options, **overrides)
+    validate(options)
+    return options
 
 
-def make_scorers(task: str, options: DetectOptions) -> list:
-    names = [n.strip() for n in (options.scorer or TASKS[task].default_scorer).split(",") if n.strip()]
+def start_run(task: str, options, loaded: loading.LoadedModel | None, command: str = "detect",
+              scorers: bool = True) -> Run:
+    """Validate, load the model (unless given), run the exactness check, build the samples and the scorers."""
+    make = make_scorers(TASKS[task], options) if scorers else []
+    loaded = loaded or loading.load(options.model, options.dtype, options.device, options.attn,
+                                    options.trust_remote_code)
+    if command == "ablate" and loaded.eager_fallback:  # masking lives in headscope's attention function
+        raise HeadscopeError(f"{type(loaded.model).__name__} does not use transformers' attention interface, so "
+                             "headscope cannot mask its heads")
+    if options.check:
+        check.require(loaded, command, need_ablation=command == "ablate")
+    chat = use_chat(options, loaded.tokenizer)
+    samples = TASKS[task].build(dataclasses.replace(options, chat=chat), loaded.tokenizer, loaded.max_context)
+    if not samples:
+        raise HeadscopeError("the task produced no samples: check the data and the grid options")
+    stop = StopRule(eos_token_ids(loaded.model, loaded.tokenizer),
+                    newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
+    return Run(TASKS[task], options, loaded, chat, samples, make, stop)
+
+
+def make_scorers(task: Task, options) -> list:
+    names = [n.strip() for n in (options.scorer or task.default_scorer).split(",") if n.strip()]
     scorers = [load_scorer(name, options) for name in names]
     labels = [scorer.name for scorer in scorers]
     if len(set(labels)) != len(labels):
@@ -108,61 +93,50 @@ def make_scorers(task: str, options: DetectOptions) -> list:
     return scorers
 
 
-def file_label(task: str, scorer) -> str:
+def file_label(task: Task, scorer) -> str:
     """Files are NAME_TASK_* for the task's own scorer and NAME_TASK_SCORER_* for any other."""
-    return task if scorer.name == TASKS[task].default_scorer else f"{task}_{scorer.name}"
+    return task.name if scorer.name == task.default_scorer else f"{task.name}_{scorer.name}"
 
 
 def detect(task: str, options: DetectOptions | None = None, loaded: loading.LoadedModel | None = None,
            **overrides) -> DetectResult:
-    """Run one detection and write its files. `overrides` set DetectOptions fields by name.
+    """Run one detection and write its files. `overrides` set the task's options fields by name.
 
     With several scorers (`scorer="retrieval,r2"`) every scorer reads the same generation; the result
     is the first scorer's, the others' are in `result.by_scorer`.
     """
-    options = dataclasses.replace(options or DetectOptions(), **overrides)
-    check_options(task, options)
+    options = task_options(task, options, **overrides)
     started = time.time()
-    scorers = make_scorers(task, options)
-    loaded = loaded or loading.load(options.model, options.dtype, options.device, options.attn,
-                                    options.trust_remote_code)
-    if options.check:
-        check.require(loaded, "detect", need_ablation=False)
-    chat = use_chat(options, loaded.tokenizer)
-    samples = build_samples(task, options, loaded, chat)
-    max_new_tokens = options.max_new_tokens or TASKS[task].default_max_new_tokens
-
+    run = start_run(task, options, loaded)
     shard = parse_shard(options.shard)
-    mine = [index for index in range(len(samples)) if shard is None or index % shard[1] == shard[0]]
-    num_layers, num_heads = num_layers_and_heads(loaded.model)
-    keys = [outputs.head_key(layer, head) for layer in range(num_layers) for head in range(num_heads)]
-    run = store.run_id(task, dataclasses.asdict(options), loaded.name)
+    mine = [index for index in range(len(run.samples)) if shard is None or index % shard[1] == shard[0]]
+    run_id = store.run_id(task, dataclasses.asdict(options), run.loaded.name)
     stores = {}
     try:
-        for scorer in scorers:
-            paths = outputs.output_paths(options.out, loaded.name, file_label(task, scorer), shard)
-            stores[scorer.name] = store.RunStore(paths, run, keys, options.overwrite, options.append)
-        todo = [i for i in mine if any(samples[i].id not in runs.done for runs in stores.values())]
+        for scorer in run.scorers:
+            paths = outputs.output_paths(options.out, run.loaded.name, file_label(run.task, scorer), shard)
+            stores[scorer.name] = store.RunStore(paths, run_id, run.keys, options.overwrite, options.append)
+        todo = [i for i in mine if any(run.samples[i].id not in runs.done for runs in stores.values())]
         if options.append and not todo:
-            raise HeadscopeError(f"this run ({run}) is already complete in {options.out}: nothing to append")
-        encoded = encode_samples(task, samples, todo, loaded, max_new_tokens)  # this shard's, still to do
-        info = manifest(task, options, loaded, chat, started, run, keys, shard)
-        for scorer in scorers:
+            raise HeadscopeError(f"this run ({run_id}) is already complete in {options.out}: nothing to append")
+        encoded = encode_samples(run, todo)  # this shard's, still to do
+        info = manifest(run, started, run_id, shard)
+        for scorer in run.scorers:
             outputs.atomic_write_json(stores[scorer.name].paths["manifest"], info | {"scorer": scorer.name})
-        decode_all(loaded, task, options, samples, encoded, mine, todo, scorers, stores, max_new_tokens, keys)
+        decode_all(run, encoded, len(mine), todo, stores)
     finally:
         for runs in stores.values():
             runs.close()
 
     results = {}
-    for scorer in scorers:
+    for scorer in run.scorers:
         runs = stores[scorer.name]
-        heads, summary = store.write_derived(runs.paths, runs.rows, keys)
+        heads, summary = store.write_derived(runs.paths, runs.rows, run.keys)
         finished = info | {"scorer": scorer.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         outputs.atomic_write_json(runs.paths["manifest"], finished)
-        this_run = [row for row in runs.rows if row.get("run") == run]
+        this_run = [row for row in runs.rows if row.get("run") == run_id]
         results[scorer.name] = DetectResult(heads, summary, this_run, runs.paths)
-    first = results[scorers[0].name]
+    first = results[run.scorers[0].name]
     first.by_scorer = results
     return first
 
@@ -175,53 +149,33 @@ def use_chat(options: DetectOptions, tokenizer) -> bool:
     return options.chat == "on" or (options.chat == "auto" and has_template)
 
 
-def stop_rule(loaded, options: DetectOptions) -> StopRule:
-    return StopRule(eos_token_ids(loaded.model, loaded.tokenizer),
-                    newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
-
-
-def build_samples(task, options, loaded, chat) -> list:
-    """The task's samples (prompt texts and spans), not yet tokenised."""
-    samples = TASKS[task].build(dataclasses.replace(options, chat=chat), loaded.tokenizer, loaded.max_context)
-    if not samples:
-        raise HeadscopeError("the task produced no samples: check the data and the grid options")
-    return samples
-
-
-def encode_samples(task, samples, indices, loaded, max_new_tokens) -> dict:
+def encode_samples(run: Run, indices) -> dict:
     """{index: encoded prompt} for the samples at `indices` (a shard's, still to do: never the whole grid on
     every rank); checks that each fits the model's context."""
-    encoded = {}
+    encoded, tokenizer, max_context = {}, run.loaded.tokenizer, run.loaded.max_context
+    budget = run.options.max_new_tokens
     for index in indices:
-        sample = samples[index]
-        prompt = encode_with_span(loaded.tokenizer, sample, TASKS[task].span_overlap_threshold)
-        if loaded.max_context and len(prompt.input_ids) + max_new_tokens > loaded.max_context:
-            raise HeadscopeError(f"sample {sample.id}: {len(prompt.input_ids)} prompt tokens + {max_new_tokens} new "
-                                 f"tokens exceed the model's maximum context of {loaded.max_context}")
+        sample = run.samples[index]
+        prompt = encode_with_span(tokenizer, sample, run.task.span_overlap_threshold)
+        if max_context and len(prompt.input_ids) + budget > max_context:
+            raise HeadscopeError(f"sample {sample.id}: {len(prompt.input_ids)} prompt tokens + {budget} new "
+                                 f"tokens exceed the model's maximum context of {max_context}")
         if len(prompt.input_ids) == 0:
             raise HeadscopeError(f"sample {sample.id}: the prompt is empty")
         encoded[index] = prompt
     return encoded
 
 
-def prepare_samples(task, options, loaded, chat):
-    """Every sample of the task, tokenised: (samples, encoded prompts, max_new_tokens). For ablation's arms."""
-    samples = build_samples(task, options, loaded, chat)
-    max_new_tokens = options.max_new_tokens or TASKS[task].default_max_new_tokens
-    encoded = encode_samples(task, samples, range(len(samples)), loaded, max_new_tokens)
-    return samples, [encoded[index] for index in range(len(samples))], max_new_tokens
-
-
-def decode_all(loaded, task, options, samples, encoded, mine, todo, scorers, stores, max_new_tokens, keys):
+def decode_all(run: Run, encoded: dict, total: int, todo: list[int], stores: dict) -> None:
     """Decode the samples still to do, batch by batch, appending each finished one to every scorer's file."""
-    stop = stop_rule(loaded, options)
+    options, scorers = run.options, run.scorers
     primary = stores[scorers[0].name]
-    running = RunningTop(keys, store.derive_heads(primary.rows, keys))
-    progress = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{task} {loaded.name}", unit="sample",
-                    disable=options.quiet, file=sys.stderr)
+    running = RunningTop(run.keys, store.derive_heads(primary.rows, run.keys))
+    progress = tqdm(total=total, initial=total - len(todo), desc=f"{run.task.name} {run.loaded.name}",
+                    unit="sample", disable=options.quiet, file=sys.stderr)
     for first in range(0, len(todo), options.batch_size):
-        items = [(index, samples[index], encoded[index]) for index in todo[first:first + options.batch_size]]
-        for row, per_scorer in run_batch(loaded, items, scorers, max_new_tokens, stop, task, options):
+        items = [(index, run.samples[index], encoded[index]) for index in todo[first:first + options.batch_size]]
+        for row, per_scorer in run_batch(run, items, scorers):
             for scorer in scorers:
                 runs = stores[scorer.name]
                 if row["id"] not in runs.done:
@@ -265,19 +219,20 @@ class RunningTop:
         return "  ".join(f"{self.keys[i]} {mean[i]:.3f}" for i in top)
 
 
-def run_batch(loaded, items, scorers, max_new_tokens, stop, task, options):
+def run_batch(run: Run, items: list, scorers: list):
     """Decode a batch of (index, sample, encoded prompt); yield each sample's row and {scorer: (layers, heads)}."""
     started = time.time()
     runnable = []
     for index, sample, prompt in items:
-        if prompt.span is None and TASKS[task].span_required:  # a needle we cannot find is an error, not a zero
-            yield {"index": index} | sample_row(sample, prompt, task, options, response="", score=0.0, passed=False,
-                                                error=f"could not locate {sample.span_text!r} in the prompt",
-                                                seconds=0.0), {}
+        if prompt.span is None and run.task.span_required:  # a needle we cannot find is an error, not a zero
+            error = f"could not locate {sample.span_text!r} in the prompt"
+            yield {"index": index} | sample_row(run, sample, prompt, dict(response="", score=0.0, passed=False,
+                                                                          error=error, seconds=0.0)), {}
         else:
             runnable.append((index, sample, prompt))
     if not runnable:
         return
+    loaded = run.loaded
     device = loaded.device
     width = max(len(prompt.input_ids) for _, _, prompt in runnable)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
@@ -297,49 +252,52 @@ def run_batch(loaded, items, scorers, max_new_tokens, stop, task, options):
     for scorer in scorers:
         scorer.begin(batch, *num_layers_and_heads(loaded.model))
     generated = greedy_decode(loaded.model, input_ids, attention_mask.to(device) if len(runnable) > 1 else None,
-                              scorers, max_new_tokens, stop, loaded.eager_fallback)
+                              scorers, run.options.max_new_tokens, run.stop, loaded.eager_fallback)
     per_scorer = {scorer.name: scorer.result().float().cpu() for scorer in scorers}  # each (batch, layers, heads)
     seconds = (time.time() - started) / len(runnable)
     for i, (index, sample, prompt) in enumerate(runnable):
         response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
-        score = score_response(options.metric, sample.answer, response)
-        passed = score > options.success_threshold or not TASKS[task].success_filter
-        row = sample_row(sample, prompt, task, options, response, score, passed, None, seconds)
+        score = score_response(run.options.metric, sample.answer, response)
+        passed = passes(score, run.options.success_threshold) or not run.task.success_filter
+        row = sample_row(run, sample, prompt, dict(response=response, score=score, passed=passed, error=None,
+                                                   seconds=seconds))
         yield {"index": index} | row, {name: scores[i] for name, scores in per_scorer.items()}
 
 
-def sample_row(sample, prompt, task, options, response, score, passed, error, seconds) -> dict:
-    row = {"id": sample.id, "task": task, **sample.meta, "prompt_tokens": len(prompt.input_ids),
+def sample_row(run: Run, sample, prompt, outcome: dict) -> dict:
+    """A samples.jsonl row; outcome: response, score, passed, error, seconds."""
+    row = {"id": sample.id, "task": run.task.name, **sample.meta, "prompt_tokens": len(prompt.input_ids),
            "span": list(prompt.span) if prompt.span else None, "span_method": prompt.method,
-           "response": response, "score": score, "passed": passed, "error": error, "duration_s": round(seconds, 4)}
-    if options.save_prompts:
+           "response": outcome["response"], "score": outcome["score"], "passed": outcome["passed"],
+           "error": outcome["error"], "duration_s": round(outcome["seconds"], 4)}
+    if run.options.save_prompts:
         row["prompt"] = sample.prompt
     return row
 
 
-def manifest(task, options, loaded, chat, started, run, keys, shard) -> dict:
+def manifest(run: Run, started: float, run_id: str, shard) -> dict:
     versions = {}
     for package in ("headscope", "torch", "transformers", "tokenizers", "rouge-score"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    config = loaded.model.config
+    loaded = run.loaded
     return {
-        "task": task,
-        "options": dataclasses.asdict(options),
+        "task": run.task.name,
+        "options": dataclasses.asdict(run.options),
         "model_path": loaded.path,
-        "model_revision": getattr(config, "_commit_hash", None),
+        "model_revision": getattr(loaded.model.config, "_commit_hash", None),
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "attention": loaded.attention,
-        "chat_template": chat,
-        "prompt_template": prompt_template(task, chat),
-        "seed": options.seed,
+        "chat_template": run.chat,
+        "prompt_template": run.task.prompt_template(run.chat),
+        "seed": run.options.seed,
         "versions": versions,
         "python": platform.python_version(),
-        "run": run,
+        "run": run_id,
         "shard": f"{shard[0]}/{shard[1]}" if shard else None,
-        "heads": keys,
+        "heads": run.keys,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "finished": None,
     }

@@ -28,7 +28,7 @@ from .errors import HeadscopeError
 
 # Options that do not change any score: left out of the run id.
 NOT_IN_RUN_ID = {"scorer", "out", "overwrite", "append", "quiet", "batch_size", "save_prompts", "device", "shard", "model",
-                 "trust_remote_code"}
+                 "trust_remote_code", "plots", "check"}
 
 
 def run_id(task: str, options: dict, model_name: str) -> str:

@@ -16,8 +16,6 @@ from headscope.tasks.retrieval import (
     linear_lengths,
     load_haystack,
     load_needles,
-    parse_depths,
-    parse_lengths,
 )
 
 SENTENCE = "the cat saw a dog ."  # 6 word-level tokens, a period every 6th token
@@ -116,17 +114,6 @@ def test_depth_percents():
     assert sig[1] - sig[0] < sig[5] - sig[4]  # denser near the ends
     with pytest.raises(HeadscopeError, match="'linear' or 'sigmoid'"):
         depth_percents(5, "log")
-
-
-def test_parse_helpers():
-    assert parse_lengths("1000, 2000") == [1000, 2000]
-    assert parse_depths("0,50.5,100") == [0, 50.5, 100]
-    for bad, message in [("1000,abc", "'abc' is not a number"), ("1000,,2000", "empty entry"),
-                         ("", "no context lengths"), ("0", "positive"), ("10,10", "repeat")]:
-        with pytest.raises(HeadscopeError, match=message):
-            parse_lengths(bad)
-    with pytest.raises(HeadscopeError, match="from 0 to 100"):
-        parse_depths("50,120")
 
 
 # ----------------------------------------------------------------------------- retrieval: samples

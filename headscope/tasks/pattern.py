@@ -11,9 +11,11 @@ from __future__ import annotations
 import random
 
 from headscope.errors import HeadscopeError
-from headscope.tasks.base import Sample
+from dataclasses import dataclass
 
-DEFAULT_SEQUENCES = 8
+from headscope.options import DetectOptions, option
+from headscope.tasks.base import Sample, Task, register_task
+
 
 
 def word_pool(tokenizer, size: int, rng: random.Random) -> list[tuple[str, int]]:
@@ -34,7 +36,7 @@ def word_pool(tokenizer, size: int, rng: random.Random) -> list[tuple[str, int]]
     return pool
 
 
-def build_pattern_samples(tokenizer, block_length: int = 32, repeats: int = 4, num_sequences: int = DEFAULT_SEQUENCES,
+def build_pattern_samples(tokenizer, block_length: int = 32, repeats: int = 4, num_sequences: int = 8,
                           seed: int = 0) -> list[Sample]:
     if block_length < 2 or repeats < 2 or num_sequences < 1:
         raise HeadscopeError("pattern needs --block-length >= 2, --repeats >= 2 and at least one sequence")
@@ -55,3 +57,25 @@ def build_pattern_samples(tokenizer, block_length: int = 32, repeats: int = 4, n
                               answer=block[0][0], span_text=None, span_char=None,
                               meta={"block_length": block_length, "repeats": repeats, "sequence": index}))
     return samples
+
+
+@dataclass
+class PatternOptions(DetectOptions):
+    max_new_tokens: int = option(1, "decoding budget (the scores read the prefill)", minimum=1)
+    block_length: int = option(32, "random words in the repeated block", group="data", minimum=2)
+    block_repeats: int = option(4, "times the block is repeated", group="data", flag="--repeats", minimum=2)
+    num_samples: int = option(8, "number of random sequences", group="data", minimum=1)
+
+
+def build(options: PatternOptions, tokenizer, max_context: int | None) -> list[Sample]:
+    return build_pattern_samples(tokenizer, options.block_length, options.block_repeats, options.num_samples,
+                                 options.seed)
+
+
+def prompt_template(chat: bool) -> str:
+    return " {w1} ... {wn} {w1} ... {wn} ...  (a block of random words, repeated)"
+
+
+register_task(Task("pattern", "previous-token, duplicate-token, induction and echo heads on repeated tokens",
+                   PatternOptions, build, "induction", prompt_template, span_overlap_threshold=0.9,
+                   success_filter=False))

@@ -14,7 +14,10 @@ from pathlib import Path
 from headscope.errors import HeadscopeError
 from headscope.spans import _span_from_offsets
 from headscope.tasks import reasoning
-from headscope.tasks.base import Sample
+from dataclasses import dataclass
+
+from headscope.options import DetectOptions, option
+from headscope.tasks.base import DATA_DIR, Sample, Task, register_task
 
 NULL_QUESTION = "N/A"
 
@@ -80,3 +83,21 @@ def build_query_samples(tokenizer, records: list[dict], chat: bool = False) -> l
                               meta={"documents": documents, "gold": record["gold"],
                                     "null_question_ids": null_ids[null[0]:null[1]]}))
     return samples
+
+
+@dataclass
+class QueryOptions(DetectOptions):
+    max_new_tokens: int = option(1, "decoding budget (the score reads the prefill)", minimum=1)
+    data: str | None = option(None, "JSON list or JSON Lines with id, documents, gold, question, answer "
+                                    "(default: the bundled documents)", group="data")
+    num_samples: int | None = option(None, "sample this many records (with --seed)", group="data", minimum=1)
+
+
+def build(options: QueryOptions, tokenizer, max_context: int | None) -> list[Sample]:
+    records = load_query_data(options.data or DATA_DIR / "query.jsonl", options.num_samples, options.seed)
+    return build_query_samples(tokenizer, records, chat=options.chat)
+
+
+register_task(Task("query", "query-focused retrieval heads (QRHead): question -> gold document attention",
+                   QueryOptions, build, "query", reasoning.prompt_template, span_required=True,
+                   success_filter=False))

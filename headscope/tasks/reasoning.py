@@ -7,7 +7,10 @@ from pathlib import Path
 
 from headscope.errors import HeadscopeError
 from headscope.spans import chat_prompt
-from headscope.tasks.base import Sample
+from dataclasses import dataclass
+
+from headscope.options import option
+from headscope.tasks.base import DATA_DIR, ContextOptions, Sample, Task, checked_lengths, register_task
 
 RECORD_FIELDS = ("id", "context", "question", "answer")
 DEFAULT_ID_KEYS = ("example_id", "id")  # tried in this order when --fields does not name the id
@@ -173,3 +176,36 @@ def build_reasoning_samples(
             built[context].meta["covers_lengths"] = [length]
             samples.append(built[context])
     return samples
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+@dataclass
+class ReasoningOptions(ContextOptions):
+    max_new_tokens: int = option(100, "decoding budget", minimum=1)
+    data: str | None = option(None, "JSON list or JSON Lines with id, context, question, answer "
+                                    "(default: the bundled organism questions)", group="data")
+    fields: dict | None = option(None, "rename fields, e.g. id=qid,answer=gold", group="data", parse=parse_fields)
+    num_samples: int | None = option(None, "sample this many records (with --seed)", group="data", minimum=1)
+    top_k: int = option(5, "positions of each attention row scored", group="reasoning score", minimum=1)
+    generated_weight: float = option(1.0, "weight of attention on generated tokens", group="reasoning score")
+    query_weight: float = option(0.5, "weight of attention on the question", group="reasoning score")
+    keep_zeros: bool = option(False, "append zero scores to the head lists too", group="reasoning score")
+
+
+def build(options: ReasoningOptions, tokenizer, max_context: int | None) -> list[Sample]:
+    records = load_reasoning_data(options.data or DATA_DIR / "reasoning.jsonl", fields=options.fields,
+                                  num_samples=options.num_samples, seed=options.seed)
+    lengths = checked_lengths(options.context_lengths, max_context) if options.context_lengths else None
+    return build_reasoning_samples(tokenizer, records, lengths, length_buffer=options.length_buffer,
+                                   chat=options.chat)
+
+
+def prompt_template(chat: bool) -> str:
+    text = PROMPT_HEAD + "{context}" + PROMPT_MIDDLE + "{question}" + PROMPT_TAIL
+    return text + ("  (as the chat user turn)" if chat else "")
+
+
+register_task(Task("reasoning", "reasoning heads: attention on generated tokens and the question",
+                   ReasoningOptions, build, "reasoning", prompt_template))

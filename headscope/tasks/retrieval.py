@@ -14,7 +14,10 @@ import numpy as np
 
 from headscope.errors import HeadscopeError
 from headscope.spans import chat_prompt
-from headscope.tasks.base import Sample
+from dataclasses import dataclass
+
+from headscope.options import option, parse_floats
+from headscope.tasks.base import DATA_DIR, ContextOptions, Sample, Task, checked_lengths, register_task
 
 NEEDLE_FIELDS = ("needle", "question", "real_needle")
 QUESTION_SUFFIX = "\nBased on the content of the book, Question: {question}\nAnswer:"
@@ -128,35 +131,6 @@ def depth_percents(num: int, spacing: str = "linear") -> list[int | float]:
     if spacing == "sigmoid":
         return list(dict.fromkeys(_tidy_depth(_logistic(float(x))) for x in grid))
     raise HeadscopeError(f"depth spacing must be 'linear' or 'sigmoid', got {spacing!r}")
-
-
-def _parse_numbers(text: str, what: str, number) -> list:
-    items = [item.strip() for item in str(text).split(",")]
-    if not any(items):
-        raise HeadscopeError(f"no {what} given")
-    values = []
-    for item in items:
-        if not item:
-            raise HeadscopeError(f"empty entry in {what} {text!r}")
-        try:
-            values.append(number(item))
-        except ValueError:
-            raise HeadscopeError(f"{what}: {item!r} is not a number (expected e.g. '1000,2000')") from None
-    return values
-
-
-def parse_lengths(text: str) -> list[int]:
-    """"1000,2000" -> [1000, 2000]"""
-    lengths = _parse_numbers(text, "context lengths", int)
-    _check_lengths(lengths)
-    return lengths
-
-
-def parse_depths(text: str) -> list[float]:
-    """"0,50,100" -> [0, 50, 100] (ints where whole, floats otherwise)"""
-    depths = [_tidy_depth(d) for d in _parse_numbers(text, "depth percents", float)]
-    _check_depths(depths)
-    return depths
 
 
 def _check_lengths(lengths) -> None:
@@ -317,3 +291,49 @@ def build_retrieval_samples(
                     )
                 )
     return samples
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+@dataclass
+class RetrievalOptions(ContextOptions):
+    min_length: int = option(1000, "shortest context of the grid", group="context lengths", minimum=1)
+    max_length: int | None = option(50000, "longest context of the grid (capped at the model's maximum)",
+                                    group="context lengths", minimum=1)
+    num_lengths: int = option(20, "context lengths in the grid, evenly spaced", group="context lengths", minimum=1)
+    haystack: str | None = option(None, "folder of .txt files (default: the bundled haystack)", group="data")
+    needles: str | None = option(None, "JSON Lines of {needle, question, real_needle}", group="data")
+    depths: list[float] | None = option(None, "needle depths in percent, e.g. 0,50,100", group="data",
+                                        parse=parse_floats)
+    num_depths: int = option(10, "needle depths from 0 to 100%", group="data", minimum=1)
+    depth_spacing: str = option("linear", "how the depths are spaced", group="data", choices=("linear", "sigmoid"))
+
+
+def grid_lengths(options: RetrievalOptions, max_context: int | None) -> list[int]:
+    """Explicit --context-lengths (checked against the model), or the --min/--max/--num-lengths grid (capped)."""
+    if options.context_lengths:
+        return checked_lengths(options.context_lengths, max_context)
+    top = min(options.max_length, max_context) if max_context else options.max_length
+    if options.min_length > top:
+        raise HeadscopeError(f"--min-length {options.min_length} is larger than the model's maximum of {top}")
+    return sorted(set(linear_lengths(options.min_length, top, options.num_lengths)))
+
+
+def build(options: RetrievalOptions, tokenizer, max_context: int | None) -> list[Sample]:
+    haystack = load_haystack(options.haystack or DATA_DIR / "haystack")
+    needles = load_needles(options.needles or DATA_DIR / "needles.jsonl")
+    depths = options.depths if options.depths else depth_percents(options.num_depths, options.depth_spacing)
+    return build_retrieval_samples(tokenizer, haystack, needles, grid_lengths(options, max_context), depths,
+                                   length_buffer=options.length_buffer, chat=options.chat)
+
+
+def prompt_template(chat: bool) -> str:
+    if chat:
+        return CHAT_BOOK_PREFIX + "{haystack}" + CHAT_BOOK_SUFFIX + "  (as the chat user turn)"
+    return "{haystack}" + QUESTION_SUFFIX
+
+
+register_task(Task("retrieval", "needle-in-a-haystack retrieval heads (Wu et al. 2024)", RetrievalOptions, build,
+                   "retrieval", prompt_template, span_overlap_threshold=0.9, span_required=True,
+                   organism_defaults={"min_length": 300, "max_length": 1200, "num_lengths": 4, "num_depths": 5}))

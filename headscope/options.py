@@ -1,0 +1,143 @@
+"""Options as dataclasses, and the command line generated from them.
+
+`DetectOptions` holds what every task shares; each task extends it with its own dataclass next to its
+prompt builder (tasks/<task>.py). A field's type, default and help (its `option(...)` metadata) are
+the only place an option is defined: `add_arguments` turns any such dataclass into argparse flags, and
+`validate` checks the choices and minimums the metadata declare.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import HeadscopeError
+
+
+def option(default, help: str, **cli):
+    """A dataclass field with its command-line metadata: help, and optionally group, flag (the flag's name
+    when not --field-name; for a True-default boolean the --no-... flag), choices, minimum, parse (a
+    function str -> value for types argparse cannot infer), required."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def parse_list(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+    parse.__name__ = f"list of {kind.__name__}"
+    return parse
+
+
+parse_ints, parse_floats = parse_list(int), parse_list(float)
+SCALARS = {"int": int, "float": float, "str": str, "list[int]": parse_ints, "list[float]": parse_floats}
+
+
+@dataclass
+class ModelOptions:
+    """Which model, and how it is loaded (`headscope check` takes these alone)."""
+
+    model: str | None = option(None, "name or path of a Hugging Face causal LM (default: the bundled organism)",
+                               group="model")
+    dtype: str = option("auto", "the weights' dtype (auto: the checkpoint's)", group="model",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = option("auto", "auto (every GPU via device_map, else CPU), cpu, cuda, cuda:1, ...", group="model")
+    attn: str = option("sdpa", "the fast backend of the prefill", group="model", choices=("sdpa", "flash_attention_2"))
+    trust_remote_code: bool = option(False, "passed to transformers", group="model")
+
+
+@dataclass
+class DetectOptions(ModelOptions):
+    """What every task shares; the flags have the same names (`--max-new-tokens` sets max_new_tokens)."""
+
+    max_new_tokens: int = option(50, "decoding budget", minimum=1)
+    out: str = option("head_scores", "output folder")
+    overwrite: bool = option(False, "replace the folder's run instead of resuming it")
+    append: bool = option(False, "add this run to an --out folder that holds a run with other settings")
+    save_prompts: bool = option(False, "write each prompt into samples.jsonl")
+    chat: str = option("auto", "wrap the prompt in the chat template (auto: if the tokenizer has one)",
+                       choices=("auto", "on", "off"))
+    stop_at_newline: bool = option(True, "stop at a token whose text holds a newline", flag="--no-stop-at-newline")
+    success_threshold: float = option(50.0, "a sample counts if its metric (0-100) is strictly above this "
+                                            "(negative: every sample counts)")
+    metric: str = option("rouge1", "the success metric", choices=("rouge1", "rougeL", "f1", "exact", "contains"))
+    batch_size: int = option(1, "decode several prompts together (left padding)", minimum=1)
+    seed: int = option(0, "seed of any sampling of the data")
+    quiet: bool = option(False, "no progress bar or running top-10")
+    plots: bool = option(True, "draw the heatmap / NIAH grid", flag="--no-plots")
+    scorer: str | None = option(None, "comma-separated scorers run in one pass (registered names or module:Class); "
+                                      "default: the task's own. Each writes NAME_TASK_SCORER_* files")
+    shard: str | None = option(None, "I/N: run every N-th sample from the I-th; join shards with `headscope merge`")
+    check: bool = option(True, "run the exactness check (`headscope check`) before the run", flag="--no-check")
+
+
+def add_arguments(parser: argparse.ArgumentParser, options_class, defaults: dict | None = None) -> None:
+    """One flag per field of the dataclass, in argument groups. Unset flags stay out of the namespace
+    (argparse.SUPPRESS), so the dataclass default applies; `defaults` only annotates the help (e.g. the
+    organism's grid)."""
+    groups = {}
+    for spec in dataclasses.fields(options_class):
+        meta = spec.metadata
+        if "help" not in meta:
+            continue
+        name = meta.get("group", "run")
+        if name not in groups:
+            groups[name] = parser.add_argument_group(name)
+        group = groups[name]
+        flag = meta.get("flag", "--" + spec.name.replace("_", "-"))
+        kind = str(spec.type).replace(" | None", "")
+        default = spec.default if spec.default is not dataclasses.MISSING else None
+        shown = not (meta.get("required") or default is None or isinstance(default, bool))
+        note = f" (default {default}" if shown else ""
+        if note and defaults and spec.name in defaults:
+            note += f"; organism {defaults[spec.name]}"
+        help_text = meta["help"] + (note + ")" if note else "")
+        common = dict(dest=spec.name, help=help_text.replace("%", "%%"), default=argparse.SUPPRESS)
+        if kind == "bool":  # a True default is turned off by its --no-... flag
+            common["help"] = ("do not " if default else "") + common["help"]
+            group.add_argument(flag, action="store_false" if default else "store_true", **common)
+            continue
+        parse = meta.get("parse") or SCALARS.get(kind)
+        if parse is None:
+            raise TypeError(f"{options_class.__name__}.{spec.name}: give its type a parse= in option(...)")
+        parse = _argument_type(parse)
+        group.add_argument(flag, type=parse, choices=meta.get("choices"), required=meta.get("required", False),
+                           **common)
+
+
+def _argument_type(parse):
+    """argparse reports ArgumentTypeError as one usage line; a parser's HeadscopeError becomes one."""
+    def typed(text: str):
+        try:
+            return parse(text)
+        except HeadscopeError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    typed.__name__ = getattr(parse, "__name__", "value")
+    return typed
+
+
+def validate(options) -> None:
+    """The choices and minimums the fields declare: one clear line for the first that does not hold."""
+    for spec in dataclasses.fields(options):
+        value, meta = getattr(options, spec.name), spec.metadata
+        flag = meta.get("flag", "--" + spec.name.replace("_", "-"))
+        if value is None:
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            raise HeadscopeError(f"{flag} must be one of {', '.join(map(str, meta['choices']))}, not {value!r}")
+        if "minimum" in meta and value < meta["minimum"]:
+            raise HeadscopeError(f"{flag} must be at least {meta['minimum']}")
+
+
+def build(options_class, options=None, **overrides):
+    """An `options_class` instance from another options object (the fields they share) and overrides by name."""
+    names = {spec.name for spec in dataclasses.fields(options_class)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise HeadscopeError(f"unknown option {unknown[0]!r} for {options_class.__name__}")
+    shared = {} if options is None else {n: getattr(options, n) for n in names if hasattr(options, n)}
+    return options_class(**{**shared, **overrides})
