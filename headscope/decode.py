@@ -110,35 +110,49 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if eager_fallback:  # this model's attention is not on the interface: eager rows, decoding steps only
         prefill_attention = model.config._attn_implementation
         model.set_attn_implementation("eager")
+    state = DecodeState(model, recorder, scorers, cache_kw, mask if padded else None, positions[:, -1:],
+                        step_zero_hook, eager_fallback)
     try:
-        return decode_steps(model, input_ids, positions, mask, padded, recorder, scorers, step_zero_hook,
-                            max_new_tokens, stop, eager_fallback, cache_kw)
+        return decode_steps(state, input_ids[:, -1:], max_new_tokens, stop)
     finally:
         if eager_fallback:
             model.set_attn_implementation(prefill_attention)
 
 
-def decode_steps(model, input_ids, positions, mask, padded, recorder, scorers, step_zero_hook, max_new_tokens,
-                 stop, eager_fallback, cache_kw) -> list[list[int]]:
-    """The single-query steps: feed, record, score, stop."""
-    batch, device = input_ids.shape[0], input_ids.device
-    next_input = input_ids[:, -1:]
-    next_position = positions[:, -1:]
+@dataclass
+class DecodeState:
+    """What the single-query steps carry from one step to the next."""
+
+    model: object
+    recorder: Recorder
+    scorers: list[Scorer]
+    cache_kw: dict  # the KV cache, as forward keyword arguments
+    mask: torch.Tensor | None  # (batch, length) padding mask, grown by one per step; None when nothing is padded
+    position: torch.Tensor  # (batch, 1) position of the token fed next
+    step_zero_hook: object  # the row hook of the last prompt position, removed after step 0 (or None)
+    eager_fallback: bool
+
+
+def decode_steps(state: DecodeState, next_input: torch.Tensor, max_new_tokens: int, stop: StopRule) -> list[list[int]]:
+    """The single-query steps: feed, record, score, stop. next_input: (batch, 1) the last prompt token."""
+    model, recorder = state.model, state.recorder
+    batch, device = next_input.shape[0], next_input.device
+    seq_len = int(state.position.max()) + 1 if state.mask is None else state.mask.shape[1]
     generated: list[list[int]] = [[] for _ in range(batch)]
     active = [True] * batch  # on the host: the stopping rule reads it without a device sync
     for step in range(max_new_tokens):
-        with recording(model, recorder, seq_len=mask.shape[1]):
-            output = model(next_input, attention_mask=mask if padded else None, position_ids=next_position,
-                           output_attentions=eager_fallback, **cache_kw)
-        if eager_fallback:
+        with recording(model, recorder, seq_len=seq_len + step):
+            output = model(next_input, attention_mask=state.mask, position_ids=state.position,
+                           output_attentions=state.eager_fallback, **state.cache_kw)
+        if state.eager_fallback:
             recorder.add_eager_attentions(output.attentions)
         tokens = output.logits[:, -1].argmax(-1)  # (batch,)
         values, top_positions = recorder.take(device)
-        if step == 0 and step_zero_hook is not None:  # the last prompt row is handed over once
-            recorder.row_hooks.remove(step_zero_hook)
+        if step == 0 and state.step_zero_hook is not None:  # the last prompt row is handed over once
+            recorder.row_hooks.remove(state.step_zero_hook)
         view = StepView(values=values, positions=top_positions, tokens=tokens,
                         active=torch.tensor(active, device=device))  # a copy to the device, not a sync
-        for scorer in scorers:
+        for scorer in state.scorers:
             scorer.step(view)
         for i, token in enumerate(tokens.tolist()):  # the step's one host sync, for the stopping rule
             if active[i]:
@@ -147,8 +161,9 @@ def decode_steps(model, input_ids, positions, mask, padded, recorder, scorers, s
         if not any(active):
             break
         next_input = tokens[:, None]
-        next_position = next_position + 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        state.position = state.position + 1
+        if state.mask is not None:
+            state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
     return generated
 
 

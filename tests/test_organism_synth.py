@@ -142,8 +142,8 @@ def test_training_is_deterministic(tmp_path):
     kw = dict(seed=3, steps=6, hidden=32, layers=2, heads=2, intermediate=64, warmup=2,
               tokens_per_step=256, reasoning_batch=2, max_len=128, min_len=96, induction_steps=3,
               induction_batch=4, induction_len=32, log_every=100)
-    a = load_file(org_train.train(tmp_path / "a", **kw) / "model.safetensors")
-    b = load_file(org_train.train(tmp_path / "b", **kw) / "model.safetensors")
+    a = load_file(org_train.train(tmp_path / "a", org_train.Recipe(**kw)) / "model.safetensors")
+    b = load_file(org_train.train(tmp_path / "b", org_train.Recipe(**kw)) / "model.safetensors")
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a)
 

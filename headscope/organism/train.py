@@ -15,15 +15,18 @@ probability 0.2 (head dropout, below), so that no single head is critical.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..options import add_arguments, option
 from . import synth
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>"]
@@ -253,35 +256,60 @@ def _register_head_dropout():
     AttentionInterface.register(HEAD_DROPOUT_ATTENTION, _head_dropout_attention)
 
 
-def train(out_dir, seed: int = 0, steps: int = 3000, hidden: int = 128, layers: int = 6,
-          heads: int = 8, intermediate: int = 512, lr: float = 3e-3, warmup: int = 150,
-          tokens_per_step: int = 4096, reasoning_batch: int = 8, max_len: int = 1216,
-          min_len: int = 96, curriculum_frac: float = 0.6, induction_prob: float = 0.1,
-          threads: int = 2, log_every: int = 25, time_limit: float | None = None,
-          save_every: int = 0, induction_steps: int = 1200, induction_batch: int = 32,
-          induction_len: int = 64, head_dropout: float = 0.2) -> Path:
-    """Train the organism from scratch, deterministically from ``seed``; save it to ``out_dir``."""
+@dataclass
+class Recipe:
+    """The organism's training recipe; the defaults are the bundled checkpoint's (`headscope organism train`'s
+    flags are generated from these fields)."""
+
+    seed: int = option(0, "seed of every random choice: the same seed gives byte-identical files")
+    steps: int = option(3000, "optimizer steps in all (induction phase included)", minimum=1)
+    hidden: int = option(128, "hidden size", group="model")
+    layers: int = option(6, "decoder layers", group="model")
+    heads: int = option(8, "attention heads per layer", group="model")
+    intermediate: int = option(512, "MLP size", group="model")
+    lr: float = option(3e-3, "peak AdamW learning rate")
+    warmup: int = option(150, "linear warm-up steps")
+    tokens_per_step: int = option(4096, "retrieval/induction tokens per multi-task step")
+    reasoning_batch: int = option(8, "reasoning sequences per multi-task step")
+    max_len: int = option(1216, "longest training sequence (end of the length curriculum)")
+    min_len: int = option(96, "shortest training sequence (start of the length curriculum)")
+    curriculum_frac: float = option(0.6, "share of the multi-task steps over which the length grows")
+    induction_prob: float = option(0.1, "share of induction sequences in the multi-task batches")
+    induction_steps: int = option(1200, "steps of the first phase: repeated random segments only")
+    induction_batch: int = option(32, "sequences per induction-phase step")
+    induction_len: int = option(64, "length of an induction-phase sequence")
+    head_dropout: float = option(0.2, "probability that a head is ablated (uniform attention) in a training "
+                                      "sequence, after the induction phase")
+    threads: int = option(2, "torch threads")
+    log_every: int = option(25, "steps between log lines")
+    time_limit: float | None = option(None, "stop after this many seconds")
+    save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
+
+
+def train(out_dir, recipe: Recipe | None = None) -> Path:
+    """Train the organism from scratch, deterministically from the recipe's seed; save it to ``out_dir``."""
+    r = recipe or Recipe()
     from transformers import LlamaForCausalLM
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+    torch.set_num_threads(r.threads)
+    torch.manual_seed(r.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     vocab = build_vocab()
     vocab_size = ((len(vocab) + 63) // 64) * 64
-    config = make_config(vocab_size, hidden, layers, heads, intermediate)
+    config = make_config(vocab_size, r.hidden, r.layers, r.heads, r.intermediate)
     config._attn_implementation = "sdpa"
-    if head_dropout:
+    if r.head_dropout:
         _register_head_dropout()
         config._attn_implementation = HEAD_DROPOUT_ATTENTION
     model = LlamaForCausalLM(config)
-    drop_rng = torch.Generator().manual_seed(seed)
+    drop_rng = torch.Generator().manual_seed(r.seed)
 
     def loss_on(batch, drop: bool = True):  # the weighted loss, each sequence with its own dropped heads
         ids, wt = batch
-        if head_dropout and drop:
-            set_head_drop(model, torch.rand(ids.shape[0], layers, heads, generator=drop_rng) < head_dropout)
+        if r.head_dropout and drop:
+            set_head_drop(model, torch.rand(ids.shape[0], r.layers, r.heads, generator=drop_rng) < r.head_dropout)
         try:
             return weighted_loss(model, ids, wt)
         finally:
@@ -293,56 +321,56 @@ def train(out_dir, seed: int = 0, steps: int = 3000, hidden: int = 128, layers: 
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-8)
-    gen = DataGen(seed, vocab)
-    lrng = random.Random(f"lengths-{seed}")
+                            lr=r.lr, betas=(0.9, 0.98), eps=1e-8)
+    gen = DataGen(r.seed, vocab)
+    lrng = random.Random(f"lengths-{r.seed}")
 
     def lr_at(s):
-        if s < warmup:
-            return lr * (s + 1) / warmup
-        if s < induction_steps:
-            return lr
-        p = (s - induction_steps) / max(1, steps - induction_steps)
-        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+        if s < r.warmup:
+            return r.lr * (s + 1) / r.warmup
+        if s < r.induction_steps:
+            return r.lr
+        p = (s - r.induction_steps) / max(1, r.steps - r.induction_steps)
+        return r.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
     def max_len_at(s):
-        p = min(1.0, (s - induction_steps) / max(1, curriculum_frac * (steps - induction_steps)))
-        return int(min_len + (max_len - min_len) * p)
+        p = min(1.0, (s - r.induction_steps) / max(1, r.curriculum_frac * (r.steps - r.induction_steps)))
+        return int(r.min_len + (r.max_len - r.min_len) * p)
 
     model.train()
     t0 = time.time()
     ema = {}
     # phase 1: pure induction on short sequences (cheap), so that copying circuits exist early
-    for step in range(induction_steps):
+    for step in range(r.induction_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         # no head dropout yet: with it, the induction circuit did not form in these steps
-        loss, _, acc = loss_on(pad_batch([gen.induction(induction_len, 24) for _ in range(induction_batch)]), False)
+        loss, _, acc = loss_on(pad_batch([gen.induction(r.induction_len, 24) for _ in range(r.induction_batch)]), False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema["acc_ind"] = acc if step == 0 else 0.9 * ema["acc_ind"] + 0.1 * acc
-        if step % log_every == 0:
+        if step % r.log_every == 0:
             print(f"induction step {step:5d} loss {loss.item():.3f} acc_ind {ema['acc_ind']:.3f}"
                   f"  {time.time() - t0:7.1f}s", flush=True)
     ema = {}
     # phase 2: the tasks, with a length curriculum
-    for step in range(induction_steps, steps):
+    for step in range(r.induction_steps, r.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         hi = max_len_at(step)
-        T = lrng.randint(min(min_len, hi), hi)
+        T = lrng.randint(min(r.min_len, hi), hi)
         T = max(64, (T // 16) * 16)
-        B = max(1, tokens_per_step // T)
+        B = max(1, r.tokens_per_step // T)
         items = []
         for _ in range(B):
-            if lrng.random() < induction_prob:
+            if lrng.random() < r.induction_prob:
                 items.append(gen.induction(T))
             else:
                 items.append(gen.retrieval(T))
         loss_r, acc_r, acc_i = loss_on(pad_batch(items, T))
-        loss_q, acc_q, _ = loss_on(pad_batch([gen.reasoning() for _ in range(reasoning_batch)]))
+        loss_q, acc_q, _ = loss_on(pad_batch([gen.reasoning() for _ in range(r.reasoning_batch)]))
         loss = loss_r + loss_q
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -351,13 +379,13 @@ def train(out_dir, seed: int = 0, steps: int = 3000, hidden: int = 128, layers: 
         for k, v in (("loss_r", loss_r.item()), ("loss_q", loss_q.item()), ("acc_r", acc_r),
                      ("acc_q", acc_q), ("acc_ind", acc_i)):
             ema[k] = v if k not in ema else 0.9 * ema[k] + 0.1 * v
-        if step % log_every == 0 or step == steps - 1:
+        if step % r.log_every == 0 or step == r.steps - 1:
             el = time.time() - t0
             print(f"step {step:5d} T {T:4d} B {B:3d} lr {lr_at(step):.2e} "
                   + " ".join(f"{k} {v:.3f}" for k, v in ema.items()) + f"  {el:7.1f}s", flush=True)
-        if save_every and step and step % save_every == 0:
+        if r.save_every and step and step % r.save_every == 0:
             _save(model, tokenizer, out_dir)
-        if time_limit and time.time() - t0 > time_limit:
+        if r.time_limit and time.time() - t0 > r.time_limit:
             print(f"time limit reached at step {step}", flush=True)
             break
     print(f"training wall time {time.time() - t0:.1f}s", flush=True)
@@ -383,161 +411,78 @@ def _save(model, tokenizer, out_dir):
 # --------------------------------------------------------------------------------------------
 
 
-def _greedy(model, ids: list[int], max_new: int, stop: set[int], want_attn: bool = False):
-    """Greedy decoding with a KV cache; optionally returns each step's attention rows."""
-    from ..decode import cache_argument
-
-    cache_kw = cache_argument(model)
-    x = torch.tensor([ids])
-    out, attns, past = [], [], None
-    with torch.no_grad():
-        for _ in range(max_new):
-            r = model(input_ids=x, use_cache=True, output_attentions=want_attn, **{cache_kw: past})
-            past = getattr(r, "cache", None) or r.past_key_values
-            nxt = int(r.logits[0, -1].argmax())
-            if want_attn:  # per layer: (heads, kv_len) for the last query position
-                attns.append([a[0, :, -1].clone() for a in r.attentions])
-            out.append(nxt)
-            if nxt in stop:
-                break
-            x = torch.tensor([[nxt]])
-    return out, attns
+EVAL_CONTEXT_LENGTHS = (300, 450, 700, 950, 1200)  # haystack + needle of 100 ... 1,000 tokens (200 left free)
+ANSWER_MARKER = "so the answer is"
 
 
-def _insert_needle(tok, hay_ids: list[int], needle: str, depth: float) -> list[int]:
-    """Retrieval_Head-style insertion: at ``depth`` %, moved back to the nearest sentence end."""
-    nid = tok(needle, add_special_tokens=False)["input_ids"]
-    period = set(tok(".", add_special_tokens=False)["input_ids"])
-    if depth >= 100:
-        return hay_ids + nid
-    p = int(len(hay_ids) * depth / 100)
-    while p > 0 and hay_ids[p - 1] not in period:
-        p -= 1
-    return hay_ids[:p] + nid + hay_ids[p:]
+def evaluate(model_dir, threads: int = 2, verbose: bool = True) -> dict:
+    """Quality report of a checkpoint on the bundled, held-out data, through headscope's own engine (the
+    same decode loop, prompts and metric as `headscope detect`): needle retrieval over 5 context lengths x
+    11 depths x 5 needles (ROUGE-1 recall > 50), and the 40 reasoning questions (right when the words
+    after "so the answer is" are the answer)."""
+    import tempfile
 
-
-def evaluate(model_dir, data_dir=None, lengths=(100, 250, 500, 750, 1000),
-             depths=tuple(range(0, 101, 10)), threads: int = 2, verbose: bool = True) -> dict:
-    """Quality report of a checkpoint on the bundled, held-out data (greedy decoding)."""
-    from rouge_score import rouge_scorer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .. import loading
+    from ..engine import detect
+    from ..outputs import ranked
 
     torch.set_num_threads(threads)
-    data_dir = Path(data_dir) if data_dir else Path(__file__).resolve().parent.parent / "data"
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
-                                                 dtype=torch.float32)
-    model.eval()
-    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
-    stop = {tok.eos_token_id, tok.convert_tokens_to_ids("\n")}
-    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
-    hay_text = "".join(p.read_text() for p in sorted((data_dir / "haystack").glob("*.txt")))
-    hay_all = tok(hay_text, add_special_tokens=False)["input_ids"]
-    needles = [json.loads(line) for line in open(data_dir / "needles.jsonl")]
-    report: dict = {"retrieval": {}, "reasoning": {}}
-    head_scores = torch.zeros(L, H)
-    n_samples = 0
-    t0 = time.time()
-    for n_hay in lengths:
-        ok = total = 0
-        for nd in needles:
-            for d in depths:
-                ctx = _insert_needle(tok, hay_all[:n_hay], nd["needle"], d)
-                prompt = synth.retrieval_prompt(tok.decode(ctx), nd["question"])
-                ids = tok(prompt)["input_ids"]
-                gen, attns = _greedy(model, ids, 50, stop, want_attn=True)
-                resp = tok.decode(gen, skip_special_tokens=True).strip()
-                rec = scorer.score(nd["real_needle"], resp)["rouge1"].recall * 100
-                ok += rec > 50
-                total += 1
-                # retrieval score: argmax of the head's attention on the needle token being copied
-                nid = tok(" " + nd["real_needle"], add_special_tokens=False)["input_ids"]
-                start = next(i for i in range(len(ids)) if ids[i:i + len(nid)] == nid)
-                span = range(start, start + len(nid))
-                sc = torch.zeros(L, H)
-                for s, g in enumerate(gen):
-                    for layer in range(L):
-                        am = attns[s][layer].argmax(-1)
-                        for h in range(H):
-                            j = int(am[h])
-                            if j in span and ids[j] == g:
-                                sc[layer, h] += 1.0 / len(nid)
-                head_scores += sc
-                n_samples += 1
-                if verbose and rec <= 50:
-                    print(f"  miss len {n_hay} depth {d}: {nd['real_needle']!r} -> {resp!r}")
-        report["retrieval"][n_hay] = ok / total
-        if verbose:
-            print(f"retrieval haystack {n_hay:5d} tokens (prompt ~{len(ids)}): "
-                  f"{ok}/{total} = {ok / total:.1%}   [{time.time() - t0:.0f}s]", flush=True)
-    head_scores /= max(1, n_samples)
-    flat = [((l, h), float(head_scores[l, h])) for l in range(L) for h in range(H)]
-    flat.sort(key=lambda x: -x[1])
-    report["retrieval_overall"] = sum(report["retrieval"].values()) / len(report["retrieval"])
-    report["top_retrieval_heads"] = [(f"L{l}H{h}", round(s, 3)) for (l, h), s in flat[:8]]
-    report["heads_ge_0.5"] = sum(s >= 0.5 for _, s in flat)
-    report["heads_ge_0.1"] = sum(s >= 0.1 for _, s in flat)
-    report["heads_lt_0.05"] = sum(s < 0.05 for _, s in flat)
-    # reasoning
-    probs = [json.loads(line) for line in open(data_dir / "reasoning.jsonl")]
-    ok = 0
-    for p in probs:
-        ids = tok(synth.reasoning_prompt(p["context"], p["question"]))["input_ids"]
-        gen, _ = _greedy(model, ids, 100, stop)
-        resp = tok.decode(gen, skip_special_tokens=True).strip()
-        final = resp.split("so the answer is")[-1].strip() if "so the answer is" in resp else ""
-        good = final == p["answer"]
-        ok += good
-        if verbose and not good:
-            print(f"  reasoning miss {p['id']}: {p['question']} -> {resp!r} (want {p['answer']})")
-    report["reasoning"] = {"correct": ok, "total": len(probs), "accuracy": ok / len(probs)}
+    loaded = loading.load(str(model_dir))
+    with tempfile.TemporaryDirectory() as out:
+        retrieval = detect("retrieval", loaded=loaded, out=out, quiet=True,
+                           context_lengths=list(EVAL_CONTEXT_LENGTHS), num_depths=11)
+        reasoning = detect("reasoning", loaded=loaded, out=out, quiet=True, success_threshold=-1)
+    report: dict = {"retrieval": {}}
+    for length in EVAL_CONTEXT_LENGTHS:
+        rows = [row for row in retrieval.samples if row["context_length"] == length]
+        report["retrieval"][length] = sum(row["passed"] for row in rows) / len(rows)
+        for row in rows:
+            if verbose and not row["passed"]:
+                print(f"  miss: context {length}, depth {row['depth_percent']}: {row['response']!r}")
+    report["retrieval_overall"] = retrieval.counts["passed"] / retrieval.counts["run"]
+    means = ranked(retrieval.summary)
+    report["top_retrieval_heads"] = [(key, round(stats["mean"], 3)) for key, stats in means[:8]]
+    for cut in (0.5, 0.1):
+        report[f"heads_ge_{cut}"] = sum(stats["mean"] >= cut for _, stats in means)
+    answers = {sample["id"]: sample["answer"] for sample in _reasoning_records()}
+    right = [row for row in reasoning.samples
+             if row["response"].split(ANSWER_MARKER)[-1].strip() == answers[row["id"]]
+             and ANSWER_MARKER in row["response"]]
+    report["reasoning"] = {"correct": len(right), "total": len(reasoning.samples),
+                           "accuracy": len(right) / len(reasoning.samples)}
     if verbose:
-        print(json.dumps(report, indent=1))
+        print("retrieval: " + ", ".join(f"context {n} {rate:.1%}" for n, rate in report["retrieval"].items())
+              + f"; overall {retrieval.counts['passed']}/{retrieval.counts['run']}")
+        print("top retrieval heads: " + ", ".join(f"{key} {mean}" for key, mean in report["top_retrieval_heads"]))
+        print(f"reasoning: {len(right)}/{len(reasoning.samples)} right")
     return report
+
+
+def _reasoning_records() -> list[dict]:
+    from ..tasks import DATA_DIR
+
+    return [json.loads(line) for line in (DATA_DIR / "reasoning.jsonl").read_text().splitlines() if line.strip()]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="headscope organism train",
                                  description="Train or evaluate the bundled model organism.")
     ap.add_argument("--out", help="output checkpoint directory")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--intermediate", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--tokens-per-step", type=int, default=4096)
-    ap.add_argument("--reasoning-batch", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=1216)
-    ap.add_argument("--min-len", type=int, default=96)
-    ap.add_argument("--warmup", type=int, default=150)
-    ap.add_argument("--curriculum-frac", type=float, default=0.6)
-    ap.add_argument("--induction-prob", type=float, default=0.1)
-    ap.add_argument("--induction-steps", type=int, default=1200)
-    ap.add_argument("--head-dropout", type=float, default=0.2,
-                    help="probability that a head is ablated (uniform attention) in a training sequence")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
-    ap.add_argument("--save-every", type=int, default=0)
+    add_arguments(ap, Recipe)
     ap.add_argument("--evaluate", metavar="MODEL_DIR", help="evaluate a checkpoint instead")
     ap.add_argument("--write-data", metavar="DATA_DIR", help="(re)write the bundled data files")
     args = ap.parse_args(argv)
+    names = {spec.name for spec in dataclasses.fields(Recipe)}
+    recipe = Recipe(**{name: value for name, value in vars(args).items() if name in names})
     if args.write_data:
         synth.write_bundled_data(args.write_data)
         return 0
     if args.evaluate:
-        evaluate(args.evaluate, threads=args.threads)
+        evaluate(args.evaluate, threads=recipe.threads)
         return 0
     if not args.out:
         ap.error("--out is required to train")
-    train(args.out, seed=args.seed, steps=args.steps, hidden=args.hidden, layers=args.layers,
-          heads=args.heads, intermediate=args.intermediate, lr=args.lr,
-          tokens_per_step=args.tokens_per_step, reasoning_batch=args.reasoning_batch,
-          max_len=args.max_len, min_len=args.min_len, warmup=args.warmup,
-          curriculum_frac=args.curriculum_frac, induction_prob=args.induction_prob,
-          induction_steps=args.induction_steps, threads=args.threads, time_limit=args.time_limit,
-          save_every=args.save_every, head_dropout=args.head_dropout)
+    train(args.out, recipe)
     return 0
 
 
