@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser, options_class, defaults: dict
             groups[name] = parser.add_argument_group(name)
         group = groups[name]
         flag = meta.get("flag", "--" + spec.name.replace("_", "-"))
-        kind = str(spec.type).replace(" | None", "")
+        kind = (spec.type.__name__ if isinstance(spec.type, type) else str(spec.type)).replace(" | None", "")
         default = spec.default if spec.default is not dataclasses.MISSING else None
         shown = not (meta.get("required") or default is None or isinstance(default, bool))
         note = f" (default {default}" if shown else ""

@@ -156,8 +156,8 @@ class Rule:
 # Keyword arguments transformers' models pass to attention functions. Those that change the maths are
 # implemented (Rule, plus dropout and is_causal, which must be the inference values); those below do
 # not change it; anything else is refused by name, never ignored.
-NO_EFFECT = {"position_ids", "use_cache", "output_attentions", "output_router_logits", "cache_position",
-             "cache", "past_key_values", "layer_idx", "target_dtype"}
+NO_EFFECT = frozenset({"position_ids", "use_cache", "output_attentions", "output_router_logits", "cache_position",
+                       "cache", "past_key_values", "layer_idx", "target_dtype"})
 
 
 def model_rule(module, scaling, dropout, kwargs) -> Rule:
