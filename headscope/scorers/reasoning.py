@@ -23,7 +23,8 @@ class ReasoningScorer(Scorer):
 
     @classmethod
     def from_options(cls, options) -> "ReasoningScorer":
-        return cls(options.top_k, options.generated_weight, options.query_weight, options.keep_zeros)
+        names = ("top_k", "generated_weight", "query_weight", "keep_zeros")  # the reasoning task's options
+        return cls(**{name: getattr(options, name) for name in names if hasattr(options, name)})
 
     def __init__(self, top_k: int = 5, generated_weight: float = 1.0, query_weight: float = 0.5,
                  keep_zeros: bool = False):
