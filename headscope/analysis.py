@@ -36,10 +36,13 @@ def load_summary(path: str | Path) -> dict[str, dict]:
         parse_head_key(key)
     values = list(data.values())
     if all(isinstance(v, list) and all(_is_number(s) for s in v) for v in values):
-        return summarize(data)
-    if all(isinstance(v, dict) and _is_number(v.get("mean")) for v in values):
-        return {key: {"mean": float(v["mean"]), "std": float(v.get("std", 0.0)), "count": int(v.get("count", 0)),
-                      "max": float(v.get("max", v["mean"]))} for key, v in data.items()}
+        data = summarize(data)
+        values = list(data.values())
+    if all(isinstance(v, dict) and (_is_number(v.get("mean")) or v.get("mean") is None) for v in values):
+        # For ranking, comparing and exporting, a head with no value (null mean) counts as 0.
+        return {key: {"mean": float(v["mean"] or 0.0), "std": float(v.get("std") or 0.0),
+                      "count": int(v.get("count", 0)), "max": float(v.get("max") or v["mean"] or 0.0)}
+                for key, v in data.items()}
     raise HeadscopeError(f"{path} is not a heads or summary file: each LAYER-HEAD must map to a list of scores "
                          "or to {\"mean\": ...}")
 

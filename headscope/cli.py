@@ -25,6 +25,7 @@ def options_from(args: argparse.Namespace, options_class) -> dict:
 def run_detect(args: argparse.Namespace) -> None:
     from .engine import detect
     from .outputs import format_table
+    from .store import read_rows
 
     options = args.task_spec.options(**options_from(args, args.task_spec.options))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -38,7 +39,14 @@ def run_detect(args: argparse.Namespace) -> None:
     print(f"samples run: {counts['run']}  passed: {counts['passed']}  span errors: {counts['span_errors']}")
     for error in sorted({row["error"] for row in result.samples if row["error"]}):
         print(f"span error: {error}")
+    if result.complete:
+        return
     print(f"wrote {result.paths['heads']}")
+    if not any(row["passed"] for row in read_rows(result.paths["samples"])):
+        print(f"headscope: warning: no sample passed the success filter ({options.metric} > "
+              f"{options.success_threshold:g}): no head has a value (null in the summary), no heatmap drawn",
+              file=sys.stderr)
+        return
     if options.plots:
         from .plots import plot_run
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import platform
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from . import check, loading, outputs, store
 from .decode import StopRule, eos_token_ids, greedy_decode, newline_token_ids, num_layers_and_heads
-from .errors import HeadscopeError
+from .errors import HeadscopeError, notify
 from .metrics import passes, score_response
 from .options import DetectOptions, build, validate
 from .scorers import PromptBatch, load_scorer
@@ -30,6 +32,7 @@ class DetectResult:
     samples: list[dict]  # this run's rows of samples.jsonl
     paths: dict = field(default_factory=dict)
     by_scorer: dict = field(default_factory=dict)  # scorer name -> DetectResult, when several ran together
+    complete: bool = False  # the run was already complete: nothing was decoded or written
 
     @property
     def counts(self) -> dict[str, int]:
@@ -61,6 +64,8 @@ def task_options(task: str, options=None, **overrides):
         raise HeadscopeError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
     options = build(TASKS[task].options, options, **overrides)
     validate(options)
+    if Path(options.out).exists() and not Path(options.out).is_dir():
+        raise HeadscopeError(f"--out {options.out} is a file, not a folder")
     return options
 
 
@@ -94,8 +99,9 @@ def make_scorers(task: Task, options) -> list:
 
 
 def file_label(task: Task, scorer) -> str:
-    """Files are NAME_TASK_* for the task's own scorer and NAME_TASK_SCORER_* for any other."""
-    return task.name if scorer.name == task.default_scorer else f"{task.name}_{scorer.name}"
+    """Files are named after their scorer: NAME_TASK_* when the scorer is the task's namesake (retrieval,
+    reasoning, query), NAME_TASK_SCORER_* otherwise (pattern_induction, retrieval_r2, ...)."""
+    return task.name if scorer.name == task.name else f"{task.name}_{scorer.name}"
 
 
 def detect(task: str, options: DetectOptions | None = None, loaded: loading.LoadedModel | None = None,
@@ -117,13 +123,15 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
             paths = outputs.output_paths(options.out, run.loaded.name, file_label(run.task, scorer), shard)
             stores[scorer.name] = store.RunStore(paths, run_id, run.keys, options.overwrite, options.append)
         todo = [i for i in mine if any(run.samples[i].id not in runs.done for runs in stores.values())]
-        if options.append and not todo:
-            raise HeadscopeError(f"this run ({run_id}) is already complete in {options.out}: nothing to append")
-        encoded = encode_samples(run, todo)  # this shard's, still to do
-        info = manifest(run, started, run_id, shard)
-        for scorer in run.scorers:
-            outputs.atomic_write_json(stores[scorer.name].paths["manifest"], info | {"scorer": scorer.name})
-        decode_all(run, encoded, len(mine), todo, stores)
+        complete = not todo and all(runs.paths["summary"].exists() for runs in stores.values())
+        if complete:  # nothing to do, and nothing is rewritten
+            notify(f"this run ({run_id}) is already complete in {options.out}")
+        else:
+            encoded = encode_samples(run, todo)  # this shard's, still to do
+            info = manifest(run, started, run_id, shard)
+            for scorer in run.scorers:
+                write_manifest(stores[scorer.name].paths["manifest"], info | {"scorer": scorer.name})
+            decode_all(run, encoded, len(mine), todo, stores)
     finally:
         for runs in stores.values():
             runs.close()
@@ -131,11 +139,14 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
     results = {}
     for scorer in run.scorers:
         runs = stores[scorer.name]
-        heads, summary = store.write_derived(runs.paths, runs.rows, run.keys)
-        finished = info | {"scorer": scorer.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        outputs.atomic_write_json(runs.paths["manifest"], finished)
+        if complete:
+            heads, summary = store.derive_heads_and_summary(runs.paths, runs.rows, run.keys)
+        else:
+            heads, summary = store.write_derived(runs.paths, runs.rows, run.keys)
+            finished = info | {"scorer": scorer.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            write_manifest(runs.paths["manifest"], finished)
         this_run = [row for row in runs.rows if row.get("run") == run_id]
-        results[scorer.name] = DetectResult(heads, summary, this_run, runs.paths)
+        results[scorer.name] = DetectResult(heads, summary, this_run, runs.paths, complete=complete)
     first = results[run.scorers[0].name]
     first.by_scorer = results
     return first
@@ -273,6 +284,17 @@ def sample_row(run: Run, sample, prompt, outcome: dict) -> dict:
     if run.options.save_prompts:
         row["prompt"] = sample.prompt
     return row
+
+
+def write_manifest(path, info: dict) -> None:
+    """The manifest is this run's information, plus `runs`: every run the folder holds, by run id (a run added
+    with --append does not erase the record of the ones before it)."""
+    try:
+        previous = json.loads(Path(path).read_text()).get("runs", {})
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        previous = {}
+    this_run = {key: value for key, value in info.items() if key != "runs"}
+    outputs.atomic_write_json(path, this_run | {"runs": previous | {info["run"]: this_run}})
 
 
 def manifest(run: Run, started: float, run_id: str, shard) -> dict:

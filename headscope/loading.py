@@ -64,6 +64,8 @@ def prepare(model, tokenizer, path: str, attn: str = "sdpa") -> LoadedModel:
 def load(path: str | None = None, dtype: str = "auto", device: str = "auto", attn: str = "sdpa",
          trust_remote_code: bool = False) -> LoadedModel:
     path = path or default_model_path()
+    if (os.path.isabs(path) or path.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(path)):
+        raise HeadscopeError(f"no such model folder: {path}")
     if dtype not in DTYPES:
         raise HeadscopeError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     try:

@@ -1,7 +1,7 @@
 """The files a run writes, and how: atomically, so a crash never leaves half a file.
 
-In `--out`, with NAME the model's last path component and TASK the task (TASK_SCORER for a
-scorer other than the task's own):
+In `--out`, with NAME the model's last path component and TASK the task (TASK_SCORER when the
+scorer is not the task's namesake: pattern_induction, retrieval_r2):
   NAME_TASK_heads.json     {"L-H": [score, ...]} for every head (Retrieval_Head format)
   NAME_TASK_summary.json   {"L-H": {"mean", "std", "count", "max"}}
   NAME_TASK_samples.jsonl  one object per finished sample, appended and flushed as it finishes
@@ -29,7 +29,7 @@ def output_paths(out_dir: str | Path, name: str, label: str, shard: tuple[int, i
 def prefix_paths(out_dir: str | Path, prefix: str, shard: tuple[int, int] | None = None) -> dict[str, Path]:
     suffix = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
     return {kind: Path(out_dir) / f"{prefix}_{kind}{suffix}.{'jsonl' if kind == 'samples' else 'json'}"
-            for kind in ("heads", "summary", "samples", "manifest", "base")}
+            for kind in ("heads", "summary", "samples", "manifest", "base_heads")}
 
 
 def head_key(layer: int, head: int) -> str:
@@ -94,24 +94,36 @@ def read_heads(path: str | Path) -> dict[str, list[float]]:
 
 
 def summarize(heads: dict[str, list[float]]) -> dict[str, dict]:
-    """Mean, population std, count and max of each head's list (zeros for an empty list)."""
+    """Mean, population std, count and max of each head's list; a head with no value has null statistics
+    (not 0.0: nothing was measured)."""
     summary = {}
     for key, scores in heads.items():
         count = len(scores)
-        mean = sum(scores) / count if count else 0.0
-        std = math.sqrt(sum((s - mean) ** 2 for s in scores) / count) if count else 0.0
-        summary[key] = {"mean": mean, "std": std, "count": count, "max": max(scores) if count else 0.0}
+        if not count:
+            summary[key] = {"mean": None, "std": None, "count": 0, "max": None}
+            continue
+        mean = sum(scores) / count
+        std = math.sqrt(sum((s - mean) ** 2 for s in scores) / count)
+        summary[key] = {"mean": mean, "std": std, "count": count, "max": max(scores)}
     return summary
+
+
+def mean_or_zero(stats: dict) -> float:
+    """A head's mean for ranking, comparing and exporting: a head with no value counts as 0."""
+    return 0.0 if stats["mean"] is None else stats["mean"]
 
 
 def ranked(summary: dict[str, dict]) -> list[tuple[str, dict]]:
     """Heads by mean score, highest first; ties by layer then head, so the order is stable."""
-    return sorted(summary.items(), key=lambda item: (-item[1]["mean"], parse_head_key(item[0])))
+    return sorted(summary.items(), key=lambda item: (-mean_or_zero(item[1]), parse_head_key(item[0])))
 
 
 def format_table(summary: dict[str, dict], top: int = 30) -> str:
     lines = [f"{'layer':>5} {'head':>4} {'mean':>8} {'std':>8} {'count':>5}"]
     for key, stats in ranked(summary)[:top]:
         layer, head = parse_head_key(key)
-        lines.append(f"{layer:>5} {head:>4} {stats['mean']:>8.4f} {stats['std']:>8.4f} {stats['count']:>5}")
+        if stats["mean"] is None:
+            lines.append(f"{layer:>5} {head:>4} {'null':>8} {'null':>8} {0:>5}")
+        else:
+            lines.append(f"{layer:>5} {head:>4} {stats['mean']:>8.4f} {stats['std']:>8.4f} {stats['count']:>5}")
     return "\n".join(lines)

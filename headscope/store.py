@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from . import outputs
-from .errors import HeadscopeError
+from .errors import HeadscopeError, notify
 
 # Options that do not change any score: left out of the run id.
 NOT_IN_RUN_ID = {"scorer", "out", "overwrite", "append", "quiet", "batch_size", "save_prompts", "device", "shard", "model",
@@ -71,10 +71,15 @@ def derive_heads(rows: list[dict], keys: list[str], base: dict[str, list[float]]
     return heads
 
 
-def write_derived(paths: dict, rows: list[dict], keys: list[str]) -> tuple[dict, dict]:
-    base = outputs.read_heads(paths["base"]) if paths["base"].exists() else None
+def derive_heads_and_summary(paths: dict, rows: list[dict], keys: list[str]) -> tuple[dict, dict]:
+    """Heads (the legacy base's lists first) and summary from the samples rows, written nowhere."""
+    base = outputs.read_heads(paths["base_heads"]) if paths["base_heads"].exists() else None
     heads = derive_heads(rows, keys, base)
-    summary = outputs.summarize(heads)
+    return heads, outputs.summarize(heads)
+
+
+def write_derived(paths: dict, rows: list[dict], keys: list[str]) -> tuple[dict, dict]:
+    heads, summary = derive_heads_and_summary(paths, rows, keys)
     outputs.atomic_write_json(paths["heads"], heads)
     outputs.atomic_write_json(paths["summary"], summary)
     return heads, summary
@@ -86,18 +91,21 @@ class RunStore:
     def __init__(self, paths: dict, run: str, keys: list[str], overwrite: bool, append: bool):
         self.paths, self.run, self.keys = paths, run, keys
         if overwrite:
-            for kind in ("samples", "base", "heads", "summary"):
+            for kind in ("samples", "base_heads", "heads", "summary"):
                 paths[kind].unlink(missing_ok=True)
-        elif paths["heads"].exists() and not paths["samples"].exists() and not paths["base"].exists():
+        elif paths["heads"].exists() and not paths["samples"].exists() and not paths["base_heads"].exists():
             legacy = outputs.read_heads(paths["heads"])
             unknown = set(legacy) - set(keys)
             if unknown:
                 raise HeadscopeError(f"{paths['heads']} holds head {sorted(unknown)[0]}, which this model does not "
                                      "have: use --overwrite or another --out")
-            outputs.atomic_write_json(paths["base"], legacy)  # counted once, from now on, as the base
+            outputs.atomic_write_json(paths["base_heads"], legacy)  # counted once, from now on, as the base
+            notify(f"{paths['heads']} is a heads file with no samples file (Retrieval_Head format): its lists are "
+                   f"kept as {paths['base_heads'].name} and come first in every head's list")
         self.rows = read_rows(paths["samples"], repair=True)
-        others = sorted({row.get("run") for row in self.rows} - {run})
-        if others and not append:
+        runs = {row.get("run") for row in self.rows}
+        others = sorted(runs - {run})
+        if others and run not in runs and not append:  # a run already in the folder resumes, appended or not
             raise HeadscopeError(f"{paths['samples']} holds a run with other settings (run {others[0]}): "
                                  "add --append to add this run to it, --overwrite to replace it, or use another --out")
         self.done = {row["id"] for row in self.rows if row.get("run") == run}

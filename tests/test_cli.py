@@ -51,8 +51,16 @@ def test_rerun_resumes_append_extends_overwrite_replaces(toy_dir, data_dir, tmp_
     assert "--append" in capsys.readouterr().err
     assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-2", "--append") == 0
     assert all(json.loads(path.read_text())[key] == first[key] * 2 for key in first)  # the lists were extended
-    assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-2", "--append") == 2
-    assert "already complete" in capsys.readouterr().err
+    files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir() if p.is_file()}
+    capsys.readouterr()
+    # Re-running either finished run, with or without --append (a retry script, a SLURM requeue), reports it
+    # complete, exits 0 and rewrites nothing.
+    for threshold, extra in (("-2", ["--append"]), ("-2", []), ("-1", []), ("-1", ["--append"])):
+        assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", threshold, *extra) == 0
+        assert "already complete" in capsys.readouterr().err
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir() if p.is_file()} == files
+    manifest = json.loads((tmp_path / f"{toy_dir.name}_retrieval_manifest.json").read_text())
+    assert sorted(run["options"]["success_threshold"] for run in manifest["runs"].values()) == [-2.0, -1.0]
     detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-1", "--overwrite")
     assert json.loads(path.read_text()) == first
 

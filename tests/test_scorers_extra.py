@@ -110,10 +110,10 @@ def test_detect_pattern_through_the_cli(toy_dir, tmp_path):
                  "--num-samples", "2"])
     assert code == 0
     name = toy_dir.name
-    induction = json.loads((tmp_path / f"{name}_pattern_heads.json").read_text())
+    induction = json.loads((tmp_path / f"{name}_pattern_induction_heads.json").read_text())
     previous = json.loads((tmp_path / f"{name}_pattern_previous_token_heads.json").read_text())
     assert len(induction) == len(previous) == 12
     assert all(len(scores) == 2 for scores in induction.values())  # no success filter: both sequences count
     assert all(0.0 <= s <= 1.0 for scores in previous.values() for s in scores)
-    rows = [json.loads(line) for line in (tmp_path / f"{name}_pattern_samples.jsonl").open()]
+    rows = [json.loads(line) for line in (tmp_path / f"{name}_pattern_induction_samples.jsonl").open()]
     assert [row["block_length"] for row in rows] == [5, 5] and all(row["passed"] for row in rows)

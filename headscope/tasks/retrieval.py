@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headscope.errors import HeadscopeError
+from headscope.errors import HeadscopeError, notify
 from headscope.spans import chat_prompt
 from dataclasses import dataclass
 
@@ -315,6 +315,9 @@ def grid_lengths(options: RetrievalOptions, max_context: int | None) -> list[int
     if options.context_lengths:
         return checked_lengths(options.context_lengths, max_context)
     top = min(options.max_length, max_context) if max_context else options.max_length
+    if top < options.max_length:
+        notify(f"--max-length {options.max_length} is beyond the model's maximum context of {max_context}: the "
+               f"grid stops at {top}")
     if options.min_length > top:
         raise HeadscopeError(f"--min-length {options.min_length} is larger than the model's maximum of {top}")
     return sorted(set(linear_lengths(options.min_length, top, options.num_lengths)))

@@ -1,0 +1,65 @@
+"""A researcher's first real run: bad input gets one line, re-runs resume, and nothing silent happens
+(issue 11's defects, each with a test that failed before)."""
+import json
+
+from headscope.cli import main
+from headscope.tasks.retrieval import RetrievalOptions, grid_lengths
+
+
+def run(*argv):
+    return main(["detect", *argv, "--quiet"])
+
+
+def data_options(data_dir):
+    return ["--haystack", str(data_dir / "haystack"), "--needles", str(data_dir / "needles.jsonl"),
+            "--context-lengths", "260", "--depths", "0,100", "--max-new-tokens", "4"]
+
+
+def test_out_naming_a_file_is_one_line(toy_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.write_text("keep me")
+    assert run("retrieval", "--model", str(toy_dir), "--out", str(out), *data_options(data_dir)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"headscope: error: --out {out} is a file, not a folder"
+    assert out.read_text() == "keep me"
+
+
+def test_no_passing_sample_warns_and_writes_null_means_and_no_heatmap(toy_dir, data_dir, tmp_path, capsys):
+    assert run("retrieval", "--model", str(toy_dir), "--out", str(tmp_path), *data_options(data_dir)) == 0
+    assert "warning: no sample passed the success filter" in capsys.readouterr().err
+    summary = json.loads((tmp_path / f"{toy_dir.name}_retrieval_summary.json").read_text())
+    assert all(stats == {"mean": None, "std": None, "count": 0, "max": None} for stats in summary.values())
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_legacy_heads_file_is_announced_and_kept_as_documented(toy_dir, data_dir, tmp_path, capsys):
+    legacy = {f"{layer}-{head}": [0.5] for layer in range(3) for head in range(4)}
+    (tmp_path / f"{toy_dir.name}_retrieval_heads.json").write_text(json.dumps(legacy))
+    assert run("retrieval", "--model", str(toy_dir), "--out", str(tmp_path), "--success-threshold", "-1",
+               "--no-plots", *data_options(data_dir)) == 0
+    assert "Retrieval_Head format" in capsys.readouterr().err
+    assert json.loads((tmp_path / f"{toy_dir.name}_retrieval_base_heads.json").read_text()) == legacy
+    heads = json.loads((tmp_path / f"{toy_dir.name}_retrieval_heads.json").read_text())
+    assert all(scores[0] == 0.5 and len(scores) == 3 for scores in heads.values())  # the base, then 2 samples
+
+
+def test_a_length_cap_is_announced(capsys):
+    assert grid_lengths(RetrievalOptions(min_length=1000, max_length=50000, num_lengths=2), 4096) == [1000, 4096]
+    assert "--max-length 50000 is beyond the model's maximum context of 4096" in capsys.readouterr().err
+
+
+def test_a_missing_model_folder_says_so(tmp_path, capsys):
+    assert run("reasoning", "--model", str(tmp_path / "nope")) == 2
+    assert capsys.readouterr().err.strip() == f"headscope: error: no such model folder: {tmp_path / 'nope'}"
+
+
+def test_help_names_every_command_and_task(capsys):
+    for argv in (["--help"], ["detect", "--help"], ["compare", "--help"]):
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+    out = capsys.readouterr().out
+    for word in ("detect", "ablate", "check", "show", "compare", "export", "merge", "organism",
+                 "retrieval", "reasoning", "query", "pattern", "another heads or summary file"):
+        assert word in out, word
