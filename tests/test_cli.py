@@ -86,7 +86,7 @@ BAD_INPUTS = {
     "malformed data": (["--data", "{tmp}/broken.json"], "reasoning", "broken.json"),
     "missing field": (["--data", "{tmp}/nofield.json"], "reasoning", "answer"),
     "empty context": (["--data", "{tmp}/empty.json"], "reasoning", "context"),
-    "unknown model": (["--model", "{tmp}/no-such-model"], "retrieval", "cannot load model"),
+    "unknown model": (["--model", "{tmp}/no-such-model"], "retrieval", "no such model folder"),
     "not a causal LM": (["--model", "{tmp}/resnet"], "retrieval", "not a causal language model"),
     "context too long": (["--context-lengths", "5000"], "retrieval", "maximum"),
     "bad metric": (["--metric", "bleu"], "retrieval", "invalid choice"),

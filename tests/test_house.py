@@ -136,6 +136,7 @@ def test_a_new_task_is_one_module(toy_dir, tmp_path, capsys):
     code = main(["detect", "copy", "--model", str(toy_dir), "--out", str(out), "--quiet", "--no-plots",
                  "--words", "red,blue", "--success-threshold", "-1"])
     assert code == 0, capsys.readouterr().err
-    rows = [json.loads(line) for line in (out / f"{toy_dir.name}_copy_samples.jsonl").read_text().splitlines()]
+    samples = out / f"{toy_dir.name}_copy_retrieval_samples.jsonl"  # the files carry the scorer's name
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert [row["id"] for row in rows] == ["copy-red", "copy-blue"] and all(row["span"] for row in rows)
-    assert json.loads((out / f"{toy_dir.name}_copy_manifest.json").read_text())["options"]["words"] == "red,blue"
+    assert json.loads((out / f"{toy_dir.name}_copy_retrieval_manifest.json").read_text())["options"]["words"] == "red,blue"
