@@ -76,12 +76,12 @@ class RowKeeper(Scorer):
         pass
 
 
-def check_prompt(tokenizer, length: int) -> torch.Tensor:
-    """(1, length) token ids of the bundled haystack text (repeated if short), BOS as the tokenizer adds it."""
-    from .tasks import DATA_DIR
-    from .tasks.retrieval import load_haystack
+def check_prompt(loaded, length: int) -> torch.Tensor:
+    """(1, length) token ids of the model's default haystack (repeated if short), BOS as the tokenizer adds it."""
+    from .tasks.retrieval import default_data, load_haystack
 
-    ids = tokenizer(load_haystack(DATA_DIR / "haystack")[: 20 * length]).input_ids
+    haystack_dir, _ = default_data(loaded.path)
+    ids = loaded.tokenizer(load_haystack(haystack_dir)[: 20 * length]).input_ids
     while len(ids) < length:
         ids = ids + ids
     return torch.tensor([ids[:length]])
@@ -91,7 +91,7 @@ def run_check(loaded, prompt_tokens: int = 256, steps: int = 8, need_ablation: b
     """The three figures on the loaded model (its dtype, device and attention backend)."""
     model, report = loaded.model, CheckReport()
     device = loaded.device
-    input_ids = check_prompt(loaded.tokenizer, prompt_tokens).to(device)
+    input_ids = check_prompt(loaded, prompt_tokens).to(device)
     if loaded.eager_fallback:
         report.figures.append(Figure("rows", "eager output_attentions (fallback)", "the model's own rows", True))
     tokens, diffs = decode_and_compare_rows(loaded, input_ids, steps)

@@ -81,7 +81,9 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
     if options.check:
         check.require(loaded, command, need_ablation=command == "ablate")
     chat = use_chat(options, loaded.tokenizer)
-    samples = TASKS[task].build(dataclasses.replace(options, chat=chat), loaded.tokenizer, loaded.max_context)
+    # The builder sees the model actually loaded (a Python-API `loaded` model too), e.g. to pick default data.
+    built_with = dataclasses.replace(options, chat=chat, model=loaded.path)
+    samples = TASKS[task].build(built_with, loaded.tokenizer, loaded.max_context)
     if not samples:
         raise HeadscopeError("the task produced no samples: check the data and the grid options")
     stop = StopRule(eos_token_ids(loaded.model, loaded.tokenizer),

@@ -63,3 +63,32 @@ def test_help_names_every_command_and_task(capsys):
     for word in ("detect", "ablate", "check", "show", "compare", "export", "merge", "organism",
                  "retrieval", "reasoning", "query", "pattern", "another heads or summary file"):
         assert word in out, word
+
+
+def test_a_real_model_gets_the_real_text_haystack(tmp_path):
+    """A random Llama with a byte-level BPE tokenizer (as real models have), no --haystack: the prompts are
+    built from the English essays and their needles, never from the organism's filler."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from headscope.tasks import DATA_DIR
+    from headscope.toy import tiny_model
+
+    essays = [path.read_text() for path in sorted((DATA_DIR / "prose").glob("*.txt"))]
+    trained = ByteLevelBPETokenizer()
+    trained.train_from_iterator(essays, vocab_size=600, special_tokens=["<s>", "</s>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=trained._tokenizer, bos_token="<s>", eos_token="</s>")
+    model_dir = tmp_path / "tiny-llama"
+    tiny_model("llama", vocab_size=len(tokenizer), num_layers=2).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert run("retrieval", "--model", str(model_dir), "--out", str(out), "--context-lengths", "600",
+               "--depths", "50", "--save-prompts", "--max-new-tokens", "2", "--no-plots") == 0
+    rows = [json.loads(line) for line in (out / "tiny-llama_retrieval_samples.jsonl").read_text().splitlines()]
+    needles = [json.loads(line) for line in (DATA_DIR / "prose_needles.jsonl").read_text().splitlines()]
+    assert len(rows) == len(needles) and all(row["error"] is None for row in rows)
+    for row, needle in zip(rows, needles):
+        assert row["prompt"].startswith("On Maps and the People Who Trust Them")
+        assert needle["needle"].strip() in row["prompt"] and needle["question"] in row["prompt"]
+    organism_filler = (DATA_DIR / "haystack" / sorted(p.name for p in (DATA_DIR / "haystack").glob("*.txt"))[0])
+    assert organism_filler.read_text()[:40] not in rows[0]["prompt"]

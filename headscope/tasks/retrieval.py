@@ -302,8 +302,10 @@ class RetrievalOptions(ContextOptions):
     max_length: int | None = option(50000, "longest context of the grid (capped at the model's maximum)",
                                     group="context lengths", minimum=1)
     num_lengths: int = option(20, "context lengths in the grid, evenly spaced", group="context lengths", minimum=1)
-    haystack: str | None = option(None, "folder of .txt files (default: the bundled haystack)", group="data")
-    needles: str | None = option(None, "JSON Lines of {needle, question, real_needle}", group="data")
+    haystack: str | None = option(None, "folder of .txt files (default: English essays, CC0, in data/prose; the "
+                                        "organism: its own synthetic text)", group="data")
+    needles: str | None = option(None, "JSON Lines of {needle, question, real_needle} (default: needles written "
+                                       "for the default haystack)", group="data")
     depths: list[float] | None = option(None, "needle depths in percent, e.g. 0,50,100", group="data",
                                         parse=parse_floats)
     num_depths: int = option(10, "needle depths from 0 to 100%", group="data", minimum=1)
@@ -323,9 +325,20 @@ def grid_lengths(options: RetrievalOptions, max_context: int | None) -> list[int
     return sorted(set(linear_lengths(options.min_length, top, options.num_lengths)))
 
 
+def default_data(model: str | None) -> tuple[Path, Path]:
+    """(haystack folder, needles file) when none is given: the organism's own synthetic world for the bundled
+    organism, real English prose (data/prose/, CC0) with needles written for it for every other model."""
+    from headscope.loading import model_name
+
+    if model is None or model_name(model) == "organism":
+        return DATA_DIR / "haystack", DATA_DIR / "needles.jsonl"
+    return DATA_DIR / "prose", DATA_DIR / "prose_needles.jsonl"
+
+
 def build(options: RetrievalOptions, tokenizer, max_context: int | None) -> list[Sample]:
-    haystack = load_haystack(options.haystack or DATA_DIR / "haystack")
-    needles = load_needles(options.needles or DATA_DIR / "needles.jsonl")
+    haystack_dir, needles_file = default_data(options.model)
+    haystack = load_haystack(options.haystack or haystack_dir)
+    needles = load_needles(options.needles or needles_file)
     depths = options.depths if options.depths else depth_percents(options.num_depths, options.depth_spacing)
     return build_retrieval_samples(tokenizer, haystack, needles, grid_lengths(options, max_context), depths,
                                    length_buffer=options.length_buffer, chat=options.chat)
