@@ -29,6 +29,46 @@ def assert_heads_equal(heads, expected):
     assert any(abs(s) > 1e-3 for scores in heads.values() for s in scores), "all-zero comparison"
 
 
+def tl_detection_pattern(name: str, tokens: list[int]) -> torch.Tensor:
+    """TransformerLens' head_detector patterns, written from its definitions: previous-token has ones just
+    below the diagonal; duplicate-token marks every earlier position holding the same token; induction is
+    the duplicate pattern shifted one key to the right (first column zero), kept lower-triangular."""
+    size = len(tokens)
+    if name == "previous_token":
+        return torch.tril(torch.diag(torch.ones(size - 1), -1))
+    ids = torch.tensor(tokens)
+    duplicate = (ids[:, None] == ids[None, :]).float()
+    duplicate.fill_diagonal_(0)
+    duplicate = torch.tril(duplicate)
+    if name == "duplicate_token":
+        return duplicate
+    shifted = torch.cat([torch.zeros(size, 1), torch.roll(duplicate, 1, dims=1)[:, 1:]], dim=1)
+    return torch.tril(shifted)
+
+
+def test_transformerlens_convention_equals_detect_head_mul(toy_dir, tmp_path):
+    """--pattern-convention transformerlens: each sample's value is detect_head(..., error_measure="mul",
+    exclude_bos=False, exclude_current_token=False) = sum(A * D) / sum(A) on the same tokens."""
+    names = ("previous_token", "duplicate_token", "induction")
+    result = headscope.detect("pattern", model=str(toy_dir), out=str(tmp_path), quiet=True, save_prompts=True,
+                              block_length=4, block_repeats=3, num_samples=2, batch_size=2,
+                              pattern_convention="transformerlens", scorer=",".join(names))
+    model, tokenizer = eager_model(toy_dir), headscope.load(str(toy_dir)).tokenizer
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    expected = {name: {f"{l}-{h}": [] for l in range(layers) for h in range(heads)} for name in names}
+    for row in result.samples:
+        ids = tokenizer(row["prompt"]).input_ids
+        attn, _ = attentions(model, ids)
+        for name in names:
+            pattern = tl_detection_pattern(name, ids)
+            for l in range(layers):
+                for h in range(heads):
+                    a = attn[l][h]
+                    expected[name][f"{l}-{h}"].append(((a * pattern).sum() / a.sum()).item())
+    for name in names:
+        assert_heads_equal(result.by_scorer[name].heads, expected[name])
+
+
 def test_pattern_scores_equal_eager_loops(toy_dir, tmp_path):
     n, repeats = 5, 3
     result = headscope.detect("pattern", model=str(toy_dir), out=str(tmp_path), quiet=True, save_prompts=True,

@@ -65,6 +65,9 @@ class PatternOptions(DetectOptions):
     block_length: int = option(32, "random words in the repeated block", group="data", minimum=2)
     block_repeats: int = option(4, "times the block is repeated", group="data", flag="--repeats", minimum=2)
     num_samples: int = option(8, "number of random sequences", group="data", minimum=1)
+    pattern_convention: str = option("headscope", "headscope: mean over the repeats of the pattern's diagonal; "
+                                     "transformerlens: TransformerLens head_detector's 'mul' score over every row",
+                                     group="data", choices=("headscope", "transformerlens"))
 
 
 def build(options: PatternOptions, tokenizer, max_context: int | None) -> list[Sample]:
