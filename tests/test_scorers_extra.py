@@ -18,7 +18,7 @@ def sample(**meta):
 def test_r2_is_top_needle_length_mass_on_the_needle_over_its_length():
     # Two samples: needle [2, 4) (length 2) and [1, 4) (length 3). One layer, two heads, k = 3 recorded.
     batch = PromptBatch(torch.zeros(2, 8, dtype=torch.long), 8, torch.tensor([2, 1]), torch.tensor([4, 4]))
-    scorer = R2Scorer()
+    scorer = R2Scorer(steps="all")
     scorer.begin(batch, 1, 2)
     assert scorer.top_k == 3  # the longest needle of the batch
     values = torch.tensor([[[[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]],
@@ -31,6 +31,22 @@ def test_r2_is_top_needle_length_mass_on_the_needle_over_its_length():
     # sample 1 keeps its top 3: head 0 -> (0.4 + 0.2) / 3, head 1 -> 0; its second step is inactive
     expected = torch.tensor([[[0.8, 0.3]], [[0.2, 0.0]]])
     torch.testing.assert_close(scorer.result(), expected)
+
+
+def test_r2_scores_only_the_answer_steps_as_headkv():
+    """HeadKV decodes |answer tokens| steps: sample 0's answer has 1 token, sample 1's 2; three steps run."""
+    batch = PromptBatch(torch.zeros(2, 8, dtype=torch.long), 8, torch.tensor([2, 1]), torch.tensor([4, 4]), None,
+                        [sample(answer_tokens=1), sample(answer_tokens=2)])
+    scorer = R2Scorer()  # steps="answer", the default
+    scorer.begin(batch, 1, 2)
+    values = torch.tensor([[[[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]],
+                            [[0.4, 0.4, 0.2], [0.7, 0.2, 0.1]]]])
+    positions = torch.tensor([[[[2, 3, 5], [6, 2, 3]],
+                               [[1, 7, 3], [6, 7, 5]]]])
+    for _ in range(3):
+        scorer.step(StepView(values, positions, torch.zeros(2, dtype=torch.long), torch.tensor([True, True])))
+    # per step: sample 0 -> (0.8 / 2, 0.3 / 2) once; sample 1 -> (0.6 / 3, 0) twice
+    torch.testing.assert_close(scorer.result(), torch.tensor([[[0.4, 0.15]], [[0.4, 0.0]]]))
 
 
 def pattern_batch(n=3, repeats=3, bos=1):

@@ -130,7 +130,7 @@ def test_needle_at_sentence_boundary_and_depth():
     assert d0.startswith(NEEDLE["needle"] + " the cat")
     assert d50.startswith(" ".join([SENTENCE] * 6) + " " + NEEDLE["needle"] + " the cat saw")
     assert d100.endswith(" " + NEEDLE["needle"])  # at the very end, not at the last period
-    assert samples[1].meta == {"context_length": 100, "depth_percent": 50, "needle_index": 0}
+    assert samples[1].meta == {"context_length": 100, "depth_percent": 50, "needle_index": 0, "answer_tokens": 3}
     assert samples[1].answer == "blue river seven" and samples[1].task == "retrieval"
     assert samples[1].add_special_tokens is True
 

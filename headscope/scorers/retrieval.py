@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import HeadscopeError
 from .base import PromptBatch, Scorer, StepView, in_span, register_scorer
 
 
@@ -43,15 +44,42 @@ class R2Scorer(Scorer):
     on needles whose answer needs a comparison (bundled: data/needles_r2.jsonl) the heads that read
     the facts without copying them count too. k differs per sample; `begin` asks the recorder for the
     batch's longest needle and each sample keeps its own first |needle| positions.
+
+    Steps, as HeadKV counts them (`steps="answer"`, the default): HeadKV decodes only as many tokens as the
+    answer has, so only the steps s < |answer tokens| of each sample score (the sample's `answer_tokens`,
+    written by the retrieval task); `steps="all"` scores every decoded step.
     """
 
     name = "r2"
     keep_zeros = True
 
+    def __init__(self, steps: str = "answer"):
+        if steps not in ("answer", "all"):
+            raise HeadscopeError("--r2-steps must be answer or all")
+        self.steps = steps
+
+    @classmethod
+    def from_options(cls, options) -> "R2Scorer":
+        return cls(getattr(options, "r2_steps", "answer"))
+
     def begin(self, batch: PromptBatch, num_layers: int, num_heads: int) -> None:
         super().begin(batch, num_layers, num_heads)
         self.needle_len = (batch.span_end - batch.span_start).clamp(min=1)  # (batch,)
         self.top_k = int(self.needle_len.max())
+        self.step_index = 0
+        self.step_limit = None
+        if self.steps == "answer":
+            counts = [sample.meta.get("answer_tokens") for sample in batch.samples]
+            if None in counts or not counts:
+                raise HeadscopeError("r2 with --r2-steps answer needs the retrieval task's samples (answer_tokens)")
+            self.step_limit = torch.tensor(counts, device=batch.input_ids.device)  # (batch,)
+
+    def step(self, view) -> None:
+        scores = self.step_scores(view).transpose(0, 1) * view.active[:, None, None]  # (batch, layers, heads)
+        if self.step_limit is not None:
+            scores = scores * (self.step_index < self.step_limit)[:, None, None]
+        self.total += scores
+        self.step_index += 1
 
     def step_scores(self, view) -> torch.Tensor:
         k = view.values.shape[-1]

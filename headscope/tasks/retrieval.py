@@ -257,6 +257,9 @@ def build_retrieval_samples(
     haystack_ids = _haystack_ids(tokenizer, haystack, tokens_needed)
     period_ids = _period_ids(tokenizer, haystack_ids[:tokens_needed])
 
+    # How many tokens each answer has: HeadKV's r2 scores only that many decoding steps.
+    answer_tokens = [len(tokenizer.encode(n.get("answer") or n["real_needle"], add_special_tokens=False))
+                     for n in needles]
     samples = []
     for i, (needle, size) in enumerate(zip(needles, needle_sizes)):
         match = _find_real_needle(needle["needle"], needle["real_needle"])
@@ -287,7 +290,8 @@ def build_retrieval_samples(
                         answer=needle.get("answer") or needle["real_needle"],
                         span_text=prompt[span_start:span_end],  # = real_needle, in the needle's own casing
                         span_char=(span_start, span_end),
-                        meta={"context_length": length, "depth_percent": depth, "needle_index": i},
+                        meta={"context_length": length, "depth_percent": depth, "needle_index": i,
+                              "answer_tokens": answer_tokens[i]},
                     )
                 )
     return samples
@@ -310,6 +314,8 @@ class RetrievalOptions(ContextOptions):
                                         parse=parse_floats)
     num_depths: int = option(10, "needle depths from 0 to 100%", group="data", minimum=1)
     depth_spacing: str = option("linear", "how the depths are spaced", group="data", choices=("linear", "sigmoid"))
+    r2_steps: str = option("answer", "the r2 scorer's steps: answer (as HeadKV: the first |answer tokens| steps) "
+                                     "or all (every decoded step)", group="r2 score", choices=("answer", "all"))
 
 
 def grid_lengths(options: RetrievalOptions, max_context: int | None) -> list[int]:
