@@ -11,6 +11,8 @@ the ablation curve.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import random
 import statistics
 import sys
@@ -18,10 +20,11 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from . import analysis, masking, outputs
+from . import analysis, masking, outputs, store
 from .engine import Run, encode_samples, run_batch, start_run, task_options
 from .errors import HeadscopeError
-from .options import option, parse_ints, validate
+from .options import DetectOptions, option, parse_ints, unused_by, validate
+from .tasks import TASKS
 
 
 def parse_top(text: str) -> list[int] | str:
@@ -43,18 +46,51 @@ class AblationSettings:
     mode: str = option("uniform", "how a masked head is ablated", group="ablation", choices=masking.MODES)
 
 
-def run_arm(run: Run, items: list, heads: list[str], mode: str) -> list[dict]:
-    """Every sample's row (response, score, passed) with `heads` masked; items: (index, sample, encoded)."""
+class ArmLog:
+    """NAME_TASK_ablation_samples.jsonl: every finished sample of every arm and repeat, appended and flushed as
+    it finishes, so that an interrupted ablation resumes where it stopped (nothing lost, nothing run twice).
+    Its rows carry the ablation's id (a hash of the settings, the task's options and the score file); a
+    file with another id is refused unless --overwrite."""
+
+    def __init__(self, path, ablation_id: str, overwrite: bool):
+        self.path, self.ablation_id = path, ablation_id
+        if overwrite:
+            path.unlink(missing_ok=True)
+        rows = store.read_rows(path, repair=True)
+        others = {row.get("ablation") for row in rows} - {ablation_id}
+        if others:
+            raise HeadscopeError(f"{path} holds an ablation with other settings: --overwrite to replace it, or "
+                                 "use another --out")
+        self.done = {(row["arm"], row["repeat"], row["id"]): row for row in rows}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a")
+
+    def append(self, arm: str, repeat: int, row: dict) -> None:
+        row = {"ablation": self.ablation_id, "arm": arm, "repeat": repeat, **row}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.done[(arm, repeat, row["id"])] = row
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def run_arm(run: Run, items: list, heads: list[str], arm: tuple, log: ArmLog) -> list[dict]:
+    """Every sample's row (response, score, passed) with `heads` masked; items: (index, sample, encoded);
+    arm: (name, repeat, mode). Samples the log already holds are not run again."""
+    name, repeat, mode = arm
     by_layer: dict[int, list[int]] = {}
     for key in heads:
         layer, head = outputs.parse_head_key(key)
         by_layer.setdefault(layer, []).append(head)
-    rows = []
+    todo = [item for item in items if (name, repeat, item[1].id) not in log.done]
     batch_size = run.options.batch_size
     with masking.ablating(run.loaded.model, by_layer, mode):
-        for first in range(0, len(items), batch_size):
-            rows.extend(row for row, _ in run_batch(run, items[first:first + batch_size], []))
-    return rows
+        for first in range(0, len(todo), batch_size):
+            for row, _ in run_batch(run, todo[first:first + batch_size], []):
+                log.append(name, repeat, row)
+    return [log.done[(name, repeat, sample.id)] for _, sample, _ in items]
 
 
 def cell_of(row: dict) -> str:
@@ -120,6 +156,9 @@ def ablate(task: str, scores: str, top: list[int] | str, options=None, loaded=No
     names = {spec.name for spec in dataclasses.fields(AblationSettings)}
     settings = AblationSettings(scores=scores, top=top, **{k: v for k, v in overrides.items() if k in names})
     validate(settings)
+    unused = sorted(set(overrides) & unused_by("ablate", TASKS[task].options if task in TASKS else DetectOptions))
+    if unused:  # what ablate does not use is refused, never ignored
+        raise HeadscopeError(f"ablate does not use --{unused[0].replace('_', '-')}")
     options = task_options(task, options, **{k: v for k, v in overrides.items() if k not in names})
     summary = analysis.load_summary(scores)
     if top == "auto":
@@ -144,20 +183,27 @@ def ablate(task: str, scores: str, top: list[int] | str, options=None, loaded=No
             count = k if settings.random_k is None or len(top) > 1 else settings.random_k
             arms_to_run.append((f"random-{count}", count, [random_heads(all_keys, ranking[:k], count, options.seed + r)
                                                             for r in range(settings.repeats)]))
+    paths = outputs.output_paths(options.out, run.loaded.name, task)
+    path = paths["heads"].with_name(paths["heads"].name.replace("_heads.json", "_ablation.json"))
+    log = ArmLog(path.with_name(path.name.replace("_ablation.json", "_ablation_samples.jsonl")),
+                 ablation_id(run, settings, summary), options.overwrite)
     results, rows_of = {}, {}
     progress = tqdm(total=sum(len(h) for _, _, h in arms_to_run), desc=f"ablate {task}", unit="arm",
                     disable=options.quiet, file=sys.stderr)
-    for name, k, head_sets in arms_to_run:
-        if name in results:
-            continue
-        per_repeat = []
-        for heads in head_sets:
-            per_repeat.append(run_arm(run, items, heads, settings.mode))
-            progress.update(1)
-        drawn = name.startswith("random-")
-        results[name] = arm_result(per_repeat, k, head_sets if drawn else head_sets[0], drawn)
-        rows_of[name] = [row for rows in per_repeat for row in rows]
-    progress.close()
+    try:
+        for name, k, head_sets in arms_to_run:
+            if name in results:
+                continue
+            per_repeat = []
+            for repeat, heads in enumerate(head_sets):
+                per_repeat.append(run_arm(run, items, heads, (name, repeat, settings.mode), log))
+                progress.update(1)
+            drawn = name.startswith("random-")
+            results[name] = arm_result(per_repeat, k, head_sets if drawn else head_sets[0], drawn)
+            rows_of[name] = [row for rows in per_repeat for row in rows]
+    finally:
+        log.close()
+        progress.close()
 
     report = {"task": task, "model": run.loaded.path, "scores": str(scores), "mode": settings.mode,
               "samples": len(run.samples), "none": results["none"]}
@@ -169,12 +215,17 @@ def ablate(task: str, scores: str, top: list[int] | str, options=None, loaded=No
             report["random"] = results[random_name]
     else:
         report["sweep"] = [{"k": k, "top": results[f"top-{k}"], "random": results.get(f"random-{k}")} for k in top]
-    paths = outputs.output_paths(options.out, run.loaded.name, task)
-    path = paths["heads"].with_name(paths["heads"].name.replace("_heads.json", "_ablation.json"))
     outputs.atomic_write_json(path, report)
     report["path"] = str(path)
     report["pictures"] = draw(report, rows_of, path) if options.plots else []
     return report
+
+
+def ablation_id(run: Run, settings: AblationSettings, summary: dict) -> str:
+    """What makes two ablations the same: the model, the task's result-changing options, the settings and the
+    scores ranked (the run id's rule: output, batching and display options do not count)."""
+    described = dataclasses.asdict(run.options) | {"ablation": dataclasses.asdict(settings), "scores": summary}
+    return store.run_id(run.task.name, described, run.loaded.name)
 
 
 def draw(report: dict, rows_of: dict, path) -> list[str]:

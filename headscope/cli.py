@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     for task in (task for task in TASKS.values() if task.success_filter):
         task_parser = ablate_tasks.add_parser(task.name, help=f"ablation on the {task.name} task")
         add_arguments(task_parser, AblationSettings)
-        add_arguments(task_parser, task.options, task.organism_defaults)
+        add_arguments(task_parser, task.options, task.organism_defaults, command="ablate")
         task_parser.set_defaults(task_spec=task)
     check = commands.add_parser("check", help="prove on your model and settings that headscope is exact (exit 0) "
                                               "or show where it is not (exit 1)")

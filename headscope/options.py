@@ -56,8 +56,9 @@ class DetectOptions(ModelOptions):
     max_new_tokens: int = option(50, "decoding budget", minimum=1)
     out: str = option("head_scores", "output folder")
     overwrite: bool = option(False, "replace the folder's run instead of resuming it")
-    append: bool = option(False, "add this run to an --out folder that holds a run with other settings")
-    save_prompts: bool = option(False, "write each prompt into samples.jsonl")
+    append: bool = option(False, "add this run to an --out folder that holds a run with other settings",
+                          ablate=False)
+    save_prompts: bool = option(False, "write each prompt into samples.jsonl", ablate=False)
     chat: str = option("auto", "wrap the prompt in the chat template (auto: if the tokenizer has one)",
                        choices=("auto", "on", "off"))
     stop_at_newline: bool = option(True, "stop at a token whose text holds a newline", flag="--no-stop-at-newline")
@@ -69,19 +70,21 @@ class DetectOptions(ModelOptions):
     quiet: bool = option(False, "no progress bar or running top-10")
     plots: bool = option(True, "draw the heatmap / NIAH grid", flag="--no-plots")
     scorer: str | None = option(None, "comma-separated scorers run in one pass (registered names or module:Class); "
-                                      "default: the task's own. Each writes NAME_TASK_SCORER_* files")
-    shard: str | None = option(None, "I/N: run every N-th sample from the I-th; join shards with `headscope merge`")
+                                      "default: the task's own. Each writes NAME_TASK_SCORER_* files", ablate=False)
+    shard: str | None = option(None, "I/N: run every N-th sample from the I-th; join shards with `headscope merge`",
+                               ablate=False)
     check: bool = option(True, "run the exactness check (`headscope check`) before the run", flag="--no-check")
 
 
-def add_arguments(parser: argparse.ArgumentParser, options_class, defaults: dict | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, options_class, defaults: dict | None = None,
+                  command: str = "detect") -> None:
     """One flag per field of the dataclass, in argument groups. Unset flags stay out of the namespace
     (argparse.SUPPRESS), so the dataclass default applies; `defaults` only annotates the help (e.g. the
-    organism's grid)."""
+    organism's grid). A field whose metadata says `ablate=False` is not a flag of `ablate`."""
     groups = {}
     for spec in dataclasses.fields(options_class):
         meta = spec.metadata
-        if "help" not in meta:
+        if "help" not in meta or (command == "ablate" and meta.get("ablate") is False):
             continue
         name = meta.get("group", "run")
         if name not in groups:
@@ -118,6 +121,11 @@ def _argument_type(parse):
 
     typed.__name__ = getattr(parse, "__name__", "value")
     return typed
+
+
+def unused_by(command: str, options_class) -> set[str]:
+    """The fields a command does not use (`ablate=False` in their metadata)."""
+    return {spec.name for spec in dataclasses.fields(options_class) if spec.metadata.get(command) is False}
 
 
 def validate(options) -> None:

@@ -67,7 +67,10 @@ def test_top_auto_takes_the_heads_above_the_cut(toy_dir, data_dir, tmp_path):
     report = json.loads((tmp_path / f"{toy_dir.name}_retrieval_ablation.json").read_text())
     assert report["top"]["heads"] == ["1-2", "0-3", "1-0"]  # best first
     assert report["random"]["k"] == 3
-    assert run(toy_dir, data_dir, tmp_path, path, "--top", "auto", "--min-score", "0.5", "--random", "0") == 0
+    # other settings into the same folder: refused, as detect refuses, unless --overwrite
+    assert run(toy_dir, data_dir, tmp_path, path, "--top", "auto", "--min-score", "0.5", "--random", "0") == 2
+    assert run(toy_dir, data_dir, tmp_path, path, "--top", "auto", "--min-score", "0.5", "--random", "0",
+               "--overwrite") == 0
     report = json.loads((tmp_path / f"{toy_dir.name}_retrieval_ablation.json").read_text())
     assert report["top"]["heads"] == ["1-2"] and "random" not in report
 
@@ -95,3 +98,42 @@ def test_bad_input(case, toy_dir, data_dir, detected, tmp_path, capsys):
     err = capsys.readouterr().err
     assert expected in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_ablation_resumes_without_losing_or_repeating(toy_dir, data_dir, detected, tmp_path,
+                                                                    monkeypatch):
+    from headscope import ablation
+
+    arguments = dict(model=str(toy_dir), haystack=str(data_dir / "haystack"), needles=str(data_dir / "needles.jsonl"),
+                     repeats=2, **GRID)
+    whole = ablate("retrieval", detected.paths["heads"], [2], out=str(tmp_path / "whole"), **arguments)
+    batches, original = [], ablation.run_batch
+
+    def interrupted(*args):
+        batches.append(1)
+        if len(batches) > 6:  # the 7th sample of 16 (4 arms' runs x 4 samples): mid-arm
+            raise KeyboardInterrupt
+        yield from original(*args)
+
+    monkeypatch.setattr(ablation, "run_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ablate("retrieval", detected.paths["heads"], [2], out=str(tmp_path / "cut"), **arguments)
+    monkeypatch.setattr(ablation, "run_batch", original)
+    resumed = ablate("retrieval", detected.paths["heads"], [2], out=str(tmp_path / "cut"), **arguments)
+    drop = {"path", "pictures"}
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    rows = [json.loads(line) for line in next((tmp_path / "cut").glob("*_ablation_samples.jsonl")).open()]
+    keys = [(row["arm"], row["repeat"], row["id"]) for row in rows]
+    assert len(keys) == len(set(keys)) == 16  # none (4) + top (4) + random 2 repeats (8), each once
+
+
+def test_ablate_honours_no_plots_and_refuses_what_it_does_not_use(toy_dir, data_dir, detected, tmp_path, capsys):
+    assert run(toy_dir, data_dir, tmp_path, detected.paths["heads"], "--top", "1", "--repeats", "1",
+               "--no-plots") == 0
+    assert not list(tmp_path.glob("*.png"))
+    for flag in (["--scorer", "r2"], ["--shard", "0/2"], ["--append"], ["--save-prompts"]):
+        with pytest.raises(SystemExit) as exit_code:  # argparse's one usage line, exit 2
+            run(toy_dir, data_dir, tmp_path, detected.paths["heads"], "--top", "1", *flag)
+        assert exit_code.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(headscope.HeadscopeError, match="ablate does not use --shard"):
+        ablate("retrieval", detected.paths["heads"], [1], shard="0/2", out=str(tmp_path))

@@ -188,10 +188,13 @@ class ReasoningOptions(ContextOptions):
                                     "(default: the bundled organism questions)", group="data")
     fields: dict | None = option(None, "rename fields, e.g. id=qid,answer=gold", group="data", parse=parse_fields)
     num_samples: int | None = option(None, "sample this many records (with --seed)", group="data", minimum=1)
-    top_k: int = option(5, "positions of each attention row scored", group="reasoning score", minimum=1)
-    generated_weight: float = option(1.0, "weight of attention on generated tokens", group="reasoning score")
-    query_weight: float = option(0.5, "weight of attention on the question", group="reasoning score")
-    keep_zeros: bool = option(False, "append zero scores to the head lists too", group="reasoning score")
+    top_k: int = option(5, "positions of each attention row scored", group="reasoning score", minimum=1,
+                        ablate=False)
+    generated_weight: float = option(1.0, "weight of attention on generated tokens", group="reasoning score",
+                                     ablate=False)
+    query_weight: float = option(0.5, "weight of attention on the question", group="reasoning score", ablate=False)
+    keep_zeros: bool = option(False, "append zero scores to the head lists too", group="reasoning score",
+                              ablate=False)
 
 
 def build(options: ReasoningOptions, tokenizer, max_context: int | None) -> list[Sample]:

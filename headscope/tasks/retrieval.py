@@ -315,7 +315,8 @@ class RetrievalOptions(ContextOptions):
     num_depths: int = option(10, "needle depths from 0 to 100%", group="data", minimum=1)
     depth_spacing: str = option("linear", "how the depths are spaced", group="data", choices=("linear", "sigmoid"))
     r2_steps: str = option("answer", "the r2 scorer's steps: answer (as HeadKV: the first |answer tokens| steps) "
-                                     "or all (every decoded step)", group="r2 score", choices=("answer", "all"))
+                                     "or all (every decoded step)", group="r2 score", choices=("answer", "all"),
+                             ablate=False)
 
 
 def grid_lengths(options: RetrievalOptions, max_context: int | None) -> list[int]:
