@@ -54,14 +54,15 @@ def test_a_missing_model_folder_says_so(tmp_path, capsys):
 
 
 def test_help_names_every_command_and_task(capsys):
-    for argv in (["--help"], ["detect", "--help"], ["compare", "--help"]):
+    for argv in (["--help"], ["detect", "--help"], ["compare", "--help"], ["organism", "train", "--help"]):
         try:
             main(argv)
         except SystemExit:
             pass
     out = capsys.readouterr().out
     for word in ("detect", "ablate", "check", "show", "compare", "export", "merge", "organism",
-                 "retrieval", "reasoning", "query", "pattern", "another heads or summary file"):
+                 "retrieval", "reasoning", "query", "pattern", "another heads or summary file",
+                 "probability that a head is ablated", "peak AdamW learning rate"):
         assert word in out, word
 
 
