@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
@@ -139,6 +140,17 @@ def run_check(args: argparse.Namespace) -> int:
     return 1
 
 
+def run_rescore(args: argparse.Namespace) -> None:
+    from .rescore import draw, format_report, rescore
+
+    report = rescore(args.run_dir, args.metric, args.threshold, args.task, args.metric_model)
+    print(format_report(report))
+    print(f"wrote {Path(args.run_dir) / 'rescore' / 'rescore.json'}")
+    if not args.no_plots:
+        for picture in draw(report, Path(args.run_dir)):
+            print(f"wrote {picture}")
+
+
 def run_merge(args: argparse.Namespace) -> None:
     from .store import merge
 
@@ -154,7 +166,7 @@ def run_organism_train(args: argparse.Namespace, rest: list[str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .ablation import AblationSettings
-    from .options import ModelOptions, add_arguments
+    from .options import ModelOptions, add_arguments, parse_floats, parse_list
     from .tasks import TASKS
 
     parser = argparse.ArgumentParser(prog="headscope", description=__doc__)
@@ -177,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(check, ModelOptions)
     check.add_argument("--prompt-tokens", type=int, default=256, help="length of the test prompt (default 256)")
     check.add_argument("--steps", type=int, default=8, help="decoding steps compared (default 8)")
+    rescore = commands.add_parser("rescore", help="re-judge a finished run under other success filters (metrics, "
+                                                  "thresholds) without running the model; head-set stability")
+    rescore.add_argument("run_dir", help="a detect --out folder")
+    rescore.add_argument("--task", help="only this task's runs in the folder (default: every run)")
+    rescore.add_argument("--metric", type=parse_list(str), default=["rouge1", "f1", "bleu", "chrf"],
+                         help="comma-separated metrics (default rouge1,f1,bleu,chrf; also rougeL, exact, contains, "
+                              "bertscore, embedding)")
+    rescore.add_argument("--threshold", type=parse_floats, default=[40.0, 50.0, 60.0],
+                         help="comma-separated thresholds: a sample passes when metric > threshold (default 40,50,60)")
+    rescore.add_argument("--metric-model", help="bertscore / embedding model: a hub id or a local folder")
+    rescore.add_argument("--no-plots", action="store_true", help="do not draw the stability picture")
+    rescore.set_defaults(handler=run_rescore)
     merge = commands.add_parser("merge", help="merge the shard files of `detect --shard I/N` runs")
     merge.add_argument("dirs", nargs="+", help="folders holding *_samples.shard-I-of-N.jsonl files")
     merge.add_argument("--out", help="where to write the merged files (default: the first folder)")

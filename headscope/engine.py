@@ -270,7 +270,7 @@ def run_batch(run: Run, items: list, scorers: list):
     seconds = (time.time() - started) / len(runnable)
     for i, (index, sample, prompt) in enumerate(runnable):
         response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
-        score = score_response(run.options.metric, sample.answer, response)
+        score = score_response(run.options.metric, sample.answer, response, run.options.metric_model)
         passed = passes(score, run.options.success_threshold) or not run.task.success_filter
         row = sample_row(run, sample, prompt, dict(response=response, score=score, passed=passed, error=None,
                                                    seconds=seconds))
@@ -279,7 +279,8 @@ def run_batch(run: Run, items: list, scorers: list):
 
 def sample_row(run: Run, sample, prompt, outcome: dict) -> dict:
     """A samples.jsonl row; outcome: response, score, passed, error, seconds."""
-    row = {"id": sample.id, "task": run.task.name, **sample.meta, "prompt_tokens": len(prompt.input_ids),
+    row = {"id": sample.id, "task": run.task.name, **sample.meta, "reference": sample.answer,
+           "prompt_tokens": len(prompt.input_ids),
            "span": list(prompt.span) if prompt.span else None, "span_method": prompt.method,
            "response": outcome["response"], "score": outcome["score"], "passed": outcome["passed"],
            "error": outcome["error"], "duration_s": round(outcome["seconds"], 4)}

@@ -1,4 +1,9 @@
-"""Success metrics: did the model's response contain the reference answer? Scores are on a 0-100 scale."""
+"""Success metrics: did the model's response contain the reference answer? Scores are on a 0-100 scale.
+
+Lexical: rouge1 / rougeL recall (rouge-score), f1 / exact / contains (SQuAD normalisation), bleu / chrf
+(sentence level, sacrebleu). Model-based (`metric_model`: a hub id or a local folder): bertscore (F1 of the
+`bert-score` package, the optional extra `headscope[metrics]`) and embedding (cosine of mean-pooled
+embeddings of a sentence encoder, through transformers)."""
 from __future__ import annotations
 
 import re
@@ -8,7 +13,10 @@ from functools import lru_cache
 
 from headscope.errors import HeadscopeError
 
-METRICS = ("rouge1", "rougeL", "f1", "exact", "contains")
+LEXICAL = ("rouge1", "rougeL", "f1", "exact", "contains", "bleu", "chrf")
+MODEL_BASED = ("bertscore", "embedding")
+METRICS = LEXICAL + MODEL_BASED
+DEFAULT_METRIC_MODELS = {"bertscore": "roberta-large", "embedding": "sentence-transformers/all-MiniLM-L6-v2"}
 
 _DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -41,12 +49,31 @@ def _token_f1(reference: str, response: str) -> float:
     return 100.0 * 2 * precision * recall / (precision + recall)
 
 
-def score_response(metric: str, reference: str, response: str) -> float:
+def score_response(metric: str, reference: str, response: str, metric_model: str | None = None) -> float:
     """How well `response` matches `reference`, 0-100.
 
     rouge1 / rougeL are the RECALL of the reference inside the response (the Retrieval_Head
     convention: a long response that contains the needle scores 100).
     """
+    return score_responses(metric, [reference], [response], metric_model)[0]
+
+
+def score_responses(metric: str, references: list[str], responses: list[str],
+                    metric_model: str | None = None) -> list[float]:
+    """score_response over many pairs; a model-based metric loads its model once."""
+    if metric == "bertscore":
+        return _bertscore(references, responses, metric_model or DEFAULT_METRIC_MODELS[metric])
+    if metric == "embedding":
+        return _embedding_cosine(references, responses, metric_model or DEFAULT_METRIC_MODELS[metric])
+    return [_lexical(metric, reference, response) for reference, response in zip(references, responses)]
+
+
+def _lexical(metric: str, reference: str, response: str) -> float:
+    if metric in ("bleu", "chrf"):
+        import sacrebleu
+
+        sentence = sacrebleu.sentence_bleu if metric == "bleu" else sacrebleu.sentence_chrf
+        return float(sentence(response, [reference]).score)
     if metric in ("rouge1", "rougeL"):
         return 100.0 * _rouge_scorer().score(reference, response)[metric].recall
     if metric == "f1":
@@ -58,6 +85,49 @@ def score_response(metric: str, reference: str, response: str) -> float:
         ref, resp = normalize_answer(reference), normalize_answer(response)
         return 100.0 if ref and f" {ref} " in f" {resp} " else 0.0
     raise HeadscopeError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
+
+
+def _bertscore(references, responses, model: str) -> list[float]:
+    try:
+        import bert_score
+    except ImportError:
+        raise HeadscopeError("the bertscore metric needs the metrics extra: pip install 'headscope[metrics]'") from None
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(model).num_hidden_layers  # a local folder is not in bert-score's table
+    try:
+        _, _, f1 = bert_score.score(responses, references, model_type=model, num_layers=layers, verbose=False)
+    except OSError as error:
+        raise HeadscopeError(f"cannot load the metric model {model!r}: {str(error).splitlines()[0]}") from None
+    return [100.0 * float(value) for value in f1]
+
+
+@lru_cache(maxsize=2)
+def _encoder(model: str):
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model), AutoModel.from_pretrained(model).eval()
+    except (OSError, ValueError) as error:
+        raise HeadscopeError(f"cannot load the metric model {model!r}: {str(error).splitlines()[0]}") from None
+
+
+def _embedding_cosine(references, responses, model: str) -> list[float]:
+    """100 x cos(mean-pooled embedding of the reference, that of the response), as sentence-transformers'
+    all-MiniLM-L6-v2 is meant to be used (mean pooling over the attention mask)."""
+    import torch
+
+    tokenizer, encoder = _encoder(model)
+
+    def embed(texts):
+        batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = encoder(**batch).last_hidden_state  # (n, tokens, dim)
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    cosine = torch.nn.functional.cosine_similarity(embed(references), embed(responses), dim=-1)
+    return [100.0 * float(value) for value in cosine]
 
 
 def passes(score: float, threshold: float) -> bool:

@@ -64,7 +64,11 @@ class DetectOptions(ModelOptions):
     stop_at_newline: bool = option(True, "stop at a token whose text holds a newline", flag="--no-stop-at-newline")
     success_threshold: float = option(50.0, "a sample counts if its metric (0-100) is strictly above this "
                                             "(negative: every sample counts)")
-    metric: str = option("rouge1", "the success metric", choices=("rouge1", "rougeL", "f1", "exact", "contains"))
+    metric: str = option("rouge1", "the success metric (bertscore and embedding load --metric-model)",
+                         choices=("rouge1", "rougeL", "f1", "exact", "contains", "bleu", "chrf", "bertscore",
+                                  "embedding"))
+    metric_model: str | None = option(None, "the model of bertscore / embedding: a hub id or a local folder "
+                                            "(default roberta-large / sentence-transformers/all-MiniLM-L6-v2)")
     batch_size: int = option(1, "decode several prompts together (left padding)", minimum=1)
     seed: int = option(0, "seed of any sampling of the data")
     quiet: bool = option(False, "no progress bar or running top-10")

@@ -119,6 +119,19 @@ def ablation_curve(sweep: list[dict], path, title: str = "ablation") -> Path:
     return save(figure, path)
 
 
+def rescore_stability(curves: dict[str, list[tuple[float, float]]], path, title: str) -> Path:
+    """Top-K Jaccard against the run's own head set, per success threshold, one line per metric."""
+    figure, axes = plt.subplots(figsize=CURVE_SIZE)
+    for metric, points in curves.items():
+        points = sorted(points)
+        axes.plot([t for t, _ in points], [j for _, j in points], "o-", label=metric)
+    axes.set(xlabel="success threshold (metric > threshold)", ylabel="top-10 Jaccard with the run's heads",
+             ylim=(-0.02, 1.02), title=title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return save(figure, path)
+
+
 def scatter(a_summary: dict[str, dict], b_summary: dict[str, dict], path, labels=("A", "B"), annotate: int = 5) -> Path:
     """Each head's mean score in A against B, with the diagonal and the best `annotate` heads of each named."""
     keys = sorted(a_summary, key=parse_head_key)

@@ -1,0 +1,144 @@
+"""`headscope rescore`: re-judge a finished run under other success filters, without running the model again.
+
+Every samples row holds the response, the reference it was judged against and what the sample contributes
+to every head, so a success filter (metric, threshold) is one pass over the file: each row passes again
+when metric(reference, response) > threshold, and heads and summary are rebuilt with the scorer's own
+accumulation rule (the rows' keep_zeros) -- exactly what `detect --metric M --success-threshold T` writes.
+Files go to RUN_DIR/rescore/METRIC-THRESHOLD/; the run's own files are never touched.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import analysis, outputs, store
+from .errors import HeadscopeError
+from .metrics import METRICS, MODEL_BASED, score_responses
+from .outputs import mean_or_zero
+
+K_VALUES = (5, 10, 20)
+
+
+def find_runs(run_dir: Path, task: str | None) -> list[tuple[str, dict]]:
+    """(prefix, manifest) of every whole-run samples file in the folder (NAME_TASK[_SCORER]_samples.jsonl)."""
+    if not run_dir.is_dir():
+        raise HeadscopeError(f"no such folder: {run_dir}")
+    runs = []
+    for path in sorted(run_dir.glob("*_samples.jsonl")):
+        prefix = path.name.removesuffix("_samples.jsonl")
+        manifest = analysis.read_manifest(outputs.prefix_paths(run_dir, prefix)["heads"]) or {}
+        if prefix.endswith("_ablation") or "heads" not in manifest:
+            continue
+        if task is None or manifest.get("task") == task:
+            runs.append((prefix, manifest))
+    if not runs:
+        raise HeadscopeError(f"no samples file of a detect run (NAME_TASK_samples.jsonl) in {run_dir}"
+                             + (f" for task {task}" if task else ""))
+    return runs
+
+
+def rows_to_judge(path: Path) -> list[dict]:
+    rows = store.read_rows(path)
+    missing = next((row for row in rows if "reference" not in row), None)
+    if missing is not None:
+        raise HeadscopeError(f"{path}: sample {missing.get('id')!r} has no 'reference' field (it was written "
+                             "before headscope recorded what each response was judged against): run detect again")
+    return rows
+
+
+def judge(rows: list[dict], metric: str, metric_model: str | None) -> list[float | None]:
+    """The metric of every row (None for a row with an error: it never passes)."""
+    measured = [row for row in rows if row["error"] is None]
+    scores = iter(score_responses(metric, [row["reference"] for row in measured],
+                                  [row["response"] for row in measured], metric_model))
+    return [next(scores) if row["error"] is None else None for row in rows]
+
+
+def rescore(run_dir, metrics: list[str], thresholds: list[float], task: str | None = None,
+            metric_model: str | None = None) -> dict:
+    """Rebuild heads and summary for every (metric, threshold); returns the stability report (rescore.json)."""
+    run_dir = Path(run_dir)
+    unknown = [metric for metric in metrics if metric not in METRICS]
+    if unknown:
+        raise HeadscopeError(f"unknown metric {unknown[0]!r}: choose from {', '.join(METRICS)}")
+    if not metrics or not thresholds:
+        raise HeadscopeError("give at least one --metric and one --threshold")
+    started = time.time()
+    runs = []
+    for prefix, manifest in find_runs(run_dir, task):  # everything is judged before anything is written
+        rows = rows_to_judge(outputs.prefix_paths(run_dir, prefix)["samples"])
+        scores = {metric: judge(rows, metric, metric_model) for metric in metrics}
+        runs.append((prefix, manifest, rows, scores))
+    report = {"metrics": metrics, "thresholds": thresholds, "runs": {}}
+    for prefix, manifest, rows, scores in runs:
+        report["runs"][prefix] = rescore_run(run_dir, prefix, manifest, rows, scores, thresholds)
+    report["seconds"] = round(time.time() - started, 2)
+    outputs.atomic_write_json(run_dir / "rescore" / "rescore.json", report)
+    return report
+
+
+def rescore_run(run_dir: Path, prefix: str, manifest: dict, rows: list[dict], scores: dict,
+                thresholds: list[float]) -> dict:
+    """One run's settings: files under rescore/METRIC-THRESHOLD/, and each setting against the run's own."""
+    keys, paths = manifest["heads"], outputs.prefix_paths(run_dir, prefix)
+    _, own = store.derive_heads_and_summary(paths, rows, keys)
+    options = manifest.get("options", {})
+    settings = []
+    for metric, values in scores.items():
+        for threshold in thresholds:
+            judged = [row | {"passed": value is not None and value > threshold} for row, value in zip(rows, values)]
+            heads, summary = store.derive_heads_and_summary(paths, judged, keys)
+            folder = run_dir / "rescore" / f"{metric}-{threshold:g}"
+            written = outputs.prefix_paths(folder, prefix)
+            outputs.atomic_write_json(written["heads"], heads)
+            outputs.atomic_write_json(written["summary"], summary)
+            measured = [value for value in values if value is not None]
+            ks = [k for k in K_VALUES if k <= len(keys)] or [len(keys)]
+            comparison = analysis.compare(plain(own), plain(summary), ks)
+            settings.append({"metric": metric, "threshold": threshold, "passing": sum(r["passed"] for r in judged),
+                             "samples": len(rows), "mean_metric": sum(measured) / max(len(measured), 1),
+                             "top_k": comparison["per_k"], "spearman": comparison["spearman"],
+                             "top10": analysis.top_keys(plain(summary), min(10, len(keys))), "path": str(folder)})
+    tops = [set(setting["top10"]) for setting in settings]
+    return {"own": {"metric": options.get("metric"), "threshold": options.get("success_threshold")},
+            "settings": settings, "top10_changing": sorted(set.union(*tops) - set.intersection(*tops),
+                                                           key=outputs.parse_head_key)}
+
+
+def plain(summary: dict) -> dict:
+    """Summary with null means (heads with no value) as 0, for ranking and comparing."""
+    return {key: {"mean": mean_or_zero(stats)} for key, stats in summary.items()}
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for prefix, run in report["runs"].items():
+        own = run["own"]
+        lines.append(f"{prefix}: against the run's own filter ({own['metric']} > {own['threshold']})")
+        lines.append(f"{'metric':<10} {'thresh':>6} {'passing':>9} {'metric':>7} " +
+                     " ".join(f"{'J@' + str(p['k']):>6}" for p in run["settings"][0]["top_k"]) + f" {'spearman':>9}")
+        for s in run["settings"]:
+            jaccards = " ".join(f"{p['jaccard']:>6.2f}" for p in s["top_k"])
+            lines.append(f"{s['metric']:<10} {s['threshold']:>6g} {s['passing']:>4}/{s['samples']:<4} "
+                         f"{s['mean_metric']:>7.1f} {jaccards} {s['spearman']:>9.3f}")
+        changing = ", ".join(run["top10_changing"]) or "none"
+        lines.append(f"heads whose top-10 membership changes across these settings: {changing}")
+    lines.append(f"rescored {sum(len(r['settings']) for r in report['runs'].values())} settings in "
+                 f"{report['seconds']:.1f} s, no model run" + (" (model-based metrics load their encoder)"
+                                                               if set(report["metrics"]) & set(MODEL_BASED) else ""))
+    return "\n".join(lines)
+
+
+def draw(report: dict, run_dir: Path) -> list[Path]:
+    from .plots import rescore_stability
+
+    pictures = []
+    for prefix, run in report["runs"].items():
+        curves = {}
+        for setting in run["settings"]:
+            jaccard = next((p["jaccard"] for p in setting["top_k"] if p["k"] == 10), setting["top_k"][-1]["jaccard"])
+            curves.setdefault(setting["metric"], []).append((setting["threshold"], jaccard))
+        pictures.append(rescore_stability(curves, run_dir / "rescore" / f"{prefix}_rescore.png",
+                                          f"{prefix}: top-10 Jaccard against the run's own filter"))
+    return pictures
+
