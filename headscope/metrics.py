@@ -73,7 +73,7 @@ def _lexical(metric: str, reference: str, response: str) -> float:
         import sacrebleu
 
         sentence = sacrebleu.sentence_bleu if metric == "bleu" else sacrebleu.sentence_chrf
-        return float(sentence(response, [reference]).score)
+        return min(float(sentence(response, [reference]).score), 100.0)  # sacrebleu can give 100.00000000000004
     if metric in ("rouge1", "rougeL"):
         return 100.0 * _rouge_scorer().score(reference, response)[metric].recall
     if metric == "f1":

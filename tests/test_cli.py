@@ -89,7 +89,7 @@ BAD_INPUTS = {
     "unknown model": (["--model", "{tmp}/no-such-model"], "retrieval", "no such model folder"),
     "not a causal LM": (["--model", "{tmp}/resnet"], "retrieval", "not a causal language model"),
     "context too long": (["--context-lengths", "5000"], "retrieval", "maximum"),
-    "bad metric": (["--metric", "bleu"], "retrieval", "invalid choice"),
+    "bad metric": (["--metric", "meteor"], "retrieval", "invalid choice"),
 }
 
 

@@ -48,5 +48,5 @@ def test_passes_is_strict():
 
 
 def test_unknown_metric():
-    with pytest.raises(HeadscopeError, match="unknown metric 'bleu'"):
-        score_response("bleu", "a", "b")
+    with pytest.raises(HeadscopeError, match="unknown metric 'meteor'"):
+        score_response("meteor", "a", "b")
