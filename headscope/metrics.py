@@ -94,8 +94,8 @@ def _bertscore(references, responses, model: str) -> list[float]:
         raise HeadscopeError("the bertscore metric needs the metrics extra: pip install 'headscope[metrics]'") from None
     from transformers import AutoConfig
 
-    layers = AutoConfig.from_pretrained(model).num_hidden_layers  # a local folder is not in bert-score's table
     try:
+        layers = AutoConfig.from_pretrained(model).num_hidden_layers  # a local folder is not in bert-score's table
         _, _, f1 = bert_score.score(responses, references, model_type=model, num_layers=layers, verbose=False)
     except OSError as error:
         raise HeadscopeError(f"cannot load the metric model {model!r}: {str(error).splitlines()[0]}") from None
