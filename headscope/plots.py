@@ -122,11 +122,15 @@ def ablation_curve(sweep: list[dict], path, title: str = "ablation") -> Path:
 def rescore_stability(curves: dict[str, list[tuple[float, float]]], path, title: str) -> Path:
     """Top-K Jaccard against the run's own head set, per success threshold, one line per metric."""
     figure, axes = plt.subplots(figsize=CURVE_SIZE)
-    for metric, points in curves.items():
+    styles = ["o-", "s--", "^-.", "D:", "v-", "P--", "X-.", "*:", "h-"]  # lines that coincide stay apart
+    for index, (metric, points) in enumerate(curves.items()):
         points = sorted(points)
-        axes.plot([t for t, _ in points], [j for _, j in points], "o-", label=metric)
+        label = metric if points else f"{metric}: no sample passes at any threshold"
+        axes.plot([t for t, _ in points], [j for _, j in points], styles[index % len(styles)], label=label,
+                  markersize=9 - index, linewidth=2.5 - 0.3 * index)
     axes.set(xlabel="success threshold (metric > threshold)", ylabel="top-10 Jaccard with the run's heads",
-             ylim=(-0.02, 1.02), title=title)
+             ylim=(-0.02, 1.05))
+    axes.set_title(title, fontsize=9)
     axes.legend(fontsize=8)
     figure.tight_layout()
     return save(figure, path)

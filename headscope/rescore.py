@@ -95,11 +95,15 @@ def rescore_run(run_dir: Path, prefix: str, manifest: dict, rows: list[dict], sc
             measured = [value for value in values if value is not None]
             ks = [k for k in K_VALUES if k <= len(keys)] or [len(keys)]
             comparison = analysis.compare(plain(own), plain(summary), ks)
-            settings.append({"metric": metric, "threshold": threshold, "passing": sum(r["passed"] for r in judged),
+            passing = sum(r["passed"] for r in judged)
+            if not passing:  # no head has a value: there is no head set to compare
+                comparison = {"per_k": [{"k": k, "overlap": None, "jaccard": None} for k in ks], "spearman": None}
+            settings.append({"metric": metric, "threshold": threshold, "passing": passing,
                              "samples": len(rows), "mean_metric": sum(measured) / max(len(measured), 1),
                              "top_k": comparison["per_k"], "spearman": comparison["spearman"],
-                             "top10": analysis.top_keys(plain(summary), min(10, len(keys))), "path": str(folder)})
-    tops = [set(setting["top10"]) for setting in settings]
+                             "top10": analysis.top_keys(plain(summary), min(10, len(keys))) if passing else None,
+                             "path": str(folder)})
+    tops = [set(setting["top10"]) for setting in settings if setting["top10"] is not None] or [set()]
     return {"own": {"metric": options.get("metric"), "threshold": options.get("success_threshold")},
             "settings": settings, "top10_changing": sorted(set.union(*tops) - set.intersection(*tops),
                                                            key=outputs.parse_head_key)}
@@ -118,11 +122,15 @@ def format_report(report: dict) -> str:
         lines.append(f"{'metric':<10} {'thresh':>6} {'passing':>9} {'metric':>7} " +
                      " ".join(f"{'J@' + str(p['k']):>6}" for p in run["settings"][0]["top_k"]) + f" {'spearman':>9}")
         for s in run["settings"]:
-            jaccards = " ".join(f"{p['jaccard']:>6.2f}" for p in s["top_k"])
+            jaccards = " ".join(f"{p['jaccard']:>6.2f}" if p["jaccard"] is not None else f"{'-':>6}"
+                                for p in s["top_k"])
+            spearman = f"{s['spearman']:>9.3f}" if s["spearman"] is not None else f"{'-':>9}"
             lines.append(f"{s['metric']:<10} {s['threshold']:>6g} {s['passing']:>4}/{s['samples']:<4} "
-                         f"{s['mean_metric']:>7.1f} {jaccards} {s['spearman']:>9.3f}")
+                         f"{s['mean_metric']:>7.1f} {jaccards} {spearman}")
         changing = ", ".join(run["top10_changing"]) or "none"
-        lines.append(f"heads whose top-10 membership changes across these settings: {changing}")
+        lines.append(f"heads whose top-10 membership changes across these settings: {changing}"
+                     + ("  ('-': no sample passes, no head set)" if any(s["top10"] is None for s in run["settings"])
+                        else ""))
     lines.append(f"rescored {sum(len(r['settings']) for r in report['runs'].values())} settings in "
                  f"{report['seconds']:.1f} s, no model run" + (" (model-based metrics load their encoder)"
                                                                if set(report["metrics"]) & set(MODEL_BASED) else ""))
@@ -137,7 +145,9 @@ def draw(report: dict, run_dir: Path) -> list[Path]:
         curves = {}
         for setting in run["settings"]:
             jaccard = next((p["jaccard"] for p in setting["top_k"] if p["k"] == 10), setting["top_k"][-1]["jaccard"])
-            curves.setdefault(setting["metric"], []).append((setting["threshold"], jaccard))
+            points = curves.setdefault(setting["metric"], [])
+            if jaccard is not None:  # no sample passed: no point (the legend says so)
+                points.append((setting["threshold"], jaccard))
         pictures.append(rescore_stability(curves, run_dir / "rescore" / f"{prefix}_rescore.png",
                                           f"{prefix}: top-10 Jaccard against the run's own filter"))
     return pictures

@@ -30,9 +30,12 @@ def test_rescore_equals_detect_with_that_filter(task, tmp_path):
     settings = report["runs"][f"organism_{task}"]["settings"]
     assert [(s["metric"], s["threshold"]) for s in settings] == [("f1", 20), ("f1", 50), ("contains", 20),
                                                                    ("contains", 50)]
-    for setting in settings:  # Spearman is nan where a filter leaves every head at 0 (nothing passes)
+    for setting in settings:  # where nothing passes there is no head set: None, not a number
         assert {p["k"] for p in setting["top_k"]} == {5, 10, 20}
-        assert setting["spearman"] != setting["spearman"] or -1 <= setting["spearman"] <= 1.000001
+        if setting["passing"] == 0:
+            assert setting["spearman"] is None and all(p["jaccard"] is None for p in setting["top_k"])
+        else:
+            assert -1 <= setting["spearman"] <= 1.000001 and all(0 <= p["jaccard"] <= 1 for p in setting["top_k"])
     if task == "reasoning":  # a chain of thought against a one-word answer: F1 > 50 is stricter than "contains"
         passing = {(s["metric"], s["threshold"]): s["passing"] for s in settings}
         assert passing[("f1", 50)] < passing[("contains", 50)]
