@@ -37,7 +37,9 @@ def run_detect(args: argparse.Namespace) -> None:
         result = detect(args.task, options)
     print(format_table(result.summary, 30))
     counts = result.counts
-    print(f"samples run: {counts['run']}  passed: {counts['passed']}  span errors: {counts['span_errors']}")
+    print(f"samples run: {counts['run']}  passed: {counts['passed']}  span errors: {counts['span_errors']}"
+          + (f"  no extractable answer: {counts['no_answer']}" if options.answer_marker or options.answer_from != "full"
+             else ""))
     for error in sorted({row["error"] for row in result.samples if row["error"]}):
         print(f"span error: {error}")
     if result.complete:

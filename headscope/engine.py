@@ -18,6 +18,7 @@ from tqdm import tqdm
 from . import check, loading, outputs, store
 from .decode import StopRule, eos_token_ids, greedy_decode, newline_token_ids, num_layers_and_heads
 from .errors import HeadscopeError, notify
+from .answers import extract_answer
 from .metrics import passes, score_response
 from .options import DetectOptions, build, validate
 from .scorers import PromptBatch, load_scorer
@@ -37,7 +38,8 @@ class DetectResult:
     @property
     def counts(self) -> dict[str, int]:
         return {"run": len(self.samples), "passed": sum(s["passed"] for s in self.samples),
-                "span_errors": sum(s["error"] is not None for s in self.samples)}
+                "span_errors": sum(s["error"] is not None for s in self.samples),
+                "no_answer": sum("answer_text" in s and s["answer_text"] is None for s in self.samples)}
 
 
 @dataclass
@@ -270,20 +272,30 @@ def run_batch(run: Run, items: list, scorers: list):
     seconds = (time.time() - started) / len(runnable)
     for i, (index, sample, prompt) in enumerate(runnable):
         response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
-        score = score_response(run.options.metric, sample.answer, response, run.options.metric_model)
-        passed = passes(score, run.options.success_threshold) or not run.task.success_filter
-        row = sample_row(run, sample, prompt, dict(response=response, score=score, passed=passed, error=None,
-                                                   seconds=seconds))
+        outcome = judge(run, sample, response) | dict(error=None, seconds=seconds)
+        row = sample_row(run, sample, prompt, outcome)
         yield {"index": index} | row, {name: scores[i] for name, scores in per_scorer.items()}
 
 
+def judge(run: Run, sample, response: str) -> dict:
+    """response, score, passed, and answer_text (what was judged) when an answer is extracted."""
+    options = run.options
+    extracting = options.answer_marker is not None or options.answer_from != "full"
+    answer = extract_answer(response, options.answer_from, options.answer_marker) if extracting else response
+    score = 0.0 if answer is None else score_response(options.metric, sample.answer, answer, options.metric_model)
+    passed = (answer is not None and passes(score, options.success_threshold)) or not run.task.success_filter
+    return {"response": response, "score": score, "passed": passed} | ({"answer_text": answer} if extracting else {})
+
+
 def sample_row(run: Run, sample, prompt, outcome: dict) -> dict:
-    """A samples.jsonl row; outcome: response, score, passed, error, seconds."""
+    """A samples.jsonl row; outcome: response, score, passed, error, seconds, and answer_text if extracted."""
     row = {"id": sample.id, "task": run.task.name, **sample.meta, "reference": sample.answer,
            "prompt_tokens": len(prompt.input_ids),
            "span": list(prompt.span) if prompt.span else None, "span_method": prompt.method,
            "response": outcome["response"], "score": outcome["score"], "passed": outcome["passed"],
            "error": outcome["error"], "duration_s": round(outcome["seconds"], 4)}
+    if "answer_text" in outcome:  # None: nothing could be extracted, the sample fails
+        row["answer_text"] = outcome["answer_text"]
     if run.options.save_prompts:
         row["prompt"] = sample.prompt
     return row

@@ -36,6 +36,12 @@ parse_ints, parse_floats = parse_list(int), parse_list(float)
 SCALARS = {"int": int, "float": float, "str": str, "list[int]": parse_ints, "list[float]": parse_floats}
 
 
+def _answer_from(text: str) -> str:
+    from .answers import parse_answer_from
+
+    return parse_answer_from(text)
+
+
 @dataclass
 class ModelOptions:
     """Which model, and how it is loaded (`headscope check` takes these alone)."""
@@ -67,6 +73,10 @@ class DetectOptions(ModelOptions):
     metric: str = option("rouge1", "the success metric (bertscore and embedding load --metric-model)",
                          choices=("rouge1", "rougeL", "f1", "exact", "contains", "bleu", "chrf", "bertscore",
                                   "embedding"))
+    answer_marker: str | None = option(None, "judge only what follows the last occurrence of this text (e.g. "
+                                             "'so the answer is'); a response without it has no answer and fails")
+    answer_from: str = option("full", "what of the (marked) response is judged: full, after-think, boxed, "
+                                      "last-number or regex:PATTERN", parse=_answer_from, check=_answer_from)
     metric_model: str | None = option(None, "the model of bertscore / embedding: a hub id or a local folder "
                                             "(default roberta-large / sentence-transformers/all-MiniLM-L6-v2)")
     batch_size: int = option(1, "decode several prompts together (left padding)", minimum=1)
@@ -143,6 +153,8 @@ def validate(options) -> None:
             raise HeadscopeError(f"{flag} must be one of {', '.join(map(str, meta['choices']))}, not {value!r}")
         if "minimum" in meta and value < meta["minimum"]:
             raise HeadscopeError(f"{flag} must be at least {meta['minimum']}")
+        if "check" in meta:
+            meta["check"](value)
 
 
 def build(options_class, options=None, **overrides):

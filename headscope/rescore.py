@@ -48,10 +48,13 @@ def rows_to_judge(path: Path) -> list[dict]:
 
 def judge(rows: list[dict], metric: str, metric_model: str | None) -> list[float | None]:
     """The metric of every row (None for a row with an error: it never passes)."""
-    measured = [row for row in rows if row["error"] is None]
+    def judged(row):  # the extracted answer when the run extracted one; None: no answer, never passes
+        return row["answer_text"] if "answer_text" in row else row["response"]
+
+    measured = [row for row in rows if row["error"] is None and judged(row) is not None]
     scores = iter(score_responses(metric, [row["reference"] for row in measured],
-                                  [row["response"] for row in measured], metric_model))
-    return [next(scores) if row["error"] is None else None for row in rows]
+                                  [judged(row) for row in measured], metric_model))
+    return [next(scores) if row["error"] is None and judged(row) is not None else None for row in rows]
 
 
 def rescore(run_dir, metrics: list[str], thresholds: list[float], task: str | None = None,

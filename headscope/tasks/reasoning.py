@@ -195,6 +195,8 @@ class ReasoningOptions(ContextOptions):
     query_weight: float = option(0.5, "weight of attention on the question", group="reasoning score", ablate=False)
     keep_zeros: bool = option(False, "append zero scores to the head lists too", group="reasoning score",
                               ablate=False)
+    exclude_current_token: bool = option(False, "attention on the token being fed does not count as attention on "
+                                                "generated tokens", group="reasoning score", ablate=False)
 
 
 def build(options: ReasoningOptions, tokenizer, max_context: int | None) -> list[Sample]:

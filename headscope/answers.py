@@ -1,0 +1,70 @@
+"""Answer extraction: the part of a response the success metric judges.
+
+A reasoning model writes a chain of thought before its answer; judging the whole response rewards a chain
+that mentions the reference anywhere. With `--answer-marker TEXT` only what follows the last TEXT counts (the
+organism: "so the answer is"); `--answer-from` then takes:
+  full         all of it
+  after-think  what follows the last `</think>`
+  boxed        the content of the last \\boxed{...}
+  last-number  the last number (thousands commas dropped)
+  regex:P      the last match of the regular expression P (its first group, if it has one)
+A response with nothing to extract has no answer: it fails the success filter, whatever the metric.
+"""
+from __future__ import annotations
+
+import re
+
+from .errors import HeadscopeError
+
+SIMPLE = ("full", "after-think", "boxed", "last-number")
+THINK_END = "</think>"
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def parse_answer_from(text: str) -> str:
+    """The --answer-from value, checked: one of SIMPLE or regex:PATTERN with a valid pattern."""
+    if text in SIMPLE:
+        return text
+    if text.startswith("regex:"):
+        try:
+            re.compile(text[len("regex:"):])
+        except re.error as error:
+            raise HeadscopeError(f"--answer-from {text}: not a valid regular expression ({error})") from None
+        return text
+    raise HeadscopeError(f"--answer-from must be one of {', '.join(SIMPLE)} or regex:PATTERN, not {text!r}")
+
+
+def extract_answer(response: str, answer_from: str = "full", marker: str | None = None) -> str | None:
+    """The answer in `response`, or None when there is none to extract."""
+    text = response
+    if marker:
+        at = text.rfind(marker)
+        if at < 0:
+            return None
+        text = text[at + len(marker):]
+    if answer_from == "after-think":
+        at = text.rfind(THINK_END)
+        text = text[at + len(THINK_END):] if at >= 0 else None
+    elif answer_from == "boxed":
+        text = _last_boxed(text)
+    elif answer_from == "last-number":
+        numbers = NUMBER.findall(text)
+        text = numbers[-1].replace(",", "") if numbers else None
+    elif answer_from.startswith("regex:"):
+        matches = list(re.finditer(answer_from[len("regex:"):], text))
+        text = (matches[-1].group(1) if matches[-1].re.groups else matches[-1].group(0)) if matches else None
+    text = text.strip() if text is not None else None
+    return text or None
+
+
+def _last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...}, nested braces included."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, at = 0, start + len("\\boxed{") - 1
+    for index in range(at, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[at + 1:index]
+    return None  # unbalanced: no answer
