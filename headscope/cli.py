@@ -153,6 +153,21 @@ def run_rescore(args: argparse.Namespace) -> None:
             print(f"wrote {picture}")
 
 
+def run_specificity(args: argparse.Namespace) -> None:
+    from .specificity import Arms, draw, format_matrix, specificity
+    from .tasks import TASKS
+
+    given = {name: value for name, value in vars(args).items()
+             if name not in ("command", "handler", "scores", "tasks", "top", "random", "repeats", "mode")}
+    if given.get("model") is None:  # the bundled organism: each task's organism defaults, unless set
+        given = {k: v for task in args.tasks if task in TASKS for k, v in TASKS[task].organism_defaults.items()} | given
+    report = specificity(args.scores, args.tasks, Arms(args.top, args.random, args.repeats, args.mode), **given)
+    print(format_matrix(report))
+    print(f"wrote {report['path']}")
+    if given.get("plots", True):
+        print(f"wrote {draw(report)}")
+
+
 def run_merge(args: argparse.Namespace) -> None:
     from .store import merge
 
@@ -203,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     rescore.add_argument("--metric-model", help="bertscore / embedding model: a hub id or a local folder")
     rescore.add_argument("--no-plots", action="store_true", help="do not draw the stability picture")
     rescore.set_defaults(handler=run_rescore)
+    specific = commands.add_parser("specificity", help="is a score file's head set specific to its skill? mask "
+                                                       "each file's top-K heads (and K random ones) on each task")
+    specific.add_argument("--scores", type=parse_list(str), required=True, help="comma-separated heads files")
+    specific.add_argument("--tasks", type=parse_list(str), default=["retrieval", "reasoning"],
+                          help="comma-separated tasks (default retrieval,reasoning)")
+    specific.add_argument("--top", type=int, required=True, help="K: the top-K heads of each file are masked")
+    specific.add_argument("--random", type=int, help="K random heads outside each file's top K (default: K)")
+    specific.add_argument("--repeats", type=int, default=3, help="random draws (default 3)")
+    specific.add_argument("--mode", default="uniform", choices=["uniform", "zero", "mean"], help="how heads are masked")
+    taken: set = set()
+    for task in ("retrieval", "reasoning"):
+        add_arguments(specific, TASKS[task].options, TASKS[task].organism_defaults, command="ablate", taken=taken)
+    specific.set_defaults(handler=run_specificity)
     merge = commands.add_parser("merge", help="merge the shard files of `detect --shard I/N` runs")
     merge.add_argument("dirs", nargs="+", help="folders holding *_samples.shard-I-of-N.jsonl files")
     merge.add_argument("--out", help="where to write the merged files (default: the first folder)")

@@ -91,15 +91,18 @@ class DetectOptions(ModelOptions):
 
 
 def add_arguments(parser: argparse.ArgumentParser, options_class, defaults: dict | None = None,
-                  command: str = "detect") -> None:
+                  command: str = "detect", taken: set | None = None) -> None:
     """One flag per field of the dataclass, in argument groups. Unset flags stay out of the namespace
     (argparse.SUPPRESS), so the dataclass default applies; `defaults` only annotates the help (e.g. the
-    organism's grid). A field whose metadata says `ablate=False` is not a flag of `ablate`."""
+    organism's grid). A field whose metadata says `ablate=False` is not a flag of `ablate` (nor of
+    `specificity`, which ablates). `taken`: names already given flags (several classes on one parser)."""
     groups = {}
+    taken = set() if taken is None else taken
     for spec in dataclasses.fields(options_class):
         meta = spec.metadata
-        if "help" not in meta or (command == "ablate" and meta.get("ablate") is False):
+        if "help" not in meta or (command != "detect" and meta.get("ablate") is False) or spec.name in taken:
             continue
+        taken.add(spec.name)
         name = meta.get("group", "run")
         if name not in groups:
             groups[name] = parser.add_argument_group(name)

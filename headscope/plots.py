@@ -136,6 +136,29 @@ def rescore_stability(curves: dict[str, list[tuple[float, float]]], path, title:
     return save(figure, path)
 
 
+def specificity_matrix(report: dict, path) -> Path:
+    """Rows: score files; columns: tasks; colour: the drop in success (points) when the file's top-K heads are
+    masked; each cell also gives the random arm's drop."""
+    files, tasks = report["files"], report["tasks"]
+    drops = np.array([[100 * (report["matrix"][f][t]["none"] - report["matrix"][f][t]["top"]) for t in tasks]
+                      for f in files])
+    figure, axes = plt.subplots(figsize=(4.5 + 2.2 * len(tasks), 1.6 + 0.9 * len(files)))
+    image = axes.imshow(drops, cmap="Reds", vmin=0, vmax=100, aspect="auto")
+    for i, f in enumerate(files):
+        for j, t in enumerate(tasks):
+            cell = report["matrix"][f][t]
+            random_drop = 100 * (cell["none"] - cell["random"])
+            axes.text(j, i, f"top: -{drops[i, j]:.0f}\nrandom: -{random_drop:.0f}", ha="center", va="center",
+                      fontsize=10, color="white" if drops[i, j] > 60 else "black")
+    axes.set_xticks(range(len(tasks)), [f"{t} task" for t in tasks])
+    names = [f"{Path(f).parent.name}/{Path(f).name}".removesuffix("_heads.json") for f in files]
+    axes.set_yticks(range(len(files)), [f"top-{report['k']} of {name}" for name in names], fontsize=8)
+    axes.set_title(f"success drop (points) when heads are masked ({report['mode']})", fontsize=10)
+    figure.colorbar(image, ax=axes, label="drop, top heads masked (points)")
+    figure.tight_layout()
+    return save(figure, path)
+
+
 def scatter(a_summary: dict[str, dict], b_summary: dict[str, dict], path, labels=("A", "B"), annotate: int = 5) -> Path:
     """Each head's mean score in A against B, with the diagonal and the best `annotate` heads of each named."""
     keys = sorted(a_summary, key=parse_head_key)

@@ -1,0 +1,120 @@
+"""`headscope specificity`: are a score file's heads specific to its skill?
+
+For every score file x task: the task's success rate with nothing masked, with the file's top-K heads
+masked, and with K random heads outside that top K masked (mean and std over repeats) -- one command,
+one model load. If the reasoning heads were specific to reasoning, masking them would hurt the reasoning
+task much more than the retrieval task, and masking the retrieval heads the reverse.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import analysis, outputs
+from .ablation import ArmLog, ablation_id, random_heads, run_arm
+from .engine import encode_samples, start_run, task_options
+from .errors import HeadscopeError
+from .tasks import TASKS
+
+
+@dataclasses.dataclass
+class Arms:
+    """What every (file, task) cell runs: K top heads, K random heads, repeats draws, masked how."""
+
+    k: int
+    random_k: int | None = None  # default: K
+    repeats: int = 3
+    mode: str = "uniform"
+
+
+def success_rate(rows: list[dict]) -> float:
+    measured = [row for row in rows if row["error"] is None]
+    return sum(row["passed"] for row in measured) / max(len(measured), 1)
+
+
+def specificity(files: list[str], tasks: list[str], arms: Arms, loaded=None, **overrides) -> dict:
+    """Run the matrix and write NAME_specificity.json (and its picture) in the output folder."""
+    summaries = {str(path): analysis.load_summary(path) for path in files}
+    unknown = [task for task in tasks if task not in TASKS or not TASKS[task].success_filter]
+    if unknown:
+        raise HeadscopeError(f"specificity needs tasks with a success filter (retrieval, reasoning), not {unknown[0]}")
+    matrix = {name: {} for name in summaries}
+    out = None
+    for task in tasks:
+        names = {spec.name for spec in dataclasses.fields(TASKS[task].options)}
+        options = task_options(task, None, **{k: v for k, v in overrides.items() if k in names})
+        run = start_run(task, options, loaded, command="ablate", scorers=False)
+        loaded, out = run.loaded, Path(options.out)
+        encoded = encode_samples(run, range(len(run.samples)))
+        items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
+        log = ArmLog(out / f"{loaded.name}_specificity_{task}_samples.jsonl",
+                     ablation_id(run, arms, summaries), options.overwrite)
+        try:
+            cells = run_cells(run, items, summaries, arms, log)
+        finally:
+            log.close()
+        for name, cell in cells.items():
+            matrix[name][task] = cell
+    report = {"k": arms.k, "random_k": arms.random_k or arms.k, "repeats": arms.repeats, "mode": arms.mode,
+              "tasks": tasks, "files": list(summaries), "matrix": matrix}
+    path = out / f"{loaded.name}_specificity.json"
+    outputs.atomic_write_json(path, report)
+    report["path"] = str(path)
+    return report
+
+
+def run_cells(run, items, summaries: dict, arms: Arms, log: ArmLog) -> dict:
+    """{file: {"none", "top", "random", "random_std", "top_heads"}} for one task; `none` runs once."""
+    keys = run.keys
+    for name, summary in summaries.items():
+        unknown = sorted(set(summary) - set(keys), key=outputs.parse_head_key)
+        if unknown:
+            raise HeadscopeError(f"{name} has head {unknown[0]}, which the model does not have")
+    label = run.task.name
+    quiet = run.options.quiet
+    total = 1 + len(summaries) * (1 + arms.repeats)
+    progress = tqdm(total=total, desc=f"specificity {label}", unit="arm", disable=quiet, file=sys.stderr)
+    none = success_rate(run_arm(run, items, [], ("none", 0, arms.mode), log))
+    progress.update(1)
+    cells = {}
+    for index, (name, summary) in enumerate(summaries.items()):
+        top = analysis.top_keys(summary, arms.k)
+        top_rate = success_rate(run_arm(run, items, top, (f"file{index}-top", 0, arms.mode), log))
+        progress.update(1)
+        drawn = []
+        for repeat in range(arms.repeats):
+            heads = random_heads(keys, top, arms.random_k or arms.k, run.options.seed + repeat)
+            drawn.append(success_rate(run_arm(run, items, heads, (f"file{index}-random", repeat, arms.mode), log)))
+            progress.update(1)
+        cells[name] = {"none": none, "top": top_rate, "random": statistics.fmean(drawn),
+                       "random_std": statistics.pstdev(drawn), "top_heads": top}
+    progress.close()
+    return cells
+
+
+def label(path: str) -> str:
+    """A score file by its folder and name: runs of one model share file names."""
+    return f"{Path(path).parent.name}/{Path(path).name}".removesuffix("_heads.json")
+
+
+def format_matrix(report: dict) -> str:
+    tasks = report["tasks"]
+    lines = [f"success rate with the top-{report['k']} heads of each file masked "
+             f"(random: {report['random_k']} other heads, mean ± std over {report['repeats']} draws)"]
+    lines.append(f"{'scores':<44}" + "".join(f"{task + ' none/top/random':>34}" for task in tasks))
+    for name, row in report["matrix"].items():
+        cells = "".join(f"{row[t]['none']:>12.3f}{row[t]['top']:>8.3f}{row[t]['random']:>8.3f}±{row[t]['random_std']:.2f}"
+                        for t in tasks)
+        lines.append(f"{label(name)[:44]:<44}{cells}")
+    return "\n".join(lines)
+
+
+def draw(report: dict) -> Path:
+    from .plots import specificity_matrix
+
+    path = Path(report["path"]).with_suffix(".png")
+    return specificity_matrix(report, path)
