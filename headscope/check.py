@@ -124,7 +124,7 @@ def decode_and_compare_rows(loaded, input_ids, steps) -> tuple[list[int], list[f
         ours = keeper.rows.pop(module.layer_idx)
         diffs.append(float((ours - reference[..., -ours.shape[-1]:]).abs().max()))  # NaN: no eager reference
 
-    with spying(model, compare, enabled=not loaded.eager_fallback):
+    with Spying(model, compare, enabled=not loaded.eager_fallback):
         tokens = greedy_decode(model, input_ids, None, [keeper], steps, StopRule(set(), set()),
                                loaded.eager_fallback)[0]
     return tokens, diffs
@@ -187,7 +187,7 @@ def ablation_figure(loaded, input_ids) -> Figure:
         if module.layer_idx == layer:
             outputs[state_of(loaded.model).ablation is not None] = output.float()  # (batch, q_len, heads, dim)
 
-    with spying(loaded.model, keep), torch.no_grad():
+    with Spying(loaded.model, keep), torch.no_grad():
         loaded.model(input_ids)
         with masking.ablating(loaded.model, {layer: [head]}, "uniform"):
             loaded.model(input_ids)
@@ -200,7 +200,7 @@ def ablation_figure(loaded, input_ids) -> Figure:
                   f"{name} changes it (> 0), the others 0", masked_change > 0 and others == 0)
 
 
-class spying:
+class Spying:
     """Route the model's attention through a spy that calls headscope's function, then `watch(...)`."""
 
     def __init__(self, model, watch, enabled: bool = True):

@@ -1,4 +1,5 @@
-"""headscope's command line: `headscope detect|ablate|check|show|compare|plot|export|merge|organism ...`."""
+"""headscope's command line: `headscope detect|ablate|specificity|rescore|check|show|compare|plot|export|merge|
+organism ...`."""
 from __future__ import annotations
 
 import argparse
@@ -186,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .options import ModelOptions, add_arguments, parse_floats, parse_list
     from .tasks import TASKS
 
-    parser = argparse.ArgumentParser(prog="headscope", description=__doc__)
+    parser = argparse.ArgumentParser(prog="headscope", description="Find the retrieval and reasoning heads of any "
+                                     "Hugging Face causal LM, and prove that they matter.")
     commands = parser.add_subparsers(dest="command", required=True)
     detect = commands.add_parser("detect", help=f"find the heads of a task ({', '.join(TASKS)})")
     tasks = detect.add_subparsers(dest="task", required=True)

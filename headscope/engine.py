@@ -10,6 +10,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -54,8 +55,9 @@ class Run:
     scorers: list
     stop: StopRule
 
-    @property
+    @cached_property
     def keys(self) -> list[str]:
+        """Every head's id, "LAYER-HEAD", layer by layer."""
         num_layers, num_heads = num_layers_and_heads(self.loaded.model)
         return [outputs.head_key(layer, head) for layer in range(num_layers) for head in range(num_heads)]
 
