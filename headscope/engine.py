@@ -23,6 +23,7 @@ from .answers import extract_answer
 from .metrics import passes, score_response
 from .options import DetectOptions, build, validate
 from .scorers import PromptBatch, load_scorer
+from .scorers.segments import segment_spans
 from .spans import encode_with_span
 from .tasks import TASKS, Task
 
@@ -265,7 +266,7 @@ def run_batch(run: Run, items: list, scorers: list):
             span[:, i] = torch.tensor(prompt.span) + pad[i]
     input_ids = input_ids.to(device)
     batch = PromptBatch(input_ids, width, span[0].to(device), span[1].to(device), pad.to(device),
-                        [sample for _, sample, _ in runnable])
+                        [sample for _, sample, _ in runnable], loaded.tokenizer)
     for scorer in scorers:
         scorer.begin(batch, *num_layers_and_heads(loaded.model))
     generated = greedy_decode(loaded.model, input_ids, attention_mask.to(device) if len(runnable) > 1 else None,
@@ -275,6 +276,9 @@ def run_batch(run: Run, items: list, scorers: list):
     for i, (index, sample, prompt) in enumerate(runnable):
         response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
         outcome = judge(run, sample, response) | dict(error=None, seconds=seconds)
+        if getattr(run.options, "think_end", None):  # where the chain of thought and the answer are
+            markers = (run.options.think_start, run.options.think_end)
+            outcome |= segment_spans(loaded.tokenizer, generated[i], len(prompt.input_ids), markers)
         row = sample_row(run, sample, prompt, outcome)
         yield {"index": index} | row, {name: scores[i] for name, scores in per_scorer.items()}
 
@@ -296,8 +300,9 @@ def sample_row(run: Run, sample, prompt, outcome: dict) -> dict:
            "span": list(prompt.span) if prompt.span else None, "span_method": prompt.method,
            "response": outcome["response"], "score": outcome["score"], "passed": outcome["passed"],
            "error": outcome["error"], "duration_s": round(outcome["seconds"], 4)}
-    if "answer_text" in outcome:  # None: nothing could be extracted, the sample fails
-        row["answer_text"] = outcome["answer_text"]
+    for key in ("answer_text", "think_span", "answer_span"):  # answer_text None: nothing extracted, it fails
+        if key in outcome:
+            row[key] = outcome[key]
     if run.options.save_prompts:
         row["prompt"] = sample.prompt
     return row

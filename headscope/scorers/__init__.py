@@ -5,13 +5,15 @@
   reasoning.py  reasoning
   query.py      query (QRHead)
   pattern.py    previous_token, duplicate_token, induction, echo
+  segments.py   reasoning_focus, receiver: think and answer segments of reasoning models
 """
 from .base import SCORERS, PromptBatch, Scorer, StepView, keeps_zeros, load_scorer, register_scorer
 from .pattern import DuplicateTokenScorer, EchoScorer, InductionScorer, PatternScorer, PreviousTokenScorer
 from .query import QueryScorer
 from .reasoning import ReasoningScorer
 from .retrieval import R2Scorer, RetrievalScorer
+from .segments import ReasoningFocusScorer, ReceiverScorer
 
 __all__ = ["SCORERS", "PromptBatch", "Scorer", "StepView", "keeps_zeros", "load_scorer", "register_scorer",
            "RetrievalScorer", "R2Scorer", "ReasoningScorer", "QueryScorer", "PatternScorer", "PreviousTokenScorer",
-           "DuplicateTokenScorer", "InductionScorer", "EchoScorer"]
+           "DuplicateTokenScorer", "InductionScorer", "EchoScorer", "ReasoningFocusScorer", "ReceiverScorer"]

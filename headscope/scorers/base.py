@@ -31,6 +31,7 @@ class PromptBatch:
     span_end: torch.Tensor  # (batch,) its end, exclusive; start == end for "no span"
     pad: torch.Tensor | None = None  # (batch,) left padding of each prompt: unpadded index = position - pad
     samples: list = field(default_factory=list)  # the task's Sample objects, for scorers that need more spans
+    tokenizer: object = None  # the model's tokenizer, for scorers that read the generated text (segments)
 
 
 @dataclass

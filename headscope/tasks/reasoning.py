@@ -195,6 +195,11 @@ class ReasoningOptions(ContextOptions):
     query_weight: float = option(0.5, "weight of attention on the question", group="reasoning score", ablate=False)
     keep_zeros: bool = option(False, "append zero scores to the head lists too", group="reasoning score",
                               ablate=False)
+    think_start: str | None = option(None, "text that opens the think segment (default: generation opens it, or "
+                                           "<think> with a thinking chat template)", group="segments", ablate=False)
+    think_end: str | None = option(None, "text that closes the think segment, e.g. </think> or the organism's "
+                                         "'so the answer is' (default </think> with a thinking chat template)",
+                                   group="segments", ablate=False)
     exclude_current_token: bool = option(False, "attention on the token being fed does not count as attention on "
                                                 "generated tokens", group="reasoning score", ablate=False)
 
