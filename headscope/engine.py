@@ -23,7 +23,7 @@ from .answers import extract_answer
 from .metrics import passes, score_response
 from .options import DetectOptions, build, validate
 from .scorers import PromptBatch, load_scorer
-from .scorers.segments import segment_spans
+from .scorers.segments import segment_spans, think_markers
 from .spans import encode_with_span
 from .tasks import TASKS, Task
 
@@ -87,7 +87,9 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
         check.require(loaded, command, need_ablation=command == "ablate")
     chat = use_chat(options, loaded.tokenizer)
     # The builder sees the model actually loaded (a Python-API `loaded` model too), e.g. to pick default data.
-    built_with = dataclasses.replace(options, chat=chat, model=loaded.path)
+    # chat: False, True, or the chat template's keyword arguments (a non-empty dict is "on, with these").
+    built_with = dataclasses.replace(options, chat=(options.chat_template_kwargs or True) if chat else False,
+                                     model=loaded.path)
     samples = TASKS[task].build(built_with, loaded.tokenizer, loaded.max_context)
     if not samples:
         raise HeadscopeError("the task produced no samples: check the data and the grid options")
@@ -276,11 +278,17 @@ def run_batch(run: Run, items: list, scorers: list):
     for i, (index, sample, prompt) in enumerate(runnable):
         response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
         outcome = judge(run, sample, response) | dict(error=None, seconds=seconds)
-        if getattr(run.options, "think_end", None):  # where the chain of thought and the answer are
-            markers = (run.options.think_start, run.options.think_end)
-            outcome |= segment_spans(loaded.tokenizer, generated[i], len(prompt.input_ids), markers)
+        if getattr(run.options, "think_end", None) is not None or segments_by_template(run):
+            markers = think_markers(loaded.tokenizer, run.options.think_start, run.options.think_end)
+            outcome |= segment_spans(loaded.tokenizer, list(prompt.input_ids), generated[i], markers)
         row = sample_row(run, sample, prompt, outcome)
         yield {"index": index} | row, {name: scores[i] for name, scores in per_scorer.items()}
+
+
+def segments_by_template(run: Run) -> bool:
+    """The reasoning task on a model whose chat template has a thinking block: rows record the segments."""
+    return hasattr(run.options, "think_end") and run.chat and \
+        "</think>" in (getattr(run.loaded.tokenizer, "chat_template", None) or "")
 
 
 def judge(run: Run, sample, response: str) -> dict:

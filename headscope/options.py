@@ -36,6 +36,22 @@ parse_ints, parse_floats = parse_list(int), parse_list(float)
 SCALARS = {"int": int, "float": float, "str": str, "list[int]": parse_ints, "list[float]": parse_floats}
 
 
+def _template_kwargs(text: str) -> dict:
+    """"enable_thinking=true,depth=2" -> {"enable_thinking": True, "depth": 2} (JSON values, else strings)."""
+    import json
+
+    kwargs = {}
+    for pair in text.split(","):
+        name, sep, value = (part.strip() for part in pair.partition("="))
+        if not sep or not name:
+            raise HeadscopeError(f"--chat-template-kwargs: expected name=value pairs, got {pair.strip()!r}")
+        try:
+            kwargs[name] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[name] = value
+    return kwargs
+
+
 def _answer_from(text: str) -> str:
     from .answers import parse_answer_from
 
@@ -67,6 +83,8 @@ class DetectOptions(ModelOptions):
     save_prompts: bool = option(False, "write each prompt into samples.jsonl", ablate=False)
     chat: str = option("auto", "wrap the prompt in the chat template (auto: if the tokenizer has one)",
                        choices=("auto", "on", "off"))
+    chat_template_kwargs: dict | None = option(None, "keyword arguments of the chat template, e.g. "
+                                                     "enable_thinking=true", parse=_template_kwargs)
     stop_at_newline: bool = option(True, "stop at a token whose text holds a newline", flag="--no-stop-at-newline")
     success_threshold: float = option(50.0, "a sample counts if its metric (0-100) is strictly above this "
                                             "(negative: every sample counts)")

@@ -26,8 +26,9 @@ class EncodedPrompt:
     method: str  # "offsets" | "subsequence" | "overlap" | "missing"
 
 
-def chat_prompt(tokenizer, user_text: str) -> tuple[str, int]:
-    """Render `user_text` as the one user turn of the tokenizer's chat template.
+def chat_prompt(tokenizer, user_text: str, chat: bool | dict = True) -> tuple[str, int]:
+    """Render `user_text` as the one user turn of the tokenizer's chat template; `chat` may be a dict of the
+    template's keyword arguments (e.g. {"enable_thinking": True}, from --chat-template-kwargs).
 
     Returns the prompt and the character offset of `user_text` inside it, so builders can keep exact
     span offsets through the template.
@@ -36,7 +37,8 @@ def chat_prompt(tokenizer, user_text: str) -> tuple[str, int]:
         raise HeadscopeError("the tokenizer has no chat template: use --chat off")
     messages = [{"role": "user", "content": user_text}]
     try:
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                               **(chat if isinstance(chat, dict) else {}))
     except Exception as e:  # jinja errors, templates that demand a system turn, ...
         raise HeadscopeError(f"the tokenizer's chat template failed: {e}".splitlines()[0]) from e
     at = prompt.find(user_text)

@@ -37,9 +37,10 @@ def row(length, masses):
 
 
 def test_segment_spans_of_a_finished_sample():
-    spans = segment_spans(TOKENIZER, ids("red", "so", "blue", "x"), PROMPT_LEN, (None, "so"))
+    prompt = ids("a", "b", "c")
+    spans = segment_spans(TOKENIZER, prompt, ids("red", "so", "blue", "x"), (None, "so"))
     assert spans == {"think_span": [3, 5], "answer_span": [5, 7]}
-    assert segment_spans(TOKENIZER, ids("red", "blue"), PROMPT_LEN, (None, "so")) == {
+    assert segment_spans(TOKENIZER, prompt, ids("red", "blue"), (None, "so")) == {
         "think_span": [3, 5], "answer_span": None}  # the chain never closed
 
 
@@ -72,3 +73,37 @@ def test_kurtosis_of_known_values():
     # [2, 4, 4, 4, 5, 5, 7, 9]: mean 5, m2 = 32 / 8 = 4, m4 = 356 / 8 = 44.5, kurtosis = 44.5 / 16 - 3
     assert float(kurtosis(torch.tensor([2.0, 4, 4, 4, 5, 5, 7, 9]))) == pytest.approx(-0.21875)
     assert float(kurtosis(torch.tensor([0.5, 0.5, 0.5]))) == 0.0  # constant: no kurtosis
+
+
+THINKING_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}"
+                     "{% if enable_thinking is defined and not enable_thinking %} <think> </think>"
+                     "{% else %} <think>{% endif %}{% endif %}")
+
+
+def test_a_thinking_model_decodes_2000_steps_end_to_end(tmp_path, data_dir):
+    """A random model whose chat template opens a think block: 2,000 new tokens, no stop, through detect; the
+    think segment starts at the first generated token (the template opened it) and the row records it."""
+    import json
+
+    import headscope
+    from headscope.toy import tiny_model
+
+    tokenizer = word_tokenizer(["red", "blue", "green", "key", "is", "the", "what"])
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = THINKING_TEMPLATE
+    tokenizer.eos_token = None  # nothing stops the decode but the budget
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=2, max_positions=4096)
+    model.generation_config.eos_token_id = model.config.eos_token_id = None
+    model.save_pretrained(tmp_path / "thinker")
+    tokenizer.save_pretrained(tmp_path / "thinker")
+    result = headscope.detect("reasoning", model=str(tmp_path / "thinker"), out=str(tmp_path / "out"), quiet=True,
+                              data=str(data_dir / "reasoning.json"), num_samples=1, max_new_tokens=2000,
+                              stop_at_newline=False, success_threshold=-1, scorer="reasoning,reasoning_focus",
+                              chat_template_kwargs={"enable_thinking": True})
+    row = result.samples[0]
+    assert row["think_span"][0] == row["prompt_tokens"]  # the template opened the think block
+    closed = row["answer_span"] is not None
+    assert row["think_span"][1] <= row["prompt_tokens"] + 2000 and (closed or
+                                                                    row["think_span"][1] == row["prompt_tokens"] + 2000)
+    manifest = json.loads((tmp_path / "out" / "thinker_reasoning_manifest.json").read_text())
+    assert manifest["options"]["chat_template_kwargs"] == {"enable_thinking": True}

@@ -35,13 +35,17 @@ class Segments:
     answer queries are the positions after it. Sentences of the think segment end at a token whose text ends
     with . ! ? or holds a newline."""
 
-    def __init__(self, tokenizer, batch: int, prompt_len: int, think_start: str | None, think_end: str):
-        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+    def __init__(self, tokenizer, prompt_ids: list[list[int]], think_start: str | None, think_end: str):
+        """prompt_ids: each sample's (left-padded) prompt; a prompt that ends with the start marker (a chat
+        template that opens the think block) starts the think segment at the first generated token."""
+        self.tokenizer, self.prompt_len = tokenizer, len(prompt_ids[0])
         self.markers = (think_start, think_end)
-        self.generated = [[] for _ in range(batch)]
-        self.start = [prompt_len if think_start is None else None for _ in range(batch)]  # None: not yet
-        self.end = [None] * batch
-        self.sentence_starts = [[] for _ in range(batch)]  # within the think segment
+        self.generated = [[] for _ in prompt_ids]
+        opened = [think_start is None or self._decoded_tail(ids, think_start).endswith(think_start)
+                  for ids in prompt_ids]
+        self.start = [self.prompt_len if is_open else None for is_open in opened]  # None: not yet
+        self.end = [None] * len(prompt_ids)
+        self.sentence_starts = [[] for _ in prompt_ids]  # within the think segment
 
     def update(self, tokens: list[int], step: int) -> None:
         """The tokens produced at `step` (one per sample)."""
@@ -62,8 +66,11 @@ class Segments:
                 self.sentence_starts[b].append(position + 1)
 
     def _ends_with(self, b: int, marker: str) -> bool:
-        tail = self.tokenizer.decode(self.generated[b][-(len(marker) + 2):], skip_special_tokens=False)
-        return tail.rstrip().endswith(marker)
+        return self._decoded_tail(self.generated[b], marker).endswith(marker)
+
+    def _decoded_tail(self, ids: list[int], marker: str) -> str:
+        """The text of the last few tokens: enough to hold the marker (a token is at least one character)."""
+        return self.tokenizer.decode(ids[-(len(marker) + 2):], skip_special_tokens=False).rstrip()
 
     def _ends_sentence(self, token: int) -> bool:
         text = self.tokenizer.decode([token])
@@ -94,7 +101,7 @@ class SegmentScorer(Scorer):
         if batch.tokenizer is None:
             raise HeadscopeError(f"the {self.name} scorer needs the tokenizer (run it through detect)")
         start, end = think_markers(batch.tokenizer, self.think_start, self.think_end)
-        self.segments = Segments(batch.tokenizer, len(batch.input_ids), batch.prompt_len, start, end)
+        self.segments = Segments(batch.tokenizer, batch.input_ids.tolist(), start, end)
         self.step_index = 0
 
     def query_position(self) -> int:
@@ -105,13 +112,13 @@ class SegmentScorer(Scorer):
         self.step_index += 1
 
 
-def segment_spans(tokenizer, generated: list[int], prompt_len: int, markers: tuple) -> dict:
+def segment_spans(tokenizer, prompt_ids: list[int], generated: list[int], markers: tuple) -> dict:
     """{"think_span": [start, end) or None, "answer_span": [start, end) or None} of one finished sample, in
     positions of its own (unpadded) sequence."""
-    segments = Segments(tokenizer, 1, prompt_len, *markers)
+    segments = Segments(tokenizer, [prompt_ids], *markers)
     for step, token in enumerate(generated):
         segments.update([token], step)
-    start, end, stop = segments.start[0], segments.end[0], prompt_len + len(generated)
+    start, end, stop = segments.start[0], segments.end[0], len(prompt_ids) + len(generated)
     return {"think_span": None if start is None else [start, (end + 1) if end is not None else stop],
             "answer_span": None if end is None else [end + 1, stop]}
 

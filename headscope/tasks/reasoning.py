@@ -117,7 +117,7 @@ def _prompt(tokenizer, context: str, question: str, chat: bool) -> tuple[str, in
     question_at = len(PROMPT_HEAD) + len(context) + len(PROMPT_MIDDLE)
     if not chat:
         return user, question_at
-    prompt, user_at = chat_prompt(tokenizer, user)
+    prompt, user_at = chat_prompt(tokenizer, user, chat)
     return prompt, user_at + question_at
 
 

@@ -274,7 +274,7 @@ def build_retrieval_samples(
                 )
                 if chat:
                     user = CHAT_BOOK_PREFIX + context + CHAT_BOOK_SUFFIX.format(question=needle["question"])
-                    prompt, user_at = chat_prompt(tokenizer, user)
+                    prompt, user_at = chat_prompt(tokenizer, user, chat)
                     context_at = user_at + len(CHAT_BOOK_PREFIX)
                 else:
                     prompt = context + QUESTION_SUFFIX.format(question=needle["question"])
