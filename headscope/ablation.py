@@ -234,7 +234,7 @@ def draw(report: dict, rows_of: dict, path) -> list[str]:
 
     pictures = []
     if report["task"] == "retrieval":
-        chosen = {name: rows for name, rows in rows_of.items() if not name.startswith("random-") or "sweep" not in report}
+        chosen = {name + (" (all draws)" if name.startswith("random-") else ""): rows for name, rows in rows_of.items()}
         pictures.append(plots.niah_grids_side_by_side(chosen, str(path).replace("_ablation.json", "_ablation_niah.png")))
     if "sweep" in report:
         curve = [{"k": point["k"], "top": point["top"]["success_rate"],

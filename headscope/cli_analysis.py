@@ -64,6 +64,17 @@ def add_commands(subparsers) -> None:
     export.set_defaults(handler=run_export)
 
 
+def score_name(path) -> str:
+    """What a score file measures, for axis labels: its run's task and scorer (from the manifest), else its name."""
+    from . import analysis
+
+    manifest = analysis.read_manifest(path) or {}
+    if manifest.get("task") and manifest.get("scorer"):
+        task, scorer = manifest["task"], manifest["scorer"]
+        return task if task == scorer else f"{task} ({scorer})"
+    return Path(path).stem.removesuffix("_heads").removesuffix("_summary")
+
+
 def run_show(args) -> None:
     from . import analysis
     from .errors import HeadscopeError
@@ -124,7 +135,7 @@ def run_compare(args) -> None:
     if not args.no_plot:
         path_a, path_b = Path(args.a), Path(args.b)
         out = Path(args.plot) if args.plot else path_a.with_name(f"{path_a.stem}_vs_{path_b.stem}.png")
-        print(f"wrote {plots.scatter(a, b, out, labels=(path_a.stem, path_b.stem))}")
+        print(f"wrote {plots.scatter(a, b, out, labels=(score_name(path_a), score_name(path_b)))}")
 
 
 def run_plot(args) -> None:

@@ -12,11 +12,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
+from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .analysis import companion, grid_shape, load_summary, mean_matrix, read_samples, top_keys  # noqa: E402
-from .errors import HeadscopeError  # noqa: E402
+from .errors import HeadscopeError, notify  # noqa: E402
 from .outputs import atomic_path, parse_head_key  # noqa: E402
 
 DPI = 100
@@ -39,16 +39,25 @@ def save(figure, path: str | Path) -> Path:
 
 
 def heatmap(summary: dict[str, dict], path, title: str = "", top: int = 10) -> Path:
-    """Layer x head map of mean scores; the `top` best heads carry their rank (1 = best)."""
+    """Layer x head map of mean scores; the `top` best heads carry their rank (1 = best) in a white badge.
+    Signed scores (the query score) get a diverging map centred on 0; a map with no non-zero head is
+    refused (it would look like a result)."""
     means = mean_matrix(summary)
+    if not np.any(means):
+        raise HeadscopeError("every head's mean is 0 (or has no value): there is no heatmap to draw")
     figure, axes = plt.subplots(figsize=HEATMAP_SIZE)
-    image = axes.imshow(means, aspect="auto", cmap="viridis", origin="lower", interpolation="nearest")
-    figure.colorbar(image, ax=axes, label="mean score")
+    signed = means.min() < 0 < means.max()
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=means.min(), vmax=means.max()) if signed else None
+    image = axes.imshow(means, aspect="auto", cmap="RdBu_r" if signed else "viridis", norm=norm, origin="lower",
+                        interpolation="nearest")
+    figure.colorbar(image, ax=axes, label="mean score" + (" (0 at the centre)" if signed else ""))
+    cut = 0.01 * np.abs(means).max()  # ranks among near-zero heads mean nothing
     for rank, key in enumerate(top_keys(summary, min(top, len(summary))) if top > 0 else [], 1):
-        if summary[key]["mean"] <= 0:  # a rank among zeros means nothing
+        if summary[key]["mean"] <= cut:
             break
         layer, head = parse_head_key(key)
-        axes.text(head, layer, str(rank), ha="center", va="center", fontsize=8, color="red", fontweight="bold")
+        axes.text(head, layer, str(rank), ha="center", va="center", fontsize=8, color="black", fontweight="bold",
+                  bbox=dict(boxstyle="circle,pad=0.2", facecolor="white", edgecolor="black", linewidth=0.5))
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # heads and layers are whole numbers
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set(xlabel="head", ylabel="layer", title=title or "mean head score")
@@ -76,8 +85,8 @@ def niah_matrix(rows: list[dict]) -> tuple[np.ndarray, list, list]:
 def _draw_niah(axes, rows, title):
     scores, lengths, depths = niah_matrix(rows)
     image = axes.imshow(scores, aspect="auto", cmap=NIAH_COLORS, vmin=0, vmax=100, interpolation="nearest")
-    axes.set_xticks(range(len(lengths)), [str(x) for x in lengths], rotation=45, fontsize=7)
-    axes.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+    axes.set_xticks(range(len(lengths)), [str(x) for x in lengths], rotation=45, fontsize=9)
+    axes.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=9)
     axes.set(xlabel="context length (tokens)", ylabel="needle depth (%)", title=title)
     return image
 
@@ -94,14 +103,19 @@ def niah_grids_side_by_side(arms: dict[str, list[dict]], path) -> Path:
     """One NIAH grid per ablation arm ({name: samples rows}), sharing one colour scale."""
     if not arms:
         raise HeadscopeError("no arms to draw")
-    figure, axes = plt.subplots(1, len(arms), figsize=(NIAH_SIZE[0] * len(arms) * 0.6, NIAH_SIZE[1]), squeeze=False)
-    for ax, (name, rows) in zip(axes[0], arms.items()):
+    figure, axes = plt.subplots(1, len(arms), figsize=(NIAH_SIZE[0] * len(arms) * 0.6, NIAH_SIZE[1]), squeeze=False,
+                                sharey=True, layout="constrained")
+    for index, (ax, (name, rows)) in enumerate(zip(axes[0], arms.items())):
         image = _draw_niah(ax, rows, name)
+        if index:  # one depth axis for the row: labels do not run into the next panel
+            ax.set_ylabel("")
+            ax.tick_params(labelleft=False)
     figure.colorbar(image, ax=list(axes[0]), label="score")
     return save(figure, path)
 
 
-def ablation_curve(sweep: list[dict], path, title: str = "ablation") -> Path:
+def ablation_curve(sweep: list[dict], path, title: str = "success rate as the top-K heads (or K random heads) "
+                                                             "are masked") -> Path:
     """Success rate against the number of ablated heads K: the top heads against random heads
     (mean +- std over repeats). `sweep` is [{"k", "top", "random", "random_std"}, ...]."""
     needed = {"k", "top", "random", "random_std"}
@@ -173,8 +187,10 @@ def scatter(a_summary: dict[str, dict], b_summary: dict[str, dict], path, labels
     low = min(x.min(), y.min(), 0.0)
     axes.plot([low, high], [low, high], ":", color="grey", linewidth=1)
     named = set(top_keys(a_summary, min(annotate, len(keys)))) | set(top_keys(b_summary, min(annotate, len(keys))))
-    for key in named:
-        axes.annotate(key, (a_summary[key]["mean"], b_summary[key]["mean"]), fontsize=7)
+    for index, key in enumerate(sorted(named, key=lambda k: -(a_summary[k]["mean"] + b_summary[k]["mean"]))):
+        offset = [(4, 4), (4, -10), (-24, 4), (-24, -10)][index % 4]  # neighbours' labels go different ways
+        axes.annotate(key, (a_summary[key]["mean"], b_summary[key]["mean"]), xytext=offset,
+                      textcoords="offset points", fontsize=7)
     axes.set(xlabel=f"{labels[0]} mean score", ylabel=f"{labels[1]} mean score", title=f"{labels[0]} vs {labels[1]}")
     figure.tight_layout()
     return save(figure, path)
@@ -186,7 +202,11 @@ def plot_run(heads_path, top: int = 10) -> list[Path]:
     heads_path = Path(heads_path)
     summary = load_summary(heads_path)
     name = companion(heads_path, "heatmap").name.removesuffix("_heatmap.png")
-    written = [heatmap(summary, companion(heads_path, "heatmap"), title=f"{name}: mean head score", top=top)]
+    written = []
+    if any(stats["mean"] for stats in summary.values()):
+        written.append(heatmap(summary, companion(heads_path, "heatmap"), title=f"{name}: mean head score", top=top))
+    else:  # a flat map would look like a result
+        notify(f"{name}: every head's mean is 0, no heatmap drawn")
     samples = companion(heads_path, "samples")
     if samples.exists():
         rows = read_samples(samples)
