@@ -19,8 +19,8 @@ def options_from(args: argparse.Namespace, options_class) -> dict:
     names = {spec.name for spec in dataclasses.fields(options_class)}
     given = {name: value for name, value in vars(args).items() if name in names}
     task = getattr(args, "task_spec", None)
-    if task is not None and given.get("model") is None:
-        given = {**task.organism_defaults, **given}
+    if task is not None and getattr(args, "model", None) is None:  # only this class's fields take them
+        given = {k: v for k, v in task.organism_defaults.items() if k in names} | given
     return given
 
 

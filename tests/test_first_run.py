@@ -93,3 +93,18 @@ def test_a_real_model_gets_the_real_text_haystack(tmp_path):
         assert needle["needle"].strip() in row["prompt"] and needle["question"] in row["prompt"]
     organism_filler = (DATA_DIR / "haystack" / sorted(p.name for p in (DATA_DIR / "haystack").glob("*.txt"))[0])
     assert organism_filler.read_text()[:40] not in rows[0]["prompt"]
+
+
+def test_organism_defaults_fill_only_the_options_left_unset():
+    """`ablate --num-depths 3` on the organism: the organism's grid fills the task's unset options only, and
+    never reaches the ablation settings (where it used to override --num-depths)."""
+    import argparse
+
+    from headscope.ablation import AblationSettings
+    from headscope.cli import options_from
+    from headscope.tasks import TASKS
+
+    args = argparse.Namespace(task_spec=TASKS["retrieval"], num_depths=3, top=[8], scores="s.json")
+    assert options_from(args, AblationSettings) == {"top": [8], "scores": "s.json"}
+    options = options_from(args, RetrievalOptions)
+    assert options["num_depths"] == 3 and options["min_length"] == 300 and options["max_length"] == 1200
