@@ -201,6 +201,10 @@ def query_probs(
     batch, q_heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
+    # A decoding step with no mask whose window (if any) holds the whole cache sees every key: nothing to hide
+    # (the common case, spared the O(context) mask passes).
+    sees_every_key = (query_index is None and q_len == 1 and attention_mask is None
+                      and (rule.sliding_window is None or kv_len <= rule.sliding_window))
     if query_index is None:
         query_index = torch.arange(kv_len - q_len, kv_len, device=query.device)
     grouped_query = query.reshape(batch, kv_heads, group * q_len, dim)
@@ -208,7 +212,19 @@ def query_probs(
     if rule.softcap is not None:
         logits = torch.tanh(logits / rule.softcap) * rule.softcap
     logits = logits.reshape(batch, q_heads, q_len, kv_len)
+    if not sees_every_key:
+        logits = hide(logits, query_index, attention_mask, rule)
+    if rule.sinks is not None:
+        sink = rule.sinks.float().to(logits.device).view(1, q_heads, 1, 1).expand(batch, q_heads, q_len, 1)
+        return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    probs = torch.softmax(logits, dim=-1)
+    return probs if sees_every_key else probs.nan_to_num(0.0)
 
+
+def hide(logits, query_index, attention_mask, rule: Rule) -> torch.Tensor:
+    """-inf where key j is not visible from the query at key index i: j > i (causal), i - j >= window, or the
+    model's mask hides it (padding); an additive float mask's other values are added as a bias."""
+    kv_len = logits.shape[-1]
     keys = torch.arange(kv_len, device=logits.device)
     distance = query_index.to(logits.device)[:, None] - keys[None, :]  # (q, kv_len): i - j
     visible = distance >= 0
@@ -226,11 +242,7 @@ def query_probs(
             logits = logits + mask_rows.float().masked_fill(hidden, 0.0)
     elif attention_mask is not None:  # flash-style 2D padding mask (batch, kv_len)
         visible = visible & attention_mask[:, None, None, -kv_len:].bool().to(logits.device)
-    logits = logits.masked_fill(~visible, float("-inf"))
-    if rule.sinks is not None:
-        sink = rule.sinks.float().to(logits.device).view(1, q_heads, 1, 1).expand(batch, q_heads, q_len, 1)
-        return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return logits.masked_fill(~visible, float("-inf"))
 
 
 def row_blocks(query, key, attention_mask, rule: Rule, start: int, end: int):
