@@ -31,6 +31,12 @@ def rss_mib() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def report(steps: int, kv_bytes: float, start_rss: float, seconds: float, label: str = "") -> None:
+    kv, grown = kv_bytes / 2**20, rss_mib() - start_rss
+    print(f"  step {steps:5d}: memory +{grown:7.1f} MiB (KV cache {kv:6.1f} MiB, beyond it {grown - kv:+7.1f}), "
+          f"{1000 * seconds:6.2f} ms/step{label}", flush=True)
+
+
 class GenerateProbe:
     """A logits processor that prints the same line for plain `generate` (the baseline)."""
 
@@ -42,10 +48,8 @@ class GenerateProbe:
         self.steps += 1
         if self.steps % self.every == 0:
             now = time.perf_counter()
-            kv = self.kv * (self.prompt + self.steps) / 2**20
-            grown = rss_mib() - self.start_rss
-            print(f"  step {self.steps:5d}: memory +{grown:7.1f} MiB (KV cache {kv:6.1f} MiB, beyond it "
-                  f"{grown - kv:+7.1f}), {1000 * (now - self.last) / self.every:6.2f} ms/step  [generate]", flush=True)
+            report(self.steps, self.kv * (self.prompt + self.steps), self.start_rss, (now - self.last) / self.every,
+                   "  [generate]")
             self.last = now
         return scores
 
@@ -64,10 +68,8 @@ class Probe(Scorer):
         self.steps += 1
         if self.steps % self.every == 0:
             now = time.perf_counter()
-            kv = self.kv * (self.batch.prompt_len + self.steps) / 2**20
-            grown = rss_mib() - self.start_rss
-            print(f"  step {self.steps:5d}: memory +{grown:7.1f} MiB (KV cache {kv:6.1f} MiB, beyond it "
-                  f"{grown - kv:+7.1f}), {1000 * (now - self.last) / self.every:6.2f} ms/step", flush=True)
+            report(self.steps, self.kv * (self.batch.prompt_len + self.steps), self.start_rss,
+                   (now - self.last) / self.every)
             self.last = now
 
 

@@ -111,7 +111,7 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         prefill_attention = model.config._attn_implementation
         model.set_attn_implementation("eager")
     state = DecodeState(model, recorder, scorers, cache_kw, mask if padded else None, positions[:, -1:],
-                        step_zero_hook, eager_fallback)
+                        step_zero_hook, eager_fallback, prompt_len)
     try:
         return decode_steps(state, input_ids[:, -1:], max_new_tokens, stop)
     finally:
@@ -131,17 +131,17 @@ class DecodeState:
     position: torch.Tensor  # (batch, 1) position of the token fed next
     step_zero_hook: object  # the row hook of the last prompt position, removed after step 0 (or None)
     eager_fallback: bool
+    prompt_len: int  # padded prompt length: the sequence is this long at step 0, one longer each step
 
 
 def decode_steps(state: DecodeState, next_input: torch.Tensor, max_new_tokens: int, stop: StopRule) -> list[list[int]]:
     """The single-query steps: feed, record, score, stop. next_input: (batch, 1) the last prompt token."""
     model, recorder = state.model, state.recorder
     batch, device = next_input.shape[0], next_input.device
-    seq_len = int(state.position.max()) + 1 if state.mask is None else state.mask.shape[1]
     generated: list[list[int]] = [[] for _ in range(batch)]
     active = [True] * batch  # on the host: the stopping rule reads it without a device sync
     for step in range(max_new_tokens):
-        with recording(model, recorder, seq_len=seq_len + step):
+        with recording(model, recorder, seq_len=state.prompt_len + step):
             output = model(next_input, attention_mask=state.mask, position_ids=state.position,
                            output_attentions=state.eager_fallback, **state.cache_kw)
         if state.eager_fallback:

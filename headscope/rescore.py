@@ -84,13 +84,15 @@ def rescore_run(run_dir: Path, prefix: str, manifest: dict, rows: list[dict], sc
                 thresholds: list[float]) -> dict:
     """One run's settings: files under rescore/METRIC-THRESHOLD/, and each setting against the run's own."""
     keys, paths = manifest["heads"], outputs.prefix_paths(run_dir, prefix)
-    _, own = store.derive_heads_and_summary(paths, rows, keys)
+    base = outputs.read_heads(paths["base_heads"]) if paths["base_heads"].exists() else None  # read once
+    own = outputs.summarize(store.derive_heads(rows, keys, base))
     options = manifest.get("options", {})
     settings = []
     for metric, values in scores.items():
         for threshold in thresholds:
             judged = [row | {"passed": value is not None and value > threshold} for row, value in zip(rows, values)]
-            heads, summary = store.derive_heads_and_summary(paths, judged, keys)
+            heads = store.derive_heads(judged, keys, base)
+            summary = outputs.summarize(heads)
             folder = run_dir / "rescore" / f"{metric}-{threshold:g}"
             written = outputs.prefix_paths(folder, prefix)
             outputs.atomic_write_json(written["heads"], heads)
