@@ -1,4 +1,4 @@
-"""`headscope show | compare | plot | export`: read score files back, check them, draw them, hand them on."""
+"""`headscope show | compare | plot | export | report`: read score files back, check them, draw them, hand them on."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +62,19 @@ def add_commands(subparsers) -> None:
     headkv.add_argument("--layout", choices=["keys", "matrix"], default="keys",
                         help='{"L-H": budget} or a layers x heads list')
     export.set_defaults(handler=run_export)
+
+    report = subparsers.add_parser("report", help="one self-contained HTML page per run: heatmap, ranked table, "
+                                                  "NIAH grid, samples, ablation/rescore/specificity, comparison")
+    report.add_argument("run_dir", help="a detect --out folder (e.g. head_scores)")
+    report.add_argument("--out", help="the page's path (default RUN_DIR/report.html; RUN_DIR/NAME_TASK_report.html "
+                                      "each when the folder holds several runs)")
+    report.add_argument("--run", metavar="NAME_TASK", help="only this run of the folder (e.g. organism_retrieval)")
+    report.add_argument("--compare", metavar="OTHER_RUN_DIR",
+                        help="another run folder: top-K overlap, Jaccard, Spearman and a scatter of the two")
+    report.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="resamples behind each head's 95%% interval and P(top K) (default 1000; 0: none)")
+    report.add_argument("--k", type=int, help="the K of P(top K) (default 10 or all heads)")
+    report.set_defaults(handler=run_report)
 
 
 def score_name(path) -> str:
@@ -173,3 +186,10 @@ def run_export(args) -> None:
         print(f"{int((pattern > 0).sum())} of {pattern.size} KV heads marked full attention" if not args.raw else
               f"{pattern.size} KV heads, scores scaled to [0, 1]")
     print(f"wrote {out}")
+
+
+def run_report(args) -> None:
+    from .report import report
+
+    for path in report(args.run_dir, args.out, args.compare, args.run, args.bootstrap, args.k):
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

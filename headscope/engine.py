@@ -24,7 +24,7 @@ from .metrics import passes, score_response
 from .options import DetectOptions, build, validate
 from .scorers import PromptBatch, load_scorer
 from .scorers.segments import segment_spans, think_markers
-from .spans import encode_with_span
+from .spans import encode_with_span, excerpt
 from .tasks import TASKS, Task
 
 
@@ -306,6 +306,7 @@ def sample_row(run: Run, sample, prompt, outcome: dict) -> dict:
     row = {"id": sample.id, "task": run.task.name, **sample.meta, "reference": sample.answer,
            "prompt_tokens": len(prompt.input_ids),
            "span": list(prompt.span) if prompt.span else None, "span_method": prompt.method,
+           "excerpt": excerpt(run.loaded.tokenizer, prompt.input_ids, prompt.span),
            "response": outcome["response"], "score": outcome["score"], "passed": outcome["passed"],
            "error": outcome["error"], "duration_s": round(outcome["seconds"], 4)}
     for key in ("answer_text", "think_span", "answer_span"):  # answer_text None: nothing extracted, it fails

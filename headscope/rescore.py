@@ -19,24 +19,6 @@ from .outputs import mean_or_zero
 K_VALUES = (5, 10, 20)
 
 
-def find_runs(run_dir: Path, task: str | None) -> list[tuple[str, dict]]:
-    """(prefix, manifest) of every whole-run samples file in the folder (NAME_TASK[_SCORER]_samples.jsonl)."""
-    if not run_dir.is_dir():
-        raise HeadscopeError(f"no such folder: {run_dir}")
-    runs = []
-    for path in sorted(run_dir.glob("*_samples.jsonl")):
-        prefix = path.name.removesuffix("_samples.jsonl")
-        manifest = analysis.read_manifest(outputs.prefix_paths(run_dir, prefix)["heads"]) or {}
-        if prefix.endswith("_ablation") or "heads" not in manifest:
-            continue
-        if task is None or manifest.get("task") == task:
-            runs.append((prefix, manifest))
-    if not runs:
-        raise HeadscopeError(f"no samples file of a detect run (NAME_TASK_samples.jsonl) in {run_dir}"
-                             + (f" for task {task}" if task else ""))
-    return runs
-
-
 def rows_to_judge(path: Path) -> list[dict]:
     rows = store.read_rows(path)
     missing = next((row for row in rows if "reference" not in row), None)
@@ -68,7 +50,7 @@ def rescore(run_dir, metrics: list[str], thresholds: list[float], task: str | No
         raise HeadscopeError("give at least one --metric and one --threshold")
     started = time.time()
     runs = []
-    for prefix, manifest in find_runs(run_dir, task):  # everything is judged before anything is written
+    for prefix, manifest in store.find_runs(run_dir, task):  # everything is judged before anything is written
         rows = rows_to_judge(outputs.prefix_paths(run_dir, prefix)["samples"])
         scores = {metric: judge(rows, metric, metric_model) for metric in metrics}
         runs.append((prefix, manifest, rows, scores))

@@ -151,3 +151,22 @@ def encode_with_span(tokenizer, sample: Sample, overlap_threshold: float) -> Enc
         if start >= 0:
             return EncodedPrompt(input_ids, (start, start + len(pattern)), "overlap")
     return EncodedPrompt(input_ids, None, "missing")
+
+
+def excerpt(tokenizer, input_ids: list[int], span: tuple[int, int] | None, before: int = 48,
+            after: int = 24) -> list[str]:
+    """The prompt around its span as [text before, the span, text after], decoded from the very tokens the
+    scorers used (so what a reader sees highlighted is what was scored); with no span, the prompt's last
+    `before + after` tokens. Kept in samples.jsonl for `headscope report`'s sample browser."""
+    start, end = span if span is not None else (len(input_ids), len(input_ids))
+    first = max(0, start - (before if span is not None else before + after))
+    last = min(len(input_ids), end + after)
+    # Decode growing prefixes of one window and cut the text where each grows: decoding the three pieces
+    # apart would drop the spaces a tokenizer puts between tokens (word-level, SentencePiece).
+    texts = [tokenizer.decode(input_ids[first:stop], skip_special_tokens=False) for stop in (start, end, last)]
+    if texts[0] == texts[1][:len(texts[0])] and texts[1] == texts[2][:len(texts[1])]:
+        pieces = [texts[0], texts[1][len(texts[0]):], texts[2][len(texts[1]):]]
+    else:  # a tokenizer whose decoding of a prefix is not a prefix of the whole: decode the pieces apart
+        pieces = [tokenizer.decode(input_ids[a:b], skip_special_tokens=False) for a, b in
+                  ((first, start), (start, end), (end, last))]
+    return [("… " if first > 0 else "") + pieces[0], pieces[1], pieces[2] + (" …" if last < len(input_ids) else "")]

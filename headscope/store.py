@@ -177,3 +177,25 @@ def _shard_manifest(samples_path: Path) -> dict:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         raise HeadscopeError(f"{path} is missing or unreadable: that shard has not finished") from None
+
+
+def find_runs(run_dir: Path, task: str | None = None) -> list[tuple[str, dict]]:
+    """(prefix, manifest) of every whole detect run in the folder: a NAME_TASK[_SCORER]_samples.jsonl with its
+    manifest beside it (ablation and specificity logs have none); refused with one line when there is none."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise HeadscopeError(f"no such folder: {run_dir}")
+    runs = []
+    for path in sorted(run_dir.glob("*_samples.jsonl")):
+        prefix = path.name.removesuffix("_samples.jsonl")
+        try:
+            manifest = json.loads(outputs.prefix_paths(run_dir, prefix)["manifest"].read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and "heads" in manifest and task in (None, manifest.get("task")):
+            runs.append((prefix, manifest))
+    if not runs:
+        shards = "; it holds unmerged shards: run `headscope merge` first" if any(run_dir.glob("*.shard-*")) else ""
+        raise HeadscopeError(f"no detect run in {run_dir}: no samples file NAME_TASK_samples.jsonl with its manifest"
+                             + (f" for task {task}" if task else "") + shards)
+    return runs

@@ -1,0 +1,417 @@
+"""`headscope report RUN_DIR`: one self-contained HTML page per run, to look at what a detection found.
+
+The page is rendered from templates/report.html.j2 with Jinja2. Its charts are Vega-Lite specs built here
+(declarative: no charting code) and drawn in the browser by vega-embed, whose runtime vl-convert bundles
+into one script that is inlined with everything else: the page opens offline. What it shows:
+
+  run card        the manifest: model, dtype, task, scorer, grid, success filter, counts, versions, run ids
+  heatmap         layer x head means (diverging around 0 for signed scores); hover for the figures, click to
+                  select a head; with >= 2 passing samples a bootstrap gives each head a 95% interval and
+                  P(top K) (`analysis.bootstrap`, as `show --bootstrap`)
+  ranked table    the same figures, sortable
+  NIAH grid       mean score per (context length, depth) for retrieval runs; click a cell to list its samples
+  ablation, specificity, rescore
+                  their tables and pictures, when NAME_TASK_ablation.json, NAME_specificity.json or
+                  rescore/rescore.json lie in the folder
+  samples         the prompt around the span (highlighted), the response, the metric, pass/fail and the
+                  selected head's contribution; filter by outcome, sort by contribution
+  compare         with --compare: top-K overlap, Jaccard, Spearman and a scatter of the two runs' means
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import analysis, outputs, store
+from .errors import HeadscopeError
+from .outputs import mean_or_zero, parse_head_key
+from .scorers import keeps_zeros
+
+# Row fields the sample browser shows in their own places; any other field is shown as a "key=value" chip.
+SHOWN_FIELDS = {"run", "index", "id", "task", "reference", "prompt_tokens", "span", "span_method", "response",
+                "score", "passed", "error", "duration_s", "scorer", "keep_zeros", "head_scores", "answer_text",
+                "excerpt", "prompt", "think_span", "answer_span"}
+MAX_IMAGE_BYTES = 2_000_000  # a picture larger than this is linked, not inlined
+
+
+def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: int = 1000,
+           k: int | None = None) -> list[Path]:
+    """Write the page of each run in `run_dir` (or of `run`, a NAME_TASK prefix); returns the paths written.
+
+    One run: RUN_DIR/report.html (or `out`); several: RUN_DIR/NAME_TASK_report.html each."""
+    run_dir = Path(run_dir)
+    runs = store.find_runs(run_dir)
+    if run is not None:
+        runs = [(prefix, manifest) for prefix, manifest in runs if prefix == run]
+        if not runs:
+            raise HeadscopeError(f"no run {run!r} in {run_dir}: it holds "
+                                 + ", ".join(prefix for prefix, _ in store.find_runs(run_dir)))
+    if out is not None and len(runs) > 1:
+        raise HeadscopeError(f"{run_dir} holds {len(runs)} runs ({', '.join(p for p, _ in runs)}): "
+                             "pick one with --run to write it to --out")
+    other = load_other(compare, runs) if compare is not None else None
+    bundle = vega_bundle()
+    written = []
+    for prefix, manifest in runs:
+        path = Path(out) if out else run_dir / ("report.html" if len(runs) == 1 else f"{prefix}_report.html")
+        page = page_context(run_dir, prefix, manifest, other and other.get(prefix), bootstrap, k)
+        outputs.atomic_write_text(path, render(page, bundle))
+        written.append(path)
+    return written
+
+
+# -------------------------------------------------------------------------------------------- a run
+
+def read_run(run_dir: Path, prefix: str, manifest: dict) -> dict:
+    """The run's manifest, rows, head ids and summary (derived from the rows, as detect derives its files)."""
+    paths = outputs.prefix_paths(run_dir, prefix)
+    rows = store.read_rows(paths["samples"])
+    keys = manifest["heads"]
+    _, summary = store.derive_heads_and_summary(paths, rows, keys)
+    return {"folder": run_dir, "prefix": prefix, "manifest": manifest, "rows": rows, "keys": keys,
+            "summary": summary}
+
+
+def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None, bootstrap: int,
+                 k: int | None) -> dict:
+    """Everything the template needs, as plain data."""
+    run = read_run(run_dir, prefix, manifest)
+    keys, summary = run["keys"], run["summary"]
+    layers, heads_per_layer = analysis.grid_shape(keys)
+    k = min(k or 10, len(keys))
+    stability = head_stability(run["rows"], keys, bootstrap, k)
+    heads = head_entries(keys, summary, stability)
+    means = [head["mean"] for head in heads if head["mean"] is not None]
+    signed = bool(means) and min(means) < 0 < max(means)
+    samples, contributions = sample_entries(run["rows"], keys)
+    best = heads[0]["id"] if heads else None
+    context = {
+        "title": f"{prefix} — headscope report",
+        "prefix": prefix,
+        "card": run_card(manifest, run["rows"], layers, heads_per_layer),
+        "heads": heads,
+        "k": k,
+        "stability": stability is not None and {"resamples": bootstrap, "samples": stability["num_samples"]},
+        "signed": signed,
+        "all_zero": not any(means),
+        "samples": samples,
+        "counts": outcome_counts(samples),
+        "ablation": ablation_section(run_dir, prefix),
+        "specificity": specificity_section(run_dir, prefix),
+        "rescore": rescore_section(run_dir, prefix),
+        "compare": compare_section(run, other) if other else None,
+    }
+    context["charts"] = {"heatmap": None if context["all_zero"] else heatmap_spec(heads, signed, heads_per_layer, best, k),
+                         "niah": niah_spec(samples),
+                         "scatter": context["compare"].pop("spec") if context["compare"] else None}
+    context["data"] = finite({"heads": heads, "contributions": contributions, "selected": best, "k": k,
+                              "charts": context["charts"]})
+    return context
+
+
+def run_card(manifest: dict, rows: list[dict], layers: int, heads_per_layer: int) -> dict:
+    from .tasks import TASKS
+
+    options = manifest.get("options", {})
+    task = TASKS.get(manifest.get("task"))
+    if task is not None and not task.success_filter:
+        success = "none: every sample counts"
+    else:
+        success = f"{options.get('metric', 'rouge1')} > {options.get('success_threshold')}"
+        if options.get("answer_marker") or options.get("answer_from", "full") != "full":
+            success += f" on the answer ({options.get('answer_from')}, marker {options.get('answer_marker')!r})"
+    versions = manifest.get("versions", {})
+    return {
+        "model": manifest.get("model_path") or options.get("model"),
+        "revision": manifest.get("model_revision") or "-",
+        "dtype": manifest.get("dtype"),
+        "attention": manifest.get("attention"),
+        "task": manifest.get("task"),
+        "scorer": manifest.get("scorer") or manifest.get("task"),
+        "grid": f"{layers} layers × {heads_per_layer} heads ({layers * heads_per_layer} heads)",
+        "success": success,
+        "run": sum(1 for _ in rows),
+        "passed": sum(1 for row in rows if row.get("passed")),
+        "errors": sum(1 for row in rows if row.get("error")),
+        "versions": {name: versions.get(name) for name in ("headscope", "transformers", "torch")},
+        "runs": [{"id": run_id, "started": info.get("started"), "finished": info.get("finished")}
+                 for run_id, info in manifest.get("runs", {manifest.get("run"): manifest}).items()],
+        "prompt_template": manifest.get("prompt_template"),
+        "options": {key: value for key, value in options.items() if value is not None},
+    }
+
+
+def head_stability(rows: list[dict], keys: list[str], resamples: int, k: int) -> dict | None:
+    """The bootstrap of `analysis.bootstrap` (95% interval, P(top K)), or None with fewer than 2 passing samples."""
+    if resamples < 1:
+        return None
+    try:
+        contributions = analysis.sample_contributions(rows, keys)
+        rule = keeps_zeros(rows)
+    except HeadscopeError:  # rows of an older headscope (no accumulation rule recorded): no intervals
+        return None
+    if contributions.shape[0] < 2:
+        return None
+    return analysis.bootstrap(contributions, rule, resamples, k)
+
+
+def head_entries(keys: list[str], summary: dict, stability: dict | None) -> list[dict]:
+    """One entry per head, ranked best first: what the heatmap's hover and the table show."""
+    entries = []
+    for index, key in enumerate(keys):
+        layer, head = parse_head_key(key)
+        entry = {"id": key, "index": index, "layer": layer, "head": head, **summary[key]}
+        if stability is not None:
+            entry |= {"ci_low": float(stability["ci_low"][index]), "ci_high": float(stability["ci_high"][index]),
+                      "p_top_k": float(stability["p_top_k"][index])}
+        entries.append(entry)
+    entries.sort(key=lambda e: (-mean_or_zero(e), e["layer"], e["head"]))
+    for rank, entry in enumerate(entries, 1):
+        entry["rank"] = rank
+    return entries
+
+
+def outcome(row: dict) -> str:
+    return "error" if row.get("error") else "passed" if row.get("passed") else "failed"
+
+
+def sample_entries(rows: list[dict], keys: list[str]) -> tuple[list[dict], list]:
+    """The browser's samples, and each one's contribution to every head (index as in `keys`; None when the
+    row has no head scores, e.g. an error)."""
+    samples, contributions = [], []
+    for position, row in enumerate(rows):
+        samples.append({
+            "position": position, "id": row.get("id"), "outcome": outcome(row), "score": row.get("score"),
+            "reference": row.get("reference"), "response": row.get("response"), "answer_text": row.get("answer_text"),
+            "error": row.get("error"), "excerpt": row.get("excerpt"), "span_method": row.get("span_method"),
+            "context_length": row.get("context_length"), "depth_percent": row.get("depth_percent"),
+            "meta": {key: value for key, value in row.items() if key not in SHOWN_FIELDS and value is not None}})
+        scores = row.get("head_scores")
+        contributions.append(None if scores is None else [round(float(s), 5) for layer in scores for s in layer])
+    return samples, contributions
+
+
+def outcome_counts(samples: list[dict]) -> dict:
+    counts = {"all": len(samples), "passed": 0, "failed": 0, "error": 0}
+    for sample in samples:
+        counts[sample["outcome"]] += 1
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ charts
+
+def heatmap_spec(heads: list[dict], signed: bool, heads_per_layer: int, selected: str | None, k: int) -> dict:
+    """Layer x head rects coloured by mean (layer 0 at the bottom, as the PNG); `selected` is outlined.
+    A head with no value (null mean) is grey."""
+    cell = max(10, min(44, 640 // max(heads_per_layer, 1)))
+    scale = {"scheme": "redblue", "reverse": True, "domainMid": 0} if signed else {"scheme": "viridis"}
+    tooltip = [{"field": "id", "title": "head id"}, {"field": "rank"},
+               {"field": "mean", "format": ".4f"}, {"field": "std", "format": ".4f"},
+               {"field": "count"}, {"field": "max", "format": ".4f"}]
+    if heads and "ci_low" in heads[0]:
+        tooltip += [{"field": "ci_low", "title": "95% CI low", "format": ".4f"},
+                    {"field": "ci_high", "title": "95% CI high", "format": ".4f"},
+                    {"field": "p_top_k", "title": f"P(top {k})", "format": ".3f"}]
+    is_selected = "datum.id === selected"
+    return {
+        "data": {"values": heads},
+        "params": [{"name": "selected", "value": selected}],
+        "width": {"step": cell}, "height": {"step": cell},
+        "mark": {"type": "rect", "invalid": None},
+        "encoding": {
+            "x": {"field": "head", "type": "ordinal", "title": "head"},
+            "y": {"field": "layer", "type": "ordinal", "title": "layer", "sort": "descending"},
+            "color": {"condition": {"test": "datum.mean === null", "value": "#cccccc"},
+                      "field": "mean", "type": "quantitative", "title": "mean score", "scale": scale},
+            "stroke": {"condition": {"test": is_selected, "value": "#000000"}, "value": None},
+            "strokeWidth": {"condition": {"test": is_selected, "value": 3}, "value": 0},
+            "tooltip": tooltip,
+        },
+        "config": {"view": {"stroke": None}},
+    }
+
+
+def niah_spec(samples: list[dict]) -> dict | None:
+    """Mean metric per (context length, depth), as the NIAH PNG; None when the rows are not a NIAH grid.
+    Samples with an error measured nothing and are left out (as plots.niah_matrix)."""
+    cells = [{"context_length": s["context_length"], "depth_percent": s["depth_percent"], "score": s["score"]}
+             for s in samples if s["context_length"] is not None and s["depth_percent"] is not None
+             and s["outcome"] != "error"]
+    if not cells:
+        return None
+    return {
+        "data": {"values": cells},
+        "width": {"step": 56}, "height": {"step": 36},
+        "mark": "rect",
+        "encoding": {
+            "x": {"field": "context_length", "type": "ordinal", "title": "context length (tokens)"},
+            "y": {"field": "depth_percent", "type": "ordinal", "title": "needle depth (%)"},
+            "color": {"aggregate": "mean", "field": "score", "type": "quantitative", "title": "score",
+                      "scale": {"domain": [0, 100], "range": ["#F0496E", "#EBB839", "#0CD79F"]}},
+            "tooltip": [{"field": "context_length", "title": "context length"},
+                        {"field": "depth_percent", "title": "depth (%)"},
+                        {"aggregate": "mean", "field": "score", "title": "mean score", "format": ".1f"},
+                        {"aggregate": "count", "title": "samples"}],
+        },
+        "config": {"view": {"stroke": None}},
+    }
+
+
+def scatter_spec(points: list[dict], labels: tuple[str, str], selected: str | None) -> dict:
+    is_selected = "datum.id === selected"
+    return {
+        "data": {"values": points},
+        "params": [{"name": "selected", "value": selected}],
+        "width": 420, "height": 420,
+        "mark": {"type": "point", "filled": True},
+        "encoding": {
+            "x": {"field": "a", "type": "quantitative", "title": labels[0]},
+            "y": {"field": "b", "type": "quantitative", "title": labels[1]},
+            "size": {"condition": {"test": is_selected, "value": 160}, "value": 40},
+            "color": {"condition": {"test": is_selected, "value": "#d62728"}, "value": "#1f77b4"},
+            "tooltip": [{"field": "id", "title": "head"}, {"field": "a", "title": labels[0], "format": ".4f"},
+                        {"field": "b", "title": labels[1], "format": ".4f"}],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- companion results
+
+def image(path: Path) -> str | None:
+    """A PNG as a data: URI, to inline it; None when it is missing or too large."""
+    if not path.is_file() or path.stat().st_size > MAX_IMAGE_BYTES:
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def ablation_section(run_dir: Path, prefix: str) -> dict | None:
+    """NAME_TASK_ablation.json: success with nothing masked, the top-K heads masked, and K random heads."""
+    result = read_json(run_dir / f"{prefix}_ablation.json")
+    if not result or "sweep" not in result:
+        return None
+    arms = [{"k": 0, "heads": "-", "top": result["none"]["success_rate"], "random": None, "random_std": None,
+             "repeats": None}]
+    for entry in result["sweep"]:
+        random = entry.get("random") or {}
+        arms.append({"k": entry["k"], "heads": " ".join(entry["top"]["heads"]), "top": entry["top"]["success_rate"],
+                     "random": random.get("success_rate"), "random_std": random.get("success_rate_std"),
+                     "repeats": random.get("repeats")})
+    return {"mode": result.get("mode"), "samples": result.get("samples"), "arms": arms,
+            "images": [uri for uri in (image(run_dir / f"{prefix}_ablation_{name}.png") for name in ("curve", "niah"))
+                       if uri]}
+
+
+def specificity_section(run_dir: Path, prefix: str) -> dict | None:
+    """NAME_specificity.json (model NAME of this run): each score file's top-K masked on each task."""
+    name = prefix.split("_")[0]
+    result = read_json(run_dir / f"{name}_specificity.json")
+    if not result or "matrix" not in result:
+        return None
+    from .specificity import label
+
+    rows = [{"scores": label(path), "cells": [row.get(task) for task in result["tasks"]]}
+            for path, row in result["matrix"].items()]
+    return {"k": result.get("k"), "random_k": result.get("random_k"), "repeats": result.get("repeats"),
+            "tasks": result["tasks"], "rows": rows, "image": image(run_dir / f"{name}_specificity.png")}
+
+
+def rescore_section(run_dir: Path, prefix: str) -> dict | None:
+    """rescore/rescore.json: how this run's head set moves under other success filters."""
+    result = read_json(run_dir / "rescore" / "rescore.json")
+    run = (result or {}).get("runs", {}).get(prefix)
+    if not run:
+        return None
+    ks = [entry["k"] for entry in run["settings"][0]["top_k"]] if run["settings"] else []
+    return {"own": run["own"], "ks": ks, "settings": run["settings"], "changing": run.get("top10_changing", []),
+            "image": image(run_dir / "rescore" / f"{prefix}_rescore.png")}
+
+
+# ------------------------------------------------------------------------------------------ compare
+
+def load_other(compare, runs: list) -> dict:
+    """The runs of the --compare folder, by the prefix of the run each is compared with: the run of the same
+    NAME_TASK when there is one, else the folder's only run."""
+    other_dir = Path(compare)
+    others = dict(store.find_runs(other_dir))
+    chosen = {}
+    for prefix, _ in runs:
+        match = prefix if prefix in others else next(iter(others)) if len(others) == 1 else None
+        if match is None:
+            raise HeadscopeError(f"{other_dir} holds {len(others)} runs and none is {prefix}: "
+                                 "pass a folder with one run, or the same NAME_TASK")
+        chosen[prefix] = read_run(other_dir, match, others[match])
+    return chosen
+
+
+def compare_section(run: dict, other: dict) -> dict:
+    """Overlap and Jaccard of the top-K sets, Spearman over all heads (`analysis.compare`), and the scatter."""
+    ours = {key: {"mean": mean_or_zero(stats)} for key, stats in run["summary"].items()}
+    theirs = {key: {"mean": mean_or_zero(stats)} for key, stats in other["summary"].items()}
+    ks = [k for k in (5, 10, 20, 30) if k <= len(ours)] or [len(ours)]
+    result = analysis.compare(ours, theirs, ks)
+    labels = (run_label(run), run_label(other))
+    points = [{"id": key, "a": ours[key]["mean"], "b": theirs[key]["mean"]} for key in run["keys"]]
+    spearman = result["spearman"]
+    return {"labels": labels, "per_k": result["per_k"], "spearman": None if math.isnan(spearman) else spearman,
+            "largest_k": result["largest_k"], "only_a": result["only_a"], "only_b": result["only_b"],
+            "spec": scatter_spec(points, labels, analysis.top_keys(ours, 1)[0])}
+
+
+def run_label(run: dict) -> str:
+    manifest = run["manifest"]
+    task, scorer = manifest.get("task"), manifest.get("scorer") or manifest.get("task")
+    what = task if task == scorer else f"{task} ({scorer})"
+    return f"{run['folder'].name}/{run['prefix']}: {what}"
+
+
+# ------------------------------------------------------------------------------------------- the page
+
+def vega_bundle() -> str:
+    """vega, vega-lite and vega-embed in one script that sets window.vegaEmbed (vl-convert bundles it, offline)."""
+    try:
+        import vl_convert
+    except ImportError:
+        raise HeadscopeError("headscope report needs vl-convert-python: pip install vl-convert-python") from None
+    return vl_convert.javascript_bundle()
+
+
+def render(context: dict, bundle: str) -> str:
+    import jinja2
+
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("headscope", "templates"),
+                                     autoescape=True, undefined=jinja2.StrictUndefined)
+    environment.filters["number"] = number
+    # The bundle goes inside a <script> element: no "</script" may end it early.
+    return environment.get_template("report.html.j2").render(**context, vega_bundle=bundle.replace("</script", "<\\/script"))
+
+
+def finite(value):
+    """JSON has no NaN or infinity (JSON.parse refuses them): they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
+def number(value, digits: int = 4) -> str:
+    """A figure for the page: fixed digits, '-' for none."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
