@@ -30,6 +30,7 @@ from . import analysis, outputs, store
 from .errors import HeadscopeError
 from .outputs import mean_or_zero, parse_head_key
 from .scorers import keeps_zeros
+from .tasks import TASKS
 
 # Row fields the sample browser shows in their own places; any other field is shown as a "key=value" chip.
 SHOWN_FIELDS = {"run", "index", "id", "task", "reference", "prompt_tokens", "span", "span_method", "response",
@@ -44,6 +45,8 @@ def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: i
 
     One run: RUN_DIR/report.html (or `out`); several: RUN_DIR/NAME_TASK_report.html each."""
     run_dir = Path(run_dir)
+    if bootstrap < 0:
+        raise HeadscopeError(f"--bootstrap must be 0 (none) or a number of resamples, not {bootstrap}")
     runs = store.find_runs(run_dir)
     if run is not None:
         runs = [(prefix, manifest) for prefix, manifest in runs if prefix == run]
@@ -82,7 +85,9 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
     run = read_run(run_dir, prefix, manifest)
     keys, summary = run["keys"], run["summary"]
     layers, heads_per_layer = analysis.grid_shape(keys)
-    k = min(k or 10, len(keys))
+    k = min(10, len(keys)) if k is None else k
+    if bootstrap and not 1 <= k <= len(keys):
+        raise HeadscopeError(f"--k must be between 1 and the number of heads ({len(keys)}), not {k}")
     stability = head_stability(run["rows"], keys, bootstrap, k)
     heads = head_entries(keys, summary, stability)
     means = [head["mean"] for head in heads if head["mean"] is not None]
@@ -114,8 +119,6 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
 
 
 def run_card(manifest: dict, rows: list[dict], layers: int, heads_per_layer: int) -> dict:
-    from .tasks import TASKS
-
     options = manifest.get("options", {})
     task = TASKS.get(manifest.get("task"))
     if task is not None and not task.success_filter:
@@ -134,7 +137,7 @@ def run_card(manifest: dict, rows: list[dict], layers: int, heads_per_layer: int
         "scorer": manifest.get("scorer") or manifest.get("task"),
         "grid": f"{layers} layers × {heads_per_layer} heads ({layers * heads_per_layer} heads)",
         "success": success,
-        "run": sum(1 for _ in rows),
+        "run": len(rows),
         "passed": sum(1 for row in rows if row.get("passed")),
         "errors": sum(1 for row in rows if row.get("error")),
         "versions": {name: versions.get(name) for name in ("headscope", "transformers", "torch")},

@@ -133,7 +133,7 @@ def test_compare_two_runs(runs, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["empty folder", "missing folder", "unmerged shards", "--out with two runs",
-                                  "unknown --run"])
+                                  "unknown --run", "--k 0", "--k 49", "--bootstrap -1"])
 def test_bad_input_is_one_line_exit_2_and_no_page(case, runs, tmp_path, capsys):
     argv = ["report", str(tmp_path / "empty")]
     (tmp_path / "empty").mkdir()
@@ -151,6 +151,9 @@ def test_bad_input_is_one_line_exit_2_and_no_page(case, runs, tmp_path, capsys):
         argv = ["report", str(both)] + (["--out", str(tmp_path / "empty" / "r.html")] if case.startswith("--out")
                                         else ["--run", "organism_pattern"])
         expected = "pick one with --run" if case.startswith("--out") else "no run 'organism_pattern'"
+    elif case.startswith(("--k", "--bootstrap")):
+        argv = ["report", str(runs["query"]), "--out", str(tmp_path / "r.html"), *case.split()]
+        expected = "--bootstrap must be 0" if case.startswith("--bootstrap") else "--k must be between 1 and the number of heads (48)"
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert expected in error and error.count("\n") == 1
