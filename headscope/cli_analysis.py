@@ -69,8 +69,9 @@ def add_commands(subparsers) -> None:
     report.add_argument("--out", help="the page's path (default RUN_DIR/report.html; RUN_DIR/NAME_TASK_report.html "
                                       "each when the folder holds several runs)")
     report.add_argument("--run", metavar="NAME_TASK", help="only this run of the folder (e.g. organism_retrieval)")
-    report.add_argument("--compare", metavar="OTHER_RUN_DIR",
-                        help="another run folder: top-K overlap, Jaccard, Spearman and a scatter of the two")
+    report.add_argument("--compare", metavar="OTHER",
+                        help="another run: its folder, or one of its files (e.g. NAME_TASK_r2_heads.json): top-K "
+                             "overlap, Jaccard, Spearman and a scatter of the two")
     report.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="resamples behind each head's 95%% interval and P(top K) (default 1000; 0: none)")
     report.add_argument("--k", type=int, help="the K of P(top K) (default 10 or all heads)")

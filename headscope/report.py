@@ -344,16 +344,24 @@ def rescore_section(run_dir: Path, prefix: str) -> dict | None:
 # ------------------------------------------------------------------------------------------ compare
 
 def load_other(compare, runs: list) -> dict:
-    """The runs of the --compare folder, by the prefix of the run each is compared with: the run of the same
-    NAME_TASK when there is one, else the folder's only run."""
-    other_dir = Path(compare)
+    """The run each run is compared with, by its prefix. `compare` is a run folder (its run of the same NAME_TASK,
+    else its only run) or one file of a run (NAME_TASK_heads.json, ...: that run, e.g. another scorer's run in
+    the same folder)."""
+    compare = Path(compare)
+    other_dir = compare.parent if compare.is_file() else compare
     others = dict(store.find_runs(other_dir))
+    if compare.is_file():  # NAME_TASK_KIND.EXT: the longest run prefix it starts with (retrieval_r2 over retrieval)
+        owners = sorted((prefix for prefix in others if compare.name.startswith(prefix + "_")), key=len)
+        if not owners:
+            raise HeadscopeError(f"{compare} is not a file of a detect run in {other_dir}: it holds "
+                                 + ", ".join(others))
+        others = {owners[-1]: others[owners[-1]]}
     chosen = {}
     for prefix, _ in runs:
         match = prefix if prefix in others else next(iter(others)) if len(others) == 1 else None
         if match is None:
-            raise HeadscopeError(f"{other_dir} holds {len(others)} runs and none is {prefix}: "
-                                 "pass a folder with one run, or the same NAME_TASK")
+            raise HeadscopeError(f"{other_dir} holds {len(others)} runs and none is {prefix}: pass one of its "
+                                 "files (e.g. NAME_TASK_heads.json) to --compare")
         chosen[prefix] = read_run(other_dir, match, others[match])
     return chosen
 

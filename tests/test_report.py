@@ -131,6 +131,17 @@ def test_compare_two_runs(runs, tmp_path):
     points = {point["id"]: (point["a"], point["b"]) for point in data["charts"]["scatter"]["data"]["values"]}
     assert points == {key: (mine[key]["mean"], other[key]["mean"]) for key in mine}
 
+    # two runs of one folder: --compare names the other by one of its files
+    both = tmp_path / "both"
+    shutil.copytree(runs["reasoning"], both, ignore=shutil.ignore_patterns("*.html"))
+    for file in runs["query"].glob("organism_query_*"):
+        shutil.copy(file, both)
+    again = tmp_path / "again.html"
+    assert main(["report", str(both), "--run", "organism_reasoning", "--compare",
+                 str(both / "organism_query_heads.json"), "--out", str(again)]) == 0
+    assert page_data(again)["charts"]["scatter"]["data"] == data["charts"]["scatter"]["data"]
+    assert "Compared with both/organism_query: query" in again.read_text()
+
 
 @pytest.mark.parametrize("case", ["empty folder", "missing folder", "unmerged shards", "--out with two runs",
                                   "unknown --run", "--k 0", "--k 49", "--bootstrap -1"])
