@@ -57,6 +57,7 @@ def run_detect(args: argparse.Namespace) -> None:
         for name, scorer_result in (result.by_scorer or {None: result}).items():
             for picture in plot_run(scorer_result.paths["heads"]):
                 print(f"wrote {picture}")
+    print(f"see it in the browser: headscope report {result.paths['heads'].parent}")
 
 
 def distributed_detect(task, options):

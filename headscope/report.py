@@ -35,8 +35,8 @@ from .tasks import TASKS
 # Row fields the sample browser shows in their own places; any other field is shown as a "key=value" chip.
 SHOWN_FIELDS = {"run", "index", "id", "task", "reference", "prompt_tokens", "span", "span_method", "response",
                 "score", "passed", "error", "duration_s", "scorer", "keep_zeros", "head_scores", "answer_text",
-                "excerpt", "prompt", "think_span", "answer_span"}
-MAX_IMAGE_BYTES = 2_000_000  # a picture larger than this is linked, not inlined
+                "excerpt", "prompt"}
+MAX_IMAGE_BYTES = 2_000_000  # a picture larger than this is left out of the page (it stays small)
 
 
 def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: int = 1000,
