@@ -47,12 +47,10 @@ def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: i
     run_dir = Path(run_dir)
     if bootstrap < 0:
         raise HeadscopeError(f"--bootstrap must be 0 (none) or a number of resamples, not {bootstrap}")
-    runs = store.find_runs(run_dir)
-    if run is not None:
-        runs = [(prefix, manifest) for prefix, manifest in runs if prefix == run]
-        if not runs:
-            raise HeadscopeError(f"no run {run!r} in {run_dir}: it holds "
-                                 + ", ".join(prefix for prefix, _ in store.find_runs(run_dir)))
+    every_run = store.find_runs(run_dir)
+    runs = [(prefix, manifest) for prefix, manifest in every_run if run in (None, prefix)]
+    if not runs:
+        raise HeadscopeError(f"no run {run!r} in {run_dir}: it holds " + ", ".join(p for p, _ in every_run))
     if out is not None and len(runs) > 1:
         raise HeadscopeError(f"{run_dir} holds {len(runs)} runs ({', '.join(p for p, _ in runs)}): "
                              "pick one with --run to write it to --out")
@@ -60,7 +58,7 @@ def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: i
     bundle = vega_bundle()
     written = []
     for prefix, manifest in runs:
-        path = Path(out) if out else run_dir / ("report.html" if len(runs) == 1 else f"{prefix}_report.html")
+        path = Path(out) if out else run_dir / ("report.html" if len(every_run) == 1 else f"{prefix}_report.html")
         page = page_context(run_dir, prefix, manifest, other and other.get(prefix), bootstrap, k)
         outputs.atomic_write_text(path, render(page, bundle))
         written.append(path)
@@ -106,7 +104,7 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
         "samples": samples,
         "counts": outcome_counts(samples),
         "ablation": ablation_section(run_dir, prefix),
-        "specificity": specificity_section(run_dir, prefix),
+        "specificity": specificity_section(run_dir, prefix, manifest),
         "rescore": rescore_section(run_dir, prefix),
         "compare": compare_section(run, other) if other else None,
     }
@@ -316,9 +314,10 @@ def ablation_section(run_dir: Path, prefix: str) -> dict | None:
                        if uri]}
 
 
-def specificity_section(run_dir: Path, prefix: str) -> dict | None:
+def specificity_section(run_dir: Path, prefix: str, manifest: dict) -> dict | None:
     """NAME_specificity.json (model NAME of this run): each score file's top-K masked on each task."""
-    name = prefix.split("_")[0]
+    task, scorer = manifest.get("task"), manifest.get("scorer") or manifest.get("task")
+    name = prefix.removesuffix("_" + (task if scorer == task else f"{task}_{scorer}"))  # NAME of NAME_TASK
     result = read_json(run_dir / f"{name}_specificity.json")
     if not result or "matrix" not in result:
         return None

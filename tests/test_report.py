@@ -29,6 +29,14 @@ def page_data(path: Path) -> dict:
     return json.loads(found.group(1))
 
 
+def two_runs(runs: dict, folder: Path) -> Path:
+    """A folder holding the reasoning run and the query run."""
+    shutil.copytree(runs["reasoning"], folder, ignore=shutil.ignore_patterns("*.html"))
+    for file in runs["query"].glob("organism_query_*"):
+        shutil.copy(file, folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The organism's default retrieval run (as `headscope detect retrieval` writes it) with an ablation, a rescore
@@ -103,19 +111,22 @@ def test_reasoning_and_query_reports(kind, runs):
         assert min(means) >= 0 and "domainMid" not in scale
 
 
-def test_an_all_zero_run_has_no_heatmap(runs, tmp_path):
-    """A run where no head ever scored draws no heatmap (a flat one would look like a result) and says so."""
+def test_an_all_zero_run_of_an_older_headscope(runs, tmp_path):
+    """A run where no head ever scored draws no heatmap (a flat one would look like a result) and says so; rows
+    of an older headscope (no excerpt, no accumulation rule) still render, without excerpts or intervals."""
     folder = tmp_path / "zero"
     shutil.copytree(runs["reasoning"], folder)
     samples = folder / "organism_reasoning_samples.jsonl"
     rows = analysis.read_samples(samples)
     for row in rows:
         row["head_scores"] = np.zeros_like(row["head_scores"]).tolist()
+        del row["excerpt"], row["keep_zeros"]
     samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
     [path] = report(folder)
     html = path.read_text()
     assert page_data(path)["charts"]["heatmap"] is None and 'id="heatmap"' not in html
     assert "nothing was detected" in html
+    assert html.count("the prompt was not kept") == len(rows) and "95% CI low" not in html
 
 
 def test_compare_two_runs(runs, tmp_path):
@@ -132,15 +143,21 @@ def test_compare_two_runs(runs, tmp_path):
     assert points == {key: (mine[key]["mean"], other[key]["mean"]) for key in mine}
 
     # two runs of one folder: --compare names the other by one of its files
-    both = tmp_path / "both"
-    shutil.copytree(runs["reasoning"], both, ignore=shutil.ignore_patterns("*.html"))
-    for file in runs["query"].glob("organism_query_*"):
-        shutil.copy(file, both)
+    both = two_runs(runs, tmp_path / "both")
     again = tmp_path / "again.html"
     assert main(["report", str(both), "--run", "organism_reasoning", "--compare",
                  str(both / "organism_query_heads.json"), "--out", str(again)]) == 0
     assert page_data(again)["charts"]["scatter"]["data"] == data["charts"]["scatter"]["data"]
     assert "Compared with both/organism_query: query" in again.read_text()
+
+
+def test_a_folder_of_several_runs_gets_a_page_each(runs, tmp_path):
+    both = two_runs(runs, tmp_path / "both")
+    assert report(both, bootstrap=0) == [both / "organism_query_report.html", both / "organism_reasoning_report.html"]
+    (both / "organism_query_report.html").unlink()
+    assert report(both, run="organism_query", bootstrap=0) == [both / "organism_query_report.html"]
+    assert "organism_query" in (both / "organism_query_report.html").read_text()
+    assert not (both / "report.html").exists()
 
 
 @pytest.mark.parametrize("case", ["empty folder", "missing folder", "unmerged shards", "--out with two runs",
@@ -155,10 +172,7 @@ def test_bad_input_is_one_line_exit_2_and_no_page(case, runs, tmp_path, capsys):
         (tmp_path / "empty" / "organism_retrieval_samples.shard-0-of-2.jsonl").write_text("")
         expected = "headscope merge"
     elif case in ("--out with two runs", "unknown --run"):
-        both = tmp_path / "both"
-        shutil.copytree(runs["reasoning"], both, ignore=shutil.ignore_patterns("*.html"))
-        for file in runs["query"].glob("organism_query_*"):
-            shutil.copy(file, both)
+        both = two_runs(runs, tmp_path / "both")
         argv = ["report", str(both)] + (["--out", str(tmp_path / "empty" / "r.html")] if case.startswith("--out")
                                         else ["--run", "organism_pattern"])
         expected = "pick one with --run" if case.startswith("--out") else "no run 'organism_pattern'"
