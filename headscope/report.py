@@ -92,6 +92,7 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
     signed = bool(means) and min(means) < 0 < max(means)
     samples, contributions = sample_entries(run["rows"], keys)
     best = heads[0]["id"] if heads else None
+    legacy = outputs.prefix_paths(run_dir, prefix)["base_heads"]
     context = {
         "title": f"{prefix} — headscope report",
         "prefix": prefix,
@@ -99,6 +100,7 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
         "heads": heads,
         "k": k,
         "stability": stability is not None and {"resamples": bootstrap, "samples": stability["num_samples"]},
+        "legacy": legacy.name if legacy.exists() else None,  # lists of a Retrieval_Head heads file, in the means
         "signed": signed,
         "all_zero": not any(means),
         "samples": samples,

@@ -129,6 +129,19 @@ def test_an_all_zero_run_of_an_older_headscope(runs, tmp_path):
     assert html.count("the prompt was not kept") == len(rows) and "95% CI low" not in html
 
 
+def test_a_legacy_heads_file_enters_the_means_and_is_named(runs, tmp_path):
+    """A Retrieval_Head heads file set aside by detect (NAME_TASK_base_heads.json) counts in the means, as in
+    the run's own files, and the page says the intervals do not resample it."""
+    folder = tmp_path / "legacy"
+    shutil.copytree(runs["query"], folder, ignore=shutil.ignore_patterns("*.html"))
+    own = json.loads((folder / "organism_query_heads.json").read_text())
+    outputs.atomic_write_json(folder / "organism_query_base_heads.json", {key: [5.0] for key in own})
+    [path] = report(folder, bootstrap=50)
+    means = {head["id"]: head["mean"] for head in page_data(path)["heads"]}
+    assert means == pytest.approx({key: (5.0 + sum(scores)) / (1 + len(scores)) for key, scores in own.items()})
+    assert "legacy lists of organism_query_base_heads.json" in path.read_text()
+
+
 def test_compare_two_runs(runs, tmp_path):
     out = tmp_path / "compared.html"
     assert main(["report", str(runs["reasoning"]), "--compare", str(runs["query"]), "--out", str(out)]) == 0
