@@ -108,9 +108,7 @@ def make_scorers(task: Task, options) -> list:
 
 
 def file_label(task: Task, scorer) -> str:
-    """Files are named after their scorer: NAME_TASK_* when the scorer is the task's namesake (retrieval,
-    reasoning, query), NAME_TASK_SCORER_* otherwise (pattern_induction, retrieval_r2, ...)."""
-    return task.name if scorer.name == task.name else f"{task.name}_{scorer.name}"
+    return outputs.file_label(task.name, scorer.name)
 
 
 def detect(task: str, options: DetectOptions | None = None, loaded: loading.LoadedModel | None = None,

@@ -26,6 +26,12 @@ def output_paths(out_dir: str | Path, name: str, label: str, shard: tuple[int, i
     return prefix_paths(out_dir, f"{name}_{label}", shard)
 
 
+def file_label(task: str, scorer: str) -> str:
+    """Files are named after their scorer: NAME_TASK_* when the scorer is the task's namesake (retrieval,
+    reasoning, query), NAME_TASK_SCORER_* otherwise (pattern_induction, retrieval_r2, ...)."""
+    return task if scorer == task else f"{task}_{scorer}"
+
+
 def prefix_paths(out_dir: str | Path, prefix: str, shard: tuple[int, int] | None = None) -> dict[str, Path]:
     suffix = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
     return {kind: Path(out_dir) / f"{prefix}_{kind}{suffix}.{'jsonl' if kind == 'samples' else 'json'}"
@@ -111,6 +117,11 @@ def summarize(heads: dict[str, list[float]]) -> dict[str, dict]:
 def mean_or_zero(stats: dict) -> float:
     """A head's mean for ranking, comparing and exporting: a head with no value counts as 0."""
     return 0.0 if stats["mean"] is None else stats["mean"]
+
+
+def plain(summary: dict[str, dict]) -> dict[str, dict]:
+    """Summary with null means (heads with no value) as 0, for ranking and comparing."""
+    return {key: {"mean": mean_or_zero(stats)} for key, stats in summary.items()}
 
 
 def ranked(summary: dict[str, dict]) -> list[tuple[str, dict]]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import analysis, outputs, store
 from .errors import HeadscopeError
-from .outputs import mean_or_zero, parse_head_key
+from .outputs import parse_head_key
 from .scorers import keeps_zeros
 from .tasks import TASKS
 
@@ -163,18 +163,18 @@ def head_stability(rows: list[dict], keys: list[str], resamples: int, k: int) ->
 
 
 def head_entries(keys: list[str], summary: dict, stability: dict | None) -> list[dict]:
-    """One entry per head, ranked best first: what the heatmap's hover and the table show."""
+    """One entry per head, ranked best first (`outputs.ranked`): what the heatmap's hover and the table show.
+    `index` is the head's place in `keys`, the column of its contributions."""
+    index_of = {key: index for index, key in enumerate(keys)}
     entries = []
-    for index, key in enumerate(keys):
+    for rank, (key, stats) in enumerate(outputs.ranked(summary), 1):
+        index = index_of[key]
         layer, head = parse_head_key(key)
-        entry = {"id": key, "index": index, "layer": layer, "head": head, **summary[key]}
+        entry = {"id": key, "index": index, "rank": rank, "layer": layer, "head": head, **stats}
         if stability is not None:
             entry |= {"ci_low": float(stability["ci_low"][index]), "ci_high": float(stability["ci_high"][index]),
                       "p_top_k": float(stability["p_top_k"][index])}
         entries.append(entry)
-    entries.sort(key=lambda e: (-mean_or_zero(e), e["layer"], e["head"]))
-    for rank, entry in enumerate(entries, 1):
-        entry["rank"] = rank
     return entries
 
 
@@ -318,8 +318,8 @@ def ablation_section(run_dir: Path, prefix: str) -> dict | None:
 
 def specificity_section(run_dir: Path, prefix: str, manifest: dict) -> dict | None:
     """NAME_specificity.json (model NAME of this run): each score file's top-K masked on each task."""
-    task, scorer = manifest.get("task"), manifest.get("scorer") or manifest.get("task")
-    name = prefix.removesuffix("_" + (task if scorer == task else f"{task}_{scorer}"))  # NAME of NAME_TASK
+    task = manifest.get("task")
+    name = prefix.removesuffix("_" + outputs.file_label(task, manifest.get("scorer") or task))  # NAME of NAME_TASK
     result = read_json(run_dir / f"{name}_specificity.json")
     if not result or "matrix" not in result:
         return None
@@ -369,8 +369,7 @@ def load_other(compare, runs: list) -> dict:
 
 def compare_section(run: dict, other: dict) -> dict:
     """Overlap and Jaccard of the top-K sets, Spearman over all heads (`analysis.compare`), and the scatter."""
-    ours = {key: {"mean": mean_or_zero(stats)} for key, stats in run["summary"].items()}
-    theirs = {key: {"mean": mean_or_zero(stats)} for key, stats in other["summary"].items()}
+    ours, theirs = outputs.plain(run["summary"]), outputs.plain(other["summary"])
     ks = [k for k in (5, 10, 20, 30) if k <= len(ours)] or [len(ours)]
     result = analysis.compare(ours, theirs, ks)
     labels = (run_label(run), run_label(other))

@@ -14,7 +14,6 @@ from pathlib import Path
 from . import analysis, outputs, store
 from .errors import HeadscopeError
 from .metrics import METRICS, MODEL_BASED, score_responses
-from .outputs import mean_or_zero
 
 K_VALUES = (5, 10, 20)
 
@@ -81,24 +80,19 @@ def rescore_run(run_dir: Path, prefix: str, manifest: dict, rows: list[dict], sc
             outputs.atomic_write_json(written["summary"], summary)
             measured = [value for value in values if value is not None]
             ks = [k for k in K_VALUES if k <= len(keys)] or [len(keys)]
-            comparison = analysis.compare(plain(own), plain(summary), ks)
+            comparison = analysis.compare(outputs.plain(own), outputs.plain(summary), ks)
             passing = sum(r["passed"] for r in judged)
             if not passing:  # no head has a value: there is no head set to compare
                 comparison = {"per_k": [{"k": k, "overlap": None, "jaccard": None} for k in ks], "spearman": None}
             settings.append({"metric": metric, "threshold": threshold, "passing": passing,
                              "samples": len(rows), "mean_metric": sum(measured) / max(len(measured), 1),
                              "top_k": comparison["per_k"], "spearman": comparison["spearman"],
-                             "top10": analysis.top_keys(plain(summary), min(10, len(keys))) if passing else None,
+                             "top10": analysis.top_keys(outputs.plain(summary), min(10, len(keys))) if passing else None,
                              "path": str(folder)})
     tops = [set(setting["top10"]) for setting in settings if setting["top10"] is not None] or [set()]
     return {"own": {"metric": options.get("metric"), "threshold": options.get("success_threshold")},
             "settings": settings, "top10_changing": sorted(set.union(*tops) - set.intersection(*tops),
                                                            key=outputs.parse_head_key)}
-
-
-def plain(summary: dict) -> dict:
-    """Summary with null means (heads with no value) as 0, for ranking and comparing."""
-    return {key: {"mean": mean_or_zero(stats)} for key, stats in summary.items()}
 
 
 def format_report(report: dict) -> str:
