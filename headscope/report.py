@@ -113,8 +113,9 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
     context["charts"] = {"heatmap": None if context["all_zero"] else heatmap_spec(heads, signed, heads_per_layer, best, k),
                          "niah": niah_spec(samples),
                          "scatter": context["compare"].pop("spec") if context["compare"] else None}
-    context["data"] = finite({"heads": heads, "contributions": contributions, "selected": best, "k": k,
-                              "charts": context["charts"]})
+    # contributions are made finite where they are built (the largest part: one walk over them is enough)
+    context["data"] = finite({"heads": heads, "selected": best, "k": k, "charts": context["charts"]}) | {
+        "contributions": contributions}
     return context
 
 
@@ -194,7 +195,7 @@ def sample_entries(rows: list[dict], keys: list[str]) -> tuple[list[dict], list]
             "context_length": row.get("context_length"), "depth_percent": row.get("depth_percent"),
             "meta": {key: value for key, value in row.items() if key not in SHOWN_FIELDS and value is not None}})
         scores = row.get("head_scores")
-        contributions.append(None if scores is None else [round(float(s), 5) for layer in scores for s in layer])
+        contributions.append(None if scores is None else finite(np.round(np.ravel(scores).astype(float), 5).tolist()))
     return samples, contributions
 
 
