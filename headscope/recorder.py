@@ -27,7 +27,8 @@ Models whose attention does not go through the interface fall back to eager atte
 `output_attentions=True` on the decoding steps only (the prefill stays on the fast path):
 `Recorder.add_eager_attentions` takes those tensors.
 
-The same function ablates heads when asked to (masking.py), on the prefill and every step.
+The same function ablates heads when asked to (masking.py), on the prefill and every step, and replays a
+KV cache policy (kv.py): the heads it restricts see only the entries their cache would keep.
 """
 from __future__ import annotations
 
@@ -294,6 +295,8 @@ def _make_attention(backend):
             probs = query_probs(query, key, attention_mask, rule)  # (batch, q_heads, 1, kv_len)
             active.add(layer, probs[:, :, 0])
             output = attention_output(probs, value)
+        if state is not None and state.kv_policy is not None:  # kv.py: heads see only the entries their cache keeps
+            output = state.kv_policy.apply(layer, output, query, key, value, attention_mask, rule)
         if state is not None and state.ablation is not None:
             output = masking.apply(state.ablation, layer, output, value, attention_mask, rule.sliding_window)
         return output, None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .kv import Policy
     from .masking import Ablation
     from .recorder import Recorder
 
@@ -21,6 +22,7 @@ ATTRIBUTE = "headscope_state"
 class RunState:
     recorder: "Recorder | None" = None  # records the forward pass in flight (None: nothing is recorded)
     ablation: "Ablation | None" = None  # heads masked on every forward pass (None: none)
+    kv_policy: "Policy | None" = None  # a KV cache policy replayed on every forward pass (kv.py; None: none)
 
 
 def state_of(model) -> RunState:

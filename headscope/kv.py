@@ -1,0 +1,331 @@
+"""Replay head-level KV cache policies inside headscope's attention function, on every forward pass.
+
+A policy decides which entries each head's cache holds; the attention function then computes that head's
+output exactly as if the cache held only those entries: the same keys at the same RoPE positions, fewer of
+them. transformers' own cache keeps every entry; a policy reads it, never edits it.
+
+Positions. A batch is laid out as the engine lays it out (`Layout`): every prompt left-padded to the padded
+prompt length P, sample b by pad[b] tokens, so it has T[b] = P - pad[b] real prompt tokens and the real position
+of padded position p is p - pad[b]. Each layer counts the tokens its passes have fed since the batch began, so
+a pass's queries sit at padded positions [first, first + q_len) and its keys at [first + q_len - kv_len,
+first + q_len) (a sliding-window cache holds only its last kv_len keys). Key j is visible from query i as the
+model sees it -- j <= i, i - j < the layer's sliding window, j not padding -- and then as the policy allows.
+
+Policies:
+  StreamingHeads   DuoAttention (Xiao et al. 2024): the KV heads of `full` keep every key; every other KV head
+                   is a StreamingLLM cache of the first `sink` real tokens and the `recent` last ones, the query's
+                   own key included: query i sees key j iff real(j) < sink or i - j < recent. On every pass:
+                   the prompt's queries (DuoAttention's streaming-attention mask) and every decoding step.
+                   `recent` may depend on the prompt length (the uniform window at another policy's memory).
+  SnapSelection    SnapKV (Li et al. 2024) with HeadKV's per-head budgets (Fu et al. 2025): the prompt is read
+                   with full attention; then query head h keeps, of the prompt's prefix [0, P - window), the
+                   budget[h] keys with the highest pooled votes, plus the observation window itself, where
+                     votes[j]  = sum over the window's queries i of A[i, j]    (the softmax rows, as recorded)
+                     pooled    = maxpool or avgpool of votes, kernel k, padding k // 2, stride 1
+                   (ties: the earlier position first). A sample whose real prefix T - window is shorter than the
+                   average budget B keeps everything (SnapKV's and HeadKV's rule). Every generated token is kept.
+
+Cost. A policy's kept entries are fixed arithmetic (streaming) or chosen once per prompt per layer and head
+(SnapKV: kept key indices), never rebuilt per step from the full row. A replayed head gathers only the entries
+it keeps -- (batch, heads, kept, dim) -- so memory stays linear in the context; SnapKV's votes are one float per
+head and prompt position until the selection. Heads whose policy keeps every visible key are left to the
+backend's output untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .recorder import PREFILL_BLOCK, PREFILL_ELEMENTS, Rule, attention_logits, attention_output, row_blocks
+from .runstate import state_of
+
+POOLINGS = ("max", "avg")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the engine lays a batch out: prompts left-padded to `prompt_len` tokens, sample b by pad[b]."""
+
+    prompt_len: int
+    pad: tuple[int, ...]
+
+    @property
+    def real_lengths(self) -> list[int]:
+        return [self.prompt_len - pad for pad in self.pad]
+
+
+@dataclass
+class Pass:
+    """One layer's forward pass, as the attention function sees it."""
+
+    layer: int
+    query: torch.Tensor  # (batch, q_heads, q_len, dim)
+    key: torch.Tensor  # (batch, kv_heads, kv_len, dim): every entry transformers' cache holds
+    value: torch.Tensor  # (batch, kv_heads, kv_len, dim)
+    attention_mask: torch.Tensor | None
+    rule: Rule
+    first: int  # padded position of the pass's first query
+
+    @property
+    def end(self) -> int:  # one past the last query's position
+        return self.first + self.query.shape[2]
+
+    @property
+    def key_start(self) -> int:  # padded position of key index 0
+        return self.end - self.key.shape[2]
+
+    @property
+    def group(self) -> int:  # query heads per KV head (repeat_kv order: query head h reads KV head h // group)
+        return self.query.shape[1] // self.key.shape[1]
+
+
+@contextlib.contextmanager
+def replaying(model, policy: "Policy", layout: Layout):
+    """Apply `policy` to every forward pass of the model inside the block: one batch, from its first pass."""
+    state = state_of(model)
+    policy.begin(layout)
+    state.kv_policy = policy
+    try:
+        yield policy
+    finally:
+        state.kv_policy = None
+
+
+class Policy:
+    """What every policy shares: the pass bookkeeping and the count of the entries kept."""
+
+    def begin(self, layout: Layout) -> None:
+        self.layout = layout
+        self.seen: dict[int, int] = {}  # layer -> tokens fed so far
+        self.counted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (kept, full) entries, (batch,)
+
+    def apply(self, layer, output, query, key, value, attention_mask, rule: Rule) -> torch.Tensor:
+        """The attention function's hook. output: (batch, q_len, q_heads, dim), the backend's; returns the output
+        with every replayed head's rows recomputed over its kept entries."""
+        first = self.seen.get(layer, 0)
+        if first == 0 and key.shape[2] != query.shape[2]:
+            raise RuntimeError("a KV cache policy must see its batch from the first forward pass (an empty cache)")
+        self.seen[layer] = first + query.shape[2]
+        return self.replay(Pass(layer, query, key, value, attention_mask, rule, first), output)
+
+    def replay(self, step: Pass, output: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def shares(self) -> list[float]:
+        """Per sample: the prompt's KV cache entries kept over all layers and heads / the entries of the full cache."""
+        if not self.counted:
+            raise RuntimeError("no layer has read the whole prompt yet: nothing is counted")
+        kept = sum(counts[0].double().cpu() for counts in self.counted.values())
+        full = sum(counts[1].double().cpu() for counts in self.counted.values())
+        return (kept / full.clamp(min=1)).tolist()
+
+    def count(self, step: Pass, kept: torch.Tensor) -> None:
+        """Count, once per layer, the prompt entries kept: `kept` (batch, heads, P) marks the prompt positions each
+        head's cache holds once the prompt is read (heads in the policy's unit). Both counts are taken within
+        what the layer's own cache holds then: the real tokens, and only the last `sliding_window` of them."""
+        stored = prompt_store(self.layout, step.rule, kept.device)  # (batch, P)
+        self.counted[step.layer] = ((kept & stored[:, None]).sum((1, 2)), stored.sum(1) * kept.shape[1])
+
+
+def prompt_store(layout: Layout, rule: Rule, device) -> torch.Tensor:
+    """(batch, P) the prompt positions a layer's full cache holds after the prompt: real, within its window."""
+    positions = torch.arange(layout.prompt_len, device=device)
+    stored = positions[None] >= torch.tensor(layout.pad, device=device)[:, None]
+    if rule.sliding_window is not None:
+        stored = stored & (layout.prompt_len - 1 - positions < rule.sliding_window)[None]
+    return stored
+
+
+def model_visible(query_pos: torch.Tensor, key_pos: torch.Tensor, pad: torch.Tensor, rule: Rule) -> torch.Tensor:
+    """(batch, X, q, m): key j visible from query i as the model sees it: j <= i, i - j < the sliding window, j a
+    real token. query_pos (q,), key_pos (batch, X, m) padded positions, pad (batch,)."""
+    distance = query_pos[None, None, :, None] - key_pos[:, :, None, :]
+    visible = (distance >= 0) & (key_pos >= pad[:, None, None])[:, :, None, :]
+    if rule.sliding_window is not None:
+        visible = visible & (distance < rule.sliding_window)
+    return visible
+
+
+def attend(step: Pass, heads: list[int], rows: slice, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """The output (batch, q, len(heads), dim) of query heads `heads` at the pass's query rows `rows`, over the keys
+    at padded `positions` (batch, 1 or len(heads), m) only -- a reduced cache, gathered -- of which each query sees
+    those `visible` (batch, 1 or len(heads), q, m). The model's own maths on those keys: q.k in float32 times the
+    model's scaling, soft-capping, sinks, softmax in float32, probabilities cast to the values' dtype."""
+    rule, batch = step.rule, step.query.shape[0]
+    head_index = torch.tensor(heads, device=step.query.device)
+    index = (positions - step.key_start).clamp(0, step.key.shape[2] - 1)  # key indices; hidden ones clamped
+    samples = torch.arange(batch, device=index.device)[:, None, None]
+    kv_heads = (head_index // step.group)[None, :, None]
+    keys, values = step.key[samples, kv_heads, index], step.value[samples, kv_heads, index]  # (batch, heads, m, dim)
+    logits = attention_logits(step.query[:, head_index, rows], keys, rule.scaling)  # (batch, heads, q, m)
+    if rule.softcap is not None:
+        logits = torch.tanh(logits / rule.softcap) * rule.softcap
+    logits = logits.masked_fill(~visible, float("-inf"))
+    if rule.sinks is not None:  # one more logit per head in the denominator (GPT-OSS)
+        sink = rule.sinks.float().to(logits.device)[head_index].view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
+        probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    return attention_output(probs.nan_to_num(0.0), values)  # a query that sees nothing (padding) gets 0
+
+
+def query_blocks(step: Pass, width: int, heads: int):
+    """Slices of the pass's query rows, few enough at a time that batch x heads x rows x keys stays bounded;
+    `width`: keys per row beyond the block's own rows."""
+    batch, q_len = step.query.shape[0], step.query.shape[2]
+    size = max(1, min(PREFILL_BLOCK, PREFILL_ELEMENTS // max(batch * heads * (width + PREFILL_BLOCK), 1)))
+    for start in range(0, q_len, size):
+        yield slice(start, min(start + size, q_len))
+
+
+class StreamingHeads(Policy):
+    """DuoAttention: the KV heads in `full` ({layer: KV heads}) keep every key; the others keep `sink` + `recent`."""
+
+    def __init__(self, full: dict[int, set[int]], sink: int, recent: int | Callable[[int], int]):
+        self.full = full
+        self.sink = sink
+        self.recent = recent  # an int, or T -> recent for a prompt of T real tokens
+
+    def begin(self, layout: Layout) -> None:
+        super().begin(layout)
+        lengths = layout.real_lengths
+        self.recent_of = [self.recent(length) if callable(self.recent) else self.recent for length in lengths]
+
+    def replay(self, step: Pass, output: torch.Tensor) -> torch.Tensor:
+        device = step.query.device
+        pad = torch.tensor(self.layout.pad, device=device)
+        recent = torch.tensor(self.recent_of, device=device)
+        streaming_kv = [g for g in range(step.key.shape[1]) if g not in self.full.get(step.layer, set())]
+        if step.layer not in self.counted and step.end >= self.layout.prompt_len:
+            self.count(step, self.kept_after_prompt(streaming_kv, step.key.shape[1], pad, recent))
+        heads = [h for h in range(step.query.shape[1]) if h // step.group in streaming_kv]
+        # Query i (real position r) sees every earlier key when r < sink + recent: nothing to replay until then.
+        if not heads or step.end - 1 - min(self.layout.pad) < self.sink + min(self.recent_of):
+            return output
+        output = output.clone()
+        reach = max(self.recent_of)
+        for rows in query_blocks(step, self.sink + reach, len(heads)):
+            first, end = step.first + rows.start, step.first + rows.stop
+            # Candidate keys: the sinks, then every position a query of the block may reach back to.
+            sinks = pad[:, None] + torch.arange(self.sink, device=device)[None]  # (batch, sink)
+            local = torch.arange(first - reach + 1, end, device=device).expand(len(pad), -1)  # (batch, m_local)
+            positions = torch.cat([sinks, local], dim=1)
+            candidate = torch.cat([(sinks < first - reach + 1) & (sinks >= step.key_start),  # each key once,
+                                   local >= step.key_start], dim=1)  # and only what the cache holds
+            positions = positions[:, None]  # (batch, 1, m): the same keys for every streaming head
+            query_pos = torch.arange(first, end, device=device)
+            distance = query_pos[None, None, :, None] - positions[:, :, None, :]
+            allowed = ((positions - pad[:, None, None] < self.sink)[:, :, None, :]
+                       | (distance < recent[:, None, None, None]))
+            visible = candidate[:, None, None, :] & model_visible(query_pos, positions, pad, step.rule) & allowed
+            output[:, rows, heads] = attend(step, heads, rows, positions, visible).to(output.dtype)
+        return output
+
+    def kept_after_prompt(self, streaming_kv: list[int], kv_heads: int, pad, recent) -> torch.Tensor:
+        """(batch, KV heads, P): full heads hold the whole prompt; streaming heads its sinks and last `recent`."""
+        prompt_len = self.layout.prompt_len
+        positions = torch.arange(prompt_len, device=pad.device)
+        window = ((positions[None] - pad[:, None] < self.sink)
+                  | (prompt_len - 1 - positions[None] < recent[:, None]))  # (batch, P)
+        streams = torch.zeros(kv_heads, dtype=torch.bool, device=pad.device)
+        streams[streaming_kv] = True
+        return window[:, None] | ~streams[None, :, None]
+
+
+def matched_recent(total_kv_heads: int, full_heads: int, sink: int, recent: int) -> Callable[[int], int]:
+    """The uniform window at DuoAttention's memory: for a prompt of T tokens, duo with `full_heads` of the
+    `total_kv_heads` KV heads full keeps E = full_heads * T + (total - full_heads) * min(T, sink + recent) entries;
+    every head streaming with `sink` sinks and the returned `recent` keeps sink + recent = E / total (rounded)."""
+    def recent_for(length: int) -> int:
+        entries = full_heads * length + (total_kv_heads - full_heads) * min(length, sink + recent)
+        return max((2 * entries + total_kv_heads) // (2 * total_kv_heads) - sink, 1)
+
+    return recent_for
+
+
+class SnapSelection(Policy):
+    """SnapKV's selection with a budget per query head (HeadKV): budgets (layers, q_heads) entries of the prefix,
+    `average` the budget B that decides whether a prompt is compressed at all."""
+
+    def __init__(self, budgets: torch.Tensor, average: int, window: int, kernel: int, pooling: str = "max"):
+        if kernel % 2 == 0:
+            raise ValueError("the pooling kernel must be odd (SnapKV pads it by kernel // 2 on each side)")
+        self.budgets, self.average = torch.as_tensor(budgets), average
+        self.window, self.kernel, self.pooling = window, kernel, pooling
+
+    def begin(self, layout: Layout) -> None:
+        super().begin(layout)
+        self.votes: dict[int, torch.Tensor] = {}  # layer -> (batch, q_heads, P) attention mass, until selection
+        self.kept: dict[int, tuple] = {}  # layer -> (positions (batch, heads, m), kept (batch, heads, m), heads)
+
+    def replay(self, step: Pass, output: torch.Tensor) -> torch.Tensor:
+        prompt_len = self.layout.prompt_len
+        observed = max(prompt_len - self.window, step.first), min(prompt_len, step.end)
+        if observed[0] < observed[1]:
+            self.observe(step, *observed)
+        if step.layer not in self.kept and step.end >= prompt_len:
+            self.select(step)
+        first = max(prompt_len, step.first)
+        if first >= step.end or not self.kept[step.layer][2]:
+            return output  # prompt queries read the full cache; no head dropped anything
+        return self.generated(step, output, slice(first - step.first, step.query.shape[2]))
+
+    def observe(self, step: Pass, first: int, end: int) -> None:
+        """Add the observation window's rows in this pass (the recorder's rows: the model's own maths) to the votes."""
+        prompt_len = self.layout.prompt_len
+        if step.layer not in self.votes:
+            self.votes[step.layer] = step.query.new_zeros(step.query.shape[0], step.query.shape[1], prompt_len,
+                                                          dtype=torch.float32)
+        votes = self.votes[step.layer]
+        keys = min(step.key.shape[2], prompt_len - step.key_start)  # prompt keys in this pass
+        for _, probs in row_blocks(step.query, step.key, step.attention_mask, step.rule,
+                                   first - step.key_start, end - step.key_start):
+            votes[:, :, step.key_start:step.key_start + keys] += probs[..., :keys].sum(2)
+
+    def select(self, step: Pass) -> None:
+        """Choose each head's kept prefix keys, once per prompt: the top budget[h] pooled votes (SnapKV)."""
+        prompt_len, device = self.layout.prompt_len, step.query.device
+        prefix = max(prompt_len - self.window, 0)
+        votes = self.votes.pop(step.layer, None)
+        pad = torch.tensor(self.layout.pad, device=device)
+        heads = step.query.shape[1]
+        real_prefix = (prompt_len - pad - self.window).clamp(min=0)  # (batch,)
+        budgets = self.budgets[step.layer].to(device)[None]  # (1, heads)
+        count = torch.where(real_prefix[:, None] >= self.average, budgets.clamp(max=real_prefix[:, None]),
+                            real_prefix[:, None].expand(-1, heads))  # (batch, heads) keys kept of the prefix
+        if prefix and votes is not None:
+            pool = torch.nn.functional.max_pool1d if self.pooling == "max" else torch.nn.functional.avg_pool1d
+            pooled = pool(votes[:, :, :prefix], kernel_size=self.kernel, padding=self.kernel // 2, stride=1)
+            padding = torch.arange(prefix, device=device)[None] < pad[:, None]  # (batch, prefix)
+            pooled = pooled.masked_fill(padding[:, None], float("-inf"))
+            order = pooled.sort(dim=-1, descending=True, stable=True).indices  # ties: the earlier position first
+        else:
+            order = torch.zeros(len(pad), heads, 0, dtype=torch.long, device=device)
+        most = int(count.max()) if count.numel() else 0
+        chosen = torch.arange(most, device=device)[None, None] < count[..., None]  # (batch, heads, m)
+        positions = torch.where(chosen, order[..., :most], prefix).sort(dim=-1).values  # position order
+        replayed = [h for h in range(heads) if bool((count[:, h] < real_prefix).any())]
+        self.kept[step.layer] = (positions, positions < prefix, replayed)
+        kept = torch.zeros(len(pad), heads, prompt_len + 1, dtype=torch.bool, device=device)
+        kept.scatter_(2, positions, True)  # unchosen slots land in column `prefix` ...
+        kept[:, :, prefix:] = True  # ... which is the window's first: the window is kept whole
+        self.count(step, kept[:, :, :prompt_len])
+
+    def generated(self, step: Pass, output: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The generated queries' outputs over each replayed head's kept prefix, the window and every generated key."""
+        positions, kept, heads = self.kept[step.layer]
+        device, prompt_len = step.query.device, self.layout.prompt_len
+        pad = torch.tensor(self.layout.pad, device=device)
+        since = torch.arange(max(prompt_len - self.window, 0), step.end, device=device)  # window + generated
+        positions = positions[:, heads]
+        batch, count = positions.shape[:2]
+        positions = torch.cat([positions, since.expand(batch, count, -1)], dim=2)  # (batch, heads, m + since)
+        kept = torch.cat([kept[:, heads], torch.ones(batch, count, len(since), dtype=torch.bool, device=device)], 2)
+        query_pos = torch.arange(step.first + rows.start, step.first + rows.stop, device=device)
+        visible = (kept & (positions >= step.key_start))[:, :, None] & model_visible(query_pos, positions, pad, step.rule)
+        output = output.clone()
+        output[:, rows, heads] = attend(step, heads, rows, positions, visible).to(output.dtype)
+        return output
