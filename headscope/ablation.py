@@ -59,7 +59,7 @@ class ArmLog:
         rows = store.read_rows(path, repair=True)
         others = {row.get("ablation") for row in rows} - {ablation_id}
         if others:
-            raise HeadscopeError(f"{path} holds an ablation with other settings: --overwrite to replace it, or "
+            raise HeadscopeError(f"{path} holds a run with other settings: --overwrite to replace it, or "
                                  "use another --out")
         self.done = {(row["arm"], row["repeat"], row["id"]): row for row in rows}
         path.parent.mkdir(parents=True, exist_ok=True)

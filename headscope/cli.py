@@ -1,5 +1,5 @@
-"""headscope's command line: `headscope detect|ablate|specificity|rescore|check|show|compare|plot|export|merge|
-organism ...`."""
+"""headscope's command line: `headscope detect|ablate|kv|specificity|rescore|check|show|compare|plot|export|
+merge|organism ...`."""
 from __future__ import annotations
 
 import argparse
@@ -124,6 +124,19 @@ def run_ablate(args: argparse.Namespace) -> None:
         print(f"wrote {picture}")
 
 
+def run_kv(args: argparse.Namespace) -> None:
+    from .kv_curve import KVSettings, kv_curve
+    from .kv_output import format_table
+
+    options = args.task_spec.options(**options_from(args, args.task_spec.options))
+    settings = options_from(args, KVSettings)
+    report = kv_curve(args.task, settings.pop("scores"), options, **settings)
+    print(format_table(report))
+    print(f"wrote {report['path']}")
+    for picture in report["pictures"]:
+        print(f"wrote {picture}")
+
+
 def run_check(args: argparse.Namespace) -> int:
     from .check import run_check as check_model
     from .loading import load
@@ -185,6 +198,7 @@ def run_organism_train(args: argparse.Namespace, rest: list[str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .ablation import AblationSettings
+    from .kv_curve import KVSettings
     from .options import ModelOptions, add_arguments, parse_floats, parse_list
     from .tasks import TASKS
 
@@ -197,13 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         task_parser = tasks.add_parser(task.name, help=task.help, description=task.help)
         add_arguments(task_parser, task.options, task.organism_defaults)
         task_parser.set_defaults(task_spec=task)
-    ablate = commands.add_parser("ablate", help="mask the top-K heads (and K random ones) and re-run the task")
-    ablate_tasks = ablate.add_subparsers(dest="task", required=True)
-    for task in (task for task in TASKS.values() if task.success_filter):
-        task_parser = ablate_tasks.add_parser(task.name, help=f"ablation on the {task.name} task")
-        add_arguments(task_parser, AblationSettings)
-        add_arguments(task_parser, task.options, task.organism_defaults, command="ablate")
-        task_parser.set_defaults(task_spec=task)
+    add_rerun_command(commands, "ablate", "mask the top-K heads (and K random ones) and re-run the task",
+                      AblationSettings)
+    add_rerun_command(commands, "kv", "replay KV cache policies from a heads file (DuoAttention, HeadKV, and "
+                                      "random and uniform baselines): the task's success at each share of the cache "
+                                      "kept", KVSettings)
     check = commands.add_parser("check", help="prove on your model and settings that headscope is exact (exit 0) "
                                               "or show where it is not (exit 1)")
     add_arguments(check, ModelOptions)
@@ -246,6 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_rerun_command(commands, name: str, help_text: str, settings_class) -> None:
+    """A command that re-runs a task (with a success filter) under settings of its own: `ablate`, `kv`."""
+    from .options import add_arguments
+    from .tasks import TASKS
+
+    parser = commands.add_parser(name, help=help_text)
+    tasks = parser.add_subparsers(dest="task", required=True)
+    for task in (task for task in TASKS.values() if task.success_filter):
+        task_parser = tasks.add_parser(task.name, help=f"{name} on the {task.name} task")
+        add_arguments(task_parser, settings_class)
+        add_arguments(task_parser, task.options, task.organism_defaults, command="ablate")
+        task_parser.set_defaults(task_spec=task)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -260,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             run_merge(args)
         elif args.command == "ablate":
             run_ablate(args)
+        elif args.command == "kv":
+            run_kv(args)
         elif args.command == "check":
             return run_check(args)
         elif hasattr(args, "handler"):

@@ -52,7 +52,12 @@ def duo_pattern(means: np.ndarray, num_kv_heads: int, threshold: float | None = 
         return (scores >= threshold).astype(float)
     if not 0 <= sparsity <= 1:
         raise HeadscopeError(f"--sparsity must be between 0 and 1, not {sparsity}")
-    keep = round((1 - sparsity) * scores.size)
+    return keep_best(scores, round((1 - sparsity) * scores.size))
+
+
+def keep_best(scores: np.ndarray, keep: int) -> np.ndarray:
+    """1.0 for the `keep` best entries of the (layers, KV heads) `scores` (ties by layer, head), 0.0 elsewhere:
+    the full-attention heads of a DuoAttention pattern (`headscope kv` replays the same ones)."""
     order = np.argsort(-scores.ravel(), kind="stable")
     pattern = np.zeros(scores.size)
     pattern[order[:keep]] = 1.0

@@ -10,9 +10,9 @@ into one script that is inlined with everything else: the page opens offline. Wh
                   P(top K) (`analysis.bootstrap`, as `show --bootstrap`)
   ranked table    the same figures, sortable
   NIAH grid       mean score per (context length, depth) for retrieval runs; click a cell to list its samples
-  ablation, specificity, rescore
-                  their tables and pictures, when NAME_TASK_ablation.json, NAME_specificity.json or
-                  rescore/rescore.json lie in the folder
+  ablation, kv, specificity, rescore
+                  their tables and pictures, when NAME_TASK_ablation.json, NAME_TASK_kv.json,
+                  NAME_specificity.json or rescore/rescore.json lie in the folder
   samples         the prompt around the span (highlighted), the response, the metric, pass/fail and the
                   selected head's contribution; filter by outcome, sort by contribution
   compare         with --compare: top-K overlap, Jaccard, Spearman and a scatter of the two runs' means
@@ -108,6 +108,7 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
         "ablation": ablation_section(run_dir, prefix),
         "specificity": specificity_section(run_dir, prefix, manifest),
         "rescore": rescore_section(run_dir, prefix),
+        "kv": kv_section(run_dir, prefix),
         "compare": compare_section(run, other) if other else None,
     }
     context["charts"] = {"heatmap": None if context["all_zero"] else heatmap_spec(heads, signed, heads_per_layer, best, k),
@@ -315,6 +316,14 @@ def ablation_section(run_dir: Path, prefix: str) -> dict | None:
     return {"mode": result.get("mode"), "samples": result.get("samples"), "arms": arms,
             "images": [uri for uri in (image(run_dir / f"{prefix}_ablation_{name}.png") for name in ("curve", "niah"))
                        if uri]}
+
+
+def kv_section(run_dir: Path, prefix: str) -> dict | None:
+    """NAME_TASK_kv.json: the task's success at each share of the KV cache kept, per policy (kv_output.py)."""
+    from .kv_output import section
+
+    found = section(run_dir / f"{prefix}_kv.json")
+    return found and found | {"image": image(run_dir / f"{prefix}_kv.png")}
 
 
 def specificity_section(run_dir: Path, prefix: str, manifest: dict) -> dict | None:

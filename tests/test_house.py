@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import headscope
-from headscope import masking, recorder, runstate
+from headscope import kv, masking, recorder, runstate
 from headscope.cli import main
 from headscope.toy import tiny_model
 
@@ -81,7 +81,7 @@ def test_no_function_takes_more_than_seven_parameters():
 def test_the_attention_function_consults_no_module_level_mutable_state():
     """Every module-level value of the modules the attention function reads is immutable (or a function,
     class or module): what it records and masks comes from the model's run state."""
-    for module in (recorder, masking, runstate):
+    for module in (recorder, masking, runstate, kv):
         for name, value in vars(module).items():
             if name.startswith("__") or name == "annotations" or callable(value) or type(value).__name__ == "module":
                 continue

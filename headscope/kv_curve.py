@@ -1,0 +1,333 @@
+"""`headscope kv`: what a head list buys when it compresses the KV cache by head.
+
+Each point of the curve runs the task's samples (the grid `detect` and `ablate` build, through the same engine)
+with a head-level KV cache policy replayed inside the attention function (kv.py), and measures the success rate,
+the mean metric and the share of the KV cache kept. What --budgets means depends on the policy:
+
+  duo        K  the top-K KV heads of the heads file keep every key -- exactly those `export --to duo` marks (a KV
+                head scores the max of its query heads; --threshold T or --sparsity S instead of K, as export
+                takes them); every other KV head streams: --sink first tokens and --recent last ones
+  random     K  K KV heads drawn from those outside the top K keep every key, the rest stream (--repeats draws,
+                seed + r, as `ablate` draws its random heads; mean and std over the draws)
+  streaming  K  every head streams, its window as large as gives duo-K's memory on each prompt (the uniform
+                StreamingLLM baseline at the same memory)
+  headkv     B  `export --to headkv`'s per-head budgets (--beta, --temperature), each head's entries chosen by
+                SnapKV (--window, --kernel, --pooling)
+  snapkv     B  the same selection with B entries for every head (HeadKV's uniform baseline)
+
+and `full`, the unrestricted cache. Policies of the two families (K or B) are run by separate commands; into the
+same --out, one curve holds both.
+
+Share of the KV cache kept: per sample, the prompt's entries every layer and head keeps once the prompt is read
+over those of the full cache, in the policy's unit (KV heads for duo, random and streaming; query heads for
+headkv and snapkv, which keep one cache per query head, as HeadKV does); a point's share is the mean over its
+samples. Generated tokens are not counted.
+
+Files in --out: NAME_TASK_kv_samples.jsonl (every finished sample of every point and draw, appended and flushed:
+a run resumes where it stopped, and a later run with the same settings adds its points), NAME_TASK_kv.json
+(every finished point of that file) and NAME_TASK_kv.png (the curve).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import analysis, exports, kv, outputs, store
+from .ablation import ArmLog, arm_result, random_heads
+from .decode import num_layers_and_heads
+from .engine import Run, encode_samples, run_batch, start_run, task_options
+from .errors import HeadscopeError, notify
+from .options import DetectOptions, option, parse_ints, unused_by, validate
+from .tasks import TASKS
+
+BY_HEADS = ("duo", "random", "streaming")  # --budgets: K, KV heads kept full
+BY_ENTRIES = ("headkv", "snapkv")  # --budgets: B, entries per head
+POLICIES = BY_HEADS + BY_ENTRIES
+
+
+def parse_policies(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in POLICIES]
+    if unknown or not names:
+        raise HeadscopeError(f"--policy: {unknown[0] if unknown else 'none given'}: choose from {', '.join(POLICIES)}")
+    if not (set(names) <= set(BY_HEADS) or set(names) <= set(BY_ENTRIES)):
+        raise HeadscopeError("--budgets is K (heads kept full) for duo, random and streaming, and B (entries per head) "
+                             "for headkv and snapkv: run each family in its own command (the same --out: one curve)")
+    return names
+
+
+@dataclass
+class KVSettings:
+    """What `kv` adds to the task's options; the flags have the same names."""
+
+    scores: str | None = option(None, "a heads or summary file (NAME_TASK_heads.json)", group="kv cache",
+                                required=True)
+    policy: str = option("duo,random,streaming", "comma-separated: duo, random, streaming (--budgets K: KV heads "
+                                                 "kept full) or headkv, snapkv (--budgets B: entries per head)",
+                         group="kv cache", check=parse_policies)
+    budgets: list[int] | None = option(None, "the curve's points: K values (duo, random, streaming) or B values "
+                                             "(headkv, snapkv), e.g. 0,2,4,8", group="kv cache")
+    threshold: float | None = option(None, "duo instead of --budgets: the KV heads scoring at least T keep every "
+                                           "key (as export --to duo)", group="duo")
+    sparsity: float | None = option(None, "duo instead of --budgets: the best (1 - S) of the KV heads keep every "
+                                          "key (as export --to duo)", group="duo")
+    sink: int = option(64, "a streaming head keeps the first SINK tokens", group="duo", minimum=0)
+    recent: int = option(256, "... and the last RECENT tokens (the query's own included)", group="duo", minimum=1)
+    repeats: int = option(3, "random draws (mean and std are reported)", group="duo", minimum=1)
+    window: int = option(32, "SnapKV's observation window: the last WINDOW prompt queries vote, and are kept",
+                         group="headkv", minimum=1)
+    kernel: int = option(7, "pooling kernel of the votes (odd)", group="headkv", minimum=1)
+    pooling: str = option("max", "pooling of the votes", group="headkv", choices=kv.POOLINGS)
+    beta: float = option(1.2, "HeadKV: floor(B / beta) per head is pooled and shared by score", group="headkv")
+    temperature: float = option(1.0, "HeadKV: exponent on the score shares", group="headkv")
+
+
+# The settings every point of one curve shares: they are in the curve's id (other values: another curve).
+SHARED = ("sink", "recent", "window", "kernel", "pooling", "beta", "temperature")
+
+
+def check_settings(settings: KVSettings) -> None:
+    """One line for the first combination that cannot run."""
+    by_heads = parse_policies(settings.policy)[0] in BY_HEADS
+    chosen = [flag for flag, value in (("--budgets", settings.budgets), ("--threshold", settings.threshold),
+                                       ("--sparsity", settings.sparsity)) if value is not None]
+    if not by_heads and chosen != ["--budgets"]:
+        raise HeadscopeError("headkv and snapkv take --budgets B (entries per head), not " +
+                             (", ".join(flag for flag in chosen if flag != "--budgets") or "nothing"))
+    if by_heads and len(chosen) != 1:
+        raise HeadscopeError("duo, random and streaming take exactly one of --budgets K, --threshold T or "
+                             "--sparsity S")
+    if settings.budgets is not None and not settings.budgets:
+        raise HeadscopeError("--budgets needs at least one value")
+    if settings.kernel % 2 == 0:
+        raise HeadscopeError(f"--kernel must be odd (SnapKV pads it by kernel // 2 each side), not {settings.kernel}")
+
+
+@dataclass
+class Point:
+    """One point of the curve and draw: the policy replayed (None: the full cache) for a budget."""
+
+    policy: str  # "full" or one of POLICIES
+    budget: int | None  # K or B; None for "full"
+    repeat: int  # the draw (random), else 0
+    heads: list[str] | None  # the KV heads kept full (duo, random)
+    build: Callable[[], kv.Policy | None]  # a fresh policy for each batch
+
+    @property
+    def arm(self) -> str:
+        return "full" if self.budget is None else f"{self.policy}-{self.budget}"
+
+
+def parse_arm(arm: str) -> tuple[str, int | None]:
+    if arm == "full":
+        return arm, None
+    policy, budget = arm.rsplit("-", 1)
+    return policy, int(budget)
+
+
+class Planner:
+    """Turns (policy, budget, draw) into the policy to replay, from the heads file's means (layers, query heads)."""
+
+    def __init__(self, settings: KVSettings, means: np.ndarray, kv_heads: int, seed: int):
+        self.settings, self.means, self.seed = settings, means, seed
+        self.kv_scores = analysis.kv_head_scores(means, kv_heads, "max")  # (layers, KV heads), export's scores
+        self.kv_keys = [outputs.head_key(layer, head) for layer, head in np.ndindex(self.kv_scores.shape)]
+
+    def budgets(self) -> list[int]:
+        settings = self.settings
+        if settings.budgets is not None:
+            return settings.budgets
+        pattern = exports.duo_pattern(self.means, self.kv_scores.shape[1], settings.threshold, settings.sparsity)
+        return [int(pattern.sum())]
+
+    def points(self, policy: str, budget: int) -> list[Point]:
+        """The point's draws (one, but --repeats for random), each checked: a bad budget fails before any output."""
+        if policy in BY_ENTRIES:
+            return [self.point(policy, budget, 0)]
+        total = self.kv_scores.size
+        if not 0 <= budget <= total:
+            raise HeadscopeError(f"K = {budget} is not between 0 and the number of KV heads ({total})")
+        if policy != "random":
+            return [self.point(policy, budget, 0)]
+        if budget == 0 or budget > total - budget:
+            if budget:
+                notify(f"random-{budget}: only {total - budget} KV heads lie outside the top {budget}: no random point")
+            return []
+        return [self.point(policy, budget, repeat) for repeat in range(self.settings.repeats)]
+
+    def point(self, policy: str, budget: int | None, repeat: int) -> Point:
+        settings, top = self.settings, self.top(budget) if policy in BY_HEADS else None
+        if policy == "full":
+            return Point(policy, None, 0, None, lambda: None)
+        if policy in ("duo", "random"):
+            heads = top if policy == "duo" else random_heads(self.kv_keys, top, budget, self.seed + repeat)
+            return Point(policy, budget, repeat, heads, lambda: kv.StreamingHeads(by_layer(heads), settings.sink,
+                                                                                  settings.recent))
+        if policy == "streaming":
+            recent = kv.matched_recent(self.kv_scores.size, budget, settings.sink, settings.recent)
+            return Point(policy, budget, 0, None, lambda: kv.StreamingHeads({}, settings.sink, recent))
+        if policy == "headkv":
+            budgets = exports.headkv_budgets(self.means, budget, settings.beta, settings.temperature)
+        else:
+            if budget < 1:
+                raise HeadscopeError(f"B must be at least 1, not {budget}")
+            budgets = np.full(self.means.shape, budget)
+        return Point(policy, budget, 0, None, lambda: kv.SnapSelection(torch.tensor(budgets), budget, settings.window,
+                                                                       settings.kernel, settings.pooling))
+
+    def top(self, k: int) -> list[str]:
+        """The K KV heads export --to duo keeps full, in layer order."""
+        pattern = exports.keep_best(self.kv_scores, k).ravel()
+        return [key for key, kept in zip(self.kv_keys, pattern) if kept]
+
+
+def by_layer(keys: list[str]) -> dict[int, set[int]]:
+    full: dict[int, set[int]] = {}
+    for key in keys:
+        layer, head = outputs.parse_head_key(key)
+        full.setdefault(layer, set()).add(head)
+    return full
+
+
+def kv_curve(task: str, scores: str, options=None, loaded=None, **overrides) -> dict:
+    """Run every point and write NAME_TASK_kv.json (and its picture) in options.out. Returns that object.
+    ``overrides`` set KVSettings fields (policy, budgets, sink, ...) and the task's options by name."""
+    names = {spec.name for spec in dataclasses.fields(KVSettings)}
+    settings = KVSettings(scores=scores, **{k: v for k, v in overrides.items() if k in names})
+    validate(settings)
+    check_settings(settings)
+    unused = sorted(set(overrides) & unused_by("ablate", TASKS[task].options if task in TASKS else DetectOptions))
+    if unused:  # what kv does not use is refused, never ignored
+        raise HeadscopeError(f"kv does not use --{unused[0].replace('_', '-')}")
+    options = task_options(task, options, **{k: v for k, v in overrides.items() if k not in names})
+    summary = analysis.load_summary(scores)
+    run = start_run(task, options, loaded, command="kv", scorers=False)
+    if run.loaded.eager_fallback:  # the policies live in headscope's attention function
+        raise HeadscopeError(f"{type(run.loaded.model).__name__} does not use transformers' attention interface, so "
+                             "headscope cannot replay a KV cache policy on it")
+    planner = Planner(settings, score_matrix(summary, run, scores), num_kv_heads(run.loaded.model), options.seed)
+    policies = parse_policies(settings.policy)
+    points = [planner.point("full", None, 0)] + [point for budget in planner.budgets() for policy in policies
+                                                 for point in planner.points(policy, budget)]
+    encoded = encode_samples(run, range(len(run.samples)))
+    items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
+    paths = kv_paths(options.out, run)
+    log = ArmLog(paths["samples"], curve_id(run, settings, summary), options.overwrite)
+    progress = tqdm(total=len(points), desc=f"kv {task}", unit="point", disable=options.quiet, file=sys.stderr)
+    try:
+        for point in points:
+            run_point(run, items, point, log)
+            progress.update(1)
+    finally:
+        log.close()
+        progress.close()
+    report = curve(run, planner, log.done, scores)
+    outputs.atomic_write_json(paths["curve"], report)
+    report["path"] = str(paths["curve"])
+    report["pictures"] = []
+    if options.plots:
+        from .kv_output import draw
+
+        report["pictures"] = [str(draw(report, paths["picture"]))]
+    return report
+
+
+def score_matrix(summary: dict, run: Run, scores: str) -> np.ndarray:
+    """The heads file's (layers, heads) means; refused when its heads are not the model's."""
+    stray = sorted(set(summary) ^ set(run.keys), key=outputs.parse_head_key)
+    if stray:
+        side = "has head" if stray[0] in summary else "lacks head"
+        raise HeadscopeError(f"{scores} {side} {stray[0]}, but the model has {len(run.keys)} heads: the score file "
+                             "is for another model")
+    return analysis.mean_matrix(summary)
+
+
+def num_kv_heads(model) -> int:
+    config = model.config.get_text_config()
+    return getattr(config, "num_key_value_heads", None) or num_layers_and_heads(model)[1]
+
+
+def kv_paths(out: str, run: Run) -> dict:
+    heads = outputs.output_paths(out, run.loaded.name, run.task.name)["heads"]
+    prefix = heads.name.removesuffix("_heads.json")
+    return {"curve": heads.with_name(f"{prefix}_kv.json"), "samples": heads.with_name(f"{prefix}_kv_samples.jsonl"),
+            "picture": heads.with_name(f"{prefix}_kv.png")}
+
+
+def curve_id(run: Run, settings: KVSettings, summary: dict) -> str:
+    """What makes two runs points of the same curve: the model, the task's result-changing options, the heads file
+    and the settings every policy shares (not the policies, budgets or draws: a later run adds points)."""
+    shared = {name: getattr(settings, name) for name in SHARED}
+    return store.run_id(run.task.name, dataclasses.asdict(run.options) | {"kv": shared, "scores": summary},
+                        run.loaded.name)
+
+
+def batch_layout(run: Run, batch: list) -> kv.Layout | None:
+    """The batch as `run_batch` lays it out: the prompts it decodes (not a needle it cannot locate), left-padded
+    to the longest. None when it decodes none."""
+    lengths = [len(prompt.input_ids) for _, _, prompt in batch if prompt.span is not None or not run.task.span_required]
+    if not lengths:
+        return None
+    width = max(lengths)
+    return kv.Layout(width, tuple(width - length for length in lengths))
+
+
+def run_point(run: Run, items: list, point: Point, log: ArmLog) -> None:
+    """Every sample of the point not yet in the log, batch by batch, each row with its share of the cache kept."""
+    todo = [item for item in items if (point.arm, point.repeat, item[1].id) not in log.done]
+    size = run.options.batch_size
+    for first in range(0, len(todo), size):
+        batch = todo[first:first + size]
+        policy, layout = point.build(), batch_layout(run, batch)
+        replay = kv.replaying(run.loaded.model, policy, layout) if policy and layout else contextlib.nullcontext()
+        with replay:
+            shares = None
+            for row, _ in run_batch(run, batch, []):
+                if row["error"] is None and shares is None:  # decoded: every decoded sample's share is known
+                    shares = iter(policy.shares() if policy else [1.0] * len(batch))
+                log.append(point.arm, point.repeat, row | {"kv_kept": None if row["error"] else next(shares)})
+
+
+def curve(run: Run, planner: Planner, done: dict, scores: str) -> dict:
+    """Every point the log holds finished (each of its draws over every sample), best known order: full, then by
+    policy and budget."""
+    ids = [sample.id for sample in run.samples]
+    draws: dict[str, dict[int, dict]] = {}
+    for (arm, repeat, sample_id), row in done.items():
+        draws.setdefault(arm, {}).setdefault(repeat, {})[sample_id] = row
+    points = []
+    for arm, repeats in draws.items():
+        finished = {repeat: [rows[i] for i in ids] for repeat, rows in sorted(repeats.items())
+                    if all(i in rows for i in ids)}
+        if finished:
+            points.append(point_result(planner, arm, finished))
+    points.sort(key=lambda p: (p["policy"] != "full", POLICIES.index(p["policy"]) if p["policy"] in POLICIES else 0,
+                               p["budget"] or 0))
+    if not points or points[0]["policy"] != "full":
+        raise RuntimeError("the full cache's point is missing from the log")
+    settings = planner.settings
+    return {"task": run.task.name, "model": run.loaded.path, "scores": str(scores), "samples": len(ids),
+            "settings": {name: getattr(settings, name) for name in SHARED} | {"kv_heads": planner.kv_scores.shape[1]},
+            "full": points[0], "points": points[1:]}
+
+
+def point_result(planner: Planner, arm: str, finished: dict[int, list[dict]]) -> dict:
+    """success_rate, mean_metric and cells (as ablate's arms: mean and std over draws), and the mean share kept."""
+    policy, budget = parse_arm(arm)
+    drawn = policy == "random"
+    result = arm_result(list(finished.values()), budget or 0, None, drawn)
+    del result["k"], result["heads"]
+    shares = [row["kv_kept"] for rows in finished.values() for row in rows if row["error"] is None]
+    point = {"policy": policy, "budget": budget, "kv_kept": statistics.fmean(shares) if shares else None}
+    if policy in ("duo", "random"):
+        heads = [planner.point(policy, budget, repeat).heads for repeat in finished]
+        point["full_heads"] = heads if drawn else heads[0]
+    return point | result
