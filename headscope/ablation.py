@@ -153,13 +153,8 @@ def ablate(task: str, scores: str, top: list[int] | str, options=None, loaded=No
 
     ``top`` is a list of K, or ``"auto"``: K = the heads scoring at least ``min_score`` (see heads_above).
     ``overrides`` set AblationSettings fields (random_k, repeats, mode, min_score) and the task's options."""
-    names = {spec.name for spec in dataclasses.fields(AblationSettings)}
-    settings = AblationSettings(scores=scores, top=top, **{k: v for k, v in overrides.items() if k in names})
-    validate(settings)
-    unused = sorted(set(overrides) & unused_by("ablate", TASKS[task].options if task in TASKS else DetectOptions))
-    if unused:  # what ablate does not use is refused, never ignored
-        raise HeadscopeError(f"ablate does not use --{unused[0].replace('_', '-')}")
-    options = task_options(task, options, **{k: v for k, v in overrides.items() if k not in names})
+    settings, options = settings_and_options("ablate", AblationSettings, task, options, overrides, scores=scores,
+                                             top=top)
     summary = analysis.load_summary(scores)
     if top == "auto":
         top = [heads_above(summary, settings.min_score)]
@@ -219,6 +214,19 @@ def ablate(task: str, scores: str, top: list[int] | str, options=None, loaded=No
     report["path"] = str(path)
     report["pictures"] = draw(report, rows_of, path) if options.plots else []
     return report
+
+
+def settings_and_options(command: str, settings_class, task: str, options, overrides: dict, **given):
+    """(settings, task options) of a command that re-runs a task: its settings_class's fields from `overrides` (and
+    `given`), the task's options from the rest, both validated. What the command does not use (`ablate=False` in
+    an option's metadata: --scorer, --shard, ...) is refused by name, never ignored."""
+    names = {spec.name for spec in dataclasses.fields(settings_class)}
+    settings = settings_class(**given, **{k: v for k, v in overrides.items() if k in names})
+    validate(settings)
+    unused = sorted(set(overrides) & unused_by("ablate", TASKS[task].options if task in TASKS else DetectOptions))
+    if unused:
+        raise HeadscopeError(f"{command} does not use --{unused[0].replace('_', '-')}")
+    return settings, task_options(task, options, **{k: v for k, v in overrides.items() if k not in names})
 
 
 def ablation_id(run: Run, settings: AblationSettings, summary: dict) -> str:

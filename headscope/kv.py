@@ -58,8 +58,8 @@ class Layout:
 
 
 @dataclass
-class Pass:
-    """One layer's forward pass, as the attention function sees it."""
+class AttentionCall:
+    """One call of the attention function: one layer's share of a forward pass."""
 
     layer: int
     query: torch.Tensor  # (batch, q_heads, q_len, dim)
@@ -101,6 +101,15 @@ class Policy:
         self.layout = layout
         self.seen: dict[int, int] = {}  # layer -> tokens fed so far
         self.counted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (kept, full) entries, (batch,)
+        self.constants: dict[tuple, torch.Tensor] = {}
+
+    def constant(self, name: str, values, device) -> torch.Tensor:
+        """A per-batch constant on a layer's device, copied there once (not on every layer and step: a blocking
+        host-to-device copy each time)."""
+        key = (name, str(device))
+        if key not in self.constants:
+            self.constants[key] = torch.tensor(values, device=device)
+        return self.constants[key]
 
     def apply(self, layer, output, query, key, value, attention_mask, rule: Rule) -> torch.Tensor:
         """The attention function's hook. output: (batch, q_len, q_heads, dim), the backend's; returns the output
@@ -109,9 +118,9 @@ class Policy:
         if first == 0 and key.shape[2] != query.shape[2]:
             raise RuntimeError("a KV cache policy must see its batch from the first forward pass (an empty cache)")
         self.seen[layer] = first + query.shape[2]
-        return self.replay(Pass(layer, query, key, value, attention_mask, rule, first), output)
+        return self.replay(AttentionCall(layer, query, key, value, attention_mask, rule, first), output)
 
-    def replay(self, step: Pass, output: torch.Tensor) -> torch.Tensor:
+    def replay(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def shares(self) -> list[float]:
@@ -122,18 +131,18 @@ class Policy:
         full = sum(counts[1].double().cpu() for counts in self.counted.values())
         return (kept / full.clamp(min=1)).tolist()
 
-    def count(self, step: Pass, kept: torch.Tensor) -> None:
+    def count(self, call: AttentionCall, kept: torch.Tensor) -> None:
         """Count, once per layer, the prompt entries kept: `kept` (batch, heads, P) marks the prompt positions each
         head's cache holds once the prompt is read (heads in the policy's unit). Both counts are taken within
         what the layer's own cache holds then: the real tokens, and only the last `sliding_window` of them."""
-        stored = prompt_store(self.layout, step.rule, kept.device)  # (batch, P)
-        self.counted[step.layer] = ((kept & stored[:, None]).sum((1, 2)), stored.sum(1) * kept.shape[1])
+        stored = prompt_store(self.layout, self.constant("pad", self.layout.pad, kept.device), call.rule)  # (batch, P)
+        self.counted[call.layer] = ((kept & stored[:, None]).sum((1, 2)), stored.sum(1) * kept.shape[1])
 
 
-def prompt_store(layout: Layout, rule: Rule, device) -> torch.Tensor:
+def prompt_store(layout: Layout, pad: torch.Tensor, rule: Rule) -> torch.Tensor:
     """(batch, P) the prompt positions a layer's full cache holds after the prompt: real, within its window."""
-    positions = torch.arange(layout.prompt_len, device=device)
-    stored = positions[None] >= torch.tensor(layout.pad, device=device)[:, None]
+    positions = torch.arange(layout.prompt_len, device=pad.device)
+    stored = positions[None] >= pad[:, None]
     if rule.sliding_window is not None:
         stored = stored & (layout.prompt_len - 1 - positions < rule.sliding_window)[None]
     return stored
@@ -149,33 +158,33 @@ def model_visible(query_pos: torch.Tensor, key_pos: torch.Tensor, pad: torch.Ten
     return visible
 
 
-def attend(step: Pass, heads: list[int], rows: slice, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def attend(call: AttentionCall, heads: torch.Tensor, rows: slice, positions: torch.Tensor,
+           visible: torch.Tensor) -> torch.Tensor:
     """The output (batch, q, len(heads), dim) of query heads `heads` at the pass's query rows `rows`, over the keys
     at padded `positions` (batch, 1 or len(heads), m) only -- a reduced cache, gathered -- of which each query sees
     those `visible` (batch, 1 or len(heads), q, m). The model's own maths on those keys: q.k in float32 times the
     model's scaling, soft-capping, sinks, softmax in float32, probabilities cast to the values' dtype."""
-    rule, batch = step.rule, step.query.shape[0]
-    head_index = torch.tensor(heads, device=step.query.device)
-    index = (positions - step.key_start).clamp(0, step.key.shape[2] - 1)  # key indices; hidden ones clamped
+    rule, batch = call.rule, call.query.shape[0]
+    index = (positions - call.key_start).clamp(0, call.key.shape[2] - 1)  # key indices; hidden ones clamped
     samples = torch.arange(batch, device=index.device)[:, None, None]
-    kv_heads = (head_index // step.group)[None, :, None]
-    keys, values = step.key[samples, kv_heads, index], step.value[samples, kv_heads, index]  # (batch, heads, m, dim)
-    logits = attention_logits(step.query[:, head_index, rows], keys, rule.scaling)  # (batch, heads, q, m)
+    kv_heads = (heads // call.group)[None, :, None]
+    keys, values = call.key[samples, kv_heads, index], call.value[samples, kv_heads, index]  # (batch, heads, m, dim)
+    logits = attention_logits(call.query[:, heads, rows], keys, rule.scaling)  # (batch, heads, q, m)
     if rule.softcap is not None:
         logits = torch.tanh(logits / rule.softcap) * rule.softcap
     logits = logits.masked_fill(~visible, float("-inf"))
     if rule.sinks is not None:  # one more logit per head in the denominator (GPT-OSS)
-        sink = rule.sinks.float().to(logits.device)[head_index].view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
+        sink = rule.sinks.float().to(logits.device)[heads].view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
         probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(logits, dim=-1)
     return attention_output(probs.nan_to_num(0.0), values)  # a query that sees nothing (padding) gets 0
 
 
-def query_blocks(step: Pass, width: int, heads: int):
+def query_blocks(call: AttentionCall, width: int, heads: int):
     """Slices of the pass's query rows, few enough at a time that batch x heads x rows x keys stays bounded;
     `width`: keys per row beyond the block's own rows."""
-    batch, q_len = step.query.shape[0], step.query.shape[2]
+    batch, q_len = call.query.shape[0], call.query.shape[2]
     size = max(1, min(PREFILL_BLOCK, PREFILL_ELEMENTS // max(batch * heads * (width + PREFILL_BLOCK), 1)))
     for start in range(0, q_len, size):
         yield slice(start, min(start + size, q_len))
@@ -194,34 +203,33 @@ class StreamingHeads(Policy):
         lengths = layout.real_lengths
         self.recent_of = [self.recent(length) if callable(self.recent) else self.recent for length in lengths]
 
-    def replay(self, step: Pass, output: torch.Tensor) -> torch.Tensor:
-        device = step.query.device
-        pad = torch.tensor(self.layout.pad, device=device)
-        recent = torch.tensor(self.recent_of, device=device)
-        streaming_kv = [g for g in range(step.key.shape[1]) if g not in self.full.get(step.layer, set())]
-        if step.layer not in self.counted and step.end >= self.layout.prompt_len:
-            self.count(step, self.kept_after_prompt(streaming_kv, step.key.shape[1], pad, recent))
-        heads = [h for h in range(step.query.shape[1]) if h // step.group in streaming_kv]
+    def replay(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
+        device = call.query.device
+        pad, recent = self.constant("pad", self.layout.pad, device), self.constant("recent", self.recent_of, device)
+        streaming_kv = [g for g in range(call.key.shape[1]) if g not in self.full.get(call.layer, set())]
+        if call.layer not in self.counted and call.end >= self.layout.prompt_len:
+            self.count(call, self.kept_after_prompt(streaming_kv, call.key.shape[1], pad, recent))
+        heads = [h for h in range(call.query.shape[1]) if h // call.group in streaming_kv]
         # Query i (real position r) sees every earlier key when r < sink + recent: nothing to replay until then.
-        if not heads or step.end - 1 - min(self.layout.pad) < self.sink + min(self.recent_of):
+        if not heads or call.end - 1 - min(self.layout.pad) < self.sink + min(self.recent_of):
             return output
-        output = output.clone()
-        reach = max(self.recent_of)
-        for rows in query_blocks(step, self.sink + reach, len(heads)):
-            first, end = step.first + rows.start, step.first + rows.stop
+        output, reach = output.clone(), max(self.recent_of)
+        head_index = self.constant(f"heads {call.layer}", heads, device)
+        for rows in query_blocks(call, self.sink + reach, len(heads)):
+            first, end = call.first + rows.start, call.first + rows.stop
             # Candidate keys: the sinks, then every position a query of the block may reach back to.
             sinks = pad[:, None] + torch.arange(self.sink, device=device)[None]  # (batch, sink)
             local = torch.arange(first - reach + 1, end, device=device).expand(len(pad), -1)  # (batch, m_local)
             positions = torch.cat([sinks, local], dim=1)
-            candidate = torch.cat([(sinks < first - reach + 1) & (sinks >= step.key_start),  # each key once,
-                                   local >= step.key_start], dim=1)  # and only what the cache holds
+            candidate = torch.cat([(sinks < first - reach + 1) & (sinks >= call.key_start),  # each key once,
+                                   local >= call.key_start], dim=1)  # and only what the cache holds
             positions = positions[:, None]  # (batch, 1, m): the same keys for every streaming head
             query_pos = torch.arange(first, end, device=device)
             distance = query_pos[None, None, :, None] - positions[:, :, None, :]
             allowed = ((positions - pad[:, None, None] < self.sink)[:, :, None, :]
                        | (distance < recent[:, None, None, None]))
-            visible = candidate[:, None, None, :] & model_visible(query_pos, positions, pad, step.rule) & allowed
-            output[:, rows, heads] = attend(step, heads, rows, positions, visible).to(output.dtype)
+            visible = candidate[:, None, None, :] & model_visible(query_pos, positions, pad, call.rule) & allowed
+            output[:, rows, head_index] = attend(call, head_index, rows, positions, visible).to(output.dtype)
         return output
 
     def kept_after_prompt(self, streaming_kv: list[int], kv_heads: int, pad, recent) -> torch.Tensor:
@@ -259,41 +267,41 @@ class SnapSelection(Policy):
     def begin(self, layout: Layout) -> None:
         super().begin(layout)
         self.votes: dict[int, torch.Tensor] = {}  # layer -> (batch, q_heads, P) attention mass, until selection
-        self.kept: dict[int, tuple] = {}  # layer -> (positions (batch, heads, m), kept (batch, heads, m), heads)
+        self.kept: dict[int, tuple] = {}  # layer -> (positions, kept: (batch, heads, m); the heads replayed (n,))
 
-    def replay(self, step: Pass, output: torch.Tensor) -> torch.Tensor:
+    def replay(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
         prompt_len = self.layout.prompt_len
-        observed = max(prompt_len - self.window, step.first), min(prompt_len, step.end)
+        observed = max(prompt_len - self.window, call.first), min(prompt_len, call.end)
         if observed[0] < observed[1]:
-            self.observe(step, *observed)
-        if step.layer not in self.kept and step.end >= prompt_len:
-            self.select(step)
-        first = max(prompt_len, step.first)
-        if first >= step.end or not self.kept[step.layer][2]:
+            self.observe(call, *observed)
+        if call.layer not in self.kept and call.end >= prompt_len:
+            self.select(call)
+        first = max(prompt_len, call.first)
+        if first >= call.end or not len(self.kept[call.layer][2]):
             return output  # prompt queries read the full cache; no head dropped anything
-        return self.generated(step, output, slice(first - step.first, step.query.shape[2]))
+        return self.generated(call, output, slice(first - call.first, call.query.shape[2]))
 
-    def observe(self, step: Pass, first: int, end: int) -> None:
+    def observe(self, call: AttentionCall, first: int, end: int) -> None:
         """Add the observation window's rows in this pass (the recorder's rows: the model's own maths) to the votes."""
         prompt_len = self.layout.prompt_len
-        if step.layer not in self.votes:
-            self.votes[step.layer] = step.query.new_zeros(step.query.shape[0], step.query.shape[1], prompt_len,
+        if call.layer not in self.votes:
+            self.votes[call.layer] = call.query.new_zeros(call.query.shape[0], call.query.shape[1], prompt_len,
                                                           dtype=torch.float32)
-        votes = self.votes[step.layer]
-        keys = min(step.key.shape[2], prompt_len - step.key_start)  # prompt keys in this pass
-        for _, probs in row_blocks(step.query, step.key, step.attention_mask, step.rule,
-                                   first - step.key_start, end - step.key_start):
-            votes[:, :, step.key_start:step.key_start + keys] += probs[..., :keys].sum(2)
+        votes = self.votes[call.layer]
+        keys = min(call.key.shape[2], prompt_len - call.key_start)  # prompt keys in this pass
+        for _, probs in row_blocks(call.query, call.key, call.attention_mask, call.rule,
+                                   first - call.key_start, end - call.key_start):
+            votes[:, :, call.key_start:call.key_start + keys] += probs[..., :keys].sum(2)
 
-    def select(self, step: Pass) -> None:
+    def select(self, call: AttentionCall) -> None:
         """Choose each head's kept prefix keys, once per prompt: the top budget[h] pooled votes (SnapKV)."""
-        prompt_len, device = self.layout.prompt_len, step.query.device
+        prompt_len, device = self.layout.prompt_len, call.query.device
         prefix = max(prompt_len - self.window, 0)
-        votes = self.votes.pop(step.layer, None)
-        pad = torch.tensor(self.layout.pad, device=device)
-        heads = step.query.shape[1]
+        votes = self.votes.pop(call.layer, None)
+        pad = self.constant("pad", self.layout.pad, device)
+        heads = call.query.shape[1]
         real_prefix = (prompt_len - pad - self.window).clamp(min=0)  # (batch,)
-        budgets = self.budgets[step.layer].to(device)[None]  # (1, heads)
+        budgets = self.budgets[call.layer].to(device)[None]  # (1, heads)
         count = torch.where(real_prefix[:, None] >= self.average, budgets.clamp(max=real_prefix[:, None]),
                             real_prefix[:, None].expand(-1, heads))  # (batch, heads) keys kept of the prefix
         if prefix and votes is not None:
@@ -307,25 +315,26 @@ class SnapSelection(Policy):
         most = int(count.max()) if count.numel() else 0
         chosen = torch.arange(most, device=device)[None, None] < count[..., None]  # (batch, heads, m)
         positions = torch.where(chosen, order[..., :most], prefix).sort(dim=-1).values  # position order
-        replayed = [h for h in range(heads) if bool((count[:, h] < real_prefix).any())]
-        self.kept[step.layer] = (positions, positions < prefix, replayed)
+        replayed = (count < real_prefix[:, None]).any(0).nonzero().flatten()  # heads that drop a key of some prompt
+        self.kept[call.layer] = (positions, positions < prefix, replayed)
         kept = torch.zeros(len(pad), heads, prompt_len + 1, dtype=torch.bool, device=device)
         kept.scatter_(2, positions, True)  # unchosen slots land in column `prefix` ...
         kept[:, :, prefix:] = True  # ... which is the window's first: the window is kept whole
-        self.count(step, kept[:, :, :prompt_len])
+        self.count(call, kept[:, :, :prompt_len])
 
-    def generated(self, step: Pass, output: torch.Tensor, rows: slice) -> torch.Tensor:
+    def generated(self, call: AttentionCall, output: torch.Tensor, rows: slice) -> torch.Tensor:
         """The generated queries' outputs over each replayed head's kept prefix, the window and every generated key."""
-        positions, kept, heads = self.kept[step.layer]
-        device, prompt_len = step.query.device, self.layout.prompt_len
-        pad = torch.tensor(self.layout.pad, device=device)
-        since = torch.arange(max(prompt_len - self.window, 0), step.end, device=device)  # window + generated
+        positions, kept, heads = self.kept[call.layer]
+        device, prompt_len = call.query.device, self.layout.prompt_len
+        pad = self.constant("pad", self.layout.pad, device)
+        since = torch.arange(max(prompt_len - self.window, 0), call.end, device=device)  # window + generated
         positions = positions[:, heads]
         batch, count = positions.shape[:2]
         positions = torch.cat([positions, since.expand(batch, count, -1)], dim=2)  # (batch, heads, m + since)
         kept = torch.cat([kept[:, heads], torch.ones(batch, count, len(since), dtype=torch.bool, device=device)], 2)
-        query_pos = torch.arange(step.first + rows.start, step.first + rows.stop, device=device)
-        visible = (kept & (positions >= step.key_start))[:, :, None] & model_visible(query_pos, positions, pad, step.rule)
+        query_pos = torch.arange(call.first + rows.start, call.first + rows.stop, device=device)
+        in_cache = kept & (positions >= call.key_start)  # a sliding-window cache holds only its last keys
+        visible = in_cache[:, :, None] & model_visible(query_pos, positions, pad, call.rule)
         output = output.clone()
-        output[:, rows, heads] = attend(step, heads, rows, positions, visible).to(output.dtype)
+        output[:, rows, heads] = attend(call, heads, rows, positions, visible).to(output.dtype)
         return output

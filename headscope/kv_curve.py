@@ -41,12 +41,11 @@ import torch
 from tqdm import tqdm
 
 from . import analysis, exports, kv, outputs, store
-from .ablation import ArmLog, arm_result, random_heads
+from .ablation import ArmLog, arm_result, random_heads, settings_and_options
 from .decode import num_layers_and_heads
-from .engine import Run, encode_samples, run_batch, start_run, task_options
+from .engine import Run, encode_samples, run_batch, start_run
 from .errors import HeadscopeError, notify
-from .options import DetectOptions, option, parse_ints, unused_by, validate
-from .tasks import TASKS
+from .options import option
 
 BY_HEADS = ("duo", "random", "streaming")  # --budgets: K, KV heads kept full
 BY_ENTRIES = ("headkv", "snapkv")  # --budgets: B, entries per head
@@ -164,10 +163,11 @@ class Planner:
         return [self.point(policy, budget, repeat) for repeat in range(self.settings.repeats)]
 
     def point(self, policy: str, budget: int | None, repeat: int) -> Point:
-        settings, top = self.settings, self.top(budget) if policy in BY_HEADS else None
+        settings = self.settings
         if policy == "full":
             return Point(policy, None, 0, None, lambda: None)
         if policy in ("duo", "random"):
+            top = self.top(budget)
             heads = top if policy == "duo" else random_heads(self.kv_keys, top, budget, self.seed + repeat)
             return Point(policy, budget, repeat, heads, lambda: kv.StreamingHeads(by_layer(heads), settings.sink,
                                                                                   settings.recent))
@@ -200,14 +200,8 @@ def by_layer(keys: list[str]) -> dict[int, set[int]]:
 def kv_curve(task: str, scores: str, options=None, loaded=None, **overrides) -> dict:
     """Run every point and write NAME_TASK_kv.json (and its picture) in options.out. Returns that object.
     ``overrides`` set KVSettings fields (policy, budgets, sink, ...) and the task's options by name."""
-    names = {spec.name for spec in dataclasses.fields(KVSettings)}
-    settings = KVSettings(scores=scores, **{k: v for k, v in overrides.items() if k in names})
-    validate(settings)
+    settings, options = settings_and_options("kv", KVSettings, task, options, overrides, scores=scores)
     check_settings(settings)
-    unused = sorted(set(overrides) & unused_by("ablate", TASKS[task].options if task in TASKS else DetectOptions))
-    if unused:  # what kv does not use is refused, never ignored
-        raise HeadscopeError(f"kv does not use --{unused[0].replace('_', '-')}")
-    options = task_options(task, options, **{k: v for k, v in overrides.items() if k not in names})
     summary = analysis.load_summary(scores)
     run = start_run(task, options, loaded, command="kv", scorers=False)
     if run.loaded.eager_fallback:  # the policies live in headscope's attention function
@@ -220,7 +214,12 @@ def kv_curve(task: str, scores: str, options=None, loaded=None, **overrides) -> 
     encoded = encode_samples(run, range(len(run.samples)))
     items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
     paths = kv_paths(options.out, run)
-    log = ArmLog(paths["samples"], curve_id(run, settings, summary), options.overwrite)
+    try:
+        log = ArmLog(paths["samples"], curve_id(run, settings, summary), options.overwrite)
+    except HeadscopeError as error:  # say what a later run must share to add its points
+        flags = ", ".join("--" + name for name in SHARED)
+        raise HeadscopeError(f"{error} (the points of one curve share the task's options, the heads file and "
+                             f"{flags})") from None
     progress = tqdm(total=len(points), desc=f"kv {task}", unit="point", disable=options.quiet, file=sys.stderr)
     try:
         for point in points:

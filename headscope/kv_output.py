@@ -28,7 +28,8 @@ def format_table(report: dict) -> str:
         budget = "-" if row["budget"] is None else f"{row['budget']} {row['unit'].split()[-1]}"
         std = f"{row['std']:.3f}" if row["std"] is not None else ""
         kept = f"{row['kv_kept']:.3f}" if row["kv_kept"] is not None else "-"
-        lines.append(f"{row['policy']:<10} {budget:>10} {kept:>8} {row['success']:>8.3f} {std:>7} {row['metric']:>7.1f}")
+        lines.append(f"{row['policy']:<10} {budget:>10} {kept:>8} {row['success']:>8.3f} {std:>7} "
+                     f"{row['metric']:>7.1f}")
     return "\n".join(lines)
 
 
