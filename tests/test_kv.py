@@ -262,3 +262,24 @@ def test_the_window_at_duos_memory_keeps_as_many_entries_as_duo():
     padded_logits(model, duo, prompt, 1), padded_logits(model, window, prompt, 1)
     assert duo.shares()[0] == pytest.approx((50 + 3 * 13) / (4 * 50))
     assert abs(window.shares()[0] - duo.shares()[0]) <= 0.5 / 50
+
+
+def test_entries_are_chosen_once_per_prompt_and_a_step_gathers_only_the_kept_ones(monkeypatch):
+    """SnapKV's selection runs once per layer and prompt; a decoding step gathers budget + window + generated
+    entries per head, whatever the prompt's length (memory linear in the context, not in its square)."""
+    selections, gathered = [], []
+    select, attend = kv.SnapSelection.select, kv.attend
+    monkeypatch.setattr(kv.SnapSelection, "select", lambda self, call: selections.append(call.layer) or
+                        select(self, call))
+    monkeypatch.setattr(kv, "attend", lambda call, heads, rows, positions, visible: gathered.append(
+        (call.key.shape[2], positions.shape[-1])) or attend(call, heads, rows, positions, visible))
+    model = tiny_model("llama", num_layers=2)
+    recorder.install(model)
+    for length in (50, 120):
+        selections.clear(), gathered.clear()
+        prompt = [torch.randint(4, 256, (length,)).tolist()]
+        padded_logits(model, kv.SnapSelection(torch.full((2, 4), 5), 5, 8, 3), prompt, steps=4)
+        assert selections == [0, 1]
+        # steps 1-3 (step 0 is the prompt's last query, read in full): 5 kept + 8 window + the generated keys
+        assert [m for _, m in gathered] == [5 + 8 + g for g in (1, 2, 3) for _ in range(2)]
+        assert [kv_len for kv_len, _ in gathered] == [length + g for g in (1, 2, 3) for _ in range(2)]
