@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from .errors import HeadscopeError
+from .layout import attention_layout
 from .recorder import Recorder, prefilling, recording
 from .scorers import Scorer, StepView
 
@@ -62,8 +63,19 @@ def cache_argument(model) -> str:
 
 
 def fresh_cache(model) -> dict:
-    """The forward keyword arguments of a new, empty KV cache."""
+    """The forward keyword arguments of a new, empty KV cache: a DynamicCache laid out from the config (hybrid
+    layers included) or, for a family with a cache class of its own (MiniMax), none yet: the model makes its own
+    on the first pass and `carry_cache` keeps it."""
+    if not model._supports_default_dynamic_cache():
+        return {cache_argument(model): None, "use_cache": True}
     return {cache_argument(model): DynamicCache(config=model.config), "use_cache": True}
+
+
+def carry_cache(cache_kw: dict, output) -> None:
+    """Keep the cache a pass returned (the one the model made itself, when it was handed none)."""
+    name = next(iter(cache_kw))
+    if cache_kw[name] is None:
+        cache_kw[name] = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
 
 
 def positions_of(mask: torch.Tensor) -> torch.Tensor:
@@ -72,10 +84,10 @@ def positions_of(mask: torch.Tensor) -> torch.Tensor:
 
 
 def num_layers_and_heads(model) -> tuple[int, int]:
-    config = model.config.get_text_config()
-    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
-    return layers, heads
+    """(attention layers, query heads per layer): the scorers' dense (layers, heads) grid. Slot i is the real layer
+    attention_layout(model).layers[i]; in a model with attention in every layer, slot = layer."""
+    layout = attention_layout(model)
+    return len(layout.layers), layout.heads
 
 
 @torch.no_grad()
@@ -86,8 +98,7 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     input_ids: (batch, prompt_len); attention_mask: (batch, prompt_len) or None when nothing is padded.
     """
     prompt_len = input_ids.shape[1]
-    num_layers, _ = num_layers_and_heads(model)
-    recorder = Recorder(num_layers, max((s.top_k for s in scorers), default=1))  # after begin(): k may depend on the batch
+    recorder = Recorder(attention_layout(model).layers, max((s.top_k for s in scorers), default=1))  # after begin(): k may depend on the batch
     cache_kw = fresh_cache(model)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     positions = positions_of(mask)
@@ -101,8 +112,8 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     run_calibration_prompts(model, recorder, calibrations)
     if prompt_len > 1:
         with prefilling(model, recorder, targets) if targets else contextlib.nullcontext():
-            model(input_ids[:, :-1], attention_mask=mask[:, :-1] if padded else None,
-                  position_ids=positions[:, :-1], logits_to_keep=1, **cache_kw)
+            carry_cache(cache_kw, model(input_ids[:, :-1], attention_mask=mask[:, :-1] if padded else None,
+                                        position_ids=positions[:, :-1], logits_to_keep=1, **cache_kw))
     step_zero_hook = last_prompt_row_hook(targets, prompt_len)
     if step_zero_hook is not None:
         recorder.row_hooks.append(step_zero_hook)
@@ -144,6 +155,7 @@ def decode_steps(state: DecodeState, next_input: torch.Tensor, max_new_tokens: i
         with recording(model, recorder, seq_len=state.prompt_len + step):
             output = model(next_input, attention_mask=state.mask, position_ids=state.position,
                            output_attentions=state.eager_fallback, **state.cache_kw)
+        carry_cache(state.cache_kw, output)
         if state.eager_fallback:
             recorder.add_eager_attentions(output.attentions)
         tokens = output.logits[:, -1].argmax(-1)  # (batch,)

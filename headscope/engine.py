@@ -19,6 +19,7 @@ from tqdm import tqdm
 from . import check, loading, outputs, store
 from .decode import StopRule, eos_token_ids, greedy_decode, newline_token_ids, num_layers_and_heads
 from .errors import HeadscopeError, notify
+from .layout import attention_layout
 from .answers import extract_answer
 from .metrics import passes, score_response
 from .options import DetectOptions, build, validate
@@ -58,9 +59,10 @@ class Run:
 
     @cached_property
     def keys(self) -> list[str]:
-        """Every head's id, "LAYER-HEAD", layer by layer."""
-        num_layers, num_heads = num_layers_and_heads(self.loaded.model)
-        return [outputs.head_key(layer, head) for layer in range(num_layers) for head in range(num_heads)]
+        """Every head's id, "LAYER-HEAD" with the layer's real index, attention layer by attention layer: the order
+        of the scorers' dense (layers, heads) grid, slot i being the i-th attention layer."""
+        layout = attention_layout(self.loaded.model)
+        return [outputs.head_key(layer, head) for layer in layout.layers for head in range(layout.heads)]
 
 
 def task_options(task: str, options=None, **overrides):

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import recorder
 from .errors import HeadscopeError
+from .layout import attention_layout
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,7 +54,10 @@ def prepare(model, tokenizer, path: str, attn: str = "sdpa") -> LoadedModel:
     if attn not in ("sdpa", "flash_attention_2"):
         raise HeadscopeError(f"--attn must be sdpa or flash_attention_2, not {attn!r}")
     model.eval()
-    on_interface = recorder.install(model, attn)
+    recorder.install(model, attn)
+    # Probed now: a model with no attention layer (Mamba, RWKV, ...) is refused here, and a model whose attention
+    # modules do not call the function it was switched to is recorded from eager attentions.
+    on_interface = attention_layout(model).via_interface
     if not on_interface:
         print(f"headscope: {type(model).__name__} does not use transformers' attention interface; "
               "falling back to eager attention with output_attentions on decoding steps.", file=sys.stderr)

@@ -36,3 +36,17 @@ def data_dir(tmp_path_factory):
     return path
 
 
+
+
+def refuse_headscope_attention(model):
+    """Make `model` one whose attention cannot be switched to headscope's function (a model off the interface)."""
+    from headscope import recorder
+
+    switch = model.set_attn_implementation
+
+    def set_attn_implementation(name, **kwargs):
+        if name in (recorder.ATTN_SDPA, recorder.ATTN_FLASH):
+            raise ValueError(f"{type(model).__name__} cannot use {name}")
+        return switch(name, **kwargs)
+
+    model.set_attn_implementation = set_attn_implementation

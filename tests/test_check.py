@@ -15,6 +15,8 @@ from headscope.cli import main
 from headscope.loading import default_model_path
 from headscope.toy import FAMILIES, tiny_model
 
+from conftest import refuse_headscope_attention
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -76,7 +78,7 @@ def test_detect_refuses_a_failing_model_unless_no_check(toy_model_dir, tmp_path,
 
 def test_ablation_refused_off_the_interface(tokenizer, tmp_path):
     model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=4)
-    model._supports_attention_backend = False
+    refuse_headscope_attention(model)
     loaded = headscope.prepare(model, tokenizer, path="off-interface")
     report = run_check(loaded, prompt_tokens=64, steps=3)
     assert not report.passed and [f.name for f in report.failing()] == ["ablation"]
