@@ -126,18 +126,25 @@ def run_ablate(args: argparse.Namespace) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     from .check import run_check as check_model
+    from .engine import scorer_case, start_run
     from .loading import load
-
     from .options import ModelOptions
+    from .tasks import TASKS
 
     model = ModelOptions(**options_from(args, ModelOptions))
     loaded = load(model.model, model.dtype, model.device, model.attn, model.trust_remote_code)
-    report = check_model(loaded, args.prompt_tokens, args.steps)
+    cases = []
+    for task in ("retrieval", "reasoning"):  # each task's default scorer on its first two prompts
+        defaults = TASKS[task].organism_defaults if model.model is None else {}
+        options = TASKS[task].options(**(defaults | dataclasses.asdict(model)))
+        cases.append(scorer_case(start_run(task, options, loaded, check_it=False)))
+    report = check_model(loaded, args.prompt_tokens, args.steps, cases=cases)
     print(f"model {loaded.path}  dtype {str(loaded.model.dtype).removeprefix('torch.')}  device {loaded.device}  "
-          f"attention {loaded.attention}  prompt {args.prompt_tokens} tokens, {args.steps} steps")
+          f"attention {loaded.attention}  prompt {report.prompt_tokens} tokens, {args.steps} steps")
     print(report.table())
     if report.passed:
-        print("verdict: PASS: headscope's rows, tokens and masking are exact on this model with these settings")
+        print("verdict: PASS: headscope's rows, scorers, tokens and masking are exact on this model with these "
+              "settings")
         return 0
     failing = ", ".join(figure.name for figure in report.failing())
     print(f"verdict: FAIL ({failing}): do not trust headscope's scores on this model with these settings")

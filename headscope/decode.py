@@ -92,13 +92,15 @@ def num_layers_and_heads(model) -> tuple[int, int]:
 
 @torch.no_grad()
 def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, scorers: list[Scorer],
-                  max_new_tokens: int, stop: StopRule, eager_fallback: bool = False) -> list[list[int]]:
+                  max_new_tokens: int, stop: StopRule, eager_fallback: bool = False,
+                  make_recorder=Recorder) -> list[list[int]]:
     """Decode the (left-padded) prompts, feeding every step to the scorers. Returns each sample's tokens.
 
     input_ids: (batch, prompt_len); attention_mask: (batch, prompt_len) or None when nothing is padded.
+    make_recorder(layers, top_k): the recorder (check.py hands in one that feeds the scorers eager rows).
     """
     prompt_len = input_ids.shape[1]
-    recorder = Recorder(attention_layout(model).layers, max((s.top_k for s in scorers), default=1))  # after begin(): k may depend on the batch
+    recorder = make_recorder(attention_layout(model).layers, max((s.top_k for s in scorers), default=1))  # after begin(): k may depend on the batch
     cache_kw = fresh_cache(model)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     positions = positions_of(mask)

@@ -77,7 +77,7 @@ def task_options(task: str, options=None, **overrides):
 
 
 def start_run(task: str, options, loaded: loading.LoadedModel | None, command: str = "detect",
-              scorers: bool = True) -> Run:
+              scorers: bool = True, check_it: bool = True) -> Run:
     """Validate, load the model (unless given), run the exactness check, build the samples and the scorers."""
     make = make_scorers(TASKS[task], options) if scorers else []
     loaded = loaded or loading.load(options.model, options.dtype, options.device, options.attn,
@@ -85,8 +85,6 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
     if command == "ablate" and loaded.eager_fallback:  # masking lives in headscope's attention function
         raise HeadscopeError(f"{type(loaded.model).__name__} does not use transformers' attention interface, so "
                              "headscope cannot mask its heads")
-    if options.check:
-        check.require(loaded, command, need_ablation=command == "ablate")
     chat = use_chat(options, loaded.tokenizer)
     # The builder sees the model actually loaded (a Python-API `loaded` model too), e.g. to pick default data.
     # chat: False, True, or the chat template's keyword arguments (a non-empty dict is "on, with these").
@@ -97,7 +95,26 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
         raise HeadscopeError("the task produced no samples: check the data and the grid options")
     stop = StopRule(eos_token_ids(loaded.model, loaded.tokenizer),
                     newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
-    return Run(TASKS[task], options, loaded, chat, samples, make, stop)
+    run = Run(TASKS[task], options, loaded, chat, samples, make, stop)
+    if options.check and check_it:
+        check.require(loaded, command, need_ablation=command == "ablate", cases=[scorer_case(run)] if scorers else [])
+    return run
+
+
+def scorer_case(run: Run) -> check.ScorerCase:
+    """The run's scorers on its first two prompts (those whose span is found), for the check's scorers figure."""
+    first, index = [], 0
+    while len(first) < 2 and index < len(run.samples):
+        prompt = encode_with_span(run.loaded.tokenizer, run.samples[index], run.task.span_overlap_threshold)
+        if prompt.span is not None or not run.task.span_required:
+            first.append((index, run.samples[index], prompt))
+        index += 1
+    if not first:
+        raise HeadscopeError("no sample's span can be located: nothing to check the scorers on")
+    batch, attention_mask = prompt_batch(run, first)
+    names = ",".join(scorer.name for scorer in run.scorers)
+    return check.ScorerCase(f"{run.task.name} ({names})", lambda: make_scorers(run.task, run.options), batch,
+                            attention_mask)
 
 
 def make_scorers(task: Task, options) -> list:
@@ -253,6 +270,28 @@ def run_batch(run: Run, items: list, scorers: list):
     if not runnable:
         return
     loaded = run.loaded
+    batch, attention_mask = prompt_batch(run, runnable)
+    input_ids = batch.input_ids
+    for scorer in scorers:
+        scorer.begin(batch, *num_layers_and_heads(loaded.model))
+    generated = greedy_decode(loaded.model, input_ids, attention_mask, scorers, run.options.max_new_tokens, run.stop,
+                              loaded.eager_fallback)
+    per_scorer = {scorer.name: scorer.result().float().cpu() for scorer in scorers}  # each (batch, layers, heads)
+    seconds = (time.time() - started) / len(runnable)
+    for i, (index, sample, prompt) in enumerate(runnable):
+        response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
+        outcome = judge(run, sample, response) | dict(error=None, seconds=seconds)
+        if getattr(run.options, "think_end", None) is not None or segments_by_template(run):
+            markers = think_markers(loaded.tokenizer, run.options.think_start, run.options.think_end)
+            outcome |= segment_spans(loaded.tokenizer, list(prompt.input_ids), generated[i], markers)
+        row = sample_row(run, sample, prompt, outcome)
+        yield {"index": index} | row, {name: scores[i] for name, scores in per_scorer.items()}
+
+
+def prompt_batch(run: Run, runnable: list) -> tuple[PromptBatch, torch.Tensor | None]:
+    """The (index, sample, encoded prompt) items left-padded into one batch for the scorers, and the padding mask
+    (None for a batch of one)."""
+    loaded = run.loaded
     device = loaded.device
     width = max(len(prompt.input_ids) for _, _, prompt in runnable)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
@@ -269,20 +308,7 @@ def run_batch(run: Run, items: list, scorers: list):
     input_ids = input_ids.to(device)
     batch = PromptBatch(input_ids, width, span[0].to(device), span[1].to(device), pad.to(device),
                         [sample for _, sample, _ in runnable], loaded.tokenizer)
-    for scorer in scorers:
-        scorer.begin(batch, *num_layers_and_heads(loaded.model))
-    generated = greedy_decode(loaded.model, input_ids, attention_mask.to(device) if len(runnable) > 1 else None,
-                              scorers, run.options.max_new_tokens, run.stop, loaded.eager_fallback)
-    per_scorer = {scorer.name: scorer.result().float().cpu() for scorer in scorers}  # each (batch, layers, heads)
-    seconds = (time.time() - started) / len(runnable)
-    for i, (index, sample, prompt) in enumerate(runnable):
-        response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
-        outcome = judge(run, sample, response) | dict(error=None, seconds=seconds)
-        if getattr(run.options, "think_end", None) is not None or segments_by_template(run):
-            markers = think_markers(loaded.tokenizer, run.options.think_start, run.options.think_end)
-            outcome |= segment_spans(loaded.tokenizer, list(prompt.input_ids), generated[i], markers)
-        row = sample_row(run, sample, prompt, outcome)
-        yield {"index": index} | row, {name: scores[i] for name, scores in per_scorer.items()}
+    return batch, attention_mask.to(device) if len(runnable) > 1 else None
 
 
 def segments_by_template(run: Run) -> bool:

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 import headscope
-from headscope import check, recorder
+from headscope import check, recorder, reference
 from headscope.ablation import ablate
 from headscope.check import run_check
 from headscope.cli import main
@@ -32,7 +32,7 @@ def loaded_toy(family, tokenizer, dtype=torch.float32):
 def test_check_passes_on_every_family(family, tokenizer):
     report = run_check(loaded_toy(family, tokenizer), prompt_tokens=96, steps=4)
     assert report.passed, report.table()
-    assert [figure.name for figure in report.figures] == ["rows", "tokens", "ablation"]
+    assert [figure.name for figure in report.figures] == ["rows", "prefill", "tokens", "ablation"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])
@@ -90,6 +90,6 @@ def test_ablation_refused_off_the_interface(tokenizer, tmp_path):
 
 def test_check_fails_when_the_model_has_no_eager_reference(tokenizer, monkeypatch):
     loaded = loaded_toy("llama", tokenizer)
-    monkeypatch.setattr(check, "model_eager_attention", lambda module: None)
+    monkeypatch.setattr(reference, "model_eager_attention", lambda module: None)
     report = run_check(loaded, prompt_tokens=64, steps=2, need_ablation=False)
     assert [f.name for f in report.failing()] == ["rows"] and "no eager reference" in report.figures[0].value
