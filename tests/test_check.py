@@ -92,4 +92,5 @@ def test_check_fails_when_the_model_has_no_eager_reference(tokenizer, monkeypatc
     loaded = loaded_toy("llama", tokenizer)
     monkeypatch.setattr(reference, "model_eager_attention", lambda module: None)
     report = run_check(loaded, prompt_tokens=64, steps=2, need_ablation=False)
-    assert [f.name for f in report.failing()] == ["rows"] and "no eager reference" in report.figures[0].value
+    assert [f.name for f in report.failing()] == ["rows", "prefill"]
+    assert all("no eager reference" in f.value for f in report.failing())
