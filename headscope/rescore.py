@@ -5,6 +5,10 @@ to every head, so a success filter (metric, threshold) is one pass over the file
 when metric(reference, response) > threshold, and heads and summary are rebuilt with the scorer's own
 accumulation rule (the rows' keep_zeros) -- exactly what `detect --metric M --success-threshold T` writes.
 Files go to RUN_DIR/rescore/METRIC-THRESHOLD/; the run's own files are never touched.
+
+A task with no success filter (pattern, query: every sample counts, whatever the model answers) keeps every
+sample under every setting -- as `detect` does whatever its --metric and --success-threshold -- so its rescored
+files equal its own; the report says so for that run.
 """
 from __future__ import annotations
 
@@ -64,14 +68,19 @@ def rescore(run_dir, metrics: list[str], thresholds: list[float], task: str | No
 def rescore_run(run_dir: Path, prefix: str, manifest: dict, rows: list[dict], scores: dict,
                 thresholds: list[float]) -> dict:
     """One run's settings: files under rescore/METRIC-THRESHOLD/, and each setting against the run's own."""
+    from .tasks import TASKS
+
     keys, paths = manifest["heads"], outputs.prefix_paths(run_dir, prefix)
+    task = TASKS.get(manifest.get("task"))
+    filtered = task is None or task.success_filter  # no filter: every sample counts, as in detect
     base = outputs.read_heads(paths["base_heads"]) if paths["base_heads"].exists() else None  # read once
     own = outputs.summarize(store.derive_heads(rows, keys, base))
     options = manifest.get("options", {})
     settings = []
     for metric, values in scores.items():
         for threshold in thresholds:
-            judged = [row | {"passed": value is not None and value > threshold} for row, value in zip(rows, values)]
+            judged = [row | {"passed": value is not None and value > threshold} if filtered else row
+                      for row, value in zip(rows, values)]
             heads = store.derive_heads(judged, keys, base)
             summary = outputs.summarize(heads)
             folder = run_dir / "rescore" / f"{metric}-{threshold:g}"
@@ -91,6 +100,7 @@ def rescore_run(run_dir: Path, prefix: str, manifest: dict, rows: list[dict], sc
                              "path": str(folder)})
     tops = [set(setting["top10"]) for setting in settings if setting["top10"] is not None] or [set()]
     return {"own": {"metric": options.get("metric"), "threshold": options.get("success_threshold")},
+            "success_filter": filtered,
             "settings": settings, "top10_changing": sorted(set.union(*tops) - set.intersection(*tops),
                                                            key=outputs.parse_head_key)}
 
@@ -99,7 +109,11 @@ def format_report(report: dict) -> str:
     lines = []
     for prefix, run in report["runs"].items():
         own = run["own"]
-        lines.append(f"{prefix}: against the run's own filter ({own['metric']} > {own['threshold']})")
+        if not run.get("success_filter", True):
+            lines.append(f"{prefix}: its task has no success filter: every sample counts under every setting, "
+                         "the files equal the run's own")
+        else:
+            lines.append(f"{prefix}: against the run's own filter ({own['metric']} > {own['threshold']})")
         lines.append(f"{'metric':<10} {'thresh':>6} {'passing':>9} {'metric':>7} " +
                      " ".join(f"{'J@' + str(p['k']):>6}" for p in run["settings"][0]["top_k"]) + f" {'spearman':>9}")
         for s in run["settings"]:
