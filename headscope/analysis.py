@@ -84,26 +84,37 @@ def read_samples(path: str | Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------- the grid
 
-def grid_shape(keys) -> tuple[int, int]:
-    """(layers, heads) of a complete LAYER-HEAD grid; a missing or stray head id is an error."""
+def grid_layers(keys) -> tuple[list[int], int]:
+    """(the layers, ascending, heads per layer) of a complete LAYER-HEAD grid: every present layer with heads
+    0..H-1. The layers are the model's attention layers by their real indices (a hybrid's skip the others); a
+    missing or stray head id is an error."""
     pairs = {parse_head_key(key) for key in keys}
-    layers = 1 + max(layer for layer, _ in pairs)
-    heads = 1 + max(head for _, head in pairs)
     if min(min(pair) for pair in pairs) < 0:
         raise HeadscopeError("head ids must not be negative")
-    if len(pairs) != layers * heads:
-        missing = next(head_key(l, h) for l in range(layers) for h in range(heads) if (l, h) not in pairs)
-        raise HeadscopeError(f"the head ids do not form a full layers x heads grid: {layers} x {heads} would need "
-                             f"{missing}, which is missing (is a head id like 99-0 out of range?)")
+    layers = sorted({layer for layer, _ in pairs})
+    heads = 1 + max(head for _, head in pairs)
+    if len(pairs) != len(layers) * heads:
+        missing = next(head_key(l, h) for l in layers for h in range(heads) if (l, h) not in pairs)
+        raise HeadscopeError(f"the head ids do not form a full layers x heads grid: {len(layers)} x {heads} would "
+                             f"need {missing}, which is missing (is a head id like 99-0 out of range?)")
     return layers, heads
 
 
+def grid_shape(keys) -> tuple[int, int]:
+    """(layers, heads) of a complete LAYER-HEAD grid (see grid_layers)."""
+    layers, heads = grid_layers(keys)
+    return len(layers), heads
+
+
 def mean_matrix(summary: dict[str, dict]) -> np.ndarray:
-    """The (layers, heads) array of mean scores."""
-    layers, heads = grid_shape(summary)
-    means = np.zeros((layers, heads))
+    """The (layers, heads) array of mean scores, row i being the i-th layer of `grid_layers` (a hybrid model's
+    attention layers only)."""
+    layers, heads = grid_layers(summary)
+    row = {layer: index for index, layer in enumerate(layers)}
+    means = np.zeros((len(layers), heads))
     for key, stats in summary.items():
-        means[parse_head_key(key)] = stats["mean"]
+        layer, head = parse_head_key(key)
+        means[row[layer], head] = stats["mean"]
     return means
 
 
@@ -163,6 +174,15 @@ def read_manifest(path: str | Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return manifest if isinstance(manifest, dict) else None
+
+
+def layers_line(layers: list[int], total: int | None) -> str | None:
+    """"attention layers 1, 3 of 4" when the heads' layers are not every layer 0..n-1 (a hybrid model); None
+    otherwise. `total`: the model's layer count, from the run's manifest (None: unknown)."""
+    if layers == list(range(len(layers))) and (total is None or total == len(layers)):
+        return None
+    return f"attention layers {', '.join(map(str, layers))}" + (f" of {total}" if total else "") + \
+        " (the other layers have no attention heads)"
 
 
 def model_from_manifest(path: str | Path) -> str | None:
@@ -243,8 +263,12 @@ def compare(a: dict[str, dict], b: dict[str, dict], ks: list[int]) -> dict:
 
 def sample_contributions(rows: list[dict], keys: list[str]) -> np.ndarray:
     """(passing samples, heads) array of what each passing sample contributed to each head,
-    columns in the order of `keys` (LAYER-HEAD ids)."""
-    layers, heads = np.array([parse_head_key(key) for key in keys]).T
+    columns in the order of `keys` (LAYER-HEAD ids). A row's head_scores are (attention layers, heads), row i
+    being the i-th attention layer (grid_layers: a hybrid model's real layer indices skip the others)."""
+    pairs = [parse_head_key(key) for key in keys]
+    slot = {layer: index for index, layer in enumerate(sorted({layer for layer, _ in pairs}))}
+    layers = np.array([slot[layer] for layer, _ in pairs])
+    heads = np.array([head for _, head in pairs])
     matrix = []
     for row in rows:
         if not row.get("passed") or row.get("head_scores") is None:

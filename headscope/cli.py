@@ -142,6 +142,9 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"model {loaded.path}  dtype {str(loaded.model.dtype).removeprefix('torch.')}  device {loaded.device}  "
           f"attention {loaded.attention}  prompt {report.prompt_tokens} tokens, {args.steps} steps")
     print(report.table())
+    if loaded.eager_fallback:
+        print("note: attention off transformers' interface: rows are eager attention's own on decoding steps; no "
+              "prefill-row scorer and no ablation (ablate refuses this model)")
     if report.passed:
         print("verdict: PASS: headscope's rows, scorers, tokens and masking are exact on this model with these "
               "settings")

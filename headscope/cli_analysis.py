@@ -105,11 +105,16 @@ def run_show(args) -> None:
         num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model)
         scores = analysis.kv_head_scores(means, num_kv, args.kv_heads)
         group = means.shape[1] // num_kv
+        layers, _ = analysis.grid_layers(summary)  # row i: the i-th attention layer, by its real index
         order = sorted(np.ndindex(scores.shape), key=lambda lg: (-scores[lg], lg))
         print(f"{'layer':>5} {'kv_head':>7} {args.kv_heads:>8}  query heads")
-        for layer, kv in order[:args.top]:
-            print(f"{layer:>5} {kv:>7} {scores[layer, kv]:>8.4f}  {kv * group}-{(kv + 1) * group - 1}")
+        for row, kv in order[:args.top]:
+            print(f"{layers[row]:>5} {kv:>7} {scores[row, kv]:>8.4f}  {kv * group}-{(kv + 1) * group - 1}")
         return
+    hybrid = analysis.layers_line(analysis.grid_layers(summary)[0],
+                                  (analysis.read_manifest(args.file) or {}).get("layers"))
+    if hybrid:
+        print(hybrid)
     if not args.bootstrap:
         print(format_table(summary, args.top))
         return
@@ -177,7 +182,7 @@ def run_export(args) -> None:
     elif args.to == "headkv":
         out = Path(args.out or default.with_suffix(".json"))
         budgets = exports.headkv_budgets(means, args.budget, args.beta, args.temperature)
-        atomic_write_json(out, exports.headkv_json(budgets, args.layout))
+        atomic_write_json(out, exports.headkv_json(budgets, args.layout, analysis.grid_layers(summary)[0]))
     else:
         num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model)
         pattern = exports.duo_pattern(means, num_kv, args.threshold, args.sparsity, args.raw or None)

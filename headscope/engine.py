@@ -377,6 +377,8 @@ def manifest(run: Run, started: float, run_id: str, shard) -> dict:
         "run": run_id,
         "shard": f"{shard[0]}/{shard[1]}" if shard else None,
         "heads": run.keys,
+        "layers": attention_layout(loaded.model).total_layers,  # the heads' layers are the attention layers only
+        "attention_layers": list(attention_layout(loaded.model).layers),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "finished": None,
     }

@@ -114,9 +114,11 @@ def headkv_budgets(means: np.ndarray, budget: int, beta: float = 1.2, temperatur
     return (budget - pooled_per_head) + largest_remainder(share.ravel() * pool, pool).reshape(means.shape)
 
 
-def headkv_json(budgets: np.ndarray, layout: str = "keys"):
-    """{"L-H": budget} (layout "keys") or the layers x heads nested list (layout "matrix")."""
+def headkv_json(budgets: np.ndarray, layout: str = "keys", layers: list[int] | None = None):
+    """{"L-H": budget} (layout "keys") or the layers x heads nested list (layout "matrix"). Row i of `budgets` is
+    layer layers[i] (a hybrid model's attention layers; default: row i is layer i)."""
     if layout == "matrix":
         return budgets.tolist()
-    return {head_key(layer, head): int(budgets[layer, head])
-            for layer in range(budgets.shape[0]) for head in range(budgets.shape[1])}
+    layers = list(range(budgets.shape[0])) if layers is None else layers
+    return {head_key(layer, head): int(budgets[row, head])
+            for row, layer in enumerate(layers) for head in range(budgets.shape[1])}

@@ -89,6 +89,13 @@ def attention_layout(model) -> AttentionLayout:
     return state.layout
 
 
+def has_heads(model) -> bool:
+    """The config names attention heads (a model with no attention layer, Mamba or RWKV, names none)."""
+    config = model.config.get_text_config(decoder=True)
+    return any(isinstance(getattr(config, name, None), int) and getattr(config, name) > 0
+               for name in ("num_attention_heads", "n_head", "n_heads"))
+
+
 def total_layers(model) -> int:
     config = model.config.get_text_config(decoder=True)
     return next(getattr(config, name) for name in ("num_hidden_layers", "n_layer", "num_layers")
@@ -127,6 +134,9 @@ def probe_layout(model) -> AttentionLayout:
         heads, windows = [probe.heads[layer] for layer in layers], tuple(probe.windows[layer] for layer in layers)
         via_interface = True
     else:  # nothing called headscope's function: eager attentions, decoding steps only (recorder.py)
+        if eager is None or (not eager and has_heads(model)):
+            raise HeadscopeError(f"{name} neither uses transformers' attention interface nor returns its attention "
+                                 "weights (output_attentions): headscope cannot record its heads")
         if eager and len(eager) != total_layers(model):
             raise HeadscopeError(f"{name} does not use transformers' attention interface and has attention in only "
                                  f"{len(eager)} of its {total_layers(model)} layers: headscope cannot tell which")
@@ -167,7 +177,10 @@ def eager_attentions(model) -> list[int] | None:
     finally:
         if model.config._attn_implementation != previous:
             model.set_attn_implementation(previous)
-    maps = [weights for weights in getattr(output, "attentions", None) or () if isinstance(weights, torch.Tensor)
+    returned = [weights for weights in getattr(output, "attentions", None) or () if weights is not None]
+    if not returned and model.config._attn_implementation != "eager":  # it could not switch to eager: unknown
+        return None
+    maps = [weights for weights in returned if isinstance(weights, torch.Tensor)
             and weights.dim() == 4 and weights.shape[-2:] == (length, length)]
     return [weights.shape[1] for weights in maps
             if bool((weights >= 0).all()) and bool((weights.float().sum(-1) <= 1 + 1e-3).all())]

@@ -80,12 +80,14 @@ def load(path: str | None = None, dtype: str = "auto", device: str = "auto", att
         raise HeadscopeError(f"{path!r} is a {type(config).__name__.removesuffix('Config')} model, "
                              "not a causal language model (AutoModelForCausalLM cannot load it)")
     options = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    # Off the interface, a model cannot switch to eager for the fallback's rows later: eager from the start.
+    load_attn = attn if switchable(config) else "eager"
     if device == "auto" and torch.cuda.is_available():
         options["device_map"] = "auto"  # spread over every visible GPU
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, **options)
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=load_attn, **options)
         except ValueError:  # the architecture refuses this backend (Gemma 2 and SDPA): load it plainly
             model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **options)
     except (OSError, ValueError, ImportError) as error:
@@ -97,6 +99,17 @@ def load(path: str | None = None, dtype: str = "auto", device: str = "auto", att
         except (RuntimeError, AssertionError) as error:
             raise HeadscopeError(f"cannot move the model to {target!r}: {_first_line(error)}") from None
     return prepare(model, tokenizer, path, attn)
+
+
+def switchable(config) -> bool:
+    """Whether the model class can switch its attention function after loading (its attention modules call
+    transformers' interface); unknown classes (remote code) are assumed to."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._can_set_attn_implementation()
+    except (KeyError, AttributeError):
+        return True
 
 
 def _is_causal_lm(config) -> bool:

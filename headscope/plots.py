@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .analysis import companion, grid_shape, load_summary, mean_matrix, read_samples, top_keys  # noqa: E402
+from .analysis import companion, grid_layers, grid_shape, load_summary, mean_matrix, read_samples, top_keys  # noqa: E402,E501
 from .errors import HeadscopeError, notify  # noqa: E402
 from .outputs import atomic_path, parse_head_key  # noqa: E402
 
@@ -43,6 +43,7 @@ def heatmap(summary: dict[str, dict], path, title: str = "", top: int = 10) -> P
     Signed scores (the query score) get a diverging map centred on 0; a map with no non-zero head is
     refused (it would look like a result)."""
     means = mean_matrix(summary)
+    layers, _ = grid_layers(summary)  # a hybrid model's attention layers only, by their real indices
     if not np.any(means):
         raise HeadscopeError("every head's mean is 0 (or has no value): there is no heatmap to draw")
     figure, axes = plt.subplots(figsize=HEATMAP_SIZE)
@@ -56,11 +57,17 @@ def heatmap(summary: dict[str, dict], path, title: str = "", top: int = 10) -> P
         if summary[key]["mean"] <= cut:
             break
         layer, head = parse_head_key(key)
-        axes.text(head, layer, str(rank), ha="center", va="center", fontsize=8, color="black", fontweight="bold",
+        axes.text(head, layers.index(layer), str(rank), ha="center", va="center", fontsize=8, color="black",
+                  fontweight="bold",
                   bbox=dict(boxstyle="circle,pad=0.2", facecolor="white", edgecolor="black", linewidth=0.5))
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # heads and layers are whole numbers
-    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set(xlabel="head", ylabel="layer", title=title or "mean head score")
+    contiguous = layers == list(range(len(layers)))
+    if contiguous:
+        axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    else:  # a hybrid: one row per attention layer, labelled with its real index
+        axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    axes.set(xlabel="head", ylabel="layer" if contiguous else "attention layer (the others have no heads)",
+             title=title or "mean head score")
     figure.tight_layout()
     return save(figure, path)
 

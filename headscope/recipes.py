@@ -107,7 +107,8 @@ def tiny_fields(config) -> dict:
 
 
 def tiny_config(model_type: str, vocab_size: int, **overrides):
-    """The type's config with the generic recipe, the type's OVERRIDES and `overrides` applied."""
+    """The type's config with the generic recipe, the type's OVERRIDES and `overrides` applied; the config's other
+    parts (a vision tower, a byte patcher) get the recipe's sizes too, so that building stays quick."""
     config_class = CONFIG_MAPPING[model_type]
     default = config_class()
     text = default.get_text_config(decoder=True)
@@ -118,10 +119,12 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
     for layer in (tiny_fields(source), {k: v for k, v in special.items() if k in source.to_dict()},
                   OVERRIDES.get(model_type, {}), overrides):
         fields |= {aliases.get(name, name): value for name, value in layer.items()}
+    parts = {key: tiny_fields(part) for key, part in vars(default).items()
+             if hasattr(part, "to_dict") and type(part) is not type(text)}
     if source is default:
-        return config_class(**fields)
+        return config_class(**parts, **fields)
     text_key = next(key for key, value in vars(default).items() if type(value) is type(text))  # e.g. text_config
-    return config_class(**{text_key: fields})
+    return config_class(**parts, **{text_key: fields})
 
 
 def tiny_model(model_type: str, vocab_size: int, seed: int = 0, attn: str = "eager", **overrides):

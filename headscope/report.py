@@ -82,7 +82,7 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
     """Everything the template needs, as plain data."""
     run = read_run(run_dir, prefix, manifest)
     keys, summary = run["keys"], run["summary"]
-    layers, heads_per_layer = analysis.grid_shape(keys)
+    layers, heads_per_layer = analysis.grid_layers(keys)
     k = min(10, len(keys)) if k is None else k
     if bootstrap and not 1 <= k <= len(keys):
         raise HeadscopeError(f"--k must be between 1 and the number of heads ({len(keys)}), not {k}")
@@ -119,7 +119,7 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
     return context
 
 
-def run_card(manifest: dict, rows: list[dict], layers: int, heads_per_layer: int) -> dict:
+def run_card(manifest: dict, rows: list[dict], layers: list[int], heads_per_layer: int) -> dict:
     options = manifest.get("options", {})
     task = TASKS.get(manifest.get("task"))
     if task is not None and not task.success_filter:
@@ -136,7 +136,8 @@ def run_card(manifest: dict, rows: list[dict], layers: int, heads_per_layer: int
         "attention": manifest.get("attention"),
         "task": manifest.get("task"),
         "scorer": manifest.get("scorer") or manifest.get("task"),
-        "grid": f"{layers} layers × {heads_per_layer} heads ({layers * heads_per_layer} heads)",
+        "grid": (analysis.layers_line(layers, manifest.get("layers")) or f"{len(layers)} layers") +
+                f" × {heads_per_layer} heads ({len(layers) * heads_per_layer} heads)",
         "success": success,
         "run": len(rows),
         "passed": sum(1 for row in rows if row.get("passed")),

@@ -138,8 +138,10 @@ def refusal_or_problem(code: int, out: str, err: str, out_dir: Path | None) -> t
 def reference_heads(model, tokenizer, rows: list[dict], task: str, keys: list[str]) -> tuple[dict, list[str]]:
     """Each head's list recomputed the original scripts' way: eager rows of the whole sequence at every step (no
     cache), one head at a time; and the responses."""
+    from .decode import eos_token_ids
     from .reference import recording_eager_rows
 
+    eos = eos_token_ids(model, tokenizer)
     expected = {key: [] for key in keys}
     responses = []
     for row in rows:
@@ -163,6 +165,8 @@ def reference_heads(model, tokenizer, rows: list[dict], task: str, keys: list[st
                         score[key] += value * ((position >= prompt_len) + 0.5 * bool(span and span[0] <= position <
                                                                                         span[1]))
             ids.append(token)
+            if token in eos:  # the step that writes EOS is scored, and is the last
+                break
         for key, value in score.items():
             if task == "retrieval" or value > 0:
                 expected[key].append(value)
