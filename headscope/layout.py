@@ -121,6 +121,7 @@ def probe_layout(model) -> AttentionLayout:
         if switched:
             model.set_attn_implementation(previous)
     eager = eager_attentions(model)
+    require_incremental_decoding(model, name)
     if probe is not None and probe.first_call:
         layers = sorted(probe.first_call)
         if probe.repeated:
@@ -134,7 +135,9 @@ def probe_layout(model) -> AttentionLayout:
         heads, windows = [probe.heads[layer] for layer in layers], tuple(probe.windows[layer] for layer in layers)
         via_interface = True
     else:  # nothing called headscope's function: eager attentions, decoding steps only (recorder.py)
-        if eager is None or (not eager and has_heads(model)):
+        if not eager and not has_heads(model):
+            raise HeadscopeError(f"{name} has no attention layers: nothing to score")
+        if eager is None or not eager:
             raise HeadscopeError(f"{name} neither uses transformers' attention interface nor returns its attention "
                                  "weights (output_attentions): headscope cannot record its heads")
         if eager and len(eager) != total_layers(model):
@@ -148,6 +151,32 @@ def probe_layout(model) -> AttentionLayout:
                              f"{next(h for h in heads if h != heads[0])} in another: headscope needs the same number "
                              "of heads in every attention layer")
     return AttentionLayout(tuple(layers), heads[0], max(total_layers(model), layers[-1] + 1), windows, via_interface)
+
+
+def require_incremental_decoding(model, name: str) -> None:
+    """headscope decodes one token at a time with a KV cache: refuse, in one line, a model whose own code (on eager
+    attention) fails that way -- a prefill of the probe tokens but the last, then one step (CpmAnt builds its
+    masks from the whole input on every pass)."""
+    from .decode import fresh_cache  # decode imports this module
+
+    ids = probe_input(model)
+    previous = model.config._attn_implementation
+    try:
+        model.set_attn_implementation("eager")
+        cache = fresh_cache(model)
+        with torch.no_grad():
+            output = model(ids[:, :-1], position_ids=torch.arange(ids.shape[1] - 1, device=ids.device)[None], **cache)
+            name_of_cache = next(iter(cache))
+            if cache[name_of_cache] is None:
+                cache[name_of_cache] = getattr(output, "cache", None)
+            model(ids[:, -1:], position_ids=torch.tensor([[ids.shape[1] - 1]], device=ids.device), **cache)
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
+        text = str(error).strip().splitlines()
+        raise HeadscopeError(f"{name} fails when decoded one token at a time with its KV cache, as headscope decodes "
+                             f"({type(error).__name__}: {text[0][:120] if text else ''})") from None
+    finally:
+        if model.config._attn_implementation != previous:
+            model.set_attn_implementation(previous)
 
 
 def probe_interface(model) -> Probe:
