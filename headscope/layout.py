@@ -66,6 +66,7 @@ class Probe:
     heads: dict = field(default_factory=dict)  # layer -> query heads
     names: dict = field(default_factory=dict)  # layer -> the attention module's class name
     repeated: set = field(default_factory=set)  # layers that called again on other queries
+    extra_keys: dict = field(default_factory=dict)  # layer -> (tokens, keys) where keys are not the pass's tokens
 
     def saw(self, layer, module, query, key, sliding_window) -> None:
         if layer is None:
@@ -77,6 +78,8 @@ class Probe:
                 self.repeated.add(layer)
             return
         self.first_call[layer] = (query, key)
+        if key.shape[2] != query.shape[2]:  # a pass with no cache: one key per token, or keys are something else
+            self.extra_keys[layer] = (query.shape[2], key.shape[2])
         self.windows[layer], self.heads[layer] = sliding_window, query.shape[1]
         self.names[layer] = type(module).__name__
 
@@ -129,6 +132,11 @@ def probe_layout(model) -> AttentionLayout:
             raise HeadscopeError(f"{name} runs the attention of layer {layer} ({probe.names[layer]}) more than once "
                                  "per token on different queries (a looped or shared block): its heads have no "
                                  "single row, so headscope refuses this model")
+        if probe.extra_keys:
+            layer, (tokens, keys) = min(probe.extra_keys.items())
+            raise HeadscopeError(f"{name} attends over {keys} keys for {tokens} tokens in layer {layer} "
+                                 f"({probe.names[layer]}: keys that are not one per token, e.g. compressed entries): "
+                                 "headscope's key positions would be wrong, so it refuses this model")
         if eager is not None and len(eager) > len(layers):
             raise HeadscopeError(f"{name} has {len(eager)} attention layers but only {len(layers)} use transformers' "
                                  "attention interface: headscope would miss the others, so it refuses this model")
