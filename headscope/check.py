@@ -160,18 +160,16 @@ def row_figures(loaded, recorder: EagerRowsRecorder, steps: int, length: int) ->
     if loaded.eager_fallback:
         return [Figure("rows", "eager output_attentions (fallback)", "the model's own rows", True)]
     layout, found = attention_layout(loaded.model), recorder.differences
-    window = layout.smallest_window
-    where = f"{length}-token prompt" + (f" > window {window}" if window else "") + ", padded batch of 2"
     decode, prefill = found.worst(found.decode), found.worst(found.prefill)
     expected = len(layout.layers) * steps
     complete = len(found.decode) == expected and not math.isnan(decode)
-    value = f"max abs diff {decode:.1e} ({len(found.decode)} rows)" if complete else \
-        f"{len(found.decode)} of {expected} rows" + (" (no eager reference)" if math.isnan(decode) else "")
-    rows = Figure("rows", value, f"<= {ROW_LIMIT:.0e}, every step and {layout.describe()}; {where}",
+    value = f"max abs diff {decode:.1e} ({2 * len(found.decode)} rows)" if complete else \
+        f"{len(found.decode)} of {expected} layer-steps" + (" (no eager reference)" if math.isnan(decode) else "")
+    rows = Figure("rows", value, f"<= {ROW_LIMIT:.0e}, every step, {layout.describe()}",
                   complete and decode <= ROW_LIMIT)
     compared = not math.isnan(prefill) and found.prefill_rows > 0
     value = f"max abs diff {prefill:.1e} ({found.prefill_rows} rows)" if compared else "no eager reference"
-    return [rows, Figure("prefill", value, f"<= {ROW_LIMIT:.0e}, first rows after the padding and the last "
+    return [rows, Figure("prefill", value, f"<= {ROW_LIMIT:.0e}, {FIRST_ROWS} after the padding, the last "
                                            f"{PREFILL_TAIL}", compared and prefill <= ROW_LIMIT)]
 
 
@@ -198,8 +196,8 @@ def scorer_figure(loaded, case: ScorerCase, steps: int) -> Figure:
     gaps = {name: float((ours[name] - eager[name]).abs().max()) for name in ours}
     scale = max(1.0, max(float(values.abs().max()) for values in eager.values()))
     name, worst = max(gaps.items(), key=lambda item: item[1])
-    return Figure("scorers", f"{case.label}: {', '.join(ours)} max diff {worst:.1e}",
-                  f"<= {SCORE_LIMIT:.0e} x {scale:.3g}, on headscope's rows and eager rows", worst <= SCORE_LIMIT * scale)
+    return Figure("scorers", f"{case.label}: max diff {worst:.1e}",
+                  f"<= {SCORE_LIMIT:.0e} x {scale:.3g}, fed headscope's and eager rows", worst <= SCORE_LIMIT * scale)
 
 
 def token_figure(model, input_ids, mask, tokens: list[list[int]], routers: list) -> Figure:
@@ -216,7 +214,7 @@ def token_figure(model, input_ids, mask, tokens: list[list[int]], routers: list)
     expected = out.sequences[:, input_ids.shape[1]:].tolist()
     total = sum(len(t) for t in tokens)
     same = sum(a == b for ours, theirs in zip(tokens, expected) for a, b in zip(ours, theirs))
-    limit = "all equal, or the first divergence a near tie"
+    limit = "all equal, or the first split a near tie"
     if expected == tokens:
         return Figure("tokens", f"{same}/{total} equal (2 samples)", limit, True)
     step, sample = min((next(s for s, (a, b) in enumerate(zip(theirs, ours)) if a != b), i)
@@ -232,7 +230,7 @@ def token_figure(model, input_ids, mask, tokens: list[list[int]], routers: list)
                           model.dtype)
     tie = routing is not None and routing.startswith("a routing near tie")
     return Figure("tokens", f"differ from step {step}: " + (routing or f"logit gap {gap:.1e}"),
-                  f"{limit} (logit gap <= {tol:.1e})", tie)
+                  f"{limit} (<= {tol:.1e})", tie)
 
 
 def ablation_figure(loaded, input_ids) -> Figure:

@@ -127,6 +127,7 @@ def run_ablate(args: argparse.Namespace) -> None:
 def run_check(args: argparse.Namespace) -> int:
     from .check import run_check as check_model
     from .engine import scorer_case, start_run
+    from .layout import attention_layout
     from .loading import load
     from .options import ModelOptions
     from .tasks import TASKS
@@ -139,8 +140,11 @@ def run_check(args: argparse.Namespace) -> int:
         options = TASKS[task].options(**(defaults | dataclasses.asdict(model)))
         cases.append(scorer_case(start_run(task, options, loaded, check_it=False)))
     report = check_model(loaded, args.prompt_tokens, args.steps, cases=cases)
+    window = attention_layout(loaded.model).smallest_window
     print(f"model {loaded.path}  dtype {str(loaded.model.dtype).removeprefix('torch.')}  device {loaded.device}  "
-          f"attention {loaded.attention}  prompt {report.prompt_tokens} tokens, {args.steps} steps")
+          f"attention {loaded.attention}")
+    print(f"prompt {report.prompt_tokens} tokens" + (f" (> the smallest window, {window})" if window else "") +
+          f", a left-padded batch of 2, {args.steps} steps")
     print(report.table())
     if loaded.eager_fallback:
         print("note: attention off transformers' interface: rows are eager attention's own on decoding steps; no "

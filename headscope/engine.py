@@ -112,9 +112,9 @@ def scorer_case(run: Run) -> check.ScorerCase:
     if not first:
         raise HeadscopeError("no sample's span can be located: nothing to check the scorers on")
     batch, attention_mask = prompt_batch(run, first)
-    names = ",".join(scorer.name for scorer in run.scorers)
-    return check.ScorerCase(f"{run.task.name} ({names})", lambda: make_scorers(run.task, run.options), batch,
-                            attention_mask)
+    names = [scorer.name for scorer in run.scorers]
+    label = run.task.name if names == [run.task.name] else f"{run.task.name} {','.join(names)}"
+    return check.ScorerCase(label, lambda: make_scorers(run.task, run.options), batch, attention_mask)
 
 
 def make_scorers(task: Task, options) -> list:
