@@ -32,7 +32,6 @@ from . import masking
 from .decode import StopRule, greedy_decode, num_layers_and_heads
 from .errors import HeadscopeError
 from .layout import attention_layout
-from .recorder import Recorder
 from .rowcheck import EagerRowsRecorder, Spying
 from .runstate import calling_layer, module_state, state_of
 from .scorers import PromptBatch, Scorer
@@ -139,20 +138,14 @@ def decode_against_eager(loaded, input_ids, mask, steps):
     length = input_ids.shape[1]
     wanted = [RowsWanted(int(pad.max()), int(pad.max()) + FIRST_ROWS), RowsWanted(length - 1 - PREFILL_TAIL,
                                                                                   length - 1)]
-    spy = Spying(model, enabled=not loaded.eager_fallback)
-
-    def make_recorder(layers, top_k):
-        spy.recorder = EagerRowsRecorder(layers, top_k, pad)
-        return spy.recorder
-
+    spy = Spying(model, enabled=not loaded.eager_fallback, pad=pad, eager_rows=True)
     layers, heads = num_layers_and_heads(model)
     batch = PromptBatch(input_ids, length, pad, pad, pad)
     for scorer in wanted:
         scorer.begin(batch, layers, heads)
     with spy, logging_routers(model, len(input_ids)) as routers:
         tokens = greedy_decode(model, input_ids, mask, [] if loaded.eager_fallback else wanted, steps,
-                               StopRule(set(), set()), loaded.eager_fallback,
-                               make_recorder=make_recorder if spy.enabled else Recorder)
+                               StopRule(set(), set()), loaded.eager_fallback)
     return tokens, spy.recorder, routers
 
 
@@ -182,15 +175,9 @@ def scorer_figure(loaded, case: ScorerCase, steps: int) -> Figure:
         scorers = case.make_scorers()
         for scorer in scorers:
             scorer.begin(case.batch, layers, heads)
-        spy = Spying(model, enabled=eager and not loaded.eager_fallback)
-
-        def make_recorder(found_layers, top_k):
-            spy.recorder = EagerRowsRecorder(found_layers, top_k, case.batch.pad)
-            return spy.recorder
-
-        with spy:
+        with Spying(model, enabled=eager and not loaded.eager_fallback, pad=case.batch.pad, eager_rows=True):
             greedy_decode(model, case.batch.input_ids, case.attention_mask, scorers, steps, StopRule(set(), set()),
-                          loaded.eager_fallback, make_recorder=make_recorder if spy.enabled else Recorder)
+                          loaded.eager_fallback)
         results.append({scorer.name: scorer.result().float().cpu() for scorer in scorers})
     ours, eager = results
     gaps = {name: float((ours[name] - eager[name]).abs().max()) for name in ours}

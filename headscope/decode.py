@@ -22,15 +22,15 @@ Full decoding rows. A scorer with `full_rows = True` gets every step's whole row
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
+from .caches import carry_cache, fresh_cache
 from .errors import HeadscopeError
 from .layout import attention_layout
 from .recorder import Recorder, prefilling, recording
+from .runstate import state_of
 from .scorers import Scorer, StepView
 
 
@@ -57,27 +57,6 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def cache_argument(model) -> str:
-    # transformers 5 renames `past_key_values` to `cache`; accept whichever this version has.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def fresh_cache(model) -> dict:
-    """The forward keyword arguments of a new, empty KV cache: a DynamicCache laid out from the config (hybrid
-    layers included) or, for a family with a cache class of its own (MiniMax), none yet: the model makes its own
-    on the first pass and `carry_cache` keeps it."""
-    if not model._supports_default_dynamic_cache():
-        return {cache_argument(model): None, "use_cache": True}
-    return {cache_argument(model): DynamicCache(config=model.config), "use_cache": True}
-
-
-def carry_cache(cache_kw: dict, output) -> None:
-    """Keep the cache a pass returned (the one the model made itself, when it was handed none)."""
-    name = next(iter(cache_kw))
-    if cache_kw[name] is None:
-        cache_kw[name] = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-
-
 def positions_of(mask: torch.Tensor) -> torch.Tensor:
     """Left padding: positions count real tokens only, as generate() does."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
@@ -92,14 +71,15 @@ def num_layers_and_heads(model) -> tuple[int, int]:
 
 @torch.no_grad()
 def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, scorers: list[Scorer],
-                  max_new_tokens: int, stop: StopRule, eager_fallback: bool = False,
-                  make_recorder=Recorder) -> list[list[int]]:
+                  max_new_tokens: int, stop: StopRule, eager_fallback: bool = False) -> list[list[int]]:
     """Decode the (left-padded) prompts, feeding every step to the scorers. Returns each sample's tokens.
 
     input_ids: (batch, prompt_len); attention_mask: (batch, prompt_len) or None when nothing is padded.
-    make_recorder(layers, top_k): the recorder (check.py hands in one that feeds the scorers eager rows).
+    The recorder is the run state's `make_recorder(layers, top_k)` when set (check.py: one that feeds the scorers
+    the eager rows), else a Recorder of the model's attention layers.
     """
     prompt_len = input_ids.shape[1]
+    make_recorder = state_of(model).make_recorder or Recorder
     recorder = make_recorder(attention_layout(model).layers, max((s.top_k for s in scorers), default=1))  # after begin(): k may depend on the batch
     cache_kw = fresh_cache(model)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .caches import carry_cache, fresh_cache
 from .errors import HeadscopeError
+from .recorder import install, on_interface
 from .runstate import state_of
 
 PROBE_TOKENS = 8
@@ -114,8 +116,6 @@ def probe_input(model) -> torch.Tensor:
 def probe_layout(model) -> AttentionLayout:
     """Probe the model on headscope's attention (switching to it for the probe if it is elsewhere) and count its
     eager attentions; refuse what headscope cannot score."""
-    from .recorder import install, on_interface  # the recorder imports this module
-
     name, previous = type(model).__name__, model.config._attn_implementation
     switched = not on_interface(model) and install(model)  # e.g. a reference model on eager: probe it on ours
     try:
@@ -165,18 +165,14 @@ def require_incremental_decoding(model, name: str) -> None:
     """headscope decodes one token at a time with a KV cache: refuse, in one line, a model whose own code (on eager
     attention) fails that way -- a prefill of the probe tokens but the last, then one step (CpmAnt builds its
     masks from the whole input on every pass)."""
-    from .decode import fresh_cache  # decode imports this module
-
     ids = probe_input(model)
     previous = model.config._attn_implementation
     try:
         model.set_attn_implementation("eager")
         cache = fresh_cache(model)
         with torch.no_grad():
-            output = model(ids[:, :-1], position_ids=torch.arange(ids.shape[1] - 1, device=ids.device)[None], **cache)
-            name_of_cache = next(iter(cache))
-            if cache[name_of_cache] is None:
-                cache[name_of_cache] = getattr(output, "cache", None)
+            carry_cache(cache, model(ids[:, :-1], position_ids=torch.arange(ids.shape[1] - 1, device=ids.device)[None],
+                                     **cache))
             model(ids[:, -1:], position_ids=torch.tensor([[ids.shape[1] - 1]], device=ids.device), **cache)
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
         text = str(error).strip().splitlines()

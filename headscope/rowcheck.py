@@ -19,6 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .recorder import Recorder, row_blocks
 from .reference import effective_rows
+from .runstate import state_of
 
 SPY = "headscope-check"
 
@@ -117,15 +118,24 @@ def causal_mask(rows: torch.Tensor, kv_len: int, window: int | None, device) -> 
 
 
 class Spying:
-    """Route the model's attention through a spy that notes the call for an EagerRowsRecorder (`recorder`),
-    calls headscope's function, then `watch(module, output)` if given."""
+    """Route the model's attention through a spy that calls headscope's function, then `watch(module, output)` if
+    given. With `pad` (the batch's left padding), the decodes run inside the block record with an
+    EagerRowsRecorder (`self.recorder`) that the spy tells about each call."""
 
-    def __init__(self, model, recorder: EagerRowsRecorder | None = None, watch=None, enabled: bool = True):
-        self.model, self.recorder, self.watch, self.enabled = model, recorder, watch, enabled
+    def __init__(self, model, watch=None, enabled: bool = True, pad: torch.Tensor | None = None,
+                 eager_rows: bool = False):
+        self.model, self.watch, self.enabled, self.pad, self.eager_rows = model, watch, enabled, pad, eager_rows
+        self.recorder: EagerRowsRecorder | None = None
+
+    def make_recorder(self, layers, top_k: int) -> EagerRowsRecorder:
+        self.recorder = EagerRowsRecorder(layers, top_k, self.pad)
+        return self.recorder
 
     def __enter__(self):
         if not self.enabled:
             return self
+        if self.eager_rows:
+            state_of(self.model).make_recorder = self.make_recorder
         self.previous = self.model.config._attn_implementation
         inner = ALL_ATTENTION_FUNCTIONS[self.previous]
 
@@ -145,4 +155,5 @@ class Spying:
     def __exit__(self, *exc):
         if self.enabled:
             self.model.set_attn_implementation(self.previous)
+            state_of(self.model).make_recorder = None
         return False

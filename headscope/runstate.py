@@ -31,6 +31,7 @@ class RunState:
     probe: "Probe | None" = None  # notes every attention call of the pass in flight (layout.py)
     layer: int | None = None  # the decoder layer running now (None: outside the stack, or no stack found)
     layout: object = None  # the model's AttentionLayout, once probed (layout.py)
+    make_recorder: object = None  # (layers, top_k) -> the next decode's recorder (check.py); None: a Recorder
 
 
 def state_of(model) -> RunState:
