@@ -136,8 +136,9 @@ def test_query_scores_equal_eager_loops(toy_dir, tmp_path):
                for g in range(4)]  # questions of different lengths: the batches of two are left-padded
     data = tmp_path / "query.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in records))
+    # the linear convention (the question's rows, no outlier mask); QRHead's own is tested in test_fidelity.py
     result = headscope.detect("query", model=str(toy_dir), out=str(tmp_path / "out"), quiet=True, save_prompts=True,
-                              data=str(data), batch_size=2)
+                              data=str(data), batch_size=2, query_span="question", query_outlier_mask=False)
     model, tokenizer = eager_model(toy_dir), headscope.load(str(toy_dir)).tokenizer
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     expected = {f"{l}-{h}": [] for l in range(layers) for h in range(heads)}
