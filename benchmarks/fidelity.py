@@ -22,9 +22,9 @@ import references  # noqa: E402
 from headscope import loading  # noqa: E402
 from headscope.analysis import spearman  # noqa: E402
 from headscope.toy import tiny_model, word_tokenizer  # noqa: E402
+from conftest import WORDS, query_records  # noqa: E402
 from scripted import chain_data, chain_script, scripted_model  # noqa: E402
 
-WORDS = "red blue green gold fish bird tree stone river code key is the of what".split()
 
 
 def agreement(rows, expected) -> tuple[float, float]:
@@ -69,10 +69,7 @@ def word_model(path: Path):
 
 
 def query_rows(out: Path, model_dir: str):
-    documents = [" ".join(WORDS[i:i + 4]) + " ." for i in range(0, 12, 3)] + ["gold ."]
-    records = [{"id": f"q{g}", "documents": documents, "gold": [g, 4] if g < 3 else g,
-                "question": f"what is the {WORDS[g]} of the {' '.join(WORDS[g + 5:g + 6 + g])} ?", "answer": WORDS[g]}
-               for g in range(4)]
+    records = query_records(["gold ."])
     (out / "query.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     loaded = headscope.load(model_dir)
 

@@ -8,7 +8,7 @@ import pytest
 
 import headscope
 import references
-from conftest import WORDS
+from conftest import query_records
 from headscope import loading
 from headscope.analysis import spearman
 from scripted import chain_data, chain_script, scripted_model
@@ -66,10 +66,7 @@ def test_reasoning_focus_equals_zhangs_a2r(chains):
 
 
 def test_query_equals_qrheads_detection_code(toy_dir, tmp_path):
-    documents = [" ".join(WORDS[i:i + 4]) + " ." for i in range(0, 12, 3)] + ["gold ."]  # a one-token document
-    records = [{"id": f"q{g}", "documents": documents, "gold": [g, 4] if g < 3 else g,
-                "question": f"what is the {WORDS[g]} of the {' '.join(WORDS[g + 5:g + 6 + g])} ?", "answer": WORDS[g]}
-               for g in range(4)]  # questions of different lengths: the batches of two are left-padded
+    records = query_records(["gold ."])  # a one-token document: no std, QRHead adds 0 for it
     data = tmp_path / "query.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in records))
     result = headscope.detect("query", model=str(toy_dir), out=str(tmp_path / "out"), quiet=True, save_prompts=True,
