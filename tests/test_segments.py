@@ -10,7 +10,7 @@ from headscope.scorers import PromptBatch, ReasoningFocusScorer, ReceiverScorer
 from headscope.scorers.segments import find_marker, kurtosis, locate, token_texts
 from headscope.scorers.sentences import chunk_ranges, chunk_texts, original_sentences
 from headscope.toy import word_tokenizer
-from tokenizers_util import byte_level_bpe_tokenizer
+from tokenizers_util import byte_level_bpe_tokenizer, metaspace_bpe_tokenizer
 
 TOKENIZER = word_tokenizer(["red", "blue", "a", "b", "c", "so", "also", "the", "answer", "is", "x"])
 TOKENIZER.add_tokens(["<think>", "</think>"])  # one token each, as in reasoning models' vocabularies
@@ -79,10 +79,13 @@ def test_chunk_ranges_are_get_chunk_ranges_including_its_early_stop(text, after)
     assert [(start + len(before), end + len(before)) for start, end in ours] == expected
 
 
-def test_sentence_boundaries_are_the_originals_prefix_tokenization_on_byte_level_bpe():
+@pytest.mark.parametrize("make", [byte_level_bpe_tokenizer, metaspace_bpe_tokenizer])
+def test_sentence_boundaries_are_the_originals_prefix_tokenization(make):
     """Byte-level BPE: a prefix ending in a space tokenizes the space alone, so the original's sentence
-    boundaries move one token (the next sentence's first word joins the previous sentence): reproduced."""
-    tokenizer = byte_level_bpe_tokenizer()
+    boundaries move one token (the next sentence's first word joins the previous sentence): reproduced.
+    SentencePiece style: the think text is tokenized after the tokens before it, as in the whole text."""
+    tokenizer = make()
+    tokenizer.add_tokens(["<think>", "</think>"])
     prompt = "Based on the content of the book, Question: What is the secret code?\nAnswer:<think>"
     chain = " The dog slept. The cat read a book.\n\nThe best thing to do in the city is to eat. The old river ran"
     text = prompt + chain + "</think> blue"
@@ -90,10 +93,12 @@ def test_sentence_boundaries_are_the_originals_prefix_tokenization_on_byte_level
     segments = locate(tokenizer, sequence, len(sequence) - 3, "<think>", "</think>")
     pieces = token_texts(tokenizer, tuple(sequence))
     think_text = "".join(pieces[segments.think[0]:segments.think[1]])
-    ours = original_sentences(tokenizer, think_text, segments.think[0], sum(map(len, pieces[segments.think[1]:])))
+    ours = original_sentences(tokenizer, think_text, segments.think[0], sum(map(len, pieces[segments.think[1]:])),
+                              "".join(pieces[segments.think[0] - 4:segments.think[0]]))
     assert ours == references.thought_anchors_boundaries(tokenizer, text)
     tokens = tokenizer.convert_ids_to_tokens(sequence)
-    assert tokens[ours[0][1] - 1] == "ĠThe" and tokens[ours[1][0]] == "Ġcat"  # "The" ends sentence 0
+    if make is byte_level_bpe_tokenizer:
+        assert tokens[ours[0][1] - 1] == "ĠThe" and tokens[ours[1][0]] == "Ġcat"  # "The" ends sentence 0
 
 
 def test_kurtosis_is_scipys():

@@ -47,6 +47,7 @@ from .base import PromptBatch, Scorer, register_scorer
 from .sentences import SENTENCE_RULES, original_sentences, token_rule_sentences
 
 PIECE_CONTEXT = 4  # tokens of left context when decoding one token's text
+CONTEXT_TOKENS = 4  # tokens before the think segment that its sentence boundaries are tokenized after
 
 
 @lru_cache(maxsize=64)
@@ -257,7 +258,8 @@ class ReceiverScorer(SegmentScorer):
         if self.sentence_rule == "tokens":
             found = token_rule_sentences(pieces, start, end)
         else:
-            found = original_sentences(tokenizer, "".join(pieces[start:end]), start, sum(map(len, pieces[end:])))
+            found = original_sentences(tokenizer, "".join(pieces[start:end]), start, sum(map(len, pieces[end:])),
+                                       "".join(pieces[max(start - CONTEXT_TOKENS, 0):start]))
         last = len(sequence) - 1
         return [(min(a, last), min(b, last)) for a, b in found]
 

@@ -16,10 +16,11 @@ original  Thought Anchors (Bogdan et al. 2025; `interp-reasoning/thought-anchors
             - a boundary at character c is the number of tokens of the text's first c characters.
 tokens    headscope's earlier rule: a sentence ends at a token whose text ends in . ! ? or holds a newline.
 
-Token boundaries are counted from the first token of the think segment (the think text re-tokenized up to
-the boundary, plus the tokens before the segment): the same count as the original's tokenization of the
-whole prefix whenever the tokenization splits where the think segment starts, as it does after a marker
-token such as <think> and after a prompt ending in punctuation or a newline.
+Token boundaries are counted from the first token of the think segment: the think text up to the boundary is
+tokenized after the text of the few tokens before the segment, and those tokens' count is taken off. The same
+count as the original's tokenization of the whole prefix whenever the tokenization splits where the think
+segment starts, as it does after a marker token such as <think> and after a prompt ending in punctuation or
+white space.
 """
 from __future__ import annotations
 
@@ -93,22 +94,23 @@ def _collapsed_find(text: str, chunk: str, position: int) -> int:
     return -1
 
 
-def original_sentences(tokenizer, think_text: str, first_token: int, text_after: int) -> list[tuple[int, int]]:
+def original_sentences(tokenizer, think_text: str, first_token: int, text_after: int,
+                       text_before: str = "") -> list[tuple[int, int]]:
     """Token ranges [start, end) of the Thought Anchors chunks of `think_text`, whose first token sits at
-    position `first_token`; `text_after`: characters of the whole text after the think text."""
+    position `first_token`; `text_after`: characters of the whole text after the think text; `text_before`:
+    the text of a few tokens before it, tokenized with each prefix so that the prefix is tokenized in the
+    context it has in the whole text (a SentencePiece tokenizer marks a text's first word otherwise)."""
     # the chunks of the stripped text, found in the text itself (Thought Anchors strips the chain, then searches
     # the whole text)
     ranges = chunk_ranges(think_text, chunk_texts(think_text.strip()), len(think_text) + text_after)
     cuts = sorted({c for r in ranges for c in r})
-    counts = dict(zip(cuts, _token_counts(tokenizer, [think_text[:c] for c in cuts])))
-    return [(first_token + counts[a], first_token + counts[b]) for a, b in ranges]
+    counts = _token_counts(tokenizer, [text_before] + [text_before + think_text[:c] for c in cuts])
+    offset = dict(zip(cuts, (count - counts[0] for count in counts[1:])))
+    return [(first_token + offset[a], first_token + offset[b]) for a, b in ranges]
 
 
 def _token_counts(tokenizer, texts: list[str]) -> list[int]:
-    if not texts:
-        return []
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [len(ids) for ids in encoded]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def token_rule_sentences(pieces: list[str], start: int, end: int) -> list[tuple[int, int]]:
