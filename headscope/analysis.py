@@ -285,14 +285,18 @@ def sample_contributions(rows: list[dict], keys: list[str]) -> np.ndarray:
 
 
 def head_means(weights: np.ndarray, contributions: np.ndarray, keep_zeros: bool) -> np.ndarray:
-    """Each head's mean under sample weights (how many times each sample is drawn).
+    """Each head's mean under sample weights (how many times each sample is drawn), under the accumulation
+    rule of `store.joins_list`.
 
-    weights (draws, samples), contributions X (samples, heads):
-      keep zeros:  mean[d, j] = sum_i w[d, i] X[i, j] / sum_i w[d, i]
-      drop zeros:  mean[d, j] = sum_i w[d, i] X[i, j] / sum_i w[d, i] [X[i, j] > 0]   (0 if no positive entry)
+    weights (draws, samples), contributions X (samples, heads), NaN where a sample has no value for a head:
+      mean[d, j] = sum_i w[d, i] X[i, j] J[i, j] / sum_i w[d, i] J[i, j]   (0 if the head has no value)
+    with J[i, j] = 1 where X[i, j] joins the head's list: a value, and non-zero unless keep_zeros.
     """
-    totals = weights @ contributions
-    counts = weights.sum(axis=1, keepdims=True) if keep_zeros else weights @ (contributions > 0)
+    joins = ~np.isnan(contributions)
+    values = np.where(joins, contributions, 0.0)
+    if not keep_zeros:
+        joins &= values != 0
+    totals, counts = weights @ values, weights @ joins
     return np.divide(totals, counts, out=np.zeros_like(totals), where=counts > 0)
 
 

@@ -43,6 +43,9 @@ def run_detect(args: argparse.Namespace) -> None:
              else ""))
     for error in sorted({row["error"] for row in result.samples if row["error"]}):
         print(f"span error: {error}")
+    for name, scorer_result in (result.by_scorer or {result.samples[0].get("scorer") if result.samples else None:
+                                                     result}).items():
+        print_unscored(name, scorer_result.samples)
     if result.complete:
         return
     print(f"wrote {result.paths['heads']}")
@@ -58,6 +61,19 @@ def run_detect(args: argparse.Namespace) -> None:
             for picture in plot_run(scorer_result.paths["heads"]):
                 print(f"wrote {picture}")
     print(f"see it in the browser: headscope report {result.paths['heads'].parent}")
+
+
+def print_unscored(scorer: str | None, rows: list[dict]) -> None:
+    """Samples a scorer could not score (a chain too short for a kurtosis, no answer segment): counted, with
+    their reasons, never silently left out of the heads file."""
+    from collections import Counter
+
+    reasons = Counter(row["unscored"] for row in rows if row.get("unscored"))
+    if reasons:
+        listed = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common(3))
+        more = f"; and {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
+        print(f"{scorer or 'scorer'}: {sum(reasons.values())} of {len(rows)} samples have no score (not in the heads "
+              f"file): {listed}{more}")
 
 
 def distributed_detect(task, options):

@@ -105,7 +105,8 @@ class EagerRowsRecorder(Recorder):
 
     def real_rows(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
         """(batch, len(rows)) True for query rows that are real tokens (at or after the sample's padding)."""
-        pad = self.pad if self.pad is not None else torch.zeros(batch, dtype=torch.long)
+        padded = self.pad is not None and len(self.pad) == batch  # a replay pass is one unpadded sequence
+        pad = self.pad if padded else torch.zeros(batch, dtype=torch.long)
         return rows.cpu()[None, :] >= pad.cpu()[:, None]
 
 
