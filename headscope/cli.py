@@ -154,7 +154,12 @@ def run_check(args: argparse.Namespace) -> int:
     for task in ("retrieval", "reasoning"):  # each task's default scorer on its first two prompts
         defaults = TASKS[task].organism_defaults if model.model is None else {}
         options = TASKS[task].options(**(defaults | dataclasses.asdict(model)))
-        cases.append(scorer_case(start_run(task, options, loaded, check_it=False)))
+        case = scorer_case(start_run(task, options, loaded, check_it=False))
+        if case is None:
+            print(f"headscope: note: no {task} prompt's span is found with this tokenizer: its scorer is not checked",
+                  file=sys.stderr)
+        else:
+            cases.append(case)
     report = check_model(loaded, args.prompt_tokens, args.steps, cases=cases)
     window = attention_layout(loaded.model).smallest_window
     print(f"model {loaded.path}  dtype {str(loaded.model.dtype).removeprefix('torch.')}  device {loaded.device}  "

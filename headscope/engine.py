@@ -99,12 +99,14 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
                     newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
     run = Run(TASKS[task], options, loaded, chat, samples, make, stop)
     if options.check and check_it:
-        check.require(loaded, command, need_ablation=command == "ablate", cases=[scorer_case(run)] if scorers else [])
+        case = scorer_case(run) if scorers else None
+        check.require(loaded, command, need_ablation=command == "ablate", cases=[case] if case else [])
     return run
 
 
-def scorer_case(run: Run) -> check.ScorerCase:
-    """The run's scorers on its first two prompts (those whose span is found), for the check's scorers figure."""
+def scorer_case(run: Run) -> check.ScorerCase | None:
+    """The run's scorers on its first two prompts (those whose span is found), for the check's scorers figure; None
+    when no prompt's span is found (the run would score nothing: its rows say why)."""
     first, index = [], 0
     while len(first) < 2 and index < len(run.samples):
         prompt = encode_with_span(run.loaded.tokenizer, run.samples[index], run.task.span_overlap_threshold)
@@ -112,7 +114,7 @@ def scorer_case(run: Run) -> check.ScorerCase:
             first.append((index, run.samples[index], prompt))
         index += 1
     if not first:
-        raise HeadscopeError("no sample's span can be located: nothing to check the scorers on")
+        return None
     batch, attention_mask = prompt_batch(run, first)
     names = [scorer.name for scorer in run.scorers]
     label = run.task.name if names == [run.task.name] else f"{run.task.name} {','.join(names)}"

@@ -163,17 +163,20 @@ def probe_layout(model) -> AttentionLayout:
 
 def require_incremental_decoding(model, name: str) -> None:
     """headscope decodes one token at a time with a KV cache: refuse, in one line, a model whose own code (on eager
-    attention) fails that way -- a prefill of the probe tokens but the last, then one step (CpmAnt builds its
-    masks from the whole input on every pass)."""
+    attention) fails that way or gives other logits than a pass over the whole sequence -- a prefill of the probe
+    tokens but the last, then one step (CpmAnt builds its masks from the whole input on every pass; GPT-1 keeps
+    no cache)."""
     ids = probe_input(model)
     previous = model.config._attn_implementation
     try:
         model.set_attn_implementation("eager")
         cache = fresh_cache(model)
         with torch.no_grad():
+            whole = model(ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None]).logits[0, -1]
             carry_cache(cache, model(ids[:, :-1], position_ids=torch.arange(ids.shape[1] - 1, device=ids.device)[None],
                                      **cache))
-            model(ids[:, -1:], position_ids=torch.tensor([[ids.shape[1] - 1]], device=ids.device), **cache)
+            step = model(ids[:, -1:], position_ids=torch.tensor([[ids.shape[1] - 1]], device=ids.device),
+                         **cache).logits[0, -1]
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
         text = str(error).strip().splitlines()
         raise HeadscopeError(f"{name} fails when decoded one token at a time with its KV cache, as headscope decodes "
@@ -181,6 +184,14 @@ def require_incremental_decoding(model, name: str) -> None:
     finally:
         if model.config._attn_implementation != previous:
             model.set_attn_implementation(previous)
+    scale = float(whole.float().abs().max())
+    # float32 agrees to rounding; bf16/fp16 round the cached keys differently from a whole pass
+    tolerance = (1e-3 if model.dtype == torch.float32 else 0.05) * max(1.0, scale)
+    gap = float((step.float() - whole.float()).abs().max())
+    if gap > tolerance:
+        raise HeadscopeError(f"{name} gives other logits when decoded one token at a time with its KV cache than on "
+                             f"the whole sequence (max diff {gap:.2g}; does it keep a cache?): headscope decodes that "
+                             "way, so it refuses this model")
 
 
 def probe_interface(model) -> Probe:

@@ -211,6 +211,9 @@ def sweep_type(model_type: str, workdir: Path) -> Outcome:
     if problem is not None:
         outcome.verdict, outcome.reason = problem
         return outcome
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # as headscope loads it (a type may map it to its own class)
     compared = []
     for task in ("retrieval", "reasoning"):
         out_dir = workdir / f"out-{task}"
