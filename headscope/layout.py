@@ -28,6 +28,7 @@ from .recorder import install, on_interface
 from .runstate import state_of
 
 PROBE_TOKENS = 8
+INCREMENTAL_WINDOW = 1024  # windows up to this are crossed by the incremental-decoding probe at load
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,18 @@ def total_layers(model) -> int:
                 if isinstance(getattr(config, name, None), int))
 
 
-def probe_input(model) -> torch.Tensor:
+def probe_input(model, length: int = PROBE_TOKENS) -> torch.Tensor:
+    """(1, length) token ids cycling through the vocabulary (its first 4 ids, often special, left out)."""
     embeddings = model.get_input_embeddings()
     vocab = embeddings.num_embeddings
-    return (torch.arange(PROBE_TOKENS) % max(vocab - 4, 1) + min(4, vocab - 1))[None].to(embeddings.weight.device)
+    return (torch.arange(length) % max(vocab - 4, 1) + min(4, vocab - 1))[None].to(embeddings.weight.device)
+
+
+def config_window(model) -> int | None:
+    """The text config's sliding window (a model may keep it out of the attention function's arguments)."""
+    config = model.config.get_text_config(decoder=True)
+    windows = [getattr(config, name, None) for name in ("sliding_window", "attention_window_size", "window_size")]
+    return min((w for w in windows if isinstance(w, int) and w > 0), default=None)
 
 
 def probe_layout(model) -> AttentionLayout:
@@ -124,7 +133,11 @@ def probe_layout(model) -> AttentionLayout:
         if switched:
             model.set_attn_implementation(previous)
     eager = eager_attentions(model)
-    require_incremental_decoding(model, name)
+    windows = [w for w in (probe.windows.values() if probe else ()) if w] + [config_window(model) or 0]
+    window = min((w for w in windows if w), default=0)
+    # Past the window, where a sliding cache and a whole pass part ways (Moshi); larger windows: the check's tokens.
+    require_incremental_decoding(model, name, max(PROBE_TOKENS, window + 4) if window <= INCREMENTAL_WINDOW else
+                                 PROBE_TOKENS)
     if probe is not None and probe.first_call:
         layers = sorted(probe.first_call)
         if probe.repeated:
@@ -161,12 +174,12 @@ def probe_layout(model) -> AttentionLayout:
     return AttentionLayout(tuple(layers), heads[0], max(total_layers(model), layers[-1] + 1), windows, via_interface)
 
 
-def require_incremental_decoding(model, name: str) -> None:
+def require_incremental_decoding(model, name: str, length: int = PROBE_TOKENS) -> None:
     """headscope decodes one token at a time with a KV cache: refuse, in one line, a model whose own code (on eager
     attention) fails that way or gives other logits than a pass over the whole sequence -- a prefill of the probe
     tokens but the last, then one step (CpmAnt builds its masks from the whole input on every pass; GPT-1 keeps
     no cache)."""
-    ids = probe_input(model)
+    ids = probe_input(model, length)
     previous = model.config._attn_implementation
     try:
         model.set_attn_implementation("eager")
@@ -190,7 +203,7 @@ def require_incremental_decoding(model, name: str) -> None:
     gap = float((step.float() - whole.float()).abs().max())
     if gap > tolerance:
         raise HeadscopeError(f"{name} gives other logits when decoded one token at a time with its KV cache than on "
-                             f"the whole sequence (max diff {gap:.2g}; does it keep a cache?): headscope decodes that "
+                             f"the whole sequence (max diff {gap:.2g}: its cache and a whole pass disagree): headscope decodes that "
                              "way, so it refuses this model")
 
 

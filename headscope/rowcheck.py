@@ -65,7 +65,7 @@ class EagerRowsRecorder(Recorder):
         mask = attention_mask
         if mask is not None and mask.dim() == 4:
             mask = mask[:, :, mask.shape[2] - query.shape[2] + picked]
-        elif mask is None and query.shape[2] > 1:  # a causal pass the fast backend runs without a mask
+        elif mask is None:  # a causal pass (or a step) the fast backend runs without a mask: eager code wants one
             mask = causal_mask(rows, key.shape[2], self.call.kwargs.get("sliding_window"), query.device)
         return effective_rows(self.call.module, query[:, :, picked], key, self.call.value, mask, self.call.kwargs)
 

@@ -107,6 +107,21 @@ def build(model_type: str, vocab_size: int):
     return model, None
 
 
+def save(model, model_type: str, tokenizer, workdir: Path) -> Path:
+    """Save the model as a checkpoint of its type: a composite type whose causal LM is its text part (Mllama, Emu3)
+    gets the composite config, which AutoModelForCausalLM loads (the text part's own type it does not map)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from . import recipes
+
+    model_dir = workdir / model_type
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    if model.config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        recipes.tiny_config(model_type, len(tokenizer)).save_pretrained(model_dir)
+    return model_dir
+
+
 def headscope_cli(argv: list[str]) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `headscope ARGV` run in this process; a traceback is exit code -1."""
     from .cli import main
@@ -202,18 +217,19 @@ def sweep_type(model_type: str, workdir: Path) -> Outcome:
     if model is None:
         outcome.verdict, outcome.reason = CANNOT_BUILD, why
         return outcome
-    model_dir = workdir / model_type
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save(model, model_type, tokenizer, workdir)
     options = write_data(workdir / "data")
     code, out, err = headscope_cli(["check", "--model", str(model_dir), "--prompt-tokens", "96", "--steps", "4"])
     problem = refusal_or_problem(code, out, err, None)
     if problem is not None:
         outcome.verdict, outcome.reason = problem
         return outcome
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # as headscope loads it (a type may map it to its own class)
+    # The reference reads the model and tokenizer as headscope loads them (a type may map the tokenizer to its own
+    # class), on the model's own eager attention.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
     compared = []
     for task in ("retrieval", "reasoning"):
         out_dir = workdir / f"out-{task}"
