@@ -68,6 +68,13 @@ OVERRIDES = {
     "dots3_note_text": {"num_key_value_heads": 4},
     "mamba2": {"num_heads": 8},  # num_heads x head_dim = expand x hidden_size
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    # a field the default config leaves out and the model reads
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "kv_n_heads": 2, "clip_qkv": 8.0}, "ffn_config": {"ffn_hidden_size": 128,
+                                                                                      "moe_num_experts": 4,
+                                                                                      "moe_top_k": 2}},
+    "xmod": {"default_language": "en_XX"},
+    "xlstm": {"chunk_size": 64, "num_heads": 4, "qk_dim_factor": 1.0},
+    "reformer": {"axial_pos_embds": False, "is_decoder": True},
 }
 
 
@@ -122,7 +129,7 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
     parts = {key: tiny_fields(part) for key, part in vars(default).items()
              if hasattr(part, "to_dict") and type(part) is not type(text)}
     if source is default:
-        return config_class(**parts, **fields)
+        return config_class(**(parts | fields))
     text_key = next(key for key, value in vars(default).items() if type(value) is type(text))  # e.g. text_config
     return config_class(**parts, **{text_key: fields})
 
