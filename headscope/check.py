@@ -11,6 +11,9 @@ that windows bind; decoded `--steps` steps. Its figures, over the model's attent
             max abs diff <= 1e-5 in every dtype;
   prefill   the prefill rows the pattern and query scorers read: the first FIRST_ROWS real rows of the padded
             sample and the last PREFILL_TAIL rows of the prompt (past the window), the same comparison;
+  outputs   the attention outputs of those same rows (prefill and decoding) against eager's outputs: a wrong
+            output (a prefill run non-causal) changes every later layer's input while each layer's rows, given
+            its own inputs, still look right;
   scorers   the scorers the run will use, on the run's own first prompts (`headscope check`: the retrieval and
             reasoning tasks' first prompts), fed headscope's rows and fed the eager rows: equal (<= 1e-4);
   tokens    greedy tokens against `generate` on eager attention, on the same padded batch. In bf16/fp16 the
@@ -39,6 +42,7 @@ from .ties import experts_per_token, logging_routers, routing_tie, tolerance
 
 ROW_LIMIT = 1e-5
 SCORE_LIMIT = 1e-4  # scorer values: sums of rows over steps, each row within ROW_LIMIT
+OUTPUT_LIMIT, OUTPUT_ROUNDING = 1e-4, 8  # attention outputs: float32, else 8 epsilons of the output's dtype
 PAD = 16  # the second prompt's left padding
 FIRST_ROWS = 16  # prefill rows compared right after the padding
 PREFILL_TAIL = 32  # ... and at the end of the prompt
@@ -162,8 +166,17 @@ def row_figures(loaded, recorder: EagerRowsRecorder, steps: int, length: int) ->
                   complete and decode <= ROW_LIMIT)
     compared = not math.isnan(prefill) and found.prefill_rows > 0
     value = f"max abs diff {prefill:.1e} ({found.prefill_rows} rows)" if compared else "no eager reference"
-    return [rows, Figure("prefill", value, f"<= {ROW_LIMIT:.0e}, {FIRST_ROWS} after the padding, the last "
-                                           f"{PREFILL_TAIL}", compared and prefill <= ROW_LIMIT)]
+    prefill_figure = Figure("prefill", value, f"<= {ROW_LIMIT:.0e}, {FIRST_ROWS} after the padding, the last "
+                                              f"{PREFILL_TAIL}", compared and prefill <= ROW_LIMIT)
+    outputs, limit = found.worst(found.outputs), output_limit(loaded.model.dtype)
+    value = f"max diff {outputs:.1e} of the largest" if not math.isnan(outputs) else "no eager reference"
+    return [rows, prefill_figure, Figure("outputs", value, f"<= {limit:.0e} x max(1, largest), the rows above",
+                                         not math.isnan(outputs) and outputs <= limit)]
+
+
+def output_limit(dtype: torch.dtype) -> float:
+    """Attention outputs against eager's in float32: rounding of the output's dtype, at least 1e-4."""
+    return max(OUTPUT_LIMIT, OUTPUT_ROUNDING * torch.finfo(dtype).eps)
 
 
 def scorer_figure(loaded, case: ScorerCase, steps: int) -> Figure:

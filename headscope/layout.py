@@ -158,15 +158,13 @@ def probe_layout(model) -> AttentionLayout:
     else:  # nothing called headscope's function: eager attentions, decoding steps only (recorder.py)
         if not eager and not has_heads(model):
             raise HeadscopeError(f"{name} has no attention layers: nothing to score")
-        if eager is None or not eager:
+        if not eager:
             raise HeadscopeError(f"{name} neither uses transformers' attention interface nor returns its attention "
                                  "weights (output_attentions): headscope cannot record its heads")
-        if eager and len(eager) != total_layers(model):
+        if len(eager) != total_layers(model):
             raise HeadscopeError(f"{name} does not use transformers' attention interface and has attention in only "
                                  f"{len(eager)} of its {total_layers(model)} layers: headscope cannot tell which")
-        layers, heads, windows, via_interface = list(range(len(eager or ()))), eager or [], (), False
-    if not layers:
-        raise HeadscopeError(f"{name} has no attention layers: nothing to score")
+        layers, heads, windows, via_interface = list(range(len(eager))), eager, (), False
     if len(set(heads)) > 1:
         raise HeadscopeError(f"{name} has {heads[0]} query heads in layer {layers[0]} and "
                              f"{next(h for h in heads if h != heads[0])} in another: headscope needs the same number "

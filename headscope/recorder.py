@@ -307,7 +307,10 @@ def _make_attention(backend):
             if rule.needs_exact:
                 output = exact_attention(query, key, value, attention_mask, rule)
             else:
-                output, _ = backend(module, query, key, value, attention_mask, scaling=rule.scaling, **kwargs)
+                # headscope's attention is causal (a missing mask means causal, as in query_probs): say so, since a
+                # decoder module may leave is_causal False for the backend to read (BigBird-Pegasus).
+                output, _ = backend(module, query, key, value, attention_mask, scaling=rule.scaling,
+                                    **(kwargs | {"is_causal": True}))
             if active is not None and active.prefilling:
                 active.prefill(layer, query, key, attention_mask, rule)
         else:

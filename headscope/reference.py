@@ -33,10 +33,10 @@ def float_mask(attention_mask, device):
     return torch.zeros(attention_mask.shape, device=device).masked_fill(~attention_mask.to(device), float("-inf"))
 
 
-def effective_rows(module, query, key, value, attention_mask, kwargs) -> torch.Tensor | None:
-    """(batch, heads, q, kv_len) float32: the eager code's rows for these queries, keys, values and mask (q, k, v
-    upcast to float32), scaled to the weight each row applies to the values. None when the module's file has no
-    eager attention function."""
+def eager_output_and_rows(module, query, key, value, attention_mask, kwargs):
+    """(output (batch, q, heads, value dim), rows (batch, heads, q, kv_len)), both float32: the eager code's output
+    and rows for these queries, keys, values and mask (upcast to float32), the rows scaled to the weight each
+    applies to the values. None when the module's file has no eager attention function."""
     eager = model_eager_attention(module)
     if eager is None:
         return None
@@ -44,13 +44,19 @@ def effective_rows(module, query, key, value, attention_mask, kwargs) -> torch.T
     arguments = {name: value for name, value in kwargs.items() if name != "dropout"}
     query, key, value = query.float(), key.float(), value.float()
     with torch.no_grad():
-        _, weights = eager(module, query, key, value, mask, dropout=0.0, **arguments)
+        output, weights = eager(module, query, key, value, mask, dropout=0.0, **arguments)
         applied, _ = eager(module, query, key, torch.ones_like(value), mask, dropout=0.0, **arguments)
     weights = weights.float()
     applied = applied[..., 0].transpose(1, 2).float()  # (batch, heads, q): each row's total weight on the values
     total = weights.sum(-1)
     scale = torch.where(total > 0, applied / total.clamp(min=1e-30), torch.ones_like(total))
-    return (weights * scale[..., None]).nan_to_num(0.0)
+    return output.float(), (weights * scale[..., None]).nan_to_num(0.0)
+
+
+def effective_rows(module, query, key, value, attention_mask, kwargs) -> torch.Tensor | None:
+    """The rows of `eager_output_and_rows` (None when the module's file has no eager attention function)."""
+    found = eager_output_and_rows(module, query, key, value, attention_mask, kwargs)
+    return None if found is None else found[1]
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .recorder import Recorder, row_blocks
-from .reference import effective_rows
+from .reference import eager_output_and_rows
 from .runstate import state_of
 
 SPY = "headscope-check"
@@ -31,6 +31,7 @@ class Differences:
     decode: list = field(default_factory=list)  # one per (step, attention layer)
     prefill: list = field(default_factory=list)  # one per (layer, compared block)
     prefill_rows: int = 0  # real query rows compared in the prefill
+    outputs: list = field(default_factory=list)  # |output - eager output| / max(1, |eager output|), per compared call
 
     @staticmethod
     def worst(values: list) -> float:
@@ -57,9 +58,11 @@ class EagerRowsRecorder(Recorder):
         self.pad = pad  # (batch,) left padding: query rows before it are padding, not compared
         self.call: Call | None = None
         self.differences = Differences()
+        self.expected_outputs: list = []  # (query indices of this call, real (batch, rows), eager output rows)
 
     def eager(self, query, key, attention_mask, rows: torch.Tensor) -> torch.Tensor | None:
-        """(batch, heads, len(rows), kv_len) eager rows of the queries at key indices `rows` of this call."""
+        """(batch, heads, len(rows), kv_len) eager rows of the queries at key indices `rows` of this call; their
+        eager outputs are kept for `compare_output`."""
         first = key.shape[2] - query.shape[2]  # this call's queries are the last q_len keys
         picked = rows - first
         mask = attention_mask
@@ -67,7 +70,23 @@ class EagerRowsRecorder(Recorder):
             mask = mask[:, :, mask.shape[2] - query.shape[2] + picked]
         elif mask is None:  # a causal pass (or a step) the fast backend runs without a mask: eager code wants one
             mask = causal_mask(rows, key.shape[2], self.call.kwargs.get("sliding_window"), query.device)
-        return effective_rows(self.call.module, query[:, :, picked], key, self.call.value, mask, self.call.kwargs)
+        found = eager_output_and_rows(self.call.module, query[:, :, picked], key, self.call.value, mask,
+                                      self.call.kwargs)
+        if found is None:
+            return None
+        output, reference = found
+        self.expected_outputs.append((picked, self.real_rows(rows, query.shape[0]), output))
+        return reference
+
+    def compare_output(self, output: torch.Tensor) -> None:
+        """headscope's attention output of the call (batch, q, heads, value dim) against the eager outputs of the
+        rows compared: a wrong output (a non-causal prefill, say) changes the cache and every later layer, even
+        where each layer's rows are right."""
+        for picked, real, expected in self.expected_outputs:
+            ours = output[:, picked.to(output.device)].float()
+            gap = (ours - expected.to(ours.device)).abs().amax((-1, -2)) * real.to(ours.device)  # (batch, rows)
+            self.differences.outputs.append(float(gap.max()) / max(1.0, float(expected.abs().max())))
+        self.expected_outputs = []
 
     def add(self, layer, probs):
         slot = self.slot[layer]
@@ -144,6 +163,8 @@ class Spying:
             if self.recorder is not None:
                 self.recorder.call = Call(module, query, key, value, attention_mask, kwargs)
             output, _ = inner(module, query, key, value, attention_mask, **kwargs)
+            if self.recorder is not None:
+                self.recorder.compare_output(output)
             if self.watch is not None:
                 self.watch(module, output)
             return output, None

@@ -107,3 +107,14 @@ def test_passes_an_fp16_moe_model_whose_tokens_split_at_a_router_tie(tokenizer):
     tokens = figures(report)["tokens"]
     assert "routing near tie" in tokens.value and tokens.ok, report.table()
     assert report.passed, report.table()
+
+
+def test_fails_attention_whose_outputs_are_wrong_while_its_rows_are_right(tokenizer, monkeypatch):
+    """Gemma 2's soft-capped prefill runs on headscope's exact attention: outputs 1% off there leave every row a
+    layer computes from its own inputs right, but not the model (a non-causal prefill would do the same)."""
+    real = recorder.exact_attention
+    monkeypatch.setattr(recorder, "exact_attention", lambda *args: real(*args) * 1.01)
+    report = check_of(tiny_model("gemma2", vocab_size=len(tokenizer), num_layers=4), tokenizer, prompt_tokens=96,
+                      steps=3)
+    found = figures(report)
+    assert found["rows"].ok and found["prefill"].ok and not found["outputs"].ok, report.table()
