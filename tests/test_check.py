@@ -32,7 +32,7 @@ def loaded_toy(family, tokenizer, dtype=torch.float32):
 def test_check_passes_on_every_family(family, tokenizer):
     report = run_check(loaded_toy(family, tokenizer), prompt_tokens=96, steps=4)
     assert report.passed, report.table()
-    assert [figure.name for figure in report.figures] == ["rows", "prefill", "tokens", "ablation"]
+    assert [figure.name for figure in report.figures] == ["rows", "prefill", "outputs", "tokens", "ablation"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss"])
@@ -92,5 +92,5 @@ def test_check_fails_when_the_model_has_no_eager_reference(tokenizer, monkeypatc
     loaded = loaded_toy("llama", tokenizer)
     monkeypatch.setattr(reference, "model_eager_attention", lambda module: None)
     report = run_check(loaded, prompt_tokens=64, steps=2, need_ablation=False)
-    assert [f.name for f in report.failing()] == ["rows", "prefill"]
+    assert [f.name for f in report.failing()] == ["rows", "prefill", "outputs"]
     assert all("no eager reference" in f.value for f in report.failing())
