@@ -167,9 +167,9 @@ def reference_heads(model, tokenizer, rows: list[dict], task: str, keys: list[st
         score = {key: 0.0 for key in keys}
         for _ in range(STEPS):
             rows_by_layer = {}
-            positions = {"position_ids": torch.arange(len(ids))[None]} if takes_positions else {}  # as generate()
+            as_generate = {"position_ids": torch.arange(len(ids))[None]} if takes_positions else {}  # as generate()
             with recording_eager_rows(model, lambda layer, r: rows_by_layer.setdefault(layer, r)), torch.no_grad():
-                output = model(torch.tensor([ids]), output_attentions=True, **positions)
+                output = model(torch.tensor([ids]), output_attentions=True, **as_generate)
             if not rows_by_layer:  # attention off the interface: its own eager weights, one per layer
                 rows_by_layer = dict(enumerate(w.float() for w in output.attentions if w is not None))
             token = int(output.logits[0, -1].argmax())
