@@ -58,7 +58,9 @@ def prepare(model, tokenizer, path: str, attn: str = "sdpa") -> LoadedModel:
     # Probed now: a model with no attention layer (Mamba, RWKV, ...) is refused here, and a model whose attention
     # modules do not call the function it was switched to is recorded from eager attentions.
     on_interface = attention_layout(model).via_interface
-    if not on_interface:
+    if not on_interface:  # its attention modules ignore the function it was switched to: eager, as its rows are
+        if model.config._attn_implementation != "eager":
+            model.set_attn_implementation("eager")
         print(f"headscope: {type(model).__name__} does not use transformers' attention interface; "
               "falling back to eager attention with output_attentions on decoding steps.", file=sys.stderr)
     return LoadedModel(model, tokenizer, model_name(path), path, not on_interface,

@@ -34,7 +34,7 @@ EXACT, REFUSED, CANNOT_BUILD, MISMATCH, CRASH = "exact", "refused", "cannot-buil
 WORDS = "red blue green gold fish bird tree stone river code key is the of what".split()
 TASK_WORDS = ["book", "based", "on", "content", "question", "answer", "context"]
 STEPS = 8  # new tokens per sample, compared step by step with eager
-LIMIT = 1e-5
+LIMIT = 1e-4  # as the check's scorer figure: a reasoning score sums 8 steps x 5 rows' values, each within 1e-5
 
 
 @dataclass
