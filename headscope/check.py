@@ -16,9 +16,11 @@ that windows bind; decoded `--steps` steps. Its figures, over the model's attent
             its own inputs, still look right;
   scorers   the scorers the run will use, on the run's own first prompts (`headscope check`: the retrieval and
             reasoning tasks' first prompts), fed headscope's rows and fed the eager rows: equal (<= 1e-4);
-  tokens    greedy tokens against `generate` on eager attention, on the same padded batch. In bf16/fp16 the
-            two round differently (headscope takes q.k in float32), so a divergence passes only at a near tie
-            (ties.py: the reference's logit gap, or a mixture-of-experts router's, within the dtype's rounding);
+  tokens    each sample's greedy tokens in the padded batch against `generate` on eager attention on that prompt
+            alone (a sample's tokens must not depend on its batch; Whisper's own `generate` does not keep that
+            for a left-padded batch). In bf16/fp16 the two round differently (headscope takes q.k in float32),
+            so a divergence passes only at a near tie (ties.py: the reference's logit gap, or a mixture-of-experts
+            router's, within the dtype's rounding);
   ablation  masking one head (uniform mode) changes that head's attention output and no other head's.
 
 `detect` runs all but ablation, `ablate` all five, once per loaded model before a long run (`--no-check`
@@ -30,6 +32,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from . import masking
 from .decode import StopRule, greedy_decode, num_layers_and_heads
@@ -201,17 +204,17 @@ def scorer_figure(loaded, case: ScorerCase, steps: int) -> Figure:
 
 
 def token_figure(model, input_ids, mask, tokens: list[list[int]], routers: list) -> Figure:
-    """headscope's tokens against eager `generate` on the same batch (see the module docstring)."""
+    """headscope's tokens (the padded batch) against eager `generate` on each prompt alone: a sample's tokens must
+    not depend on its batch (see the module docstring)."""
+    steps, length = len(tokens[0]), input_ids.shape[1]
+    pad = (mask == 0).sum(-1).tolist()
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        with torch.no_grad(), logging_routers(model, len(input_ids)) as eager_routers:
-            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=len(tokens[0]), do_sample=False,
-                                 num_beams=1, eos_token_id=None, pad_token_id=0, output_logits=True,
-                                 return_dict_in_generate=True)
+        runs = [generate_alone(model, input_ids[b:b + 1, pad[b]:], steps) for b in range(len(input_ids))]
     finally:
         model.set_attn_implementation(previous)
-    expected = out.sequences[:, input_ids.shape[1]:].tolist()
+    expected = [sequence for sequence, _, _ in runs]
     total = sum(len(t) for t in tokens)
     same = sum(a == b for ours, theirs in zip(tokens, expected) for a, b in zip(ours, theirs))
     limit = "all equal, or the first split a near tie"
@@ -219,18 +222,27 @@ def token_figure(model, input_ids, mask, tokens: list[list[int]], routers: list)
         return Figure("tokens", f"{same}/{total} equal (2 samples)", limit, True)
     step, sample = min((next(s for s, (a, b) in enumerate(zip(theirs, ours)) if a != b), i)
                        for i, (ours, theirs) in enumerate(zip(tokens, expected)) if ours != theirs)
-    logits = out.logits[step][sample].float()
+    logits = runs[sample][1][step][0].float()
     gap = float(logits[expected[sample][step]] - logits[tokens[sample][step]])
     tol = tolerance(logits, model.dtype)
     if gap <= tol:
         return Figure("tokens", f"differ from step {step}: logit gap {gap:.1e}", f"{limit} (gap <= {tol:.1e})", True)
-    length = input_ids.shape[1]
-    real = torch.arange(length + len(tokens[0]))[None, :] >= (mask == 0).sum(-1).cpu()[:, None]
-    routing = routing_tie(routers, eager_routers, experts_per_token(model.config), real, length + step,
-                          model.dtype)
+    real = torch.arange(length + steps)[None, :] >= torch.tensor(pad)[:, None]
+    eager_routers = [[torch.cat([nn.functional.pad(torch.cat(run[2][router], 1), (0, 0, pad[b], 0))
+                                 for b, run in enumerate(runs)])] for router in range(len(routers))]
+    routing = routing_tie(routers, eager_routers, experts_per_token(model.config), real, length + step, model.dtype)
     tie = routing is not None and routing.startswith("a routing near tie")
     return Figure("tokens", f"differ from step {step}: " + (routing or f"logit gap {gap:.1e}"),
                   f"{limit} (<= {tol:.1e})", tie)
+
+
+def generate_alone(model, input_ids, steps: int):
+    """(tokens, each step's logits, the routers' logits per call) of eager greedy `generate` on one unpadded prompt."""
+    with torch.no_grad(), logging_routers(model, 1) as routers:
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=steps,
+                             do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True)
+    return out.sequences[0, input_ids.shape[1]:].tolist(), out.logits, routers
 
 
 def ablation_figure(loaded, input_ids) -> Figure:

@@ -133,11 +133,6 @@ def probe_layout(model) -> AttentionLayout:
         if switched:
             model.set_attn_implementation(previous)
     eager = eager_attentions(model)
-    windows = [w for w in (probe.windows.values() if probe else ()) if w] + [config_window(model) or 0]
-    window = min((w for w in windows if w), default=0)
-    # Past the window, where a sliding cache and a whole pass part ways (Moshi); larger windows: the check's tokens.
-    require_incremental_decoding(model, name, max(PROBE_TOKENS, window + 4) if window <= INCREMENTAL_WINDOW else
-                                 PROBE_TOKENS)
     if probe is not None and probe.first_call:
         layers = sorted(probe.first_call)
         if probe.repeated:
@@ -169,6 +164,10 @@ def probe_layout(model) -> AttentionLayout:
         raise HeadscopeError(f"{name} has {heads[0]} query heads in layer {layers[0]} and "
                              f"{next(h for h in heads if h != heads[0])} in another: headscope needs the same number "
                              "of heads in every attention layer")
+    # Past the window, where a sliding cache and a whole pass part ways (Moshi); larger windows: the check's tokens.
+    window = min([w for w in windows if w] + [config_window(model) or INCREMENTAL_WINDOW + 1])
+    require_incremental_decoding(model, name, max(PROBE_TOKENS, window + 4) if window <= INCREMENTAL_WINDOW else
+                                 PROBE_TOKENS)
     return AttentionLayout(tuple(layers), heads[0], max(total_layers(model), layers[-1] + 1), windows, via_interface)
 
 

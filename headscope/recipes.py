@@ -75,6 +75,12 @@ OVERRIDES = {
     "xmod": {"default_language": "en_XX"},
     "xlstm": {"chunk_size": 64, "num_heads": 4, "qk_dim_factor": 1.0},
     "reformer": {"axial_pos_embds": False, "is_decoder": True},
+    "zaya": {"num_experts_per_tok": 1},  # ZAYA routes each token to one expert
+    # Qwen4-Exp's sparse-attention indexer (QSA): all its sizes or none
+    "qwen4_exp": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
+                  "indexer_compress_ratio": 4},
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
+                       "indexer_compress_ratio": 4},
 }
 
 

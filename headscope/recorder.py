@@ -174,7 +174,7 @@ class Rule:
 # implemented (Rule, plus dropout and is_causal, which must be the inference values); those below do
 # not change it; anything else is refused by name, never ignored.
 NO_EFFECT = frozenset({"position_ids", "use_cache", "output_attentions", "output_router_logits", "cache_position",
-                       "cache", "past_key_values", "layer_idx", "target_dtype"})
+                       "cache", "past_key_values", "layer_idx", "target_dtype", "logits_to_keep"})
 
 
 def model_rule(module, scaling, dropout, kwargs) -> Rule:
