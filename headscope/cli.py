@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def run_check(args: argparse.Namespace) -> int:
 def run_rescore(args: argparse.Namespace) -> None:
     from .rescore import draw, format_report, rescore
 
-    report = rescore(args.run_dir, args.metric, args.threshold, args.task, args.metric_model)
+    report = rescore(args.run_dir, args.metric, args.threshold, args.task, args.metric_model, args.trust_remote_code)
     print(format_report(report))
     print(f"wrote {Path(args.run_dir) / 'rescore' / 'rescore.json'}")
     if not args.no_plots:
@@ -219,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     rescore.add_argument("--threshold", type=parse_floats, default=[40.0, 50.0, 60.0],
                          help="comma-separated thresholds: a sample passes when metric > threshold (default 40,50,60)")
     rescore.add_argument("--metric-model", help="bertscore / embedding model: a hub id or a local folder")
+    rescore.add_argument("--trust-remote-code", action="store_true",
+                         help="let the metric model run its own code (an auto_map in its config); off by default")
     rescore.add_argument("--no-plots", action="store_true", help="do not draw the stability picture")
     rescore.set_defaults(handler=run_rescore)
     specific = commands.add_parser("specificity", help="is a score file's head set specific to its skill? mask "
@@ -246,6 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(error: BaseException) -> str | None:
+    """The one line for a failure that the user's files or machine caused; None for a bug (its traceback shows)."""
+    if isinstance(error, HeadscopeError):
+        return str(error)
+    if isinstance(error, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({error.reason} at byte offset {error.start})"
+    if isinstance(error, OSError):  # a full disk, a permission, a folder where a file should be, ...
+        reason = error.strerror or str(error) or type(error).__name__
+        return f"{error.filename}: {reason}" if error.filename else reason
+    if isinstance(error, pickle.UnpicklingError):  # torch's own message advises weights_only=False: never
+        return ("the model's pickled weights hold more than tensors: torch's safe loader refused them, and headscope "
+                "never unpickles weights unsafely (use a safetensors checkpoint)")
+    if type(error).__name__ == "SafetensorError":
+        return f"a safetensors file cannot be read ({str(error).splitlines()[0]}): is it complete?"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -266,15 +286,18 @@ def main(argv: list[str] | None = None) -> int:
             args.handler(args)
         elif args.command == "organism":
             run_organism_train(args, rest)
-    except HeadscopeError as error:
-        print(f"headscope: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("headscope: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `headscope show FILE | head`: the reader left; stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit
         return 141
+    except Exception as error:
+        line = user_error(error)
+        if line is None:
+            raise
+        print(f"headscope: error: {' '.join(line.splitlines())}", file=sys.stderr)
+        return 2
     return 0
 
 

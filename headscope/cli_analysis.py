@@ -13,6 +13,9 @@ def add_kv_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-kv-heads", type=int, help="KV heads per layer (GQA); default: read from --model")
     parser.add_argument("--model", help="read num_key_value_heads from this model's config.json "
                                         "(default: the model in the run's manifest, if any)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let that config run its own code (an auto_map); off by default, even for a model "
+                             "named by a manifest")
 
 
 def add_commands(subparsers) -> None:
@@ -92,51 +95,72 @@ def score_name(path) -> str:
 def run_show(args) -> None:
     from . import analysis
     from .errors import HeadscopeError
-    from .outputs import format_table, parse_head_key
-    from .scorers import keeps_zeros
+    from .outputs import format_table
 
     summary = analysis.load_summary(args.file)
     if args.top < 1:
         raise HeadscopeError("--top must be at least 1")
     if args.kv_heads and args.bootstrap:
         raise HeadscopeError("--kv-heads and --bootstrap cannot be combined")
+    keys = analysis.checked_heads(args.file, summary)
     if args.kv_heads:
-        means = analysis.mean_matrix(summary)
-        num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model)
-        scores = analysis.kv_head_scores(means, num_kv, args.kv_heads)
-        group = means.shape[1] // num_kv
-        order = sorted(np.ndindex(scores.shape), key=lambda lg: (-scores[lg], lg))
-        print(f"{'layer':>5} {'kv_head':>7} {args.kv_heads:>8}  query heads")
-        for layer, kv in order[:args.top]:
-            print(f"{layer:>5} {kv:>7} {scores[layer, kv]:>8.4f}  {kv * group}-{(kv + 1) * group - 1}")
-        return
-    if not args.bootstrap:
+        print(kv_table(args, summary))
+    elif args.bootstrap:
+        print(stability(args, summary, keys))
+    else:
         print(format_table(summary, args.top))
-        return
-    keys = sorted(summary, key=parse_head_key)
-    analysis.grid_shape(keys)
-    samples_path = analysis.companion(args.file, "samples")
-    rows = analysis.read_samples(samples_path)
+
+
+def kv_table(args, summary: dict) -> str:
+    """Query heads aggregated onto their KV head (GQA), best first."""
+    from . import analysis
+
+    means = analysis.mean_matrix(summary)
+    num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model,
+                                          args.trust_remote_code)
+    scores = analysis.kv_head_scores(means, num_kv, args.kv_heads)
+    group = means.shape[1] // num_kv
+    order = sorted(np.ndindex(scores.shape), key=lambda lg: (-scores[lg], lg))
+    lines = [f"{'layer':>5} {'kv_head':>7} {args.kv_heads:>8}  query heads"]
+    for layer, kv in order[:args.top]:
+        first, last = kv * group, (kv + 1) * group - 1
+        served = f"{layer}-{first}" if group == 1 else f"{layer}-{first} to {layer}-{last}"  # head ids, as elsewhere
+        lines.append(f"{layer:>5} {kv:>7} {scores[layer, kv]:>8.4f}  {served}")
+    return "\n".join(lines)
+
+
+def stability(args, summary: dict, keys: list[str]) -> str:
+    """The bootstrap table of the samples beside the file (heads with no value shown as '-', never as 0)."""
+    from . import analysis, store
+    from .errors import HeadscopeError
+    from .scorers import keeps_zeros
+
+    paths = {kind: analysis.companion(args.file, kind) for kind in ("samples", "manifest")}
+    if not paths["samples"].exists():
+        raise HeadscopeError(f"no samples file {paths['samples']}: it is written next to the heads file by `detect`")
+    rows = store.run_rows(paths, analysis.read_manifest(args.file))
     contributions = analysis.sample_contributions(rows, keys)
     if not contributions.size:
-        raise HeadscopeError(f"{samples_path} has no passing samples with head_scores to resample")
+        raise HeadscopeError(f"{paths['samples']} has no passing samples with head_scores to resample")
     keep_zeros = keeps_zeros(rows)  # the rule the scorer declared, as written into each row
     k = args.k if args.k is not None else min(10, len(keys))
     result = analysis.bootstrap(contributions, keep_zeros, args.bootstrap, k, args.seed)
     table, stable = analysis.stability_table(keys, result, args.top)
-    print(table)
-    file_means = np.array([summary[key]["mean"] for key in keys])
-    if not np.allclose(file_means, result["mean"], rtol=1e-4, atol=1e-6):
-        print(f"note: the means from {samples_path.name} differ from {Path(args.file).name} "
-              "(merged or legacy runs?): the table uses the samples")
-    print(f"{stable} of the top {k} heads are stable (P(top {k}) >= 0.5 over {args.bootstrap} resamples "
-          f"of {result['num_samples']} passing samples); * marks the others")
+    lines = [table]
+    file_means = np.array([np.nan if summary[key]["mean"] is None else summary[key]["mean"] for key in keys])
+    if not np.allclose(file_means, result["mean"], rtol=1e-4, atol=1e-6, equal_nan=True):
+        lines.append(f"note: the means from {paths['samples'].name} differ from {Path(args.file).name} "
+                     "(merged or legacy runs?): the table uses the samples")
+    lines.append(f"{stable} of the top {k} heads are stable (P(top {k}) >= 0.5 over {args.bootstrap} resamples "
+                 f"of {result['num_samples']} passing samples); * marks the others, - a head with no value")
+    return "\n".join(lines)
 
 
 def run_compare(args) -> None:
     from . import analysis, plots
+    from .outputs import plain
 
-    a, b = analysis.load_summary(args.a), analysis.load_summary(args.b)
+    a, b = (plain(analysis.load_summary(path)) for path in (args.a, args.b))  # no value counts as 0 here
     ks = args.top if args.top is not None else [k for k in (5, 10, 20, 30) if k <= len(a)] or [len(a)]
     result = analysis.compare(a, b, ks)
     print(f"{'K':>4} {'overlap':>7} {'jaccard':>7}")
@@ -179,7 +203,8 @@ def run_export(args) -> None:
         budgets = exports.headkv_budgets(means, args.budget, args.beta, args.temperature)
         atomic_write_json(out, exports.headkv_json(budgets, args.layout))
     else:
-        num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model)
+        num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model,
+                                                  args.trust_remote_code)
         pattern = exports.duo_pattern(means, num_kv, args.threshold, args.sparsity, args.raw or None)
         if args.sink_size < 0 or args.recent_size < 0:
             raise HeadscopeError("--sink-size and --recent-size must not be negative")

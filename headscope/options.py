@@ -158,6 +158,16 @@ def _argument_type(parse):
     return typed
 
 
+# Option groups that choose which samples a run decodes (its data and grid), not what its scores mean: runs that
+# differ only in these, and in the seed that samples the data, measure the same thing (--append may pool them).
+SAMPLE_GROUPS = ("data", "context lengths")
+
+
+def sample_fields(options_class) -> set[str]:
+    return {spec.name for spec in dataclasses.fields(options_class)
+            if spec.metadata.get("group") in SAMPLE_GROUPS} | {"seed"}
+
+
 def unused_by(command: str, options_class) -> set[str]:
     """The fields a command does not use (`ablate=False` in their metadata)."""
     return {spec.name for spec in dataclasses.fields(options_class) if spec.metadata.get(command) is False}
