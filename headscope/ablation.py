@@ -63,8 +63,11 @@ class ArmLog:
         self.done = {(row["arm"], row["repeat"], row["id"]): row for row in self.found.rows}
         self.file = None
 
-    def begin(self) -> None:
-        """The first write: the log opened to append, emptied with --overwrite, its cut last line cut off."""
+    def _start(self) -> None:
+        """The first write, with the first row: the log opened to append, emptied with --overwrite, its cut last
+        line cut off (a failure before the first finished sample leaves the folder as it was)."""
+        if self.file is not None:
+            return
         self.file = store.open_for_append(self.path)
         if self.overwrite:
             os.ftruncate(self.file.fileno(), 0)
@@ -73,6 +76,7 @@ class ArmLog:
 
     def append(self, arm: str, repeat: int, row: dict) -> None:
         row = {"ablation": self.ablation_id, "arm": arm, "repeat": repeat, **row}
+        self._start()
         self.file.write(store.row_line(row, self.path))
         self.file.flush()
         os.fsync(self.file.fileno())
@@ -203,7 +207,6 @@ def ablate(task: str, scores: str, top: list[int] | str, options=None, loaded=No
             arms_to_run = plan_arms(summary, run.keys, ks, settings, options.seed, scores)
             encoded = encode_samples(run, range(len(run.samples)))
             items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
-            log.begin()
             results, rows_of = run_arms(run, items, arms_to_run, settings.mode, log)
         finally:
             log.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +174,7 @@ def run_compare(args) -> None:
     if not args.no_plot:
         path_a, path_b = Path(args.a), Path(args.b)
         out = Path(args.plot) if args.plot else path_a.with_name(f"{path_a.stem}_vs_{path_b.stem}.png")
-        print(f"wrote {plots.scatter(a, b, out, labels=(score_name(path_a), score_name(path_b)))}")
+        wrote(plots.scatter(a, b, out, (score_name(path_a), score_name(path_b)), follow=args.plot is not None))
 
 
 def run_plot(args) -> None:
@@ -189,33 +190,41 @@ def run_export(args) -> None:
     from .outputs import atomic_write_json
 
     summary = analysis.load_summary(args.file)
+    analysis.checked_heads(args.file, summary)
     means = analysis.mean_matrix(summary)
     default = analysis.companion(args.file, args.to)
-    top = args.top if args.top is not None else min(20, len(summary))
-    if args.to == "topk":
-        out = Path(args.out or default.with_suffix(".json"))
-        atomic_write_json(out, exports.top_k_list(summary, top))
-    elif args.to == "razor":
-        out = Path(args.out or default.with_suffix(".json"))
-        atomic_write_json(out, exports.razor_heads(summary, top))
-    elif args.to == "headkv":
-        out = Path(args.out or default.with_suffix(".json"))
-        budgets = exports.headkv_budgets(means, args.budget, args.beta, args.temperature)
-        atomic_write_json(out, exports.headkv_json(budgets, args.layout))
-    else:
+    top = args.top if args.top is not None else min(20, analysis.valued(summary)) or 1
+    if args.to == "duo":
         num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model,
-                                                  args.trust_remote_code)
+                                               args.trust_remote_code)
         pattern = exports.duo_pattern(means, num_kv, args.threshold, args.sparsity, args.raw or None)
         if args.sink_size < 0 or args.recent_size < 0:
             raise HeadscopeError("--sink-size and --recent-size must not be negative")
         out = exports.write_duo(pattern, args.out or default.with_suffix(""), args.sink_size, args.recent_size)
         print(f"{int((pattern > 0).sum())} of {pattern.size} KV heads marked full attention" if not args.raw else
               f"{pattern.size} KV heads, scores scaled to [0, 1]")
-    print(f"wrote {out}")
+    else:
+        if args.to == "topk":
+            content = exports.top_k_list(summary, top)
+        elif args.to == "razor":
+            content = exports.razor_heads(summary, top)
+        else:
+            content = exports.headkv_json(exports.headkv_budgets(means, args.budget, args.beta, args.temperature),
+                                          args.layout)
+        out = Path(args.out or default.with_suffix(".json"))
+        atomic_write_json(out, content, follow=args.out is not None)  # a path the user named: through links
+    wrote(out)
+
+
+def wrote(path, detail: str = "") -> None:
+    """'wrote PATH' on stdout, or on stderr when PATH is a stream (--out /dev/stdout): the output stays clean."""
+    from .outputs import is_stream
+
+    print(f"wrote {path}{detail}", file=sys.stderr if is_stream(Path(path)) else sys.stdout)
 
 
 def run_report(args) -> None:
     from .report import report
 
     for path in report(args.run_dir, args.out, args.compare, args.run, args.bootstrap, args.k):
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        wrote(path, f" ({path.stat().st_size / 1e6:.1f} MB)")

@@ -180,8 +180,8 @@ def run_and_write(run: Run, stores: dict, shard, run_id: str, started: float) ->
         if complete:
             heads, summary = store.derive_heads_and_summary(runs.paths, runs.rows, run.keys)
         else:
-            heads, summary = store.write_derived(runs.paths, runs.rows, run.keys)
-            runs.write_manifest(info | {"scorer": scorer.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            heads, summary = runs.finish(run.keys, info | {"scorer": scorer.name,
+                                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         this_run = [row for row in runs.rows if row.get("run") == run_id]
         results[scorer.name] = DetectResult(heads, summary, this_run, runs.paths, complete=complete)
     first = results[run.scorers[0].name]

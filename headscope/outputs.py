@@ -66,13 +66,11 @@ def atomic_path(path: Path, follow: bool = False):
     an input) must be a regular file or nothing; a symlink or a device there is refused, never written through
     or over. A path the user named (`follow=True`: `--out FILE`, `--plot FILE`) is written through: a link's
     target gets the content and the link stays; a device or pipe (`/dev/stdout`) is written in place."""
-    path = Path(path)
-    if follow:
-        if _is_stream(path):
-            yield str(path)
-            return
-        path = Path(os.path.realpath(path))
-    refuse_unless_regular(path)
+    target = write_target(path, follow)
+    if target is None:
+        yield str(path)
+        return
+    path = target
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -87,7 +85,19 @@ def atomic_path(path: Path, follow: bool = False):
         raise
 
 
-def _is_stream(path: Path) -> bool:
+def write_target(path, follow: bool = False) -> Path | None:
+    """The file a write to `path` replaces (a link the user named resolved: see atomic_path), refused unless a
+    regular file or nothing is there; None for a stream, written in place. Callers may check early with it."""
+    path = Path(path)
+    if follow:
+        if is_stream(path):
+            return None
+        path = Path(os.path.realpath(path))
+    refuse_unless_regular(path)
+    return path
+
+
+def is_stream(path: Path) -> bool:
     """A device or pipe (what /dev/stdout leads to): there is no file to rename over it."""
     try:
         mode = os.stat(path).st_mode
@@ -129,7 +139,7 @@ def atomic_write_text(path: Path, text: str, follow: bool = False) -> None:
     with atomic_path(path, follow) as temporary, open(temporary, "w") as file:
         file.write(text)
         file.flush()
-        if not _is_stream(Path(temporary)):
+        if not is_stream(Path(temporary)):
             os.fsync(file.fileno())
 
 

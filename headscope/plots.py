@@ -28,10 +28,11 @@ SCATTER_SIZE = (6, 6)
 NIAH_COLORS = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"])
 
 
-def save(figure, path: str | Path) -> Path:
-    """Write `figure` as a PNG to `path` atomically and close it."""
+def save(figure, path: str | Path, follow: bool = False) -> Path:
+    """Write `figure` as a PNG to `path` atomically and close it (follow: a path the user named, written
+    through a link; see outputs.atomic_path)."""
     try:
-        with atomic_path(path) as temporary:
+        with atomic_path(path, follow) as temporary:
             figure.savefig(temporary, format="png", dpi=DPI)
     finally:
         plt.close(figure)
@@ -173,7 +174,8 @@ def specificity_matrix(report: dict, path) -> Path:
     return save(figure, path)
 
 
-def scatter(a_summary: dict[str, dict], b_summary: dict[str, dict], path, labels=("A", "B"), annotate: int = 5) -> Path:
+def scatter(a_summary: dict[str, dict], b_summary: dict[str, dict], path, labels=("A", "B"), annotate: int = 5,
+            follow: bool = False) -> Path:
     """Each head's mean score in A against B, with the diagonal and the best `annotate` heads of each named."""
     keys = sorted(a_summary, key=parse_head_key)
     if set(keys) != set(b_summary):
@@ -193,7 +195,7 @@ def scatter(a_summary: dict[str, dict], b_summary: dict[str, dict], path, labels
                       textcoords="offset points", fontsize=7)
     axes.set(xlabel=f"{labels[0]} mean score", ylabel=f"{labels[1]} mean score", title=f"{labels[0]} vs {labels[1]}")
     figure.tight_layout()
-    return save(figure, path)
+    return save(figure, path, follow)
 
 
 def plot_run(heads_path, top: int = 10) -> list[Path]:

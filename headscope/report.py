@@ -53,15 +53,17 @@ def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: i
     if out is not None and len(runs) > 1:
         raise HeadscopeError(f"{run_dir} holds {len(runs)} runs ({', '.join(p for p, _ in runs)}): "
                              "pick one with --run to write it to --out")
+    if out is not None:
+        outputs.write_target(out, follow=True)  # a folder or device named --out is refused before the work
     other = load_other(compare, runs) if compare is not None else None
-    bundle = vega_bundle()
-    pages = {}  # every page is built before one is written: a bad run leaves no page half the folder's
+    contexts = {}  # every run is read and checked before a page is rendered or written
     for prefix, manifest in runs:
         path = Path(out) if out else run_dir / ("report.html" if len(every_run) == 1 else f"{prefix}_report.html")
-        pages[path] = render(page_context(run_dir, prefix, manifest, other and other.get(prefix), bootstrap, k), bundle)
-    for path, page in pages.items():
-        outputs.atomic_write_text(path, page, follow=out is not None)  # a path the user named: through links
-    return list(pages)
+        contexts[path] = page_context(run_dir, prefix, manifest, other and other.get(prefix), bootstrap, k)
+    bundle = vega_bundle()
+    for path, context in contexts.items():
+        outputs.atomic_write_text(path, render(context, bundle), follow=out is not None)  # a named path: via links
+    return list(contexts)
 
 
 # -------------------------------------------------------------------------------------------- a run

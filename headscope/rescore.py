@@ -22,11 +22,12 @@ K_VALUES = (5, 10, 20)
 
 def rows_to_judge(paths: dict, manifest: dict) -> list[dict]:
     rows = store.run_rows(paths, manifest)
-    missing = next((row for row in rows if "reference" not in row), None)
-    if missing is not None:
-        raise HeadscopeError(f"{paths['samples']}: sample {missing.get('id')!r} has no 'reference' field (it was "
-                             "written before headscope recorded what each response was judged against): run detect "
-                             "again")
+    for field in ("reference", "response"):  # what rescore judges again: the response against the reference
+        missing = next((row for row in rows if field not in row), None)
+        if missing is not None:
+            raise HeadscopeError(f"{paths['samples']}: sample {missing['id']!r} has no {field!r} field (it was "
+                                 "written before headscope recorded what each response was judged against): run "
+                                 "detect again")
     return rows
 
 

@@ -122,7 +122,7 @@ SAMPLE_ROW = {
     "id": (True, is_text, "a string"),
     "passed": (True, is_flag, "true or false"),
     "error": (True, optional(is_text), "a string or null"),
-    "response": (True, is_text, "a string"),
+    "response": (False, is_text, "a string"),
     "score": (True, optional(is_number), "a number or null"),
     "run": (False, is_text, "a string"),
     "index": (False, is_count, "a whole number >= 0"),

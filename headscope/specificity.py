@@ -93,7 +93,6 @@ def run_matrix(summaries: dict, arms: Arms, options_of: dict, logs: dict, loaded
         check_files(summaries, run.keys, arms)
         encoded = encode_samples(run, range(len(run.samples)))
         items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
-        logs[task].begin()
         for name, cell in run_cells(run, items, summaries, arms, logs[task]).items():
             matrix[name][task] = cell
     return matrix

@@ -229,7 +229,7 @@ class RunStore:
 
     def __init__(self, paths: dict, run: str, overwrite: bool, append: bool, settings: tuple[str, dict]):
         self.paths, self.run, self.overwrite, self.settings = paths, run, overwrite, settings
-        self.file = None
+        self.file, self.pending = None, None
         if overwrite:  # the old files are replaced at `begin`, not before: a refused run loses nothing
             self.found, self.manifest, self.legacy = RowsFile(paths["samples"], []), None, None
         else:
@@ -280,8 +280,16 @@ class RunStore:
         return bool(record.get("finished")) and self.paths["summary"].exists()
 
     def begin(self, keys: list[str], info: dict) -> None:
-        """Before the first new row: replace the old run (--overwrite), set a legacy heads file aside, cut off a
-        cut last line, and record this run in the manifest."""
+        """Ready to write: the first change comes with the first row (or the run's end), so a run that fails
+        before its first sample is finished (a prompt too long, a pattern that never ends) leaves no file."""
+        self.pending = (keys, info)
+
+    def _start(self) -> None:
+        """The first change: replace the old run (--overwrite), set a legacy heads file aside, cut off a cut last
+        line, and record this run in the manifest."""
+        if self.file is not None:
+            return
+        keys, info = self.pending
         if self.overwrite:
             for kind in ("samples", "base_heads", "heads", "summary", "manifest"):
                 outputs.refuse_unless_regular(self.paths[kind])
@@ -292,6 +300,13 @@ class RunStore:
         if self.found.cut:
             drop_cut_line(self.file, self.found)
         self.write_manifest(info)
+
+    def finish(self, keys: list[str], info: dict) -> tuple[dict, dict]:
+        """Heads and summary derived from every row, and the run marked finished in the manifest."""
+        self._start()
+        derived = write_derived(self.paths, self.rows, keys)
+        self.write_manifest(info)
+        return derived
 
     def _set_legacy_aside(self, keys: list[str]) -> None:
         heads = self.paths["heads"]
@@ -312,6 +327,7 @@ class RunStore:
         outputs.atomic_write_json(self.paths["manifest"], self.manifest)
 
     def append(self, row: dict) -> None:
+        self._start()
         self.file.write(row_line(row, self.paths["samples"]))
         self.file.flush()
         os.fsync(self.file.fileno())

@@ -67,8 +67,12 @@ def load_needles(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise HeadscopeError(f"needles file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise HeadscopeError(f"needles file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     needles = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
