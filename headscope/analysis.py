@@ -138,6 +138,21 @@ def refuse_other_model(summary: dict[str, dict], keys: list[str], path) -> None:
                              "score file is for another model")
 
 
+# The NIAH grid's context length is the setting (the haystack is cut to it minus --length-buffer); the prompts the
+# model read are shorter: the axis gives both.
+LENGTH_AXIS = "context length setting (mean prompt tokens)"
+
+
+def length_labels(rows: list[dict], lengths: list) -> list[str]:
+    """"300 (125)": each context length setting with the mean length of its prompts in tokens, when recorded."""
+    labels = []
+    for length in lengths:
+        tokens = [row["prompt_tokens"] for row in rows
+                  if row.get("context_length") == length and row.get("prompt_tokens") is not None]
+        labels.append(f"{length} ({sum(tokens) / len(tokens):.0f})" if tokens else str(length))
+    return labels
+
+
 # ------------------------------------------------------------------------------------------------ GQA
 
 def kv_head_scores(means: np.ndarray, num_kv_heads: int, reduce: str = "max") -> np.ndarray:

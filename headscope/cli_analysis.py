@@ -19,8 +19,17 @@ def add_kv_options(parser: argparse.ArgumentParser) -> None:
                              "named by a manifest")
 
 
-def add_commands(subparsers) -> None:
-    show = subparsers.add_parser("show", help="ranked table of a heads or summary file")
+HELP = {
+    "show": "ranked table of a heads or summary file",
+    "compare": "agreement of two score files: top-K overlap, Spearman",
+    "plot": "heatmap (and NIAH grid) PNGs next to a score file",
+    "export": "scores in the format of a KV-cache method",
+    "report": "one self-contained HTML page per run: heatmap, ranked table, NIAH grid, samples, "
+              "ablation/rescore/specificity, comparison",
+}
+
+
+def add_show(show) -> None:
     show.add_argument("file", help="NAME_TASK_heads.json or NAME_TASK_summary.json")
     show.add_argument("--top", type=int, default=30, help="rows to print (default 30)")
     show.add_argument("--kv-heads", choices=["max", "mean"], help="aggregate query heads onto their KV head (GQA)")
@@ -31,26 +40,31 @@ def add_commands(subparsers) -> None:
     stability.add_argument("--k", type=int, help="the top K whose membership is tested (default 10 or all heads)")
     show.set_defaults(handler=run_show)
 
-    compare = subparsers.add_parser("compare", help="agreement of two score files: top-K overlap, Spearman")
+
+def add_compare(compare) -> None:
     compare.add_argument("a", help="a heads or summary file (its scores are the x axis)")
     compare.add_argument("b", help="another heads or summary file of the same model (the y axis)")
     compare.add_argument("--top", type=parse_ints, help="values of K (default 5,10,20,30, those up to the head count)")
-    compare.add_argument("--plot", help="scatter plot path (default: A_vs_B.png next to A)")
+    compare.add_argument("--plot", help="scatter plot path (default: A_vs_B.png next to A; a link is written "
+                                        "through)")
     compare.add_argument("--no-plot", action="store_true", help="print the table only")
     compare.set_defaults(handler=run_compare)
 
-    plot = subparsers.add_parser("plot", help="heatmap (and NIAH grid) PNGs next to a score file")
+
+def add_plot(plot) -> None:
     plot.add_argument("file", help="NAME_TASK_heads.json or NAME_TASK_summary.json")
     plot.add_argument("--top", type=int, default=10, help="label this many best heads (default 10)")
     plot.set_defaults(handler=run_plot)
 
-    export = subparsers.add_parser("export", help="scores in the format of a KV-cache method")
+
+def add_export(export) -> None:
     export.add_argument("file", help="NAME_TASK_heads.json or NAME_TASK_summary.json")
     export.add_argument("--to", required=True, choices=["topk", "duo", "razor", "headkv"],
                         help="topk: [[layer, head, score], ...]; duo: DuoAttention; razor: RazorAttention; "
                              "headkv: HeadKV budgets")
-    export.add_argument("--top", type=int, help="topk, razor: how many heads (default 20 or all heads)")
-    export.add_argument("--out", help="output path (duo: a folder); default next to FILE")
+    export.add_argument("--top", type=int, help="topk, razor: how many heads (default 20, or the heads with a value)")
+    export.add_argument("--out", help="output path (duo: a folder); default next to FILE; a link (or /dev/stdout) is "
+                                      "written through")
     duo = export.add_argument_group("duo")
     duo.add_argument("--threshold", type=float, help="1 where the KV head's score >= T")
     duo.add_argument("--sparsity", type=float, help="keep the top (1 - S) fraction of KV heads")
@@ -64,14 +78,14 @@ def add_commands(subparsers) -> None:
                         help="floor(budget / beta) per head is pooled; larger beta, bigger floor (default 1.2)")
     headkv.add_argument("--temperature", type=float, default=1.0, help="exponent on the score shares (default 1)")
     headkv.add_argument("--layout", choices=["keys", "matrix"], default="keys",
-                        help='{"L-H": budget} or a layers x heads list')
+                        help='{"L-H": budget} or a layers x heads list (default keys)')
     export.set_defaults(handler=run_export)
 
-    report = subparsers.add_parser("report", help="one self-contained HTML page per run: heatmap, ranked table, "
-                                                  "NIAH grid, samples, ablation/rescore/specificity, comparison")
+
+def add_report(report) -> None:
     report.add_argument("run_dir", help="a detect --out folder (e.g. head_scores)")
     report.add_argument("--out", help="the page's path (default RUN_DIR/report.html; RUN_DIR/NAME_TASK_report.html "
-                                      "each when the folder holds several runs)")
+                                      "each when the folder holds several runs); a link is written through")
     report.add_argument("--run", metavar="NAME_TASK", help="only this run of the folder (e.g. organism_retrieval)")
     report.add_argument("--compare", metavar="OTHER",
                         help="another run: its folder, or one of its files (e.g. NAME_TASK_r2_heads.json): top-K "
@@ -80,6 +94,9 @@ def add_commands(subparsers) -> None:
                         help="resamples behind each head's 95%% interval and P(top K) (default 1000; 0: none)")
     report.add_argument("--k", type=int, help="the K of P(top K) (default 10 or all heads)")
     report.set_defaults(handler=run_report)
+
+
+COMMANDS = {"show": add_show, "compare": add_compare, "plot": add_plot, "export": add_export, "report": add_report}
 
 
 def score_name(path) -> str:

@@ -3,6 +3,7 @@ load -> build prompts -> generate with the recorder -> score -> accumulate -> wr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import os
@@ -23,7 +24,7 @@ from .errors import HeadscopeError, notify
 from .lock import writer_locks
 from .answers import extract_answer
 from .metrics import passes, score_response
-from .options import DetectOptions, build, validate
+from .options import DetectOptions, build, flag_of, given_fields, refuse_conflicts, validate
 from .scorers import PromptBatch, load_scorer
 from .scorers.segments import segment_spans, think_markers
 from .spans import encode_with_span, excerpt
@@ -89,6 +90,9 @@ def task_options(task: str, options=None, **overrides):
     """The task's options dataclass, from any options object (the fields they share) and overrides by name."""
     if task not in TASKS:
         raise HeadscopeError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
+    given = set(overrides) | (given_fields(options) if options is not None else set())
+    refuse_conflicts(TASKS[task].options, given)
+    refuse_filter_flags(TASKS[task], given)
     options = build(TASKS[task].options, options, **overrides)
     validate(options)
     if Path(options.out).exists() and not Path(options.out).is_dir():
@@ -96,11 +100,54 @@ def task_options(task: str, options=None, **overrides):
     return options
 
 
+@contextlib.contextmanager
+def quiet_loading(quiet: bool):
+    """quiet: no progress bar of transformers' either while the weights load."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    if quiet:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and shown:
+            transformers_logging.enable_progress_bar()
+
+
+def refuse_filter_flags(task: Task, given: set[str]) -> None:
+    """A task without a success filter (every sample counts) has no use for the filter's flags: refused, not
+    ignored."""
+    if task.success_filter:
+        return
+    used = sorted(spec.name for spec in dataclasses.fields(task.options)
+                  if spec.metadata.get("success_filter") and spec.name in given)
+    if used:
+        raise HeadscopeError(f"the {task.name} task has no success filter (every sample counts): "
+                             f"{flag_of(task.options, used[0])} does nothing there")
+
+
+TORCH_THREADS = torch.get_num_threads()  # torch's own default (the machine's cores), before anyone changes it
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's CPU threads: --threads, else the cores no other work keeps busy (at least 1). On a busy
+    machine torch's default (every core) is several times slower: its threads wait for each other while other
+    processes hold the cores (benchmarks/threads.py)."""
+    if threads is None:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, min(TORCH_THREADS, round(TORCH_THREADS - busy)))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def start_run(task: str, options, loaded: loading.LoadedModel | None, command: str = "detect",
               scorers: list = ()) -> Run:
     """Load the model (unless given), run the exactness check, build the samples; `scorers` read the decode."""
-    loaded = loaded or loading.load(options.model, options.dtype, options.device, options.attn,
-                                    options.trust_remote_code)
+    use_threads(options.threads)
+    if loaded is None:
+        with quiet_loading(options.quiet):
+            loaded = loading.load(options.model, options.dtype, options.device, options.attn, options.trust_remote_code)
     if command == "ablate" and loaded.eager_fallback:  # masking lives in headscope's attention function
         raise HeadscopeError(f"{type(loaded.model).__name__} does not use transformers' attention interface, so "
                              "headscope cannot mask its heads")

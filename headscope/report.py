@@ -190,6 +190,7 @@ def sample_entries(rows: list[dict], keys: list[str]) -> tuple[list[dict], list]
             "position": position, "id": row.get("id"), "outcome": outcome(row), "score": row.get("score"),
             "reference": row.get("reference"), "response": row.get("response"), "answer_text": row.get("answer_text"),
             "error": row.get("error"), "excerpt": row.get("excerpt"), "span_method": row.get("span_method"),
+            "prompt_tokens": row.get("prompt_tokens"),
             "context_length": row.get("context_length"), "depth_percent": row.get("depth_percent"),
             "meta": {key: value for key, value in row.items() if key not in SHOWN_FIELDS and value is not None}})
         scores = row.get("head_scores")
@@ -240,21 +241,26 @@ def heatmap_spec(heads: list[dict], signed: bool, heads_per_layer: int, selected
 def niah_spec(samples: list[dict]) -> dict | None:
     """Mean metric per (context length, depth), as the NIAH PNG; None when the rows are not a NIAH grid.
     Samples with an error measured nothing and are left out (as plots.niah_matrix)."""
-    cells = [{"context_length": s["context_length"], "depth_percent": s["depth_percent"], "score": s["score"]}
-             for s in samples if s["context_length"] is not None and s["depth_percent"] is not None
-             and s["outcome"] != "error"]
-    if not cells:
+    measured = [s for s in samples if s["context_length"] is not None and s["depth_percent"] is not None
+                and s["outcome"] != "error"]
+    if not measured:
         return None
+    lengths = sorted({s["context_length"] for s in measured})
+    labels = dict(zip(lengths, analysis.length_labels(measured, lengths)))  # "300 (125)": setting, prompt tokens
+    cells = [{"context_length": s["context_length"], "length": labels[s["context_length"]],
+              "depth_percent": s["depth_percent"], "score": s["score"]} for s in measured]
     return {
         "data": {"values": cells},
         "width": {"step": 56}, "height": {"step": 36},
         "mark": "rect",
         "encoding": {
-            "x": {"field": "context_length", "type": "ordinal", "title": "context length (tokens)"},
+            "x": {"field": "length", "type": "ordinal", "title": analysis.LENGTH_AXIS,
+                  "sort": {"field": "context_length"}},
             "y": {"field": "depth_percent", "type": "ordinal", "title": "needle depth (%)"},
+            "detail": {"field": "context_length"},  # kept in each cell's datum: a click lists its samples
             "color": {"aggregate": "mean", "field": "score", "type": "quantitative", "title": "score",
                       "scale": {"domain": [0, 100], "range": ["#F0496E", "#EBB839", "#0CD79F"]}},
-            "tooltip": [{"field": "context_length", "title": "context length"},
+            "tooltip": [{"field": "length", "title": "context length (prompt tokens)"},
                         {"field": "depth_percent", "title": "depth (%)"},
                         {"aggregate": "mean", "field": "score", "title": "mean score", "format": ".1f"},
                         {"aggregate": "count", "title": "samples"}],
