@@ -234,10 +234,11 @@ def run_export(args) -> None:
 
 
 def wrote(path, detail: str = "") -> None:
-    """'wrote PATH' on stdout, or on stderr when PATH is a stream (--out /dev/stdout): the output stays clean."""
-    from .outputs import is_stream
+    """'wrote PATH' on stdout, or on stderr when PATH was written in place (--out /dev/stdout): the output stays
+    clean."""
+    from .outputs import write_target
 
-    print(f"wrote {path}{detail}", file=sys.stderr if is_stream(Path(path)) else sys.stdout)
+    print(f"wrote {path}{detail}", file=sys.stderr if write_target(path, follow=True) is None else sys.stdout)
 
 
 def run_report(args) -> None:

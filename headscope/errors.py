@@ -18,4 +18,15 @@ def loading_reason(error: Exception) -> str:
     as headscope's flag (a model named by a file is never trusted without it)."""
     if "trust_remote_code" in str(error):
         return "it needs custom code (its config has an auto_map), which headscope runs only with --trust-remote-code"
-    return (str(error).strip() or type(error).__name__).splitlines()[0]
+    return first_sentence(str(error)) or type(error).__name__
+
+
+def first_sentence(text: str) -> str:
+    """A message's lines joined up to the end of its first sentence: one line, never cut mid-sentence
+    ("... from one of:" is followed by the list it announces)."""
+    taken = []
+    for line in text.strip().splitlines():
+        taken.append(line.strip())
+        if line.rstrip().endswith((".", "!", "?")):
+            break
+    return " ".join(part for part in taken if part)

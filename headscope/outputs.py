@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -68,7 +69,7 @@ def atomic_path(path: Path, follow: bool = False):
     target gets the content and the link stays; a device or pipe (`/dev/stdout`) is written in place."""
     target = write_target(path, follow)
     if target is None:
-        yield str(path)
+        yield from _written_in_place(Path(path))
         return
     path = target
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,14 +88,29 @@ def atomic_path(path: Path, follow: bool = False):
 
 def write_target(path, follow: bool = False) -> Path | None:
     """The file a write to `path` replaces (a link the user named resolved: see atomic_path), refused unless a
-    regular file or nothing is there; None for a stream, written in place. Callers may check early with it."""
+    regular file or nothing is there; None for what is written in place: a stream, or a path under /dev or /proc
+    (/dev/stdout names the open standard output, whatever file it leads to). Callers may check early with it."""
     path = Path(path)
     if follow:
-        if is_stream(path):
+        if is_stream(path) or any(str(name).startswith(("/dev/", "/proc/"))
+                                  for name in (path.absolute(), os.path.realpath(path))):
             return None
         path = Path(os.path.realpath(path))
     refuse_unless_regular(path)
     return path
+
+
+def _written_in_place(path: Path):
+    """Yield a private temporary file; then append its bytes to `path` (a pipe, a device, standard output
+    redirected to a file: appended, so that `>>` keeps what was there) and remove it."""
+    handle, temporary = tempfile.mkstemp(prefix=".headscope.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield temporary
+        with open(temporary, "rb") as written, open(path, "ab") as out:
+            shutil.copyfileobj(written, out)
+    finally:
+        os.unlink(temporary)
 
 
 def is_stream(path: Path) -> bool:
@@ -139,8 +155,7 @@ def atomic_write_text(path: Path, text: str, follow: bool = False) -> None:
     with atomic_path(path, follow) as temporary, open(temporary, "w") as file:
         file.write(text)
         file.flush()
-        if not is_stream(Path(temporary)):
-            os.fsync(file.fileno())
+        os.fsync(file.fileno())
 
 
 def json_text(obj, where) -> str:
