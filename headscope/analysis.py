@@ -290,15 +290,18 @@ def sample_contributions(rows: list[dict], keys: list[str]) -> np.ndarray:
 
 
 def head_means(weights: np.ndarray, contributions: np.ndarray, keep_zeros: bool) -> np.ndarray:
-    """Each head's mean under sample weights (how many times each sample is drawn); NaN for a head with no value.
+    """Each head's mean under sample weights (how many times each sample is drawn), under the accumulation
+    rule of `store.joins_list`; NaN for a head with no value (never 0: nothing was measured).
 
-    weights (draws, samples), contributions X (samples, heads), a NaN entry being no value:
-      keep zeros:  mean[d, j] = sum_i w[d, i] X[i, j] / sum_i w[d, i] [X[i, j] is a value]
-      drop zeros:  mean[d, j] = sum_i w[d, i] X[i, j] / sum_i w[d, i] [X[i, j] > 0]
+    weights (draws, samples), contributions X (samples, heads), NaN where a sample has no value for a head:
+      mean[d, j] = sum_i w[d, i] X[i, j] J[i, j] / sum_i w[d, i] J[i, j]   (NaN if the head has no value)
+    with J[i, j] = 1 where X[i, j] joins the head's list: a value, and non-zero unless keep_zeros.
     """
-    counted = ~np.isnan(contributions) if keep_zeros else np.nan_to_num(contributions) > 0
-    totals = weights @ np.where(counted, contributions, 0.0)
-    counts = weights @ counted
+    joins = ~np.isnan(contributions)
+    values = np.where(joins, contributions, 0.0)
+    if not keep_zeros:
+        joins &= values != 0
+    totals, counts = weights @ values, weights @ joins
     return np.divide(totals, counts, out=np.full_like(totals, np.nan), where=counts > 0)
 
 

@@ -2,11 +2,12 @@
 
 A reasoning model writes a chain of thought before its answer; judging the whole response rewards a chain
 that mentions the reference anywhere. With `--answer-marker TEXT` only what follows the last TEXT counts (the
-organism: "so the answer is"); `--answer-from` then takes:
+organism: "so the answer is"); the marker matches where a word starts ("also the answer is" does not hold
+"so the answer is") and its white space is kept. `--answer-from` then takes:
   full         all of it
-  after-think  what follows the last `</think>`
+  after-think  what follows the last `</think>` (where the think segment of the segment scorers ends too)
   boxed        the content of the last \\boxed{...}
-  last-number  the last number (thousands commas dropped)
+  last-number  the last number ("1,234" is 1234; "2,3,5" is three numbers, the last 5)
   regex:P      the last match of the regular expression P (its first group, if it has one)
 A response with nothing to extract has no answer: it fails the success filter, whatever the metric.
 """
@@ -20,9 +21,8 @@ from .errors import HeadscopeError
 
 SIMPLE = ("full", "after-think", "boxed", "last-number")
 THINK_END = "</think>"
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
+# thousands separators only in groups of three ("1,234,567"); otherwise a comma separates numbers
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d,]*\d)")
 REGEX_SECONDS = 1.0  # a user's pattern may backtrack catastrophically: it gets this long per response
 
 
@@ -45,10 +45,10 @@ def extract_answer(response: str, answer_from: str = "full", marker: str | None 
     """The answer in `response`, or None when there is none to extract."""
     text = response
     if marker:
-        at = text.rfind(marker)
-        if at < 0:
+        matches = list(re.finditer(r"(?<!\w)" + re.escape(marker), text))  # starts where a word starts
+        if not matches:
             return None
-        text = text[at + len(marker):]
+        text = text[matches[-1].end():]
     if answer_from == "after-think":
         at = text.rfind(THINK_END)
         text = text[at + len(THINK_END):] if at >= 0 else None

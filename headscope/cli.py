@@ -51,6 +51,8 @@ def run_detect(args: argparse.Namespace) -> int:
              else ""))
     for error in sorted({row["error"] for row in result.samples if row["error"]}):
         print(f"span error: {error}")
+    for name, scorer_result in by_scorer.items():
+        print_unscored(name, scorer_result.samples)
     if not result.complete:
         for scorer_result in by_scorer.values():
             for kind in ("heads", "summary", "samples", "manifest"):
@@ -78,6 +80,19 @@ def scorer_table(name: str, result, titled: bool) -> str:
     from .outputs import format_table
 
     return (f"{name}:\n" if titled else "") + format_table(result.summary, 30)
+
+
+def print_unscored(scorer: str | None, rows: list[dict]) -> None:
+    """Samples a scorer could not score (a chain too short for a kurtosis, no answer segment): counted, with
+    their reasons, never silently left out of the heads file."""
+    from collections import Counter
+
+    reasons = Counter(row["unscored"] for row in rows if row.get("unscored"))
+    if reasons:
+        listed = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common(3))
+        more = f"; and {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
+        print(f"{scorer or 'scorer'}: {sum(reasons.values())} of {len(rows)} samples have no score (not in the heads "
+              f"file): {listed}{more}")
 
 
 def distributed_detect(task, options):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
+import math
 import os
 import platform
 import sys
@@ -26,7 +27,7 @@ from .answers import extract_answer
 from .metrics import passes, score_response
 from .options import DetectOptions, build, flag_of, given_fields, refuse_conflicts, validate
 from .scorers import PromptBatch, load_scorer
-from .scorers.segments import segment_spans, think_markers
+from .scorers.segments import locate, think_markers
 from .spans import encode_with_span, excerpt
 from .tasks import TASKS, Task
 
@@ -44,7 +45,8 @@ class DetectResult:
     def counts(self) -> dict[str, int]:
         return {"run": len(self.samples), "passed": sum(s["passed"] for s in self.samples),
                 "span_errors": sum(s["error"] is not None for s in self.samples),
-                "no_answer": sum("answer_text" in s and s["answer_text"] is None for s in self.samples)}
+                "no_answer": sum("answer_text" in s and s["answer_text"] is None for s in self.samples),
+                "unscored": sum(bool(s.get("unscored")) for s in self.samples)}
 
 
 @dataclass
@@ -274,13 +276,19 @@ def decode_all(run: Run, encoded: dict, total: int, todo: list[int], stores: dic
             for scorer in scorers:
                 runs = stores[scorer.name]
                 if row["id"] not in runs.done:
-                    per_head = per_scorer.get(scorer.name)
+                    per_head, unscored = per_scorer.get(scorer.name, (None, None))
                     runs.append({"run": runs.run, **row, "scorer": scorer.name, "keep_zeros": scorer.keep_zeros,
-                                 "head_scores": None if per_head is None else per_head.tolist()})
+                                 "head_scores": None if per_head is None or unscored else values(per_head)}
+                                | ({"unscored": unscored} if unscored else {}))
             progress.update(1)
             if row["passed"] and not options.quiet:
                 tqdm.write("top-10: " + running.add(primary.rows[-1]), file=sys.stderr)
     progress.close()
+
+
+def values(per_head: torch.Tensor) -> list[list[float | None]]:
+    """(layers, heads) scores as JSON lists; NaN (no value for that head) is null."""
+    return [[None if math.isnan(value) else value for value in layer] for layer in per_head.tolist()]
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -305,9 +313,10 @@ class RunningTop:
         self.count = torch.tensor([len(heads[k]) for k in keys])
 
     def add(self, row: dict) -> str:
-        scores = torch.tensor(row["head_scores"], dtype=torch.float64).flatten()
-        kept = torch.ones_like(scores, dtype=torch.bool) if row["keep_zeros"] else scores > 0
-        self.total += torch.where(kept, scores, 0.0)
+        flat = [score for layer in row["head_scores"] for score in layer]
+        kept = torch.tensor([store.joins_list(score, row["keep_zeros"]) for score in flat])
+        self.total += torch.tensor([score if ok else 0.0 for score, ok in zip(flat, kept.tolist())],
+                                   dtype=torch.float64)
         self.count += kept
         mean = self.total / self.count.clamp(min=1)
         top = mean.topk(min(10, len(self.keys))).indices.tolist()
@@ -348,16 +357,18 @@ def run_batch(run: Run, items: list, scorers: list):
         scorer.begin(batch, *num_layers_and_heads(loaded.model))
     generated = greedy_decode(loaded.model, input_ids, attention_mask.to(device) if len(runnable) > 1 else None,
                               scorers, run.options.max_new_tokens, run.stop, loaded.eager_fallback)
-    per_scorer = {scorer.name: scorer.result().float().cpu() for scorer in scorers}  # each (batch, layers, heads)
+    per_scorer = {scorer.name: (scorer.result().float().cpu(), scorer.unscored) for scorer in scorers}
     seconds = (time.time() - started) / len(runnable)
     for i, (index, sample, prompt) in enumerate(runnable):
         response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
         outcome = judge(run, sample, response) | dict(error=None, seconds=seconds)
         if getattr(run.options, "think_end", None) is not None or segments_by_template(run):
             markers = think_markers(loaded.tokenizer, run.options.think_start, run.options.think_end)
-            outcome |= segment_spans(loaded.tokenizer, list(prompt.input_ids), generated[i], markers)
+            sequence = list(prompt.input_ids) + generated[i]
+            outcome |= locate(loaded.tokenizer, sequence, len(prompt.input_ids), *markers).spans()
         row = sample_row(run, sample, prompt, outcome)
-        yield {"index": index} | row, {name: scores[i] for name, scores in per_scorer.items()}
+        yield {"index": index} | row, {name: (scores[i], unscored.get(i)) for name, (scores, unscored)
+                                       in per_scorer.items()}
 
 
 def segments_by_template(run: Run) -> bool:

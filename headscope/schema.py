@@ -135,6 +135,7 @@ SAMPLE_ROW = {
     "context_length": (False, optional(is_number), "a number or null"),
     "depth_percent": (False, optional(is_number), "a number or null"),
     "scorer": (False, is_text, "a string"),
+    "unscored": (False, optional(is_text), "a string or null"),  # why a scorer gave this sample no value
 }
 # A shard's rows must say which run they belong to and where they sit in the sample grid (merge sorts on it).
 SHARD_ROW = SAMPLE_ROW | {"run": (True, is_text, "a string"), "index": (True, is_count, "a whole number >= 0")}

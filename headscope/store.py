@@ -154,6 +154,12 @@ def run_rows(paths: dict, manifest: dict | None) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ heads
 
+def joins_list(score: float | None, keep_zeros: bool) -> bool:
+    """Whether a passing sample's value for a head joins that head's list: a value (null is none), and not a
+    zero of a scorer whose zero means "did not fire" (keep_zeros False). Signed values are always kept."""
+    return score is not None and (keep_zeros or score != 0)
+
+
 def derive_heads(rows: list[dict], keys: list[str], base: dict[str, list[float]] | None = None) -> dict:
     """Each head's list: the legacy base's scores, then every passing sample's, in file order (a null entry:
     the head has no value in that sample)."""
@@ -165,7 +171,7 @@ def derive_heads(rows: list[dict], keys: list[str], base: dict[str, list[float]]
         if len(flat) != len(keys):
             raise HeadscopeError(f"sample {row['id']} has {len(flat)} head scores, this model has {len(keys)} heads")
         for key, score in zip(keys, flat):
-            if score is not None and (row.get("keep_zeros", True) or score > 0):
+            if joins_list(score, row.get("keep_zeros", True)):
                 heads[key].append(score)
     return heads
 

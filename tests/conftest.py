@@ -8,6 +8,16 @@ from headscope.toy import tiny_model, word_tokenizer
 WORDS = "red blue green gold fish bird tree stone river code key is the of what".split()
 
 
+def query_records(extra_documents=()) -> list[dict]:
+    """Four query-task records over WORDS: questions of different lengths (batches of two are left-padded),
+    each with two gold documents (the last document and one more), the last with one."""
+    documents = [" ".join(WORDS[i:i + 4]) + " ." for i in range(0, 12, 3)] + list(extra_documents)
+    last = len(documents) - 1
+    return [{"id": f"q{g}", "documents": documents, "gold": [g, last] if g < 3 else g,
+             "question": f"what is the {WORDS[g]} of the {' '.join(WORDS[g + 5:g + 6 + g])} ?", "answer": WORDS[g]}
+            for g in range(4)]
+
+
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory):
     """A 3-layer random Llama over a 15-word vocabulary: small enough that heads copy by chance."""

@@ -250,3 +250,25 @@ def test_default_k_fit_a_small_model(tmp_path, capsys):
     a = write_means(tmp_path / "a.json", [[9, 8, 7], [6, 5, 4]])
     assert main(["compare", str(a), str(a), "--no-plot"]) == 0  # 6 heads: only K = 5 of 5,10,20,30
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:2]] == ["5"]
+
+
+def test_signed_values_and_nulls_count_the_same_in_the_heads_file_and_the_bootstrap():
+    """A scorer that drops zeros keeps negative values; a null is no value: heads.json's mean, show --bootstrap's
+    and the running top-10 agree (they once dropped negatives from the count but not the total)."""
+    from headscope.engine import RunningTop
+    from headscope.store import derive_heads
+
+    keys = ["0-0", "0-1"]
+    scores = [[[2.0, 0.0]], [[-1.0, None]], [[0.0, 3.0]], [[4.0, -3.0]]]
+    rows = [{"id": str(i), "passed": True, "keep_zeros": False, "head_scores": s} for i, s in enumerate(scores)]
+    heads = derive_heads(rows, keys)
+    assert heads == {"0-0": [2.0, -1.0, 4.0], "0-1": [3.0, -3.0]}
+    contributions = analysis.sample_contributions(rows, keys)
+    means = analysis.head_means(np.ones((1, len(rows))), contributions, keep_zeros=False)[0]
+    assert means.tolist() == pytest.approx([5.0 / 3, 0.0])
+    running = RunningTop(keys, {key: [] for key in keys})
+    for row in rows:
+        line = running.add(row)
+    assert line.startswith("0-0 1.667")
+    kept = [dict(row, keep_zeros=True) for row in rows]
+    assert derive_heads(kept, keys) == {"0-0": [2.0, -1.0, 0.0, 4.0], "0-1": [0.0, 3.0, -3.0]}
