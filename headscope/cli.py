@@ -6,10 +6,12 @@ commands without importing torch."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import pickle
 import sys
+from pathlib import Path
 
 from .errors import HeadscopeError
 
@@ -18,12 +20,15 @@ def options_from(args: argparse.Namespace, options_class) -> dict:
     """The fields of `options_class` set on the command line (flags that cannot be combined refused); on the
     bundled organism (no --model), the task's organism defaults for those left unset and not replaced by a flag
     given (--context-lengths replaces the organism's --min-length ...)."""
+    from .engine import refuse_filter_flags
     from .options import excluded_by, refuse_conflicts
 
     names = {spec.name for spec in dataclasses.fields(options_class)}
     given = {name: value for name, value in vars(args).items() if name in names}
     refuse_conflicts(options_class, set(given))
     task = getattr(args, "task_spec", None)
+    if task is not None:
+        refuse_filter_flags(task, set(given))
     if task is not None and getattr(args, "model", None) is None:  # only this class's fields take them
         defaults = {k: v for k, v in task.organism_defaults.items()
                     if k in names and not excluded_by(options_class, k, set(given))}
@@ -161,13 +166,11 @@ def run_ablate(args: argparse.Namespace) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     from .check import run_check as check_model
-    from .engine import use_threads
     from .loading import load
 
     from .options import ModelOptions
 
     model = ModelOptions(**options_from(args, ModelOptions))
-    use_threads(model.threads)
     loaded = load(model.model, model.dtype, model.device, model.attn, model.trust_remote_code)
     report = check_model(loaded, args.prompt_tokens, args.steps)
     print(f"model {loaded.path}  dtype {str(loaded.model.dtype).removeprefix('torch.')}  device {loaded.device}  "
@@ -188,7 +191,7 @@ def run_rescore(args: argparse.Namespace) -> None:
     print(format_report(report))
     print(f"wrote {os.path.join(args.run_dir, 'rescore', 'rescore.json')}")
     if not args.no_plots:
-        for picture in draw(report, args.run_dir):
+        for picture in draw(report, Path(args.run_dir)):
             print(f"wrote {picture}")
 
 
@@ -362,6 +365,29 @@ def user_error(error: BaseException) -> str | None:
     return None
 
 
+TORCH_COMMANDS = {"detect", "ablate", "specificity", "check", "rescore"}  # the commands that compute with torch
+
+
+@contextlib.contextmanager
+def command_threads(args: argparse.Namespace):
+    """torch's CPU threads while a command runs: --threads, else the cores no other work keeps busy
+    (engine.use_threads); put back after it, so that a program calling main() keeps its own setting (and a library
+    call of headscope leaves torch's setting alone unless given `threads`)."""
+    if args.command not in TORCH_COMMANDS:
+        yield
+        return
+    import torch
+
+    from .engine import use_threads
+
+    before = torch.get_num_threads()
+    use_threads(getattr(args, "threads", None))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def quiet_libraries() -> None:
     """Our own progress bar and errors only: no download bars, no huggingface_hub retry lines before our error."""
     from huggingface_hub.utils import logging as hub_logging
@@ -382,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "organism":
             run_organism_train(args, rest)
             return 0
-        return args.handler(args) or 0
+        with command_threads(args):
+            return args.handler(args) or 0
     except KeyboardInterrupt:
         print("headscope: interrupted", file=sys.stderr)
         return 130

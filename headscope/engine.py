@@ -92,9 +92,7 @@ def task_options(task: str, options=None, **overrides):
     """The task's options dataclass, from any options object (the fields they share) and overrides by name."""
     if task not in TASKS:
         raise HeadscopeError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
-    given = set(overrides) | (given_fields(options) if options is not None else set())
-    refuse_conflicts(TASKS[task].options, given)
-    refuse_filter_flags(TASKS[task], given)
+    refuse_conflicts(TASKS[task].options, set(overrides) | (given_fields(options) if options is not None else set()))
     options = build(TASKS[task].options, options, **overrides)
     validate(options)
     if Path(options.out).exists() and not Path(options.out).is_dir():
@@ -118,8 +116,8 @@ def quiet_loading(quiet: bool):
 
 
 def refuse_filter_flags(task: Task, given: set[str]) -> None:
-    """A task without a success filter (every sample counts) has no use for the filter's flags: refused, not
-    ignored."""
+    """A task without a success filter (every sample counts) has no use for the filter's flags: given on the
+    command line, they are refused, not ignored (code that passes one set of options to every task may pass them)."""
     if task.success_filter:
         return
     used = sorted(spec.name for spec in dataclasses.fields(task.options)
@@ -146,7 +144,8 @@ def use_threads(threads: int | None) -> int:
 def start_run(task: str, options, loaded: loading.LoadedModel | None, command: str = "detect",
               scorers: list = ()) -> Run:
     """Load the model (unless given), run the exactness check, build the samples; `scorers` read the decode."""
-    use_threads(options.threads)
+    if options.threads is not None:  # the command line sets the default (cli.use_threads); a library call keeps torch's
+        use_threads(options.threads)
     if loaded is None:
         with quiet_loading(options.quiet):
             loaded = loading.load(options.model, options.dtype, options.device, options.attn, options.trust_remote_code)

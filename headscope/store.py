@@ -39,8 +39,8 @@ from .errors import HeadscopeError, notify
 from .lock import writer_lock
 
 # Options that do not change any score: left out of the run id.
-NOT_IN_RUN_ID = {"scorer", "out", "overwrite", "append", "quiet", "batch_size", "save_prompts", "device", "shard", "model",
-                 "trust_remote_code", "plots", "check", "threads"}
+NOT_IN_RUN_ID = {"scorer", "out", "overwrite", "append", "quiet", "batch_size", "save_prompts", "device", "shard",
+                 "model", "trust_remote_code", "plots", "check", "threads"}
 
 
 def run_id(task: str, options: dict, model_name: str) -> str:
@@ -429,7 +429,8 @@ def merged_run(shards: Shards) -> tuple[list[dict], dict]:
     rows_of = {index: read_rows(path, schema.SHARD_ROW) for index, path in shards.paths.items()}
     for run, record in first.items():
         check_coverage(shards, run, record.get("grid_size"), rows_of)
-    rows = sorted((row for index in sorted(rows_of) for row in rows_of[index]), key=lambda row: (row["run"], row["index"]))
+    rows = sorted((row for index in sorted(rows_of) for row in rows_of[index]),
+                  key=lambda row: (row["run"], row["index"]))
     whole = {run: dict(record, shard=None) for run, record in first.items()}
     merged_from = [str(path) for _, path in sorted(shards.paths.items())]
     return rows, dict(manifests[0], shard=None, runs=whole, merged_from=merged_from)

@@ -21,38 +21,17 @@ import headscope
 from headscope import answers, lock
 from headscope.cli import main
 from headscope.errors import HeadscopeError
-
-PREFIX = "toy0_retrieval"  # the session toy model's folder is "toy0"
-
-
-def detect_args(toy_dir, data_dir, out, *extra):
-    return ["detect", "retrieval", "--model", str(toy_dir), "--out", str(out), "--haystack", str(data_dir / "haystack"),
-            "--needles", str(data_dir / "needles.jsonl"), "--context-lengths", "260", "--depths", "0,50,100",
-            "--success-threshold", "-1", "--max-new-tokens", "24", "--no-stop-at-newline", "--quiet", "--no-plots",
-            *extra]
-
-
-@pytest.fixture(scope="module")
-def whole(toy_dir, data_dir, tmp_path_factory):
-    """One finished run of 3 samples (every sample passes: each head has a value)."""
-    out = tmp_path_factory.mktemp("faults") / "run"
-    assert main(detect_args(toy_dir, data_dir, out)) == 0
-    return out
-
-
-@pytest.fixture
-def run(whole, tmp_path):
-    folder = tmp_path / "run"
-    shutil.copytree(whole, folder)
-    return folder
-
+from toy_runs import PREFIX, detect_args
 
 def snapshot(root: Path) -> dict:
     """Every file, link and folder under root: bytes, link targets, and which entries exist."""
     found = {}
     for path in sorted(root.rglob("*")):
         name = str(path.relative_to(root))
-        found[name] = ("link", os.readlink(path)) if path.is_symlink() else path.read_bytes() if path.is_file() else "dir"
+        if path.is_symlink():
+            found[name] = ("link", os.readlink(path))
+        else:
+            found[name] = path.read_bytes() if path.is_file() else "dir"
     return found
 
 
@@ -97,7 +76,7 @@ def split_into_shards(folder: Path, into: Path, count: int = 2) -> None:
         shard = f"{index}/{count}"
         write_rows(into / f"{PREFIX}_samples.shard-{index}-of-{count}.jsonl",
                    [row for row in rows if row["index"] % count == index])
-        runs = {run: dict(record, shard=shard) for run, record in manifest["runs"].items()}
+        runs = {run_folder: dict(record, shard=shard) for run_folder, record in manifest["runs"].items()}
         (into / f"{PREFIX}_manifest.shard-{index}-of-{count}.json").write_text(
             json.dumps(dict(manifest, shard=shard, runs=runs)))
 
@@ -213,9 +192,9 @@ def mixed_runs(folder, tmp):
     """Finding 5: shard 1 of another run (another id and success_threshold)."""
     split_into_shards(folder, tmp / "shards")
     shard = tmp / "shards" / f"{PREFIX}_samples.shard-1-of-2.jsonl"
-    run = rows_of(shard)[0]["run"]
+    run_folder = rows_of(shard)[0]["run"]
     for path in (shard, tmp / "shards" / f"{PREFIX}_manifest.shard-1-of-2.json"):
-        path.write_text(path.read_text().replace(run, "0123456789ab").replace('"success_threshold": -1.0',
+        path.write_text(path.read_text().replace(run_folder, "0123456789ab").replace('"success_threshold": -1.0',
                                                                              '"success_threshold": 50.0'))
 
 
@@ -232,8 +211,8 @@ def remote_code_model(folder, tmp):
     """A manifest whose model needs custom code: importing it would create tmp/ran."""
     model = tmp / "remote"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig":
-                                                                                      "configuration_evil.EvilConfig"}}))
+    config = {"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}
+    (model / "config.json").write_text(json.dumps(config))
     (model / "configuration_evil.py").write_text(f"open({str(tmp / 'ran')!r}, 'w').write('ran')\n")
     edit_manifest(folder / f"{PREFIX}_manifest.json", lambda m: dict(m, model_path=str(model)))
 
@@ -326,13 +305,13 @@ CASES = {  # name: (setup(folder, tmp), argv(folder, tmp), what the one line mus
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_fault_is_one_line_exit_2_and_nothing_changed(case, run, tmp_path, toy_dir, data_dir, capsys):
+def test_every_fault_is_one_line_exit_2_and_nothing_changed(case, run_folder, tmp_path, toy_dir, data_dir, capsys):
     setup, argv, expected, *notes = CASES[case]
     shutil.copytree(data_dir, tmp_path, dirs_exist_ok=True)  # the data, where the detect cases read it
     shutil.copytree(toy_dir, tmp_path / "toy0")  # the model, beside the run (its manifest's model_path is elsewhere)
-    setup(run, tmp_path)
+    setup(run_folder, tmp_path)
     capsys.readouterr()
-    refused(capsys, argv(run, tmp_path), expected, tmp_path, *notes)
+    refused(capsys, argv(run_folder, tmp_path), expected, tmp_path, *notes)
     assert not (tmp_path / "ran").exists()  # no remote code ran
 
 
@@ -366,21 +345,21 @@ def test_two_concurrent_detects_leave_one_row_per_sample(toy_dir, data_dir, tmp_
     assert not list(tmp_path.glob(".*.lock"))  # released and removed
 
 
-def test_a_writer_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(run, toy_dir, data_dir, capsys):
+def test_a_writer_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(run_folder, toy_dir, data_dir, capsys):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from headscope.lock import writer_lock\n"
-                               f"with writer_lock({str(run)!r}, {PREFIX!r}):\n print('held', flush=True); "
+                               f"with writer_lock({str(run_folder)!r}, {PREFIX!r}):\n print('held', flush=True); "
                                "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        err = refused(capsys, ["rescore", str(run), *RESCORE], f"(pid {holder.pid})", run)
+        err = refused(capsys, ["rescore", str(run_folder), *RESCORE], f"(pid {holder.pid})", run_folder)
         assert f"for run {PREFIX}" in err
-        refused(capsys, detect_args(toy_dir, data_dir, run, "--overwrite"), f"(pid {holder.pid})", run)
+        refused(capsys, detect_args(toy_dir, data_dir, run_folder, "--overwrite"), f"(pid {holder.pid})", run_folder)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    stale = run / f".{PREFIX}.lock"
+    stale = run_folder / f".{PREFIX}.lock"
     assert stale.read_text().strip() == str(holder.pid)  # a killed holder leaves its file behind ...
-    assert main(["rescore", str(run), *RESCORE]) == 0  # ... and its lock is simply taken over
+    assert main(["rescore", str(run_folder), *RESCORE]) == 0  # ... and its lock is simply taken over
     assert not stale.exists()
 
 
@@ -399,49 +378,51 @@ def test_a_lock_file_removed_by_its_holder_is_not_shared(tmp_path):
 
 # ------------------------------------------------------------------------------------- data not lost
 
-def test_merge_of_the_runs_shards_equals_the_run_and_merging_again_changes_nothing(run, tmp_path, capsys):
-    split_into_shards(run, tmp_path / "shards", count=2)
+def test_merge_of_the_runs_shards_equals_the_run_and_merging_again_changes_nothing(run_folder, tmp_path, capsys):
+    split_into_shards(run_folder, tmp_path / "shards", count=2)
     assert main(["merge", str(tmp_path / "shards"), "--out", str(tmp_path / "merged")]) == 0
     for kind in ("samples.jsonl", "heads.json", "summary.json"):
-        assert (tmp_path / "merged" / f"{PREFIX}_{kind}").read_bytes() == (run / f"{PREFIX}_{kind}").read_bytes()
+        assert (tmp_path / "merged" / f"{PREFIX}_{kind}").read_bytes() == (run_folder / f"{PREFIX}_{kind}").read_bytes()
     before = snapshot(tmp_path)
     assert main(["merge", str(tmp_path / "shards"), "--out", str(tmp_path / "merged")]) == 0
     assert "already holds this merge" in capsys.readouterr().err and snapshot(tmp_path) == before
 
 
-def test_a_cut_last_line_is_left_out_by_every_reader_alike_and_cut_off_only_by_its_writer(run, toy_dir, data_dir,
+def test_a_cut_last_line_is_left_out_by_every_reader_alike_and_cut_off_only_by_its_writer(run_folder, toy_dir, data_dir,
                                                                                           capsys):
-    samples = samples_of(run)
-    whole = samples.read_bytes()
-    lines = whole.decode().splitlines(keepends=True)
+    samples = samples_of(run_folder)
+    toy_run = samples.read_bytes()
+    lines = toy_run.decode().splitlines(keepends=True)
     cut = "".join(lines[:2]) + lines[2][:60]  # killed while writing the third sample
     samples.write_text(cut)
     sample = json.loads(lines[2])["id"]
-    for argv in (["show", heads_file(run), "--bootstrap", "5"], ["report", str(run), "--bootstrap", "0"],
-                 ["rescore", str(run), *RESCORE]):
+    for argv in (["show", heads_file(run_folder), "--bootstrap", "5"], ["report", str(run_folder), "--bootstrap", "0"],
+                 ["rescore", str(run_folder), *RESCORE]):
         assert main(argv) == 0
         err = capsys.readouterr().err
-        assert f"ends in a cut line (a run killed while writing it): it is left out; resuming the run re-runs " \
+        assert f"ends in a cut line (a run killed while writing it): it is left out; resuming the run re-runs "\
                f"sample {sample}" in err, argv
         assert samples.read_text() == cut  # a reader never repairs
-    assert main(detect_args(toy_dir, data_dir, run)) == 0
+    assert main(detect_args(toy_dir, data_dir, run_folder)) == 0
     assert f"dropped a cut last line of {samples}: sample {sample} will be re-run" in capsys.readouterr().err
     assert [row["id"] for row in rows_of(samples)] == [json.loads(line)["id"] for line in lines]
 
 
-def test_a_summary_written_before_the_manifest_was_finished_is_finished_by_resuming(run, toy_dir, data_dir, tmp_path,
-                                                                                   capsys):
+def test_a_summary_written_before_the_manifest_was_finished_is_finished_by_resuming(run_folder, toy_dir, data_dir,
+                                                                                   tmp_path, capsys):
     """Finding 7: killed between the summary and the manifest's `finished`: resume finishes it (it is not
-    "already complete"), and merge then accepts it as a finished shard."""
-    manifest = run / f"{PREFIX}_manifest.json"
+    "already complete"), and its shards are then finished shards that merge accepts."""
+    manifest = run_folder / f"{PREFIX}_manifest.json"
     edit_manifest(manifest, lambda m: dict(m, finished=None, runs={r: dict(v, finished=None)
                                                                     for r, v in m["runs"].items()}))
-    files = {kind: (run / f"{PREFIX}_{kind}.json").read_bytes() for kind in ("heads", "summary")}
-    assert main(detect_args(toy_dir, data_dir, run)) == 0
+    files = {kind: (run_folder / f"{PREFIX}_{kind}.json").read_bytes() for kind in ("heads", "summary")}
+    assert main(detect_args(toy_dir, data_dir, run_folder)) == 0
     assert "already complete" not in capsys.readouterr().err
     finished = json.loads(manifest.read_text())
     assert finished["finished"] and all(record["finished"] for record in finished["runs"].values())
-    assert {kind: (run / f"{PREFIX}_{kind}.json").read_bytes() for kind in ("heads", "summary")} == files
+    assert {kind: (run_folder / f"{PREFIX}_{kind}.json").read_bytes() for kind in ("heads", "summary")} == files
+    split_into_shards(run_folder, tmp_path / "shards")
+    assert main(["merge", str(tmp_path / "shards")]) == 0
 
 
 def test_a_full_disk_mid_run_is_one_line_and_resumes_to_the_same_files(toy_dir, data_dir, tmp_path):
@@ -463,7 +444,8 @@ def test_a_full_disk_mid_run_is_one_line_and_resumes_to_the_same_files(toy_dir, 
     assert len(cut) == limit and not cut.endswith(b"\n")  # the disk filled in the middle of a row
     assert main(detect_args(toy_dir, data_dir, tmp_path / "cut", *grid)) == 0
     for kind in ("heads.json", "summary.json"):
-        assert (tmp_path / "cut" / f"{PREFIX}_{kind}").read_bytes() == (tmp_path / "whole" / f"{PREFIX}_{kind}").read_bytes()
+        cut, whole = (tmp_path / folder / f"{PREFIX}_{kind}" for folder in ("cut", "whole"))
+        assert cut.read_bytes() == whole.read_bytes()
 
 
 # ------------------------------------------------------------------------------------- the report keeps going
@@ -474,15 +456,16 @@ def test_a_full_disk_mid_run_is_one_line_and_resumes_to_the_same_files(toy_dir, 
     ("rescore/rescore.json", '{"runs": {"toy0_retrieval": {"settings": [{"metric": "f1"}]}}}'),
     ("specificity.json", '{"tasks": ["retrieval"], "matrix": {"a": {"retrieval": {"none": 1}}}}'),
 ])
-def test_a_malformed_companion_file_drops_its_section_with_a_note(run, companion, content, capsys):
-    path = run / (companion if "/" in companion else f"{PREFIX if 'ablation' in companion else 'toy0'}_{companion}")
+def test_a_malformed_companion_file_drops_its_section_with_a_note(run_folder, companion, content, capsys):
+    owner = PREFIX if "ablation" in companion else "toy0"  # ablation: NAME_TASK_; specificity: NAME_
+    path = run_folder / (companion if "/" in companion else f"{owner}_{companion}")
     path.parent.mkdir(exist_ok=True)
     path.write_text(content)
-    assert main(["report", str(run), "--bootstrap", "0"]) == 0
+    assert main(["report", str(run_folder), "--bootstrap", "0"]) == 0
     err = capsys.readouterr().err
     section = companion.split("/")[-1].removesuffix(".json")
     assert f"the {section} section is left out of the report" in err and str(path) in err
-    html = (run / "report.html").read_text()
+    html = (run_folder / "report.html").read_text()
     assert f"the {section} section is left out" in html and f'<section id="{section}">' not in html
 
 

@@ -16,32 +16,12 @@ from headscope import engine, loading, plots
 from headscope.ablation import ablate
 from headscope.cli import main
 from headscope.rescore import draw
-
-PREFIX = "toy0_retrieval"
-
-
-def retrieval(toy_dir, data_dir, out, *extra):
-    return ["detect", "retrieval", "--model", str(toy_dir), "--out", str(out), "--haystack", str(data_dir / "haystack"),
-            "--needles", str(data_dir / "needles.jsonl"), "--context-lengths", "260", "--depths", "0,50,100",
-            "--success-threshold", "-1", "--max-new-tokens", "6", "--quiet", "--no-plots", *extra]
+from toy_runs import PREFIX, detect_args
 
 
 def reasoning(toy_dir, data_dir, out, *extra):
-    return ["detect", "reasoning", "--model", str(toy_dir), "--out", str(out), "--data", str(data_dir / "reasoning.json"),
-            "--success-threshold", "-1", "--max-new-tokens", "4", "--quiet", "--no-plots", *extra]
-
-
-@pytest.fixture(scope="module")
-def whole(toy_dir, data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("second") / "run"
-    assert main(retrieval(toy_dir, data_dir, out)) == 0
-    return out
-
-
-@pytest.fixture
-def run(whole, tmp_path):
-    shutil.copytree(whole, tmp_path / "run")
-    return tmp_path / "run"
+    return ["detect", "reasoning", "--model", str(toy_dir), "--out", str(out),
+            "--data", str(data_dir / "reasoning.json"), "--success-threshold", "-1", "--max-new-tokens", "4", "--quiet", "--no-plots", *extra]
 
 
 def one_error(capsys, argv) -> str:
@@ -70,39 +50,40 @@ def test_append_refuses_a_run_that_measures_something_else(toy_dir, data_dir, tm
 
 
 @pytest.mark.parametrize("command", [["report"], ["rescore", "--metric", "f1", "--threshold", "50", "--no-plots"]])
-def test_a_folder_pooling_unlike_runs_is_refused_by_its_readers(run, command, capsys):
+def test_a_folder_pooling_unlike_runs_is_refused_by_its_readers(run_folder, command, capsys):
     """A folder written before --append checked what it pooled: report and rescore refuse it."""
-    manifest = run / f"{PREFIX}_manifest.json"
+    manifest = run_folder / f"{PREFIX}_manifest.json"
     data = json.loads(manifest.read_text())
     [(run_id, record)] = data["runs"].items()
     other = dict(record, options=dict(record["options"], max_new_tokens=50))
     manifest.write_text(json.dumps(dict(data, runs={run_id: record, "0123456789ab": other})))
-    err = one_error(capsys, [command[0], str(run), *command[1:]])
-    assert "which measure different things (--max-new-tokens is 6 in one and 50 in the other)" in err
-    assert not (run / "rescore").exists() and not (run / "report.html").exists()
+    err = one_error(capsys, [command[0], str(run_folder), *command[1:]])
+    assert "which measure different things (--max-new-tokens is 24 in one and 50 in the other)" in err
+    assert not (run_folder / "rescore").exists() and not (run_folder / "report.html").exists()
 
 
 # ---------------------------------------------------------------------------- 2. a single-K ablation is reported
 
-def test_report_shows_a_single_k_ablation(run, toy_dir, data_dir):
-    ablate("retrieval", str(run / f"{PREFIX}_heads.json"), [2], model=str(toy_dir), out=str(run), repeats=1,
+def test_report_shows_a_single_k_ablation(run_folder, toy_dir, data_dir):
+    ablate("retrieval", str(run_folder / f"{PREFIX}_heads.json"), [2], model=str(toy_dir), out=str(run_folder),
+           repeats=1,
            haystack=str(data_dir / "haystack"), needles=str(data_dir / "needles.jsonl"), context_lengths=[260],
            depths=[50], quiet=True, plots=False)
-    assert main(["report", str(run), "--bootstrap", "0"]) == 0
-    html = (run / "report.html").read_text()
+    assert main(["report", str(run_folder), "--bootstrap", "0"]) == 0
+    html = (run_folder / "report.html").read_text()
     assert '<section id="ablation">' in html and "<tr><td>2</td>" in html
 
 
 # ---------------------------------------------------------------------------- 3. links: named ones written through
 
-def test_outputs_the_user_names_are_written_through_links(run, tmp_path, capfd):
-    heads = str(run / f"{PREFIX}_heads.json")
+def test_outputs_the_user_names_are_written_through_links(run_folder, tmp_path, capfd):
+    heads = str(run_folder / f"{PREFIX}_heads.json")
     assert main(["export", heads, "--to", "topk", "--top", "2", "--out", "/dev/stdout"]) == 0
     out, err = capfd.readouterr()
     assert len(json.loads(out)) == 2 and "wrote /dev/stdout" in err  # the JSON alone on stdout
     assert os.path.islink("/dev/stdout")  # still the system's link
     for argv, name in ((["export", heads, "--to", "topk", "--out"], "top.json"),
-                       (["report", str(run), "--bootstrap", "0", "--out"], "page.html"),
+                       (["report", str(run_folder), "--bootstrap", "0", "--out"], "page.html"),
                        (["compare", heads, heads, "--plot"], "scatter.png")):
         target, link = tmp_path / f"target-{name}", tmp_path / f"link-{name}"
         target.write_text("old")
@@ -111,10 +92,10 @@ def test_outputs_the_user_names_are_written_through_links(run, tmp_path, capfd):
         assert link.is_symlink() and os.readlink(link) == str(target) and target.read_bytes() != b"old"
 
 
-def test_a_link_where_headscope_names_the_file_is_refused(run, tmp_path, capsys):
+def test_a_link_where_headscope_names_the_file_is_refused(run_folder, tmp_path, capsys):
     (tmp_path / "elsewhere.html").write_text("mine")
-    (run / "report.html").symlink_to(tmp_path / "elsewhere.html")
-    assert "report.html is a symbolic link" in one_error(capsys, ["report", str(run), "--bootstrap", "0"])
+    (run_folder / "report.html").symlink_to(tmp_path / "elsewhere.html")
+    assert "report.html is a symbolic link" in one_error(capsys, ["report", str(run_folder), "--bootstrap", "0"])
     assert (tmp_path / "elsewhere.html").read_text() == "mine"
 
 
@@ -137,13 +118,13 @@ def test_show_ranks_heads_with_no_value_last_and_shows_null(tmp_path, capsys):
     assert all(line.split()[2:4] == ["null", "null"] for line in lines[2:])  # below a negative mean, not as 0
 
 
-def test_bootstrap_shows_a_head_with_no_value_as_a_dash(run, capsys):
-    samples = run / f"{PREFIX}_samples.jsonl"
+def test_bootstrap_shows_a_head_with_no_value_as_a_dash(run_folder, capsys):
+    samples = run_folder / f"{PREFIX}_samples.jsonl"
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     for row in rows:
         row["head_scores"][2][3] = None  # no sample gave head 2-3 a value
     samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    heads = run / f"{PREFIX}_heads.json"
+    heads = run_folder / f"{PREFIX}_heads.json"
     heads.write_text(json.dumps(dict(json.loads(heads.read_text()), **{"2-3": []})))
     assert main(["show", str(heads), "--bootstrap", "20", "--top", "12"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.split()[:2] == ["2", "3"])
@@ -167,10 +148,10 @@ def test_export_and_ablate_never_take_a_head_with_no_value(tmp_path, toy_dir, da
 
 # ---------------------------------------------------------------------------- 5. refusals before the work
 
-def test_refusals_come_before_the_model_loads(run, toy_dir, data_dir, tmp_path, capsys, monkeypatch):
+def test_refusals_come_before_the_model_loads(run_folder, toy_dir, data_dir, tmp_path, capsys, monkeypatch):
     no_model_load(monkeypatch)
-    assert "--append" in one_error(capsys, retrieval(toy_dir, data_dir, run, "--max-new-tokens", "5"))
-    heads = str(run / f"{PREFIX}_heads.json")
+    assert "--append" in one_error(capsys, detect_args(toy_dir, data_dir, run_folder, "--max-new-tokens", "5"))
+    heads = str(run_folder / f"{PREFIX}_heads.json")
     err = one_error(capsys, ["specificity", "--model", str(toy_dir), "--scores", heads, "--tasks", "retrieval",
                              "--top", "100", "--out", str(tmp_path / "spec")])
     assert "K = 100 is larger than the number of heads (12)" in err and not (tmp_path / "spec").exists()
@@ -178,7 +159,7 @@ def test_refusals_come_before_the_model_loads(run, toy_dir, data_dir, tmp_path, 
 
 def test_a_run_refused_after_the_model_loaded_leaves_no_file(toy_dir, data_dir, tmp_path, capsys):
     """A prompt too long for the model is found once the prompts are built: nothing was written yet."""
-    err = one_error(capsys, retrieval(toy_dir, data_dir, tmp_path / "out", "--max-new-tokens", "100000"))
+    err = one_error(capsys, detect_args(toy_dir, data_dir, tmp_path / "out", "--max-new-tokens", "100000"))
     assert "exceed the model's maximum context" in err and not (tmp_path / "out").exists()
 
 
@@ -194,7 +175,7 @@ def test_a_run_refused_after_the_model_loaded_leaves_no_file(toy_dir, data_dir, 
 def test_conflicting_or_empty_flags_are_refused(flags, expected, toy_dir, data_dir, tmp_path, capsys, monkeypatch):
     no_model_load(monkeypatch)
     try:
-        code = main(retrieval(toy_dir, data_dir, tmp_path / "out", *flags))
+        code = main(detect_args(toy_dir, data_dir, tmp_path / "out", *flags))
     except SystemExit as exit_:  # argparse's own line (a value its type function refuses)
         code = exit_.code
     assert code == 2 and expected in capsys.readouterr().err and not (tmp_path / "out").exists()
@@ -216,7 +197,7 @@ def test_the_python_api_refuses_conflicts_too(tmp_path):
 
 def test_the_manifest_keeps_the_model_path_absolute(toy_dir, data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(toy_dir.parent)
-    assert main(retrieval(toy_dir.name, data_dir, tmp_path / "run")) == 0
+    assert main(detect_args(toy_dir.name, data_dir, tmp_path / "run")) == 0
     manifest = json.loads((tmp_path / "run" / f"{PREFIX}_manifest.json").read_text())
     assert manifest["model_path"] == str(toy_dir)
     monkeypatch.chdir(tmp_path)  # another folder: the manifest's model is still found
@@ -224,7 +205,7 @@ def test_the_manifest_keeps_the_model_path_absolute(toy_dir, data_dir, tmp_path,
 
 
 def test_a_shard_is_told_to_merge_not_to_report(toy_dir, data_dir, tmp_path, capsys):
-    assert main(retrieval(toy_dir, data_dir, tmp_path, "--shard", "0/2")) == 0
+    assert main(detect_args(toy_dir, data_dir, tmp_path, "--shard", "0/2")) == 0
     out = capsys.readouterr().out
     assert f"when every shard has finished: headscope merge {tmp_path}" in out and "report" not in out
 
@@ -237,7 +218,7 @@ def test_a_tokenizer_error_is_one_whole_sentence(toy_dir, tmp_path, capsys):
 
 
 def test_a_run_where_no_sample_passes_says_so_and_exits_1(toy_dir, data_dir, tmp_path, capsys):
-    assert main(retrieval(toy_dir, data_dir, tmp_path, "--success-threshold", "50")) == 1
+    assert main(detect_args(toy_dir, data_dir, tmp_path, "--success-threshold", "50")) == 1
     out, err = capsys.readouterr()
     assert "0 of 3 samples passed the success filter (rouge1 > 50): no head has a value" in err
     assert "null" not in out and "layer head" not in out  # no table of nulls
@@ -245,10 +226,10 @@ def test_a_run_where_no_sample_passes_says_so_and_exits_1(toy_dir, data_dir, tmp
 
 # ---------------------------------------------------------------------------- 8. rescores accumulate
 
-def test_a_second_rescore_adds_its_settings(run):
-    assert main(["rescore", str(run), "--metric", "f1", "--threshold", "50", "--no-plots"]) == 0
-    assert main(["rescore", str(run), "--metric", "contains,f1", "--threshold", "50", "--no-plots"]) == 0
-    report = json.loads((run / "rescore" / "rescore.json").read_text())
+def test_a_second_rescore_adds_its_settings(run_folder):
+    assert main(["rescore", str(run_folder), "--metric", "f1", "--threshold", "50", "--no-plots"]) == 0
+    assert main(["rescore", str(run_folder), "--metric", "contains,f1", "--threshold", "50", "--no-plots"]) == 0
+    report = json.loads((run_folder / "rescore" / "rescore.json").read_text())
     settings = report["runs"][PREFIX]["settings"]
     assert [(s["metric"], s["threshold"]) for s in settings] == [("contains", 50), ("f1", 50)]  # f1 redone once
 
@@ -256,7 +237,7 @@ def test_a_second_rescore_adds_its_settings(run):
 # ---------------------------------------------------------------------------- 9. threads and a fast --help
 
 def test_help_imports_no_torch():
-    code = "import sys\nfrom headscope.cli import main\ntry:\n main(['--help'])\nexcept SystemExit:\n pass\n" \
+    code = "import sys\nfrom headscope.cli import main\ntry:\n main(['--help'])\nexcept SystemExit:\n pass\n"\
            "print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "False" and "detect" in result.stdout
@@ -295,7 +276,7 @@ def test_help_says_what_each_command_does(capsys):
 
 
 def test_a_run_of_several_scorers_prints_each_table_and_every_file(toy_dir, data_dir, tmp_path, capsys):
-    assert main(retrieval(toy_dir, data_dir, tmp_path, "--scorer", "retrieval,r2")) == 0
+    assert main(detect_args(toy_dir, data_dir, tmp_path, "--scorer", "retrieval,r2")) == 0
     out = capsys.readouterr().out
     assert "retrieval:\nlayer head" in out and "r2:\nlayer head" in out
     for label in ("retrieval", "retrieval_r2"):
@@ -325,11 +306,12 @@ def test_the_rescore_picture_shows_its_thresholds_and_says_which_lines_coincide(
     assert seen["ticks"] == [50] and seen["labels"] == ["f1", "bleu (the same as f1)"]
 
 
-def test_the_niah_axis_gives_the_setting_and_the_prompts_tokens(run):
-    assert main(["report", str(run), "--bootstrap", "0"]) == 0
-    html = (run / "report.html").read_text()
+def test_the_niah_axis_gives_the_setting_and_the_prompts_tokens(run_folder):
+    assert main(["report", str(run_folder), "--bootstrap", "0"]) == 0
+    html = (run_folder / "report.html").read_text()
     spec = json.loads(html.split('id="report-data">')[1].split("</script>")[0])["charts"]["niah"]
-    tokens = round(np.mean([json.loads(line)["prompt_tokens"] for line in (run / f"{PREFIX}_samples.jsonl").open()]))
+    rows = [json.loads(line) for line in (run_folder / f"{PREFIX}_samples.jsonl").open()]
+    tokens = round(np.mean([row["prompt_tokens"] for row in rows]))
     assert {cell["length"] for cell in spec["data"]["values"]} == {f"260 ({tokens})"}
     assert "overflow-wrap: anywhere" in html  # a long unbroken response wraps instead of widening the page
 
@@ -353,5 +335,5 @@ def test_a_sparsity_quota_filled_with_zero_scores_is_said(tmp_path, capsys):
     path = tmp_path / "m_heads.json"
     path.write_text(json.dumps({f"{l}-{h}": [1.0 if (l, h) == (0, 0) else 0.0] for l in range(2) for h in range(4)}))
     assert main(["export", str(path), "--to", "duo", "--sparsity", "0.5", "--num-kv-heads", "4"]) == 0
-    assert "keeps 4 of 8 KV heads, but only 1 score above 0: the other 3 kept are zero-score heads" in \
+    assert "keeps 4 of 8 KV heads, but only 1 score above 0: the other 3 kept are zero-score heads" in\
            capsys.readouterr().err
