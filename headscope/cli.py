@@ -27,9 +27,10 @@ def options_from(args: argparse.Namespace, options_class) -> dict:
     given = {name: value for name, value in vars(args).items() if name in names}
     refuse_conflicts(options_class, set(given))
     task = getattr(args, "task_spec", None)
-    if task is not None:
-        refuse_filter_flags(task, set(given))
-    if task is not None and getattr(args, "model", None) is None:  # only this class's fields take them
+    if task is None:
+        return given
+    refuse_filter_flags(task, set(given))
+    if getattr(args, "model", None) is None:  # only this class's fields take them
         defaults = {k: v for k, v in task.organism_defaults.items()
                     if k in names and not excluded_by(options_class, k, set(given))}
         given = defaults | given

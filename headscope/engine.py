@@ -144,8 +144,8 @@ def use_threads(threads: int | None) -> int:
 def start_run(task: str, options, loaded: loading.LoadedModel | None, command: str = "detect",
               scorers: list = ()) -> Run:
     """Load the model (unless given), run the exactness check, build the samples; `scorers` read the decode."""
-    if options.threads is not None:  # the command line sets the default (cli.use_threads); a library call keeps torch's
-        use_threads(options.threads)
+    if options.threads is not None:  # the command line sets its default (cli.command_threads); a library call
+        use_threads(options.threads)  # keeps torch's own setting unless given `threads`
     if loaded is None:
         with quiet_loading(options.quiet):
             loaded = loading.load(options.model, options.dtype, options.device, options.attn, options.trust_remote_code)

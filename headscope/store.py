@@ -401,11 +401,12 @@ def merge(dirs: list[str | Path], out: str | Path | None = None) -> list[Path]:
         targets = [refuse_replacing_a_run(out, shards.prefix, rows) for shards, rows, _ in plans]
         written = []
         for (shards, rows, manifest), paths in zip(plans, targets):
-            if paths is not None:
-                outputs.atomic_write_text(paths["samples"], "".join(row_line(row, paths["samples"]) for row in rows))
-                write_derived(paths, rows, manifest["heads"])
-                outputs.atomic_write_json(paths["manifest"], manifest)
-            written.append(outputs.prefix_paths(out, shards.prefix)["heads"])
+            if paths is None:  # already merged: nothing to write
+                continue
+            outputs.atomic_write_text(paths["samples"], "".join(row_line(row, paths["samples"]) for row in rows))
+            write_derived(paths, rows, manifest["heads"])
+            outputs.atomic_write_json(paths["manifest"], manifest)
+            written.append(paths["heads"])
     return written
 
 
