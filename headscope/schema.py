@@ -102,9 +102,12 @@ def list_of(check, length: int | None = None):
 
 
 def is_score_grid(value) -> bool:
-    """layers x heads: every layer the same length; an entry is a number, or null (no value in this sample)."""
-    return (isinstance(value, list) and bool(value) and list_of(list_of(optional(is_number)))(value)
-            and len({len(layer) for layer in value}) == 1)
+    """layers x heads: every layer the same length; an entry is a number, or null (no value in this sample).
+    Written out (not with list_of) because it runs over every head of every row."""
+    if not isinstance(value, list) or not value or not all(isinstance(layer, list) for layer in value):
+        return False
+    width = len(value[0])
+    return all(len(layer) == width and all(v is None or type(v) in (float, int) for v in layer) for layer in value)
 
 
 def is_head_id(value) -> bool:
