@@ -3,10 +3,11 @@ load -> build prompts -> generate with the recorder -> score -> accumulate -> wr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
-import json
 import math
+import os
 import platform
 import sys
 import time
@@ -21,9 +22,10 @@ from . import check, loading, outputs, store
 from .decode import StopRule, eos_token_ids, greedy_decode, newline_token_ids, num_layers_and_heads
 from .errors import HeadscopeError, notify
 from .layout import attention_layout
+from .lock import writer_locks
 from .answers import extract_answer
 from .metrics import passes, score_response
-from .options import DetectOptions, build, validate
+from .options import DetectOptions, build, flag_of, given_fields, refuse_conflicts, validate
 from .scorers import PromptBatch, load_scorer
 from .scorers.segments import locate, think_markers
 from .spans import encode_with_span, excerpt
@@ -63,14 +65,49 @@ class Run:
     def keys(self) -> list[str]:
         """Every head's id, "LAYER-HEAD" with the layer's real index, attention layer by attention layer: the order
         of the scorers' dense (layers, heads) grid, slot i being the i-th attention layer."""
-        layout = attention_layout(self.loaded.model)
-        return [outputs.head_key(layer, head) for layer in layout.layers for head in range(layout.heads)]
+        return model_head_keys(self.loaded.model)
+
+
+def model_head_keys(model) -> list[str]:
+    layout = attention_layout(model)
+    return [outputs.head_key(layer, head) for layer in layout.layers for head in range(layout.heads)]
+
+
+def model_name_of(options, loaded: loading.LoadedModel | None) -> str:
+    """The name the run's files carry, known before the model loads."""
+    return loaded.name if loaded is not None else loading.model_name(options.model or loading.default_model_path())
+
+
+def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_files: list[dict]) -> list[str] | None:
+    """The model's head ids, before its weights load (so that a wrong score file or K is refused first); None when
+    the config cannot be read here: loading the model then says why. A config does not say which layers of a
+    hybrid have attention, so before loading these are the config's layers x heads cut to the layers the score
+    files name: another model's head count, a layer the model lacks and a K beyond the heads are refused here,
+    and the loaded model's own ids decide the rest."""
+    from transformers import AutoConfig
+
+    if loaded is not None:
+        return model_head_keys(loaded.model)
+    try:
+        config = AutoConfig.from_pretrained(options.model or loading.default_model_path(),
+                                            trust_remote_code=options.trust_remote_code).get_text_config(decoder=True)
+    except (OSError, ValueError):
+        return None
+    layers = next((getattr(config, n) for n in ("num_hidden_layers", "n_layer", "num_layers")
+                   if isinstance(getattr(config, n, None), int)), None)
+    heads = next((getattr(config, n) for n in ("num_attention_heads", "n_head", "n_heads")
+                  if isinstance(getattr(config, n, None), int)), None)
+    if not layers or not heads:
+        return None
+    named = {outputs.parse_head_key(key)[0] for summary in score_files for key in summary}
+    return [outputs.head_key(layer, head) for layer in range(layers) if layer in named for head in range(heads)]
 
 
 def task_options(task: str, options=None, **overrides):
     """The task's options dataclass, from any options object (the fields they share) and overrides by name."""
     if task not in TASKS:
         raise HeadscopeError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
+    refuse_conflicts(TASKS[task].options, set(overrides) | (given_fields(options) if options is not None else set()))
     options = build(TASKS[task].options, options, **overrides)
     validate(options)
     if Path(options.out).exists() and not Path(options.out).is_dir():
@@ -78,12 +115,56 @@ def task_options(task: str, options=None, **overrides):
     return options
 
 
+@contextlib.contextmanager
+def quiet_loading(quiet: bool):
+    """quiet: no progress bar of transformers' either while the weights load."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    if quiet:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and shown:
+            transformers_logging.enable_progress_bar()
+
+
+def refuse_filter_flags(task: Task, given: set[str]) -> None:
+    """A task without a success filter (every sample counts) has no use for the filter's flags: given on the
+    command line, they are refused, not ignored (code that passes one set of options to every task may pass them)."""
+    if task.success_filter:
+        return
+    used = sorted(spec.name for spec in dataclasses.fields(task.options)
+                  if spec.metadata.get("success_filter") and spec.name in given)
+    if used:
+        raise HeadscopeError(f"the {task.name} task has no success filter (every sample counts): "
+                             f"{flag_of(task.options, used[0])} does nothing there")
+
+
+TORCH_THREADS = torch.get_num_threads()  # torch's own default (the machine's cores), before anyone changes it
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's CPU threads: --threads, else the cores no other work keeps busy (at least 1). On a busy
+    machine torch's default (every core) is several times slower: its threads wait for each other while other
+    processes hold the cores (benchmarks/threads.py)."""
+    if threads is None:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, min(TORCH_THREADS, round(TORCH_THREADS - busy)))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def start_run(task: str, options, loaded: loading.LoadedModel | None, command: str = "detect",
-              scorers: bool = True, check_it: bool = True) -> Run:
-    """Validate, load the model (unless given), run the exactness check, build the samples and the scorers."""
-    make = make_scorers(TASKS[task], options) if scorers else []
-    loaded = loaded or loading.load(options.model, options.dtype, options.device, options.attn,
-                                    options.trust_remote_code)
+              scorers: list = (), check_it: bool = True) -> Run:
+    """Load the model (unless given), build the samples, run the exactness check (with `scorers`, the scorers
+    that read the decode, on the run's first prompts)."""
+    if options.threads is not None:  # the command line sets its default (cli.command_threads); a library call
+        use_threads(options.threads)  # keeps torch's own setting unless given `threads`
+    if loaded is None:
+        with quiet_loading(options.quiet):
+            loaded = loading.load(options.model, options.dtype, options.device, options.attn, options.trust_remote_code)
     if command == "ablate" and loaded.eager_fallback:  # masking lives in headscope's attention function
         raise HeadscopeError(f"{type(loaded.model).__name__} does not use transformers' attention interface, so "
                              "headscope cannot mask its heads")
@@ -97,9 +178,9 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
         raise HeadscopeError("the task produced no samples: check the data and the grid options")
     stop = StopRule(eos_token_ids(loaded.model, loaded.tokenizer),
                     newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
-    run = Run(TASKS[task], options, loaded, chat, samples, make, stop)
+    run = Run(TASKS[task], options, loaded, chat, samples, list(scorers), stop)
     if options.check and check_it:
-        case = scorer_case(run) if scorers else None
+        case = scorer_case(run) if run.scorers else None
         check.require(loaded, command, need_ablation=command == "ablate", cases=[case] if case else [])
     return run
 
@@ -130,51 +211,60 @@ def make_scorers(task: Task, options) -> list:
     return scorers
 
 
-def file_label(task: Task, scorer) -> str:
-    return outputs.file_label(task.name, scorer.name)
-
-
 def detect(task: str, options: DetectOptions | None = None, loaded: loading.LoadedModel | None = None,
            **overrides) -> DetectResult:
     """Run one detection and write its files. `overrides` set the task's options fields by name.
 
     With several scorers (`scorer="retrieval,r2"`) every scorer reads the same generation; the result
-    is the first scorer's, the others' are in `result.by_scorer`.
+    is the first scorer's, the others' are in `result.by_scorer`. The run holds its files' lock throughout,
+    and decides resume or refuse before the model loads.
     """
     options = task_options(task, options, **overrides)
     started = time.time()
-    run = start_run(task, options, loaded)
+    scorers = make_scorers(TASKS[task], options)
     shard = parse_shard(options.shard)
-    mine = [index for index in range(len(run.samples)) if shard is None or index % shard[1] == shard[0]]
-    run_id = store.run_id(task, dataclasses.asdict(options), run.loaded.name)
-    stores = {}
-    try:
-        for scorer in run.scorers:
-            paths = outputs.output_paths(options.out, run.loaded.name, file_label(run.task, scorer), shard)
-            stores[scorer.name] = store.RunStore(paths, run_id, run.keys, options.overwrite, options.append)
-        todo = [i for i in mine if any(run.samples[i].id not in runs.done for runs in stores.values())]
-        complete = not todo and all(runs.paths["summary"].exists() for runs in stores.values())
-        if complete:  # nothing to do, and nothing is rewritten
-            notify(f"this run ({run_id}) is already complete in {options.out}")
-        else:
-            encoded = encode_samples(run, todo)  # this shard's, still to do
-            info = manifest(run, started, run_id, shard)
-            for scorer in run.scorers:
-                write_manifest(stores[scorer.name].paths["manifest"], info | {"scorer": scorer.name})
-            decode_all(run, encoded, len(mine), todo, stores)
-    finally:
-        for runs in stores.values():
-            runs.close()
+    name = model_name_of(options, loaded)
+    run_id = store.run_id(task, dataclasses.asdict(options), name)
+    prefixes = {scorer.name: f"{name}_{outputs.file_label(task, scorer.name)}" for scorer in scorers}
+    paths = {scorer: outputs.prefix_paths(options.out, prefix, shard) for scorer, prefix in prefixes.items()}
+    with writer_locks(options.out, [store.lock_name(prefix, shard) for prefix in prefixes.values()]):
+        settings = (task, dataclasses.asdict(options))
+        stores = {}
+        try:
+            for scorer in scorers:
+                stores[scorer.name] = store.RunStore(paths[scorer.name], run_id, options.overwrite, options.append,
+                                                     settings)
+            run = start_run(task, options, loaded, scorers=scorers)
+            return run_and_write(run, stores, shard, run_id, started)
+        finally:
+            for runs in stores.values():
+                runs.close()
 
+
+def run_and_write(run: Run, stores: dict, shard, run_id: str, started: float) -> DetectResult:
+    """Decode this shard's samples not yet in the files and write every scorer's files; the first write comes
+    after the prompts are built and checked."""
+    mine = [index for index in range(len(run.samples)) if shard is None or index % shard[1] == shard[0]]
+    for runs in stores.values():
+        runs.refuse_repeated_samples(run.samples[index].id for index in mine)
+    todo = [i for i in mine if any(run.samples[i].id not in runs.done for runs in stores.values())]
+    complete = not todo and all(runs.finished for runs in stores.values())
+    if complete:  # nothing to do, and nothing is rewritten
+        notify(f"this run ({run_id}) is already complete in {run.options.out}")
+    else:
+        encoded = encode_samples(run, todo)  # this shard's, still to do
+        info = manifest(run, started, run_id, shard)
+        for scorer in run.scorers:
+            stores[scorer.name].begin(run.keys, info | {"scorer": scorer.name})
+        decode_all(run, encoded, len(mine), todo, stores)
     results = {}
     for scorer in run.scorers:
         runs = stores[scorer.name]
         if complete:
             heads, summary = store.derive_heads_and_summary(runs.paths, runs.rows, run.keys)
         else:
-            heads, summary = store.write_derived(runs.paths, runs.rows, run.keys)
-            finished = info | {"scorer": scorer.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            write_manifest(runs.paths["manifest"], finished)
+            heads, summary = runs.finish(run.keys, info | {"scorer": scorer.name,
+                                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         this_run = [row for row in runs.rows if row.get("run") == run_id]
         results[scorer.name] = DetectResult(heads, summary, this_run, runs.paths, complete=complete)
     first = results[run.scorers[0].name]
@@ -335,7 +425,8 @@ def judge(run: Run, sample, response: str) -> dict:
     options = run.options
     extracting = options.answer_marker is not None or options.answer_from != "full"
     answer = extract_answer(response, options.answer_from, options.answer_marker) if extracting else response
-    score = 0.0 if answer is None else score_response(options.metric, sample.answer, answer, options.metric_model)
+    score = 0.0 if answer is None else score_response(options.metric, sample.answer, answer, options.metric_model,
+                                                        options.trust_remote_code)
     passed = (answer is not None and passes(score, options.success_threshold)) or not run.task.success_filter
     return {"response": response, "score": score, "passed": passed} | ({"answer_text": answer} if extracting else {})
 
@@ -356,17 +447,6 @@ def sample_row(run: Run, sample, prompt, outcome: dict) -> dict:
     return row
 
 
-def write_manifest(path, info: dict) -> None:
-    """The manifest is this run's information, plus `runs`: every run the folder holds, by run id (a run added
-    with --append does not erase the record of the ones before it)."""
-    try:
-        previous = json.loads(Path(path).read_text()).get("runs", {})
-    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
-        previous = {}
-    this_run = {key: value for key, value in info.items() if key != "runs"}
-    outputs.atomic_write_json(path, this_run | {"runs": previous | {info["run"]: this_run}})
-
-
 def manifest(run: Run, started: float, run_id: str, shard) -> dict:
     versions = {}
     for package in ("headscope", "torch", "transformers", "tokenizers", "rouge-score"):
@@ -378,7 +458,7 @@ def manifest(run: Run, started: float, run_id: str, shard) -> dict:
     return {
         "task": run.task.name,
         "options": dataclasses.asdict(run.options),
-        "model_path": loaded.path,
+        "model_path": os.path.abspath(loaded.path) if os.path.isdir(loaded.path) else loaded.path,  # any cwd
         "model_revision": getattr(loaded.model.config, "_commit_hash", None),
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "attention": loaded.attention,
@@ -392,6 +472,7 @@ def manifest(run: Run, started: float, run_id: str, shard) -> dict:
         "heads": run.keys,
         "layers": attention_layout(loaded.model).total_layers,  # the heads' layers are the attention layers only
         "attention_layers": list(attention_layout(loaded.model).layers),
+        "grid_size": len(run.samples),  # merge checks that the shards cover it exactly once
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "finished": None,
     }

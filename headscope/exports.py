@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import kv_head_scores, top_keys
-from .errors import HeadscopeError
+from .errors import HeadscopeError, notify
 from .outputs import atomic_write_json, atomic_write_text, head_key, parse_head_key
 
 
@@ -53,6 +53,10 @@ def duo_pattern(means: np.ndarray, num_kv_heads: int, threshold: float | None = 
     if not 0 <= sparsity <= 1:
         raise HeadscopeError(f"--sparsity must be between 0 and 1, not {sparsity}")
     keep = round((1 - sparsity) * scores.size)
+    scoring = int((scores > 0).sum())
+    if keep > scoring:  # the quota is filled with heads that scored nothing: say so, never silently
+        notify(f"--sparsity {sparsity:g} keeps {keep} of {scores.size} KV heads, but only {scoring} score above 0: "
+               f"the other {keep - scoring} kept are zero-score heads, taken by layer and head")
     order = np.argsort(-scores.ravel(), kind="stable")
     pattern = np.zeros(scores.size)
     pattern[order[:keep]] = 1.0

@@ -10,7 +10,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import recorder
-from .errors import HeadscopeError
+from .errors import HeadscopeError, loading_reason
 from .layout import attention_layout
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,5 +122,4 @@ def _is_causal_lm(config) -> bool:
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    return loading_reason(error)  # one line, its first sentence whole

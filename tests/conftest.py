@@ -46,8 +46,6 @@ def data_dir(tmp_path_factory):
     return path
 
 
-
-
 def refuse_headscope_attention(model):
     """Make `model` one whose attention cannot be switched to headscope's function (a model off the interface)."""
     from headscope import recorder
@@ -60,3 +58,23 @@ def refuse_headscope_attention(model):
         return switch(name, **kwargs)
 
     model.set_attn_implementation = set_attn_implementation
+
+
+@pytest.fixture(scope="session")
+def toy_run(toy_dir, data_dir, tmp_path_factory):
+    """One finished retrieval run of 3 samples on the toy model (every sample passes: each head has a value)."""
+    from headscope.cli import main
+    from toy_runs import detect_args
+
+    out = tmp_path_factory.mktemp("toy_run") / "run"
+    assert main(detect_args(toy_dir, data_dir, out)) == 0
+    return out
+
+
+@pytest.fixture
+def run_folder(toy_run, tmp_path):
+    """A copy of `toy_run` for one test to change."""
+    import shutil
+
+    shutil.copytree(toy_run, tmp_path / "run")
+    return tmp_path / "run"
