@@ -194,7 +194,7 @@ def ablate(task: str, scores: str, top: list[int] | str, options=None, loaded=No
     options = task_options(task, options, **{k: v for k, v in overrides.items() if k not in names})
     summary = analysis.load_summary(scores)
     ks = [heads_above(summary, settings.min_score)] if top == "auto" else top
-    keys = head_ids_before_loading(options, loaded, [summary])
+    keys = head_ids_before_loading(options, loaded, {scores: summary})
     if keys is not None:
         plan_arms(summary, keys, ks, settings, options.seed, scores)
     name = model_name_of(options, loaded)

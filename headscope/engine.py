@@ -78,13 +78,17 @@ def model_name_of(options, loaded: loading.LoadedModel | None) -> str:
     return loaded.name if loaded is not None else loading.model_name(options.model or loading.default_model_path())
 
 
-def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_files: list[dict]) -> list[str] | None:
+def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_files: dict) -> list[str] | None:
     """The model's head ids, before its weights load (so that a wrong score file or K is refused first); None when
-    the config cannot be read here: loading the model then says why. A config does not say which layers of a
-    hybrid have attention, so before loading these are the config's layers x heads cut to the layers the score
-    files name: another model's head count, a layer the model lacks and a K beyond the heads are refused here,
-    and the loaded model's own ids decide the rest."""
+    the config cannot be read here: loading the model then says why. `score_files`: {path: summary}.
+
+    A config does not say which layers of a hybrid have attention. A score file whose layers are not 0..n-1, or
+    whose manifest names them as the model's attention layers, may be a hybrid's: the ids are then the config's
+    layers x heads cut to those layers (another model's head count, a layer the model lacks and a K beyond the
+    heads are still refused here; the loaded model's own ids decide the rest)."""
     from transformers import AutoConfig
+
+    from . import analysis
 
     if loaded is not None:
         return model_head_keys(loaded.model)
@@ -99,8 +103,14 @@ def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_f
                   if isinstance(getattr(config, n, None), int)), None)
     if not layers or not heads:
         return None
-    named = {outputs.parse_head_key(key)[0] for summary in score_files for key in summary}
-    return [outputs.head_key(layer, head) for layer in range(layers) if layer in named for head in range(heads)]
+    hybrid = set()
+    for path, summary in score_files.items():
+        named = sorted({outputs.parse_head_key(key)[0] for key in summary})
+        if named != list(range(len(named))) or (analysis.read_manifest(path) or {}).get("attention_layers") == named:
+            hybrid |= set(named)
+    return [outputs.head_key(layer, head) for layer in range(layers) if not hybrid or layer in hybrid
+            for head in range(heads)]
+
 
 
 def task_options(task: str, options=None, **overrides):

@@ -48,7 +48,7 @@ def specificity(files: list[str], tasks: list[str], arms: Arms, loaded=None, **o
     options_of = {task: options_for(task, overrides) for task in tasks}
     first = options_of[tasks[0]]
     out, name = Path(first.out), model_name_of(first, loaded)
-    keys = head_ids_before_loading(first, loaded, list(summaries.values()))
+    keys = head_ids_before_loading(first, loaded, summaries)
     if keys is not None:
         check_files(summaries, keys, arms)
     with writer_lock(out, f"{name}_specificity"):

@@ -228,8 +228,8 @@ def sweep_type(model_type: str, workdir: Path) -> Outcome:
 
     # The reference reads the model and tokenizer as headscope loads them (a type may map the tokenizer to its own
     # class), on the model's own eager attention.
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", trust_remote_code=False).eval()
     compared = []
     for task in ("retrieval", "reasoning"):
         out_dir = workdir / f"out-{task}"
