@@ -11,18 +11,19 @@ the ablation curve.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import statistics
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 
-from . import analysis, masking, outputs, store
-from .engine import Run, encode_samples, run_batch, start_run, task_options
+from . import analysis, masking, outputs, schema, store
+from .engine import Run, encode_samples, head_ids_before_loading, model_name_of, run_batch, start_run, task_options
 from .errors import HeadscopeError
+from .lock import writer_lock
 from .options import DetectOptions, option, parse_ints, unused_by, validate
 from .tasks import TASKS
 
@@ -50,30 +51,40 @@ class ArmLog:
     """NAME_TASK_ablation_samples.jsonl: every finished sample of every arm and repeat, appended and flushed as
     it finishes, so that an interrupted ablation resumes where it stopped (nothing lost, nothing run twice).
     Its rows carry the ablation's id (a hash of the settings, the task's options and the score file); a
-    file with another id is refused unless --overwrite."""
+    file with another id is refused unless --overwrite. Opening reads and checks it; `begin` writes first."""
 
-    def __init__(self, path, ablation_id: str, overwrite: bool):
-        self.path, self.ablation_id = path, ablation_id
-        if overwrite:
-            path.unlink(missing_ok=True)
-        rows = store.read_rows(path, repair=True)
-        others = {row.get("ablation") for row in rows} - {ablation_id}
+    def __init__(self, path, ablation_id: str, overwrite: bool, fields: dict = schema.ARM_ROW):
+        self.path, self.ablation_id, self.overwrite = path, ablation_id, overwrite
+        self.found = store.RowsFile(path, []) if overwrite else store.load_rows(path, fields)
+        others = {row["ablation"] for row in self.found.rows} - {ablation_id}
         if others:
             raise HeadscopeError(f"{path} holds a run with other settings: --overwrite to replace it, or "
                                  "use another --out")
-        self.done = {(row["arm"], row["repeat"], row["id"]): row for row in rows}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a")
+        self.done = {(row["arm"], row["repeat"], row["id"]): row for row in self.found.rows}
+        self.file = None
+
+    def _start(self) -> None:
+        """The first write, with the first row: the log opened to append, emptied with --overwrite, its cut last
+        line cut off (a failure before the first finished sample leaves the folder as it was)."""
+        if self.file is not None:
+            return
+        self.file = store.open_for_append(self.path)
+        if self.overwrite:
+            os.ftruncate(self.file.fileno(), 0)
+        elif self.found.cut:
+            store.drop_cut_line(self.file, self.found)
 
     def append(self, arm: str, repeat: int, row: dict) -> None:
         row = {"ablation": self.ablation_id, "arm": arm, "repeat": repeat, **row}
-        self.file.write(json.dumps(row) + "\n")
+        self._start()
+        self.file.write(store.row_line(row, self.path))
         self.file.flush()
         os.fsync(self.file.fileno())
         self.done[(arm, repeat, row["id"])] = row
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def run_arm(run: Run, items: list, heads: list[str], arm: tuple, log: ArmLog) -> list[dict]:
@@ -142,78 +153,93 @@ def heads_above(summary: dict[str, dict], min_score: float) -> int:
     """K chosen by the data: how many heads have a mean score of at least ``min_score``.
 
     Wu et al. (2024) call a head a retrieval head when its retrieval score exceeds 0.1, hence the default."""
-    k = sum(stats["mean"] >= min_score for stats in summary.values())
+    k = sum(stats["mean"] is not None and stats["mean"] >= min_score for stats in summary.values())
     if k == 0:
         raise HeadscopeError(f"--top auto: no head has a mean score of at least {min_score:g}; give K instead")
     return k
+
+
+def plan_arms(summary: dict, keys: list[str], ks: list[int], settings: AblationSettings, seed: int,
+              scores) -> list[tuple]:
+    """(name, K, head sets) of every arm; refused when the score file is another model's or a K cannot be met.
+    Run before the model loads (with the head ids of its config) and again on the loaded model."""
+    analysis.refuse_other_model(summary, keys, scores)
+    for k in ks:
+        if k < 0 or k > len(keys):
+            raise HeadscopeError(f"K = {k} is not between 0 and the number of heads ({len(keys)})")
+    arms = [("none", 0, [[]])]
+    for k in ks:
+        top = analysis.top_keys(summary, k) if k else []
+        arms.append((f"top-{k}", k, [top]))
+        if k and (settings.random_k is None or settings.random_k > 0):
+            count = k if settings.random_k is None or len(ks) > 1 else settings.random_k
+            arms.append((f"random-{count}", count, [random_heads(keys, top, count, seed + r)
+                                                     for r in range(settings.repeats)]))
+    return arms
 
 
 def ablate(task: str, scores: str, top: list[int] | str, options=None, loaded=None, **overrides) -> dict:
     """Run the arms and write NAME_TASK_ablation.json (and pictures) in options.out. Returns that object.
 
     ``top`` is a list of K, or ``"auto"``: K = the heads scoring at least ``min_score`` (see heads_above).
-    ``overrides`` set AblationSettings fields (random_k, repeats, mode, min_score) and the task's options."""
+    ``overrides`` set AblationSettings fields (random_k, repeats, mode, min_score) and the task's options.
+    Every refusal that does not need the model's weights comes before they load; nothing is written before
+    the prompts are built."""
     settings, options = settings_and_options("ablate", AblationSettings, task, options, overrides, scores=scores,
                                              top=top)
     summary = analysis.load_summary(scores)
-    if top == "auto":
-        top = [heads_above(summary, settings.min_score)]
-    run = start_run(task, options, loaded, command="ablate", scorers=False)
-    all_keys = run.keys
-    unknown = sorted(set(summary) - set(all_keys), key=outputs.parse_head_key)
-    if unknown:
-        raise HeadscopeError(f"{scores} has head {unknown[0]}, but the model has {len(all_keys)} heads: the score "
-                             "file is for another model")
-    for k in top:
-        if k < 0 or k > len(all_keys):
-            raise HeadscopeError(f"K = {k} is not between 0 and the number of heads ({len(all_keys)})")
-    ranking = [key for key, _ in outputs.ranked(summary)]
-    encoded = encode_samples(run, range(len(run.samples)))
-    items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
+    ks = [heads_above(summary, settings.min_score)] if top == "auto" else top
+    keys = head_ids_before_loading(options, loaded, {scores: summary})
+    if keys is not None:
+        plan_arms(summary, keys, ks, settings, options.seed, scores)
+    name = model_name_of(options, loaded)
+    path = Path(options.out) / f"{name}_{task}_ablation.json"
+    with writer_lock(options.out, f"{name}_{task}_ablation"):
+        log = ArmLog(path.with_name(f"{name}_{task}_ablation_samples.jsonl"),
+                     ablation_id(task, options, name, settings, summary), options.overwrite)
+        try:
+            run = start_run(task, options, loaded, command="ablate")
+            arms_to_run = plan_arms(summary, run.keys, ks, settings, options.seed, scores)
+            encoded = encode_samples(run, range(len(run.samples)))
+            items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
+            results, rows_of = run_arms(run, items, arms_to_run, settings.mode, log)
+        finally:
+            log.close()
+        report = {"task": task, "model": run.loaded.path, "scores": str(scores), "mode": settings.mode,
+                  "samples": len(run.samples), "none": results["none"]}
+        if len(ks) == 1:
+            k = ks[0]
+            report["top"] = results[f"top-{k}"]
+            random_name = next((n for n in results if n.startswith("random-")), None)
+            if random_name:
+                report["random"] = results[random_name]
+        else:
+            report["sweep"] = [{"k": k, "top": results[f"top-{k}"], "random": results.get(f"random-{k}")} for k in ks]
+        outputs.atomic_write_json(path, report)
+        report["path"] = str(path)
+        report["pictures"] = draw(report, rows_of, path) if options.plots else []
+    return report
 
-    arms_to_run = [("none", 0, [[]])]
-    for k in top:
-        arms_to_run.append((f"top-{k}", k, [ranking[:k]]))
-        if k and (settings.random_k is None or settings.random_k > 0):
-            count = k if settings.random_k is None or len(top) > 1 else settings.random_k
-            arms_to_run.append((f"random-{count}", count, [random_heads(all_keys, ranking[:k], count, options.seed + r)
-                                                            for r in range(settings.repeats)]))
-    paths = outputs.output_paths(options.out, run.loaded.name, task)
-    path = paths["heads"].with_name(paths["heads"].name.replace("_heads.json", "_ablation.json"))
-    log = ArmLog(path.with_name(path.name.replace("_ablation.json", "_ablation_samples.jsonl")),
-                 ablation_id(run, settings, summary), options.overwrite)
+
+def run_arms(run: Run, items: list, arms_to_run: list, mode: str, log: ArmLog) -> tuple[dict, dict]:
+    """Every arm's result and rows, with a progress bar over arms x repeats."""
     results, rows_of = {}, {}
-    progress = tqdm(total=sum(len(h) for _, _, h in arms_to_run), desc=f"ablate {task}", unit="arm",
-                    disable=options.quiet, file=sys.stderr)
+    progress = tqdm(total=sum(len(h) for _, _, h in arms_to_run), desc=f"ablate {run.task.name}", unit="arm",
+                    disable=run.options.quiet, file=sys.stderr)
     try:
         for name, k, head_sets in arms_to_run:
             if name in results:
                 continue
             per_repeat = []
             for repeat, heads in enumerate(head_sets):
-                per_repeat.append(run_arm(run, items, heads, (name, repeat, settings.mode), log))
+                per_repeat.append(run_arm(run, items, heads, (name, repeat, mode), log))
                 progress.update(1)
             drawn = name.startswith("random-")
             results[name] = arm_result(per_repeat, k, head_sets if drawn else head_sets[0], drawn)
             rows_of[name] = [row for rows in per_repeat for row in rows]
     finally:
-        log.close()
         progress.close()
-
-    report = {"task": task, "model": run.loaded.path, "scores": str(scores), "mode": settings.mode,
-              "samples": len(run.samples), "none": results["none"]}
-    if len(top) == 1:
-        k = top[0]
-        report["top"] = results[f"top-{k}"]
-        random_name = next((n for n in results if n.startswith("random-")), None)
-        if random_name:
-            report["random"] = results[random_name]
-    else:
-        report["sweep"] = [{"k": k, "top": results[f"top-{k}"], "random": results.get(f"random-{k}")} for k in top]
-    outputs.atomic_write_json(path, report)
-    report["path"] = str(path)
-    report["pictures"] = draw(report, rows_of, path) if options.plots else []
-    return report
+    return results, rows_of
 
 
 def settings_and_options(command: str, settings_class, task: str, options, overrides: dict, **given):
@@ -229,11 +255,11 @@ def settings_and_options(command: str, settings_class, task: str, options, overr
     return settings, task_options(task, options, **{k: v for k, v in overrides.items() if k not in names})
 
 
-def ablation_id(run: Run, settings: AblationSettings, summary: dict) -> str:
+def ablation_id(task: str, options, name: str, settings, summary: dict) -> str:
     """What makes two ablations the same: the model, the task's result-changing options, the settings and the
     scores ranked (the run id's rule: output, batching and display options do not count)."""
-    described = dataclasses.asdict(run.options) | {"ablation": dataclasses.asdict(settings), "scores": summary}
-    return store.run_id(run.task.name, described, run.loaded.name)
+    described = dataclasses.asdict(options) | {"ablation": dataclasses.asdict(settings), "scores": summary}
+    return store.run_id(task, described, name)
 
 
 def draw(report: dict, rows_of: dict, path) -> list[str]:

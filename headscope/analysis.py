@@ -5,13 +5,14 @@ or a summary file) or on numpy arrays of shape (layers, heads) / (samples, layer
 """
 from __future__ import annotations
 
-import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import HeadscopeError
+from . import schema, store
+from .errors import HeadscopeError, loading_reason
 from .outputs import head_key, parse_head_key, ranked, summarize
 
 RUN_FILE = re.compile(r"^(?P<prefix>.+)_(?P<kind>heads|summary)(?P<shard>\.shard-\d+-of-\d+)?\.json$")
@@ -20,16 +21,10 @@ RUN_FILE = re.compile(r"^(?P<prefix>.+)_(?P<kind>heads|summary)(?P<shard>\.shard
 # ---------------------------------------------------------------------------------------------- files
 
 def load_summary(path: str | Path) -> dict[str, dict]:
-    """A heads file ({"L-H": [scores]}) or a summary file ({"L-H": {"mean", ...}}), told apart by its values."""
-    try:
-        with open(path) as file:
-            data = json.load(file)
-    except FileNotFoundError:
-        raise HeadscopeError(f"no such score file: {path}") from None
-    except IsADirectoryError:
-        raise HeadscopeError(f"{path} is a folder, not a score file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise HeadscopeError(f"{path} is not valid JSON ({getattr(error, 'msg', error)})") from None
+    """A heads file ({"L-H": [scores]}) or a summary file ({"L-H": {"mean", ...}}), told apart by its values.
+    A head with no value (an empty list, a null mean) keeps mean None: it is never ranked, shown or exported
+    as if it had scored 0."""
+    data = schema.read_json(path, "score file")
     if not isinstance(data, dict) or not data:
         raise HeadscopeError(f"{path} is not a heads or summary file: expected a non-empty object keyed by LAYER-HEAD")
     for key in data:
@@ -39,12 +34,16 @@ def load_summary(path: str | Path) -> dict[str, dict]:
         data = summarize(data)
         values = list(data.values())
     if all(isinstance(v, dict) and (_is_number(v.get("mean")) or v.get("mean") is None) for v in values):
-        # For ranking, comparing and exporting, a head with no value (null mean) counts as 0.
-        return {key: {"mean": float(v["mean"] or 0.0), "std": float(v.get("std") or 0.0),
-                      "count": int(v.get("count", 0)), "max": float(v.get("max") or v["mean"] or 0.0)}
-                for key, v in data.items()}
+        return {key: _head_stats(v) for key, v in data.items()}
     raise HeadscopeError(f"{path} is not a heads or summary file: each LAYER-HEAD must map to a list of scores "
                          "or to {\"mean\": ...}")
+
+
+def _head_stats(stats: dict) -> dict:
+    if stats["mean"] is None:
+        return {"mean": None, "std": None, "count": 0, "max": None}
+    return {"mean": float(stats["mean"]), "std": float(stats.get("std") or 0.0), "count": int(stats.get("count", 0)),
+            "max": float(stats.get("max") if stats.get("max") is not None else stats["mean"])}
 
 
 def _is_number(value) -> bool:
@@ -63,48 +62,51 @@ def companion(path: str | Path, kind: str) -> Path:
 
 
 def read_samples(path: str | Path) -> list[dict]:
-    """NAME_TASK_samples.jsonl, one object per line; a bad line is reported by number."""
-    rows = []
-    try:
-        with open(path) as file:
-            for number, line in enumerate(file, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise HeadscopeError(f"{path} line {number} is not valid JSON") from None
-                if not isinstance(row, dict):
-                    raise HeadscopeError(f"{path} line {number} is not a JSON object")
-                rows.append(row)
-    except FileNotFoundError:
-        raise HeadscopeError(f"no samples file {path}: it is written next to the heads file by `detect`") from None
-    return rows
+    """NAME_TASK_samples.jsonl, checked row by row (store.read_rows: every reader alike)."""
+    if not Path(path).exists():
+        raise HeadscopeError(f"no samples file {path}: it is written next to the heads file by `detect`")
+    return store.read_rows(Path(path))
 
 
 # ----------------------------------------------------------------------------------------- the grid
 
-def grid_shape(keys) -> tuple[int, int]:
-    """(layers, heads) of a complete LAYER-HEAD grid; a missing or stray head id is an error."""
+def grid_layers(keys) -> tuple[list[int], int]:
+    """(the layers, ascending, heads per layer) of a complete LAYER-HEAD grid: every present layer with heads
+    0..H-1. The layers are the model's attention layers by their real indices (a hybrid's skip the others); a
+    missing or stray head id is an error."""
     pairs = {parse_head_key(key) for key in keys}
-    layers = 1 + max(layer for layer, _ in pairs)
-    heads = 1 + max(head for _, head in pairs)
     if min(min(pair) for pair in pairs) < 0:
         raise HeadscopeError("head ids must not be negative")
-    if len(pairs) != layers * heads:
-        missing = next(head_key(l, h) for l in range(layers) for h in range(heads) if (l, h) not in pairs)
-        raise HeadscopeError(f"the head ids do not form a full layers x heads grid: {layers} x {heads} would need "
-                             f"{missing}, which is missing (is a head id like 99-0 out of range?)")
+    layers = sorted({layer for layer, _ in pairs})
+    heads = 1 + max(head for _, head in pairs)
+    if len(pairs) != len(layers) * heads:
+        missing = next(head_key(l, h) for l in layers for h in range(heads) if (l, h) not in pairs)
+        raise HeadscopeError(f"the head ids do not form a full layers x heads grid: {len(layers)} x {heads} would "
+                             f"need {missing}, which is missing (is a head id like 99-0 out of range?)")
     return layers, heads
 
 
+def grid_shape(keys) -> tuple[int, int]:
+    """(layers, heads) of a complete LAYER-HEAD grid (see grid_layers)."""
+    layers, heads = grid_layers(keys)
+    return len(layers), heads
+
+
 def mean_matrix(summary: dict[str, dict]) -> np.ndarray:
-    """The (layers, heads) array of mean scores."""
-    layers, heads = grid_shape(summary)
-    means = np.zeros((layers, heads))
+    """The (layers, heads) array of mean scores, row i being the i-th layer of `grid_layers` (a hybrid model's
+    attention layers only); a head with no value counts as 0 in a matrix (heatmaps, KV-cache policies)."""
+    layers, heads = grid_layers(summary)
+    row = {layer: index for index, layer in enumerate(layers)}
+    means = np.zeros((len(layers), heads))
     for key, stats in summary.items():
-        means[parse_head_key(key)] = stats["mean"]
+        layer, head = parse_head_key(key)
+        means[row[layer], head] = stats["mean"] or 0.0
     return means
+
+
+def valued(summary: dict[str, dict]) -> int:
+    """How many heads have a value (at least one passing sample scored them)."""
+    return sum(stats["mean"] is not None for stats in summary.values())
 
 
 def check_top(k: int, num_heads: int) -> None:
@@ -115,9 +117,50 @@ def check_top(k: int, num_heads: int) -> None:
 
 
 def top_keys(summary: dict[str, dict], k: int) -> list[str]:
-    """The K best heads by mean (ties by layer then head, as `outputs.ranked`)."""
+    """The K best heads by mean (ties by layer then head, as `outputs.ranked`); a head with no value is never
+    among them, so K larger than the heads with a value is refused."""
     check_top(k, len(summary))
+    if k > valued(summary):
+        raise HeadscopeError(f"K = {k}, but only {valued(summary)} of the {len(summary)} heads have a value (no "
+                             "passing sample scored the others)")
     return [key for key, _ in ranked(summary)[:k]]
+
+
+def checked_heads(path, summary: dict[str, dict]) -> list[str]:
+    """The score file's head ids in grid order: the heads of the run's model when its manifest lies beside the
+    file (a head the model cannot have, e.g. 99-0 in a 6-layer model, is refused), and a full layers x heads grid."""
+    manifest = read_manifest(path)
+    if manifest is not None:
+        refuse_other_model(summary, manifest["heads"], path)
+    keys = sorted(summary, key=parse_head_key)
+    grid_shape(keys)
+    return keys
+
+
+def refuse_other_model(summary: dict[str, dict], keys: list[str], path) -> None:
+    """A score file must score exactly the model's heads: a file of another model (another shape) is refused."""
+    if set(summary) != set(keys):
+        layers, heads = grid_shape(keys)
+        extra = sorted(set(summary) - set(keys), key=parse_head_key)
+        missing = sorted(set(keys) - set(summary), key=parse_head_key)
+        detail = f"it has head {extra[0]}, which the model does not have" if extra else f"it lacks head {missing[0]}"
+        raise HeadscopeError(f"{path} does not score this model's {layers} layers x {heads} heads ({detail}): the "
+                             "score file is for another model")
+
+
+# The NIAH grid's context length is the setting (the haystack is cut to it minus --length-buffer); the prompts the
+# model read are shorter: the axis gives both.
+LENGTH_AXIS = "context length setting (mean prompt tokens)"
+
+
+def length_labels(rows: list[dict], lengths: list) -> list[str]:
+    """"300 (125)": each context length setting with the mean length of its prompts in tokens, when recorded."""
+    labels = []
+    for length in lengths:
+        tokens = [row["prompt_tokens"] for row in rows
+                  if row.get("context_length") == length and row.get("prompt_tokens") is not None]
+        labels.append(f"{length} ({sum(tokens) / len(tokens):.0f})" if tokens else str(length))
+    return labels
 
 
 # ------------------------------------------------------------------------------------------------ GQA
@@ -140,15 +183,16 @@ def kv_head_scores(means: np.ndarray, num_kv_heads: int, reduce: str = "max") ->
     return grouped.max(axis=2) if reduce == "max" else grouped.mean(axis=2)
 
 
-def num_kv_heads_from_config(model: str, local_only: bool = False) -> tuple[int, int]:
-    """(num_attention_heads, num_key_value_heads) from a model's config.json (MHA: the two are equal)."""
+def num_kv_heads_from_config(model: str, local_only: bool = False, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(num_attention_heads, num_key_value_heads) from a model's config.json (MHA: the two are equal). A config
+    that needs custom code (an auto_map) is refused unless the user passed --trust-remote-code: a model named
+    by a file (a run's manifest) is not trusted."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(model, local_files_only=local_only, trust_remote_code=trust_remote_code)
     except Exception as error:  # transformers raises many types; the user needs one line
-        text = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise HeadscopeError(f"cannot read the config of {model!r}: {text}") from None
+        raise HeadscopeError(f"cannot read the config of {model!r}: {loading_reason(error)}") from None
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(config, "num_attention_heads", None)
     if heads is None:
@@ -157,12 +201,17 @@ def num_kv_heads_from_config(model: str, local_only: bool = False) -> tuple[int,
 
 
 def read_manifest(path: str | Path) -> dict | None:
-    """The run's manifest beside a score file, or None when there is none (or it is unreadable)."""
-    try:
-        manifest = json.loads(companion(path, "manifest").read_text())
-    except (OSError, ValueError):
+    """The run's manifest beside a score file (checked), or None when there is none."""
+    return store.read_manifest(companion(path, "manifest"))
+
+
+def layers_line(layers: list[int], total: int | None) -> str | None:
+    """"attention layers 1, 3 of 4" when the heads' layers are not every layer 0..n-1 (a hybrid model); None
+    otherwise. `total`: the model's layer count, from the run's manifest (None: unknown)."""
+    if layers == list(range(len(layers))) and (total is None or total == len(layers)):
         return None
-    return manifest if isinstance(manifest, dict) else None
+    return f"attention layers {', '.join(map(str, layers))}" + (f" of {total}" if total else "") + \
+        " (the other layers have no attention heads)"
 
 
 def model_from_manifest(path: str | Path) -> str | None:
@@ -170,14 +219,15 @@ def model_from_manifest(path: str | Path) -> str | None:
     return (read_manifest(path) or {}).get("model_path")
 
 
-def resolve_num_kv_heads(path, num_query_heads: int, num_kv_heads: int | None, model: str | None) -> int:
+def resolve_num_kv_heads(path, num_query_heads: int, num_kv_heads: int | None, model: str | None,
+                         trust_remote_code: bool = False) -> int:
     """--num-kv-heads, else --model's config, else the config of the model in the run's manifest."""
     if num_kv_heads is not None:
         return num_kv_heads
     source, local_only = (model, False) if model else (model_from_manifest(path), True)
     if not source:
         raise HeadscopeError("the number of KV heads is needed: pass --num-kv-heads K or --model PATH")
-    heads, kv_heads = num_kv_heads_from_config(source, local_only)
+    heads, kv_heads = num_kv_heads_from_config(source, local_only, trust_remote_code)
     if heads != num_query_heads:
         raise HeadscopeError(f"{source} has {heads} attention heads per layer but {path} has {num_query_heads}")
     return kv_heads
@@ -243,16 +293,19 @@ def compare(a: dict[str, dict], b: dict[str, dict], ks: list[int]) -> dict:
 
 def sample_contributions(rows: list[dict], keys: list[str]) -> np.ndarray:
     """(passing samples, heads) array of what each passing sample contributed to each head,
-    columns in the order of `keys` (LAYER-HEAD ids)."""
-    layers, heads = np.array([parse_head_key(key) for key in keys]).T
+    columns in the order of `keys` (LAYER-HEAD ids); NaN where a sample gave a head no value (null). A row's
+    head_scores are (attention layers, heads), row i being the i-th attention layer (grid_layers: a hybrid
+    model's real layer indices skip the others)."""
+    pairs = [parse_head_key(key) for key in keys]
+    slot = {layer: index for index, layer in enumerate(sorted({layer for layer, _ in pairs}))}
+    layers = np.array([slot[layer] for layer, _ in pairs])
+    heads = np.array([head for _, head in pairs])
     matrix = []
     for row in rows:
         if not row.get("passed") or row.get("head_scores") is None:
             continue
-        try:
-            scores = np.asarray(row["head_scores"], dtype=float)
-        except (TypeError, ValueError):
-            scores = np.zeros(0)
+        scores = np.array([[np.nan if value is None else value for value in layer] for layer in row["head_scores"]],
+                          dtype=float)
         if scores.ndim != 2 or scores.shape[0] <= layers.max() or scores.shape[1] <= heads.max():
             raise HeadscopeError(f"sample {row.get('id')!r}: head_scores of shape {scores.shape} do not match "
                                  "the heads file")
@@ -261,15 +314,19 @@ def sample_contributions(rows: list[dict], keys: list[str]) -> np.ndarray:
 
 
 def head_means(weights: np.ndarray, contributions: np.ndarray, keep_zeros: bool) -> np.ndarray:
-    """Each head's mean under sample weights (how many times each sample is drawn).
+    """Each head's mean under sample weights (how many times each sample is drawn), under the accumulation
+    rule of `store.joins_list`; NaN for a head with no value (never 0: nothing was measured).
 
-    weights (draws, samples), contributions X (samples, heads):
-      keep zeros:  mean[d, j] = sum_i w[d, i] X[i, j] / sum_i w[d, i]
-      drop zeros:  mean[d, j] = sum_i w[d, i] X[i, j] / sum_i w[d, i] [X[i, j] > 0]   (0 if no positive entry)
+    weights (draws, samples), contributions X (samples, heads), NaN where a sample has no value for a head:
+      mean[d, j] = sum_i w[d, i] X[i, j] J[i, j] / sum_i w[d, i] J[i, j]   (NaN if the head has no value)
+    with J[i, j] = 1 where X[i, j] joins the head's list: a value, and non-zero unless keep_zeros.
     """
-    totals = weights @ contributions
-    counts = weights.sum(axis=1, keepdims=True) if keep_zeros else weights @ (contributions > 0)
-    return np.divide(totals, counts, out=np.zeros_like(totals), where=counts > 0)
+    joins = ~np.isnan(contributions)
+    values = np.where(joins, contributions, 0.0)
+    if not keep_zeros:
+        joins &= values != 0
+    totals, counts = weights @ values, weights @ joins
+    return np.divide(totals, counts, out=np.full_like(totals, np.nan), where=counts > 0)
 
 
 def top_k_frequency(means: np.ndarray, k: int) -> np.ndarray:
@@ -277,11 +334,13 @@ def top_k_frequency(means: np.ndarray, k: int) -> np.ndarray:
 
     Ties share: with v the K-th largest value of a row, a head above v scores 1, and the heads equal
     to v split the slots left, (K - #above) / #equal each, so that a block of tied heads (e.g. all
-    zero) is not called stable just because of the order they are listed in. Each row gives out K."""
+    zero) is not called stable just because of the order they are listed in. A head with no value (NaN)
+    is never in the top K."""
+    means = np.where(np.isnan(means), -np.inf, means)
     cutoff = -np.partition(-means, k - 1, axis=1)[:, k - 1:k]  # (draws, 1): the K-th largest value
     above = means > cutoff
-    tied = means == cutoff
-    share = (k - above.sum(axis=1, keepdims=True)) / tied.sum(axis=1, keepdims=True)
+    tied = (means == cutoff) & np.isfinite(means)
+    share = (k - above.sum(axis=1, keepdims=True)) / np.maximum(tied.sum(axis=1, keepdims=True), 1)
     return np.where(above, 1.0, np.where(tied, share, 0.0)).mean(axis=0)
 
 
@@ -302,23 +361,30 @@ def bootstrap(contributions: np.ndarray, keep_zeros: bool, num_resamples: int, k
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(num_samples, np.full(num_samples, 1 / num_samples), size=num_resamples).astype(float)
     resampled = head_means(weights, contributions, keep_zeros)
-    low, high = np.percentile(resampled, [2.5, 97.5], axis=0)
+    with warnings.catch_warnings():  # a head with no value in any draw has no interval (NaN), said by the table
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanpercentile(resampled, [2.5, 97.5], axis=0)
     return {"mean": head_means(np.ones((1, num_samples)), contributions, keep_zeros)[0],
             "ci_low": low, "ci_high": high, "p_top_k": top_k_frequency(resampled, k),
             "num_samples": num_samples, "num_resamples": num_resamples, "k": k}
 
 
 def stability_table(keys: list[str], result: dict, top: int) -> tuple[str, int]:
-    """The ranked table with CI and P(top K), '*' marking a top-K head with P(top K) < 0.5;
-    returns the text and how many of the top K are stable."""
+    """The ranked table with CI and P(top K), '*' marking a top-K head with P(top K) < 0.5 and '-' a head with
+    no value; returns the text and how many of the top K are stable."""
     k = result["k"]
-    order = np.argsort(-result["mean"], kind="stable")
+    order = np.argsort(-result["mean"], kind="stable")  # NaN (no value) last
     lines = [f"{'layer':>5} {'head':>4} {'mean':>8} {'ci95_low':>9} {'ci95_high':>9} {f'P(top{k})':>9}"]
     for rank, index in enumerate(order[:max(top, 0)]):
         layer, head = parse_head_key(keys[index])
         p = result["p_top_k"][index]
         flag = " *" if rank < k and p < 0.5 else ""
-        lines.append(f"{layer:>5} {head:>4} {result['mean'][index]:>8.4f} {result['ci_low'][index]:>9.4f} "
-                     f"{result['ci_high'][index]:>9.4f} {p:>9.3f}{flag}")
+        figures = [_figure(result["mean"][index], 8), _figure(result["ci_low"][index], 9),
+                   _figure(result["ci_high"][index], 9)]
+        lines.append(f"{layer:>5} {head:>4} {' '.join(figures)} {p:>9.3f}{flag}")
     stable = int((result["p_top_k"][order[:k]] >= 0.5).sum())
     return "\n".join(lines), stable
+
+
+def _figure(value: float, width: int) -> str:
+    return f"{'-':>{width}}" if np.isnan(value) else f"{value:>{width}.4f}"

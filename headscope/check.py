@@ -1,38 +1,54 @@
-"""`headscope check`: prove, on the user's own model and settings, that headscope measures what the model computes.
+"""`headscope check`: prove, on the user's own model and settings, that headscope measures what the model computes,
+on what `detect` does.
 
-Three figures on a short prompt (a few hundred tokens of the bundled haystack, a few decoding steps):
+The check's batch: two prompts of the bundled haystack, the second left-padded by PAD tokens, at least
+`--prompt-tokens` long and longer than the model's smallest sliding window (by PREFILL_TAIL + 8 tokens), so
+that windows bind; decoded `--steps` steps. Its figures, over the model's attention layers (layout.py):
 
-  rows      At every recorded step and layer, headscope's row against the model's own
-            `eager_attention_forward` (its modeling file's reference code) called on the very same
-            query, key, value and mask, upcast to float32. Same inputs, so the only difference is the
-            maths: max abs diff <= 1e-5 in every dtype.
-  tokens    Greedy tokens with headscope against `generate` on the model's eager attention. In bf16/fp16
-            the two compute logits differently (headscope takes q.k in float32), so a divergence is
-            allowed only at a near tie: the reference's logit gap between the two tokens at the first
-            divergence within the dtype's rounding of the logits.
-  ablation  Masking one head (uniform mode) through the ablation path changes that head's attention
-            output and leaves the layer's other heads unchanged.
+  rows      every decoding row (each step, attention layer and sample) against the model's own eager rows
+            (reference.py: its modeling file's eager code on the very same query, key, value and mask, upcast
+            to float32, as the weights it applies to the values -- Granite-SWA's sink scale included):
+            max abs diff <= 1e-5 in every dtype;
+  prefill   the prefill rows the pattern and query scorers read: the first FIRST_ROWS real rows of the padded
+            sample and the last PREFILL_TAIL rows of the prompt (past the window), the same comparison;
+  outputs   the attention outputs of those same rows (prefill and decoding) against eager's outputs: a wrong
+            output (a prefill run non-causal) changes every later layer's input while each layer's rows, given
+            its own inputs, still look right;
+  scorers   the scorers the run will use, on the run's own first prompts (`headscope check`: the retrieval and
+            reasoning tasks' first prompts), fed headscope's rows and fed the eager rows: equal (<= 1e-4);
+  tokens    each sample's greedy tokens in the padded batch against `generate` on eager attention on that prompt
+            alone (a sample's tokens must not depend on its batch; Whisper's own `generate` does not keep that
+            for a left-padded batch). In bf16/fp16 the two round differently (headscope takes q.k in float32),
+            so a divergence passes only at a near tie (ties.py: the reference's logit gap, or a mixture-of-experts
+            router's, within the dtype's rounding);
+  ablation  masking one head (uniform mode) changes that head's attention output and no other head's.
 
-`detect` and `ablate` run the same check before a long run (`--no-check` skips it).
+`detect` runs all but ablation, `ablate` all five, once per loaded model before a long run (`--no-check`
+skips it). Cost: a few seconds on the organism; `benchmarks/check_cost.py` measures a 32 x 32-head model.
 """
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from torch import nn
 
 from . import masking
 from .decode import StopRule, greedy_decode, num_layers_and_heads
 from .errors import HeadscopeError
-from .runstate import state_of
+from .layout import attention_layout
+from .rowcheck import EagerRowsRecorder, Spying
+from .runstate import calling_layer, module_state, state_of
 from .scorers import PromptBatch, Scorer
+from .ties import experts_per_token, logging_routers, routing_tie, tolerance
 
 ROW_LIMIT = 1e-5
-SPY = "headscope-check"
+SCORE_LIMIT = 1e-4  # scorer values: sums of rows over steps, each row within ROW_LIMIT
+OUTPUT_LIMIT, OUTPUT_ROUNDING = 1e-4, 8  # attention outputs: float32, else 8 epsilons of the output's dtype
+PAD = 16  # the second prompt's left padding
+FIRST_ROWS = 16  # prefill rows compared right after the padding
+PREFILL_TAIL = 32  # ... and at the end of the prompt
 
 
 @dataclass
@@ -46,6 +62,7 @@ class Figure:
 @dataclass
 class CheckReport:
     figures: list[Figure] = field(default_factory=list)
+    prompt_tokens: int = 0  # the check prompt's length (longer than the smallest window)
 
     @property
     def passed(self) -> bool:
@@ -55,185 +72,209 @@ class CheckReport:
         return [figure for figure in self.figures if not figure.ok]
 
     def table(self) -> str:
-        lines = [f"{'figure':<9} {'value':<36} {'limit':<48} ok"]
-        lines += [f"{f.name:<9} {f.value:<36} {f.limit:<48} {'yes' if f.ok else 'NO'}" for f in self.figures]
+        lines = [f"{'figure':<9} {'value':<44} {'limit':<52} ok"]
+        lines += [f"{f.name:<9} {f.value:<44} {f.limit:<52} {'yes' if f.ok else 'NO'}" for f in self.figures]
         return "\n".join(lines)
 
 
-class RowKeeper(Scorer):
-    """Keeps the last full row each layer recorded, for the spy to compare."""
+@dataclass
+class ScorerCase:
+    """The scorers a run will use and the run's first prompts, to be fed headscope's rows and eager rows."""
 
-    full_rows = True
+    label: str  # e.g. "retrieval"
+    make_scorers: object  # () -> fresh scorer instances
+    batch: PromptBatch
+    attention_mask: torch.Tensor | None
 
-    def begin(self, batch, num_layers, num_heads):
-        super().begin(batch, num_layers, num_heads)
-        self.rows = {}
 
-    def step_rows(self, layer, probs, offset):
-        self.rows[layer] = probs
+class RowsWanted(Scorer):
+    """Asks for the prefill rows [start, end) (so the EagerRowsRecorder compares them); scores nothing."""
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end = start, end
+
+    def prefill_queries(self):
+        return self.start, self.end
 
     def step(self, view):
         pass
 
 
-def check_prompt(loaded, length: int) -> torch.Tensor:
-    """(1, length) token ids of the model's default haystack (repeated if short), BOS as the tokenizer adds it."""
+def check_prompts(loaded, length: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2, L) token ids of the model's default haystack and their padding mask: the first prompt L tokens long,
+    the second PAD tokens shorter and left-padded; L at least `length` and longer than the smallest window."""
     from .tasks.retrieval import default_data, load_haystack
 
+    window = attention_layout(loaded.model).smallest_window
+    if window is not None:
+        length = max(length, window + PREFILL_TAIL + 8)
+    if loaded.max_context:
+        length = min(length, loaded.max_context - steps)
     haystack_dir, _ = default_data(loaded.path)
     ids = loaded.tokenizer(load_haystack(haystack_dir)[: 20 * length]).input_ids
     while len(ids) < length:
         ids = ids + ids
-    return torch.tensor([ids[:length]])
+    input_ids = torch.tensor([ids[:length], ids[:length]])
+    mask = torch.ones_like(input_ids)
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    input_ids[1, PAD:] = input_ids[1, :length - PAD].clone()  # the same text, shifted right: left padding
+    input_ids[1, :PAD], mask[1, :PAD] = pad_id, 0
+    return input_ids, mask
 
 
-def run_check(loaded, prompt_tokens: int = 256, steps: int = 8, need_ablation: bool = True) -> CheckReport:
-    """The three figures on the loaded model (its dtype, device and attention backend)."""
-    model, report = loaded.model, CheckReport()
-    device = loaded.device
-    input_ids = check_prompt(loaded, prompt_tokens).to(device)
-    if loaded.eager_fallback:
-        report.figures.append(Figure("rows", "eager output_attentions (fallback)", "the model's own rows", True))
-    tokens, diffs = decode_and_compare_rows(loaded, input_ids, steps)
-    if not loaded.eager_fallback:
-        layers, _ = num_layers_and_heads(model)
-        complete = len(diffs) == layers * len(tokens) and not any(math.isnan(d) for d in diffs)
-        value = f"max abs diff {max(diffs):.1e} ({len(diffs)} rows)" if complete else \
-            f"{len(diffs)} rows, {sum(math.isnan(d) for d in diffs)} with no eager reference"
-        report.figures.append(Figure("rows", value, f"<= {ROW_LIMIT:.0e}, every layer and step",
-                                     complete and max(diffs) <= ROW_LIMIT))
-    report.figures.append(token_figure(model, input_ids, tokens))
-    if need_ablation:
+def run_check(loaded, prompt_tokens: int = 256, steps: int = 8, need_ablation: bool = True,
+              cases: list[ScorerCase] = ()) -> CheckReport:
+    """The figures on the loaded model (its dtype, device and attention backend)."""
+    model, device = loaded.model, loaded.device
+    input_ids, mask = (t.to(device) for t in check_prompts(loaded, prompt_tokens, steps))
+    report = CheckReport(prompt_tokens=input_ids.shape[1])
+    tokens, recorder, routers = decode_against_eager(loaded, input_ids, mask, steps)
+    report.figures += row_figures(loaded, recorder, len(tokens[0]), input_ids.shape[1])
+    for case in cases:
+        report.figures.append(scorer_figure(loaded, case, steps))
+    report.figures.append(token_figure(model, input_ids, mask, tokens, routers))
+    if need_ablation and not loaded.eager_fallback:  # off the interface `ablate` refuses the model outright
         report.figures.append(ablation_figure(loaded, input_ids))
     return report
 
 
-def decode_and_compare_rows(loaded, input_ids, steps) -> tuple[list[int], list[float]]:
-    """headscope's greedy tokens, and each recorded row's max abs diff from the model's eager code on the same inputs."""
-    model = loaded.model
-    keeper = RowKeeper()
+def decode_against_eager(loaded, input_ids, mask, steps):
+    """headscope's greedy tokens on the batch, with every row it computed compared with eager (the recorder), and
+    the routers' logits of the run (ties.py)."""
+    model, pad = loaded.model, (mask == 0).sum(-1)
+    length = input_ids.shape[1]
+    wanted = [RowsWanted(int(pad.max()), int(pad.max()) + FIRST_ROWS), RowsWanted(length - 1 - PREFILL_TAIL,
+                                                                                  length - 1)]
+    spy = Spying(model, enabled=not loaded.eager_fallback, pad=pad, eager_rows=True)
     layers, heads = num_layers_and_heads(model)
-    no_span = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-    keeper.begin(PromptBatch(input_ids, input_ids.shape[1], no_span, no_span), layers, heads)
-    diffs = []  # one max abs diff per (step, layer) row compared
-
-    def compare(module, query, key, value, attention_mask, kwargs, output):
-        if query.shape[2] != 1 or module.layer_idx not in keeper.rows:
-            return
-        reference = eager_reference(module, query, key, value, attention_mask, kwargs)  # (batch, heads, kv_len)
-        ours = keeper.rows.pop(module.layer_idx)
-        diffs.append(float((ours - reference[..., -ours.shape[-1]:]).abs().max()))  # NaN: no eager reference
-
-    with Spying(model, compare, enabled=not loaded.eager_fallback):
-        tokens = greedy_decode(model, input_ids, None, [keeper], steps, StopRule(set(), set()),
-                               loaded.eager_fallback)[0]
-    return tokens, diffs
+    batch = PromptBatch(input_ids, length, pad, pad, pad)
+    for scorer in wanted:
+        scorer.begin(batch, layers, heads)
+    with spy, logging_routers(model, len(input_ids)) as routers:
+        tokens = greedy_decode(model, input_ids, mask, [] if loaded.eager_fallback else wanted, steps,
+                               StopRule(set(), set()), loaded.eager_fallback)
+    return tokens, spy.recorder, routers
 
 
-def model_eager_attention(module):
-    """The reference attention function of the module's modeling file (None for code that has none)."""
-    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+def row_figures(loaded, recorder: EagerRowsRecorder, steps: int, length: int) -> list[Figure]:
+    if loaded.eager_fallback:
+        return [Figure("rows", "eager output_attentions (fallback)", "the model's own rows", True)]
+    layout, found = attention_layout(loaded.model), recorder.differences
+    decode, prefill = found.worst(found.decode), found.worst(found.prefill)
+    expected = len(layout.layers) * steps
+    complete = len(found.decode) == expected and not math.isnan(decode)
+    value = f"max abs diff {decode:.1e} ({2 * len(found.decode)} rows)" if complete else \
+        f"{len(found.decode)} of {expected} layer-steps" + (" (no eager reference)" if math.isnan(decode) else "")
+    rows = Figure("rows", value, f"<= {ROW_LIMIT:.0e}, every step, {layout.describe()}",
+                  complete and decode <= ROW_LIMIT)
+    compared = not math.isnan(prefill) and found.prefill_rows > 0
+    value = f"max abs diff {prefill:.1e} ({found.prefill_rows} rows)" if compared else "no eager reference"
+    prefill_figure = Figure("prefill", value, f"<= {ROW_LIMIT:.0e}, {FIRST_ROWS} after the padding, the last "
+                                              f"{PREFILL_TAIL}", compared and prefill <= ROW_LIMIT)
+    outputs, limit = found.worst(found.outputs), output_limit(loaded.model.dtype)
+    value = f"max diff {outputs:.1e} of the largest" if not math.isnan(outputs) else "no eager reference"
+    return [rows, prefill_figure, Figure("outputs", value, f"<= {limit:.0e} x max(1, largest), the rows above",
+                                         not math.isnan(outputs) and outputs <= limit)]
 
 
-def eager_reference(module, query, key, value, attention_mask, kwargs) -> torch.Tensor:
-    """The model's own eager attention probabilities, float32, from the given q, k, v and transformers' mask."""
-    eager = model_eager_attention(module)
-    if eager is None:  # nothing to compare with: the rows figure fails (NaN), it is not skipped
-        return torch.full(query.shape[:2] + key.shape[2:3], float("nan"), device=query.device)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager adds a float mask
-        attention_mask = torch.zeros(attention_mask.shape, device=query.device).masked_fill(
-            ~attention_mask.to(query.device), float("-inf"))
-    elif attention_mask is not None:
-        attention_mask = attention_mask.float()
-    arguments = {name: value for name, value in kwargs.items() if name != "dropout"}
-    with torch.no_grad():
-        _, weights = eager(module, query.float(), key.float(), value.float(), attention_mask, dropout=0.0,
-                           **arguments)
-    return weights[:, :, -1].float()
+def output_limit(dtype: torch.dtype) -> float:
+    """Attention outputs against eager's in float32: rounding of the output's dtype, at least 1e-4."""
+    return max(OUTPUT_LIMIT, OUTPUT_ROUNDING * torch.finfo(dtype).eps)
 
 
-def token_figure(model, input_ids, tokens) -> Figure:
+def scorer_figure(loaded, case: ScorerCase, steps: int) -> Figure:
+    """The case's scorers on headscope's rows and on the eager rows: the largest difference of their values."""
+    model = loaded.model
+    layers, heads = num_layers_and_heads(model)
+    results = []
+    for eager in (False, True):
+        scorers = case.make_scorers()
+        for scorer in scorers:
+            scorer.begin(case.batch, layers, heads)
+        with Spying(model, enabled=eager and not loaded.eager_fallback, pad=case.batch.pad, eager_rows=True):
+            greedy_decode(model, case.batch.input_ids, case.attention_mask, scorers, steps, StopRule(set(), set()),
+                          loaded.eager_fallback)
+        results.append({scorer.name: scorer.result().float().cpu() for scorer in scorers})
+    ours, eager = results
+    gaps = {name: float((ours[name] - eager[name]).abs().max()) for name in ours}
+    scale = max(1.0, max(float(values.abs().max()) for values in eager.values()))
+    name, worst = max(gaps.items(), key=lambda item: item[1])
+    return Figure("scorers", f"{case.label}: max diff {worst:.1e}",
+                  f"<= {SCORE_LIMIT:.0e} x {scale:.3g}, fed headscope's and eager rows", worst <= SCORE_LIMIT * scale)
+
+
+def token_figure(model, input_ids, mask, tokens: list[list[int]], routers: list) -> Figure:
+    """headscope's tokens (the padded batch) against eager `generate` on each prompt alone: a sample's tokens must
+    not depend on its batch (see the module docstring)."""
+    steps, length = len(tokens[0]), input_ids.shape[1]
+    pad = (mask == 0).sum(-1).tolist()
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        with torch.no_grad():
-            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=len(tokens),
-                                 do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0,
-                                 output_logits=True, return_dict_in_generate=True)
+        runs = [generate_alone(model, input_ids[b:b + 1, pad[b]:], steps) for b in range(len(input_ids))]
     finally:
         model.set_attn_implementation(previous)
-    expected = out.sequences[0, input_ids.shape[1]:].tolist()
-    same = sum(a == b for a, b in zip(expected, tokens))
-    limit = "all equal, or the first divergence a near tie"
+    expected = [sequence for sequence, _, _ in runs]
+    total = sum(len(t) for t in tokens)
+    same = sum(a == b for ours, theirs in zip(tokens, expected) for a, b in zip(ours, theirs))
+    limit = "all equal, or the first split a near tie"
     if expected == tokens:
-        return Figure("tokens", f"{same}/{len(tokens)} equal", limit, True)
-    step = next(s for s, (a, b) in enumerate(zip(expected, tokens)) if a != b)
-    logits = out.logits[step][0].float()
-    gap = float(logits[expected[step]] - logits[tokens[step]])
-    tolerance = float(logits.abs().max()) * torch.finfo(model.dtype).eps * 4  # the dtype's rounding of a logit
-    return Figure("tokens", f"differ from step {step}: gap {gap:.2e}", f"{limit} (gap <= {tolerance:.1e})",
-                  gap <= tolerance)
+        return Figure("tokens", f"{same}/{total} equal (2 samples)", limit, True)
+    step, sample = min((next(s for s, (a, b) in enumerate(zip(theirs, ours)) if a != b), i)
+                       for i, (ours, theirs) in enumerate(zip(tokens, expected)) if ours != theirs)
+    logits = runs[sample][1][step][0].float()
+    gap = float(logits[expected[sample][step]] - logits[tokens[sample][step]])
+    tol = tolerance(logits, model.dtype)
+    if gap <= tol:
+        return Figure("tokens", f"differ from step {step}: logit gap {gap:.1e}", f"{limit} (gap <= {tol:.1e})", True)
+    real = torch.arange(length + steps)[None, :] >= torch.tensor(pad)[:, None]
+    eager_routers = [[torch.cat([nn.functional.pad(torch.cat(run[2][router], 1), (0, 0, pad[b], 0))
+                                 for b, run in enumerate(runs)])] for router in range(len(routers))]
+    routing = routing_tie(routers, eager_routers, experts_per_token(model.config), real, length + step, model.dtype)
+    tie = routing is not None and routing.startswith("a routing near tie")
+    return Figure("tokens", f"differ from step {step}: " + (routing or f"logit gap {gap:.1e}"),
+                  f"{limit} (<= {tol:.1e})", tie)
+
+
+def generate_alone(model, input_ids, steps: int):
+    """(tokens, each step's logits, the routers' logits per call) of eager greedy `generate` on one unpadded prompt."""
+    with torch.no_grad(), logging_routers(model, 1) as routers:
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=steps,
+                             do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True)
+    return out.sequences[0, input_ids.shape[1]:].tolist(), out.logits, routers
 
 
 def ablation_figure(loaded, input_ids) -> Figure:
-    layers, heads = num_layers_and_heads(loaded.model)
-    layer, head = layers // 2, heads - 1
+    layout = attention_layout(loaded.model)
+    layer, head = layout.layers[len(layout.layers) // 2], layout.heads - 1
     name = f"masking {layer}-{head}"
-    if loaded.eager_fallback:
-        return Figure("ablation", "attention not on the interface", f"{name} changes its output", False)
     outputs = {}
 
-    def keep(module, query, key, value, attention_mask, kwargs, output):
-        if module.layer_idx == layer:
+    def keep(module, output):
+        if calling_layer(module, module_state(module)) == layer:
             outputs[state_of(loaded.model).ablation is not None] = output.float()  # (batch, q_len, heads, dim)
 
-    with Spying(loaded.model, keep), torch.no_grad():
-        loaded.model(input_ids)
+    with Spying(loaded.model, watch=keep), torch.no_grad():
+        loaded.model(input_ids[:1])
         with masking.ablating(loaded.model, {layer: [head]}, "uniform"):
-            loaded.model(input_ids)
+            loaded.model(input_ids[:1])
     if len(outputs) != 2:
         return Figure("ablation", f"layer {layer} not reached", f"{name} changes its output", False)
     change = (outputs[True] - outputs[False]).abs()
-    other_heads = change[:, :, torch.arange(heads) != head]
-    masked_change, others = float(change[:, :, head].max()), float(other_heads.max()) if heads > 1 else 0.0
+    other_heads = change[:, :, torch.arange(layout.heads) != head]
+    masked_change = float(change[:, :, head].max())
+    others = float(other_heads.max()) if layout.heads > 1 else 0.0
     return Figure("ablation", f"head {masked_change:.2e}, others {others:.1e}",
                   f"{name} changes it (> 0), the others 0", masked_change > 0 and others == 0)
 
 
-class Spying:
-    """Route the model's attention through a spy that calls headscope's function, then `watch(...)`."""
-
-    def __init__(self, model, watch, enabled: bool = True):
-        self.model, self.watch, self.enabled = model, watch, enabled
-
-    def __enter__(self):
-        if not self.enabled:
-            return self
-        self.previous = self.model.config._attn_implementation
-        inner = ALL_ATTENTION_FUNCTIONS[self.previous]
-
-        def spy(module, query, key, value, attention_mask, **kwargs):
-            output, _ = inner(module, query, key, value, attention_mask, **kwargs)
-            self.watch(module, query, key, value, attention_mask, kwargs, output)
-            return output, None
-
-        ALL_ATTENTION_FUNCTIONS.register(SPY, spy)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(SPY, ALL_MASK_ATTENTION_FUNCTIONS[self.previous])
-        self.model.set_attn_implementation(SPY)
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.model.set_attn_implementation(self.previous)
-        return False
-
-
-def require(loaded, command: str, need_ablation: bool) -> None:
-    """Before a long run: the check, once per loaded model; refuse with one line when it fails."""
-    key = "ablate" if need_ablation else "detect"
+def require(loaded, command: str, need_ablation: bool, cases: list[ScorerCase] = ()) -> None:
+    """Before a long run: the check, once per loaded model and set of scorers; refuse with one line when it fails."""
+    key = ("ablate" if need_ablation else "detect", tuple(case.label for case in cases))
     if key in loaded.checked:
         return
-    report = run_check(loaded, need_ablation=need_ablation)
+    report = run_check(loaded, need_ablation=need_ablation, cases=cases)
     if not report.passed:
         worst = report.failing()[0]
         raise HeadscopeError(f"{loaded.name} fails headscope's exactness check ({worst.name}: {worst.value}); "

@@ -1,63 +1,104 @@
 """headscope's command line: `headscope detect|ablate|kv|specificity|rescore|check|show|compare|plot|export|
-merge|organism ...`."""
+merge|report|organism ...`.
+
+Only the command being run has its arguments built (and its modules imported): `headscope --help` lists the
+commands without importing torch."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import pickle
 import sys
 from pathlib import Path
-
-from transformers.utils import logging as transformers_logging
 
 from .errors import HeadscopeError
 
 
 def options_from(args: argparse.Namespace, options_class) -> dict:
-    """The fields of `options_class` set on the command line; on the bundled organism (no --model), the task's
-    organism defaults for those left unset."""
+    """The fields of `options_class` set on the command line (flags that cannot be combined refused); on the
+    bundled organism (no --model), the task's organism defaults for those left unset and not replaced by a flag
+    given (--context-lengths replaces the organism's --min-length ...)."""
+    from .engine import refuse_filter_flags
+    from .options import excluded_by, refuse_conflicts
+
     names = {spec.name for spec in dataclasses.fields(options_class)}
     given = {name: value for name, value in vars(args).items() if name in names}
+    refuse_conflicts(options_class, set(given))
     task = getattr(args, "task_spec", None)
-    if task is not None and getattr(args, "model", None) is None:  # only this class's fields take them
-        given = {k: v for k, v in task.organism_defaults.items() if k in names} | given
+    if task is None:
+        return given
+    refuse_filter_flags(task, set(given))
+    if getattr(args, "model", None) is None:  # only this class's fields take them
+        defaults = {k: v for k, v in task.organism_defaults.items()
+                    if k in names and not excluded_by(options_class, k, set(given))}
+        given = defaults | given
     return given
 
 
-def run_detect(args: argparse.Namespace) -> None:
+def run_detect(args: argparse.Namespace) -> int:
     from .engine import detect
-    from .outputs import format_table
-    from .store import read_rows
 
     options = args.task_spec.options(**options_from(args, args.task_spec.options))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         result = distributed_detect(args.task, options)
         if result is None:  # not rank 0: rank 0 prints the merged results
-            return
+            return 0
     else:
         result = detect(args.task, options)
-    print(format_table(result.summary, 30))
     counts = result.counts
+    by_scorer = result.by_scorer or {options.scorer: result}
+    if counts["passed"]:
+        for name, scorer_result in by_scorer.items():
+            print(scorer_table(name, scorer_result, len(by_scorer) > 1))
     print(f"samples run: {counts['run']}  passed: {counts['passed']}  span errors: {counts['span_errors']}"
           + (f"  no extractable answer: {counts['no_answer']}" if options.answer_marker or options.answer_from != "full"
              else ""))
     for error in sorted({row["error"] for row in result.samples if row["error"]}):
         print(f"span error: {error}")
-    if result.complete:
-        return
-    print(f"wrote {result.paths['heads']}")
-    if not any(row["passed"] for row in read_rows(result.paths["samples"])):
-        print(f"headscope: warning: no sample passed the success filter ({options.metric} > "
-              f"{options.success_threshold:g}): no head has a value (null in the summary), no heatmap drawn",
-              file=sys.stderr)
-        return
-    if options.plots:
+    for name, scorer_result in by_scorer.items():
+        print_unscored(name, scorer_result.samples)
+    if not result.complete:
+        for scorer_result in by_scorer.values():
+            for kind in ("heads", "summary", "samples", "manifest"):
+                print(f"wrote {scorer_result.paths[kind]}")
+    if not counts["passed"]:
+        print(f"headscope: {counts['passed']} of {counts['run']} samples passed the success filter ({options.metric} > "
+              f"{options.success_threshold:g}): no head has a value, so there is nothing to rank; re-judge the "
+              f"responses with `headscope rescore {options.out}`", file=sys.stderr)
+        return 1
+    if options.plots and not result.complete:
         from .plots import plot_run
 
-        for name, scorer_result in (result.by_scorer or {None: result}).items():
+        for scorer_result in by_scorer.values():
             for picture in plot_run(scorer_result.paths["heads"]):
                 print(f"wrote {picture}")
-    print(f"see it in the browser: headscope report {result.paths['heads'].parent}")
+    if options.shard is not None:
+        print(f"when every shard has finished: headscope merge {options.out}")
+    else:
+        print(f"see it in the browser: headscope report {options.out}")
+    return 0
+
+
+def scorer_table(name: str, result, titled: bool) -> str:
+    """A scorer's ranked table, under its name when several scorers ran together."""
+    from .outputs import format_table
+
+    return (f"{name}:\n" if titled else "") + format_table(result.summary, 30)
+
+
+def print_unscored(scorer: str | None, rows: list[dict]) -> None:
+    """Samples a scorer could not score (a chain too short for a kurtosis, no answer segment): counted, with
+    their reasons, never silently left out of the heads file."""
+    from collections import Counter
+
+    reasons = Counter(row["unscored"] for row in rows if row.get("unscored"))
+    if reasons:
+        listed = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common(3))
+        more = f"; and {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
+        print(f"{scorer or 'scorer'}: {sum(reasons.values())} of {len(rows)} samples have no score (not in the heads "
+              f"file): {listed}{more}")
 
 
 def distributed_detect(task, options):
@@ -139,18 +180,37 @@ def run_kv(args: argparse.Namespace) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     from .check import run_check as check_model
+    from .engine import scorer_case, start_run
+    from .layout import attention_layout
     from .loading import load
-
     from .options import ModelOptions
+    from .tasks import TASKS
 
     model = ModelOptions(**options_from(args, ModelOptions))
     loaded = load(model.model, model.dtype, model.device, model.attn, model.trust_remote_code)
-    report = check_model(loaded, args.prompt_tokens, args.steps)
+    cases = []
+    for task in ("retrieval", "reasoning"):  # each task's default scorer on its first two prompts
+        defaults = TASKS[task].organism_defaults if model.model is None else {}
+        options = TASKS[task].options(**(defaults | dataclasses.asdict(model)))
+        case = scorer_case(start_run(task, options, loaded, check_it=False))
+        if case is None:
+            print(f"headscope: note: no {task} prompt's span is found with this tokenizer: its scorer is not checked",
+                  file=sys.stderr)
+        else:
+            cases.append(case)
+    report = check_model(loaded, args.prompt_tokens, args.steps, cases=cases)
+    window = attention_layout(loaded.model).smallest_window
     print(f"model {loaded.path}  dtype {str(loaded.model.dtype).removeprefix('torch.')}  device {loaded.device}  "
-          f"attention {loaded.attention}  prompt {args.prompt_tokens} tokens, {args.steps} steps")
+          f"attention {loaded.attention}")
+    print(f"prompt {report.prompt_tokens} tokens" + (f" (> the smallest window, {window})" if window else "") +
+          f", a left-padded batch of 2, {args.steps} steps")
     print(report.table())
+    if loaded.eager_fallback:
+        print("note: attention off transformers' interface: rows are eager attention's own on decoding steps; no "
+              "prefill-row scorer and no ablation (ablate refuses this model)")
     if report.passed:
-        print("verdict: PASS: headscope's rows, tokens and masking are exact on this model with these settings")
+        print("verdict: PASS: headscope's rows, scorers, tokens and masking are exact on this model with these "
+              "settings")
         return 0
     failing = ", ".join(figure.name for figure in report.failing())
     print(f"verdict: FAIL ({failing}): do not trust headscope's scores on this model with these settings")
@@ -160,22 +220,27 @@ def run_check(args: argparse.Namespace) -> int:
 def run_rescore(args: argparse.Namespace) -> None:
     from .rescore import draw, format_report, rescore
 
-    report = rescore(args.run_dir, args.metric, args.threshold, args.task, args.metric_model)
+    report = rescore(args.run_dir, args.metric, args.threshold, args.task, args.metric_model, args.trust_remote_code)
     print(format_report(report))
-    print(f"wrote {Path(args.run_dir) / 'rescore' / 'rescore.json'}")
+    print(f"wrote {os.path.join(args.run_dir, 'rescore', 'rescore.json')}")
     if not args.no_plots:
         for picture in draw(report, Path(args.run_dir)):
             print(f"wrote {picture}")
 
 
 def run_specificity(args: argparse.Namespace) -> None:
+    from .options import excluded_by, refuse_conflicts
     from .specificity import Arms, draw, format_matrix, specificity
     from .tasks import TASKS
 
     given = {name: value for name, value in vars(args).items()
              if name not in ("command", "handler", "scores", "tasks", "top", "random", "repeats", "mode")}
-    if given.get("model") is None:  # the bundled organism: each task's organism defaults, unless set
-        given = {k: v for task in args.tasks if task in TASKS for k, v in TASKS[task].organism_defaults.items()} | given
+    tasks = [TASKS[task] for task in args.tasks if task in TASKS]
+    for task in tasks:
+        refuse_conflicts(task.options, set(given))
+    if given.get("model") is None:  # the bundled organism: each task's organism defaults, unless set or replaced
+        given = {k: v for task in tasks for k, v in task.organism_defaults.items()
+                 if not excluded_by(task.options, k, set(given))} | given
     report = specificity(args.scores, args.tasks, Arms(args.top, args.random, args.repeats, args.mode), **given)
     print(format_matrix(report))
     print(f"wrote {report['path']}")
@@ -196,33 +261,57 @@ def run_organism_train(args: argparse.Namespace, rest: list[str]) -> None:
     train.main(rest)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .ablation import AblationSettings
-    from .kv_curve import KVSettings
-    from .options import ModelOptions, add_arguments, parse_floats, parse_list
+# ------------------------------------------------------------------------------------------ the parser
+
+def add_detect(detect) -> None:
+    from .options import add_arguments
     from .tasks import TASKS
 
-    parser = argparse.ArgumentParser(prog="headscope", description="Find the retrieval and reasoning heads of any "
-                                     "Hugging Face causal LM, and prove that they matter.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    detect = commands.add_parser("detect", help=f"find the heads of a task ({', '.join(TASKS)})")
     tasks = detect.add_subparsers(dest="task", required=True)
     for task in TASKS.values():
         task_parser = tasks.add_parser(task.name, help=task.help, description=task.help)
         add_arguments(task_parser, task.options, task.organism_defaults)
-        task_parser.set_defaults(task_spec=task)
-    add_rerun_command(commands, "ablate", "mask the top-K heads (and K random ones) and re-run the task",
-                      AblationSettings)
-    add_rerun_command(commands, "kv", "replay KV cache policies from a heads file (DuoAttention, HeadKV, and "
-                                      "random and uniform baselines): the task's success at each share of the cache "
-                                      "kept", KVSettings)
-    check = commands.add_parser("check", help="prove on your model and settings that headscope is exact (exit 0) "
-                                              "or show where it is not (exit 1)")
+        task_parser.set_defaults(task_spec=task, handler=run_detect)
+
+
+def add_ablate(ablate) -> None:
+    from .ablation import AblationSettings
+    from .options import add_arguments
+    from .tasks import TASKS
+
+    tasks = ablate.add_subparsers(dest="task", required=True)
+    for task in (task for task in TASKS.values() if task.success_filter):
+        task_parser = tasks.add_parser(task.name, help=f"ablation on the {task.name} task")
+        add_arguments(task_parser, AblationSettings)
+        add_arguments(task_parser, task.options, task.organism_defaults, command="ablate")
+        task_parser.set_defaults(task_spec=task, handler=run_ablate)
+
+
+def add_kv(kv) -> None:
+    from .kv_curve import KVSettings
+    from .options import add_arguments
+    from .tasks import TASKS
+
+    tasks = kv.add_subparsers(dest="task", required=True)
+    for task in (task for task in TASKS.values() if task.success_filter):
+        task_parser = tasks.add_parser(task.name, help=f"KV cache policies on the {task.name} task")
+        add_arguments(task_parser, KVSettings)
+        add_arguments(task_parser, task.options, task.organism_defaults, command="ablate")
+        task_parser.set_defaults(task_spec=task, handler=run_kv)
+
+
+def add_check(check) -> None:
+    from .options import ModelOptions, add_arguments
+
     add_arguments(check, ModelOptions)
     check.add_argument("--prompt-tokens", type=int, default=256, help="length of the test prompt (default 256)")
     check.add_argument("--steps", type=int, default=8, help="decoding steps compared (default 8)")
-    rescore = commands.add_parser("rescore", help="re-judge a finished run under other success filters (metrics, "
-                                                  "thresholds) without running the model; head-set stability")
+    check.set_defaults(handler=run_check)
+
+
+def add_rescore(rescore) -> None:
+    from .options import parse_floats, parse_list
+
     rescore.add_argument("run_dir", help="a detect --out folder")
     rescore.add_argument("--task", help="only this task's runs in the folder (default: every run)")
     rescore.add_argument("--metric", type=parse_list(str), default=["rouge1", "f1", "bleu", "chrf"],
@@ -231,79 +320,156 @@ def build_parser() -> argparse.ArgumentParser:
     rescore.add_argument("--threshold", type=parse_floats, default=[40.0, 50.0, 60.0],
                          help="comma-separated thresholds: a sample passes when metric > threshold (default 40,50,60)")
     rescore.add_argument("--metric-model", help="bertscore / embedding model: a hub id or a local folder")
+    rescore.add_argument("--trust-remote-code", action="store_true",
+                         help="let the metric model run its own code (an auto_map in its config); off by default")
     rescore.add_argument("--no-plots", action="store_true", help="do not draw the stability picture")
     rescore.set_defaults(handler=run_rescore)
-    specific = commands.add_parser("specificity", help="is a score file's head set specific to its skill? mask "
-                                                       "each file's top-K heads (and K random ones) on each task")
+
+
+def add_specificity(specific) -> None:
+    from .options import add_arguments, parse_list
+    from .tasks import TASKS
+
     specific.add_argument("--scores", type=parse_list(str), required=True, help="comma-separated heads files")
     specific.add_argument("--tasks", type=parse_list(str), default=["retrieval", "reasoning"],
                           help="comma-separated tasks (default retrieval,reasoning)")
     specific.add_argument("--top", type=int, required=True, help="K: the top-K heads of each file are masked")
     specific.add_argument("--random", type=int, help="K random heads outside each file's top K (default: K)")
     specific.add_argument("--repeats", type=int, default=3, help="random draws (default 3)")
-    specific.add_argument("--mode", default="uniform", choices=["uniform", "zero", "mean"], help="how heads are masked")
-    taken: set = set()
+    specific.add_argument("--mode", default="uniform", choices=["uniform", "zero", "mean"],
+                          help="how heads are masked (default uniform)")
+    taken: dict = {}
     for task in ("retrieval", "reasoning"):
-        add_arguments(specific, TASKS[task].options, TASKS[task].organism_defaults, command="ablate", taken=taken)
+        add_arguments(specific, TASKS[task].options, TASKS[task].organism_defaults, command="specificity",
+                      taken=taken, label=task)
     specific.set_defaults(handler=run_specificity)
-    merge = commands.add_parser("merge", help="merge the shard files of `detect --shard I/N` runs")
+
+
+def add_merge(merge) -> None:
     merge.add_argument("dirs", nargs="+", help="folders holding *_samples.shard-I-of-N.jsonl files")
-    merge.add_argument("--out", help="where to write the merged files (default: the first folder)")
-    organism = commands.add_parser("organism", help="the bundled model organism")
+    merge.add_argument("--out", help="where to write the merged files (default: the first folder); a whole run "
+                                     "already there is never replaced")
+    merge.set_defaults(handler=run_merge)
+
+
+def add_organism(organism) -> None:
     organism_commands = organism.add_subparsers(dest="organism_command", required=True)
     organism_commands.add_parser("train", help="train the organism from scratch (options: see `train --help`)",
                                  add_help=False)
+
+
+def tasks_registered() -> list[str]:
+    from .tasks import TASKS  # light: the tasks' modules import no torch
+
+    return list(TASKS)
+
+
+COMMANDS = {  # name: (help, what builds its arguments)
+    "detect": (lambda: f"find the heads of a task ({', '.join(tasks_registered())})", add_detect),
+    "ablate": ("mask the top-K heads (and K random ones) and re-run the task", add_ablate),
+    "kv": ("replay KV cache policies from a heads file (DuoAttention, HeadKV, and random and uniform baselines): "
+           "the task's success at each share of the cache kept", add_kv),
+    "check": ("prove on your model and settings that headscope is exact (exit 0) or show where it is not (exit 1)",
+              add_check),
+    "rescore": ("re-judge a finished run under other success filters (metrics, thresholds) without running the "
+                "model; head-set stability", add_rescore),
+    "specificity": ("is a score file's head set specific to its skill? mask each file's top-K heads (and K random "
+                    "ones) on each task", add_specificity),
+    "merge": ("merge the shard files of `detect --shard I/N` runs", add_merge),
+    "organism": ("the bundled model organism", add_organism),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """headscope's parser, with the arguments of `command` only (every command is listed in the help)."""
     from . import cli_analysis
-    cli_analysis.add_commands(commands)
+
+    parser = argparse.ArgumentParser(prog="headscope", description="Find the retrieval and reasoning heads of any "
+                                     "Hugging Face causal LM, and prove that they matter.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    builders = {name: (text, add) for name, (text, add) in COMMANDS.items()}
+    builders |= {name: (cli_analysis.HELP[name], add) for name, add in cli_analysis.COMMANDS.items()}
+    for name, (text, add) in builders.items():
+        subparser = commands.add_parser(name, help=text() if callable(text) else text)
+        if name == command:
+            add(subparser)
     return parser
 
 
-def add_rerun_command(commands, name: str, help_text: str, settings_class) -> None:
-    """A command that re-runs a task (with a success filter) under settings of its own: `ablate`, `kv`."""
-    from .options import add_arguments
-    from .tasks import TASKS
+def user_error(error: BaseException) -> str | None:
+    """The one line for a failure that the user's files or machine caused; None for a bug (its traceback shows)."""
+    if isinstance(error, HeadscopeError):
+        return str(error)
+    if isinstance(error, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({error.reason} at byte offset {error.start})"
+    if isinstance(error, OSError):  # a full disk, a permission, a folder where a file should be, ...
+        reason = error.strerror or str(error) or type(error).__name__
+        return f"{error.filename}: {reason}" if error.filename else reason
+    if isinstance(error, pickle.UnpicklingError):  # torch's own message advises weights_only=False: never
+        return ("the model's pickled weights hold more than tensors: torch's safe loader refused them, and headscope "
+                "never unpickles weights unsafely (use a safetensors checkpoint)")
+    if type(error).__name__ == "SafetensorError":
+        return f"a safetensors file cannot be read ({str(error).splitlines()[0]}): is it complete?"
+    return None
 
-    parser = commands.add_parser(name, help=help_text)
-    tasks = parser.add_subparsers(dest="task", required=True)
-    for task in (task for task in TASKS.values() if task.success_filter):
-        task_parser = tasks.add_parser(task.name, help=f"{name} on the {task.name} task")
-        add_arguments(task_parser, settings_class)
-        add_arguments(task_parser, task.options, task.organism_defaults, command="ablate")
-        task_parser.set_defaults(task_spec=task)
+
+TORCH_COMMANDS = {"detect", "ablate", "kv", "specificity", "check", "rescore"}  # the commands that compute with torch
+
+
+@contextlib.contextmanager
+def command_threads(args: argparse.Namespace):
+    """torch's CPU threads while a command runs: --threads, else the cores no other work keeps busy
+    (engine.use_threads); put back after it, so that a program calling main() keeps its own setting (and a library
+    call of headscope leaves torch's setting alone unless given `threads`)."""
+    if args.command not in TORCH_COMMANDS:
+        yield
+        return
+    import torch
+
+    from .engine import use_threads
+
+    before = torch.get_num_threads()
+    use_threads(getattr(args, "threads", None))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def quiet_libraries() -> None:
+    """Our own progress bar and errors only: no download bars, no huggingface_hub retry lines before our error."""
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    parser = build_parser(next((word for word in argv if not word.startswith("-")), None))
     args, rest = parser.parse_known_args(argv)
     if rest and not (args.command == "organism"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    transformers_logging.disable_progress_bar()  # our own progress bar is enough; errors stay one line
     try:
-        if args.command == "detect":
-            run_detect(args)
-        elif args.command == "merge":
-            run_merge(args)
-        elif args.command == "ablate":
-            run_ablate(args)
-        elif args.command == "kv":
-            run_kv(args)
-        elif args.command == "check":
-            return run_check(args)
-        elif hasattr(args, "handler"):
-            args.handler(args)
-        elif args.command == "organism":
+        quiet_libraries()
+        if args.command == "organism":
             run_organism_train(args, rest)
-    except HeadscopeError as error:
-        print(f"headscope: error: {error}", file=sys.stderr)
-        return 2
+            return 0
+        with command_threads(args):
+            return args.handler(args) or 0
     except KeyboardInterrupt:
         print("headscope: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `headscope show FILE | head`: the reader left; stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit
         return 141
-    return 0
+    except Exception as error:
+        line = user_error(error)
+        if line is None:
+            raise
+        print(f"headscope: error: {' '.join(line.splitlines())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,22 @@ def add_kv_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-kv-heads", type=int, help="KV heads per layer (GQA); default: read from --model")
     parser.add_argument("--model", help="read num_key_value_heads from this model's config.json "
                                         "(default: the model in the run's manifest, if any)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let that config run its own code (an auto_map); off by default, even for a model "
+                             "named by a manifest")
 
 
-def add_commands(subparsers) -> None:
-    show = subparsers.add_parser("show", help="ranked table of a heads or summary file")
+HELP = {
+    "show": "ranked table of a heads or summary file",
+    "compare": "agreement of two score files: top-K overlap, Spearman",
+    "plot": "heatmap (and NIAH grid) PNGs next to a score file",
+    "export": "scores in the format of a KV-cache method",
+    "report": "one self-contained HTML page per run: heatmap, ranked table, NIAH grid, samples, "
+              "ablation/rescore/specificity, comparison",
+}
+
+
+def add_show(show) -> None:
     show.add_argument("file", help="NAME_TASK_heads.json or NAME_TASK_summary.json")
     show.add_argument("--top", type=int, default=30, help="rows to print (default 30)")
     show.add_argument("--kv-heads", choices=["max", "mean"], help="aggregate query heads onto their KV head (GQA)")
@@ -27,26 +40,31 @@ def add_commands(subparsers) -> None:
     stability.add_argument("--k", type=int, help="the top K whose membership is tested (default 10 or all heads)")
     show.set_defaults(handler=run_show)
 
-    compare = subparsers.add_parser("compare", help="agreement of two score files: top-K overlap, Spearman")
+
+def add_compare(compare) -> None:
     compare.add_argument("a", help="a heads or summary file (its scores are the x axis)")
     compare.add_argument("b", help="another heads or summary file of the same model (the y axis)")
     compare.add_argument("--top", type=parse_ints, help="values of K (default 5,10,20,30, those up to the head count)")
-    compare.add_argument("--plot", help="scatter plot path (default: A_vs_B.png next to A)")
+    compare.add_argument("--plot", help="scatter plot path (default: A_vs_B.png next to A; a link is written "
+                                        "through)")
     compare.add_argument("--no-plot", action="store_true", help="print the table only")
     compare.set_defaults(handler=run_compare)
 
-    plot = subparsers.add_parser("plot", help="heatmap (and NIAH grid) PNGs next to a score file")
+
+def add_plot(plot) -> None:
     plot.add_argument("file", help="NAME_TASK_heads.json or NAME_TASK_summary.json")
     plot.add_argument("--top", type=int, default=10, help="label this many best heads (default 10)")
     plot.set_defaults(handler=run_plot)
 
-    export = subparsers.add_parser("export", help="scores in the format of a KV-cache method")
+
+def add_export(export) -> None:
     export.add_argument("file", help="NAME_TASK_heads.json or NAME_TASK_summary.json")
     export.add_argument("--to", required=True, choices=["topk", "duo", "razor", "headkv"],
                         help="topk: [[layer, head, score], ...]; duo: DuoAttention; razor: RazorAttention; "
                              "headkv: HeadKV budgets")
-    export.add_argument("--top", type=int, help="topk, razor: how many heads (default 20 or all heads)")
-    export.add_argument("--out", help="output path (duo: a folder); default next to FILE")
+    export.add_argument("--top", type=int, help="topk, razor: how many heads (default 20, or the heads with a value)")
+    export.add_argument("--out", help="output path (duo: a folder); default next to FILE; a link (or /dev/stdout) is "
+                                      "written through")
     duo = export.add_argument_group("duo")
     duo.add_argument("--threshold", type=float, help="1 where the KV head's score >= T")
     duo.add_argument("--sparsity", type=float, help="keep the top (1 - S) fraction of KV heads")
@@ -60,14 +78,14 @@ def add_commands(subparsers) -> None:
                         help="floor(budget / beta) per head is pooled; larger beta, bigger floor (default 1.2)")
     headkv.add_argument("--temperature", type=float, default=1.0, help="exponent on the score shares (default 1)")
     headkv.add_argument("--layout", choices=["keys", "matrix"], default="keys",
-                        help='{"L-H": budget} or a layers x heads list')
+                        help='{"L-H": budget} or a layers x heads list (default keys)')
     export.set_defaults(handler=run_export)
 
-    report = subparsers.add_parser("report", help="one self-contained HTML page per run: heatmap, ranked table, "
-                                                  "NIAH grid, samples, ablation/rescore/specificity, comparison")
+
+def add_report(report) -> None:
     report.add_argument("run_dir", help="a detect --out folder (e.g. head_scores)")
     report.add_argument("--out", help="the page's path (default RUN_DIR/report.html; RUN_DIR/NAME_TASK_report.html "
-                                      "each when the folder holds several runs)")
+                                      "each when the folder holds several runs); a link is written through")
     report.add_argument("--run", metavar="NAME_TASK", help="only this run of the folder (e.g. organism_retrieval)")
     report.add_argument("--compare", metavar="OTHER",
                         help="another run: its folder, or one of its files (e.g. NAME_TASK_r2_heads.json): top-K "
@@ -76,6 +94,9 @@ def add_commands(subparsers) -> None:
                         help="resamples behind each head's 95%% interval and P(top K) (default 1000; 0: none)")
     report.add_argument("--k", type=int, help="the K of P(top K) (default 10 or all heads)")
     report.set_defaults(handler=run_report)
+
+
+COMMANDS = {"show": add_show, "compare": add_compare, "plot": add_plot, "export": add_export, "report": add_report}
 
 
 def score_name(path) -> str:
@@ -92,51 +113,78 @@ def score_name(path) -> str:
 def run_show(args) -> None:
     from . import analysis
     from .errors import HeadscopeError
-    from .outputs import format_table, parse_head_key
-    from .scorers import keeps_zeros
+    from .outputs import format_table
 
     summary = analysis.load_summary(args.file)
     if args.top < 1:
         raise HeadscopeError("--top must be at least 1")
     if args.kv_heads and args.bootstrap:
         raise HeadscopeError("--kv-heads and --bootstrap cannot be combined")
+    keys = analysis.checked_heads(args.file, summary)
     if args.kv_heads:
-        means = analysis.mean_matrix(summary)
-        num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model)
-        scores = analysis.kv_head_scores(means, num_kv, args.kv_heads)
-        group = means.shape[1] // num_kv
-        order = sorted(np.ndindex(scores.shape), key=lambda lg: (-scores[lg], lg))
-        print(f"{'layer':>5} {'kv_head':>7} {args.kv_heads:>8}  query heads")
-        for layer, kv in order[:args.top]:
-            print(f"{layer:>5} {kv:>7} {scores[layer, kv]:>8.4f}  {kv * group}-{(kv + 1) * group - 1}")
+        print(kv_table(args, summary))
         return
-    if not args.bootstrap:
+    hybrid = analysis.layers_line(analysis.grid_layers(summary)[0],
+                                  (analysis.read_manifest(args.file) or {}).get("layers"))
+    if hybrid:
+        print(hybrid)
+    if args.bootstrap:
+        print(stability(args, summary, keys))
+    else:
         print(format_table(summary, args.top))
-        return
-    keys = sorted(summary, key=parse_head_key)
-    analysis.grid_shape(keys)
-    samples_path = analysis.companion(args.file, "samples")
-    rows = analysis.read_samples(samples_path)
+
+
+def kv_table(args, summary: dict) -> str:
+    """Query heads aggregated onto their KV head (GQA), best first."""
+    from . import analysis
+
+    means = analysis.mean_matrix(summary)
+    num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model,
+                                          args.trust_remote_code)
+    scores = analysis.kv_head_scores(means, num_kv, args.kv_heads)
+    group = means.shape[1] // num_kv
+    layers, _ = analysis.grid_layers(summary)  # row i: the i-th attention layer, by its real index
+    order = sorted(np.ndindex(scores.shape), key=lambda lg: (-scores[lg], lg))
+    lines = [f"{'layer':>5} {'kv_head':>7} {args.kv_heads:>8}  query heads"]
+    for row, kv in order[:args.top]:
+        layer, first, last = layers[row], kv * group, (kv + 1) * group - 1
+        served = f"{layer}-{first}" if group == 1 else f"{layer}-{first} to {layer}-{last}"  # head ids, as elsewhere
+        lines.append(f"{layer:>5} {kv:>7} {scores[row, kv]:>8.4f}  {served}")
+    return "\n".join(lines)
+
+
+def stability(args, summary: dict, keys: list[str]) -> str:
+    """The bootstrap table of the samples beside the file (heads with no value shown as '-', never as 0)."""
+    from . import analysis, store
+    from .errors import HeadscopeError
+    from .scorers import keeps_zeros
+
+    paths = {kind: analysis.companion(args.file, kind) for kind in ("samples", "manifest")}
+    if not paths["samples"].exists():
+        raise HeadscopeError(f"no samples file {paths['samples']}: it is written next to the heads file by `detect`")
+    rows = store.run_rows(paths, analysis.read_manifest(args.file))
     contributions = analysis.sample_contributions(rows, keys)
     if not contributions.size:
-        raise HeadscopeError(f"{samples_path} has no passing samples with head_scores to resample")
+        raise HeadscopeError(f"{paths['samples']} has no passing samples with head_scores to resample")
     keep_zeros = keeps_zeros(rows)  # the rule the scorer declared, as written into each row
     k = args.k if args.k is not None else min(10, len(keys))
     result = analysis.bootstrap(contributions, keep_zeros, args.bootstrap, k, args.seed)
     table, stable = analysis.stability_table(keys, result, args.top)
-    print(table)
-    file_means = np.array([summary[key]["mean"] for key in keys])
-    if not np.allclose(file_means, result["mean"], rtol=1e-4, atol=1e-6):
-        print(f"note: the means from {samples_path.name} differ from {Path(args.file).name} "
-              "(merged or legacy runs?): the table uses the samples")
-    print(f"{stable} of the top {k} heads are stable (P(top {k}) >= 0.5 over {args.bootstrap} resamples "
-          f"of {result['num_samples']} passing samples); * marks the others")
+    lines = [table]
+    file_means = np.array([np.nan if summary[key]["mean"] is None else summary[key]["mean"] for key in keys])
+    if not np.allclose(file_means, result["mean"], rtol=1e-4, atol=1e-6, equal_nan=True):
+        lines.append(f"note: the means from {paths['samples'].name} differ from {Path(args.file).name} "
+                     "(merged or legacy runs?): the table uses the samples")
+    lines.append(f"{stable} of the top {k} heads are stable (P(top {k}) >= 0.5 over {args.bootstrap} resamples "
+                 f"of {result['num_samples']} passing samples); * marks the others, - a head with no value")
+    return "\n".join(lines)
 
 
 def run_compare(args) -> None:
     from . import analysis, plots
+    from .outputs import plain
 
-    a, b = analysis.load_summary(args.a), analysis.load_summary(args.b)
+    a, b = (plain(analysis.load_summary(path)) for path in (args.a, args.b))  # no value counts as 0 here
     ks = args.top if args.top is not None else [k for k in (5, 10, 20, 30) if k <= len(a)] or [len(a)]
     result = analysis.compare(a, b, ks)
     print(f"{'K':>4} {'overlap':>7} {'jaccard':>7}")
@@ -149,7 +197,7 @@ def run_compare(args) -> None:
     if not args.no_plot:
         path_a, path_b = Path(args.a), Path(args.b)
         out = Path(args.plot) if args.plot else path_a.with_name(f"{path_a.stem}_vs_{path_b.stem}.png")
-        print(f"wrote {plots.scatter(a, b, out, labels=(score_name(path_a), score_name(path_b)))}")
+        wrote(plots.scatter(a, b, out, (score_name(path_a), score_name(path_b)), follow=args.plot is not None))
 
 
 def run_plot(args) -> None:
@@ -165,32 +213,42 @@ def run_export(args) -> None:
     from .outputs import atomic_write_json
 
     summary = analysis.load_summary(args.file)
+    analysis.checked_heads(args.file, summary)
     means = analysis.mean_matrix(summary)
     default = analysis.companion(args.file, args.to)
-    top = args.top if args.top is not None else min(20, len(summary))
-    if args.to == "topk":
-        out = Path(args.out or default.with_suffix(".json"))
-        atomic_write_json(out, exports.top_k_list(summary, top))
-    elif args.to == "razor":
-        out = Path(args.out or default.with_suffix(".json"))
-        atomic_write_json(out, exports.razor_heads(summary, top))
-    elif args.to == "headkv":
-        out = Path(args.out or default.with_suffix(".json"))
-        budgets = exports.headkv_budgets(means, args.budget, args.beta, args.temperature)
-        atomic_write_json(out, exports.headkv_json(budgets, args.layout))
-    else:
-        num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model)
+    top = args.top if args.top is not None else min(20, analysis.valued(summary)) or 1
+    if args.to == "duo":
+        num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model,
+                                               args.trust_remote_code)
         pattern = exports.duo_pattern(means, num_kv, args.threshold, args.sparsity, args.raw or None)
         if args.sink_size < 0 or args.recent_size < 0:
             raise HeadscopeError("--sink-size and --recent-size must not be negative")
         out = exports.write_duo(pattern, args.out or default.with_suffix(""), args.sink_size, args.recent_size)
         print(f"{int((pattern > 0).sum())} of {pattern.size} KV heads marked full attention" if not args.raw else
               f"{pattern.size} KV heads, scores scaled to [0, 1]")
-    print(f"wrote {out}")
+    else:
+        if args.to == "topk":
+            content = exports.top_k_list(summary, top)
+        elif args.to == "razor":
+            content = exports.razor_heads(summary, top)
+        else:
+            content = exports.headkv_json(exports.headkv_budgets(means, args.budget, args.beta, args.temperature),
+                                          args.layout, analysis.grid_layers(summary)[0])
+        out = Path(args.out or default.with_suffix(".json"))
+        atomic_write_json(out, content, follow=args.out is not None)  # a path the user named: through links
+    wrote(out)
+
+
+def wrote(path, detail: str = "") -> None:
+    """'wrote PATH' on stdout, or on stderr when PATH was written in place (--out /dev/stdout): the output stays
+    clean."""
+    from .outputs import write_target
+
+    print(f"wrote {path}{detail}", file=sys.stderr if write_target(path, follow=True) is None else sys.stdout)
 
 
 def run_report(args) -> None:
     from .report import report
 
     for path in report(args.run_dir, args.out, args.compare, args.run, args.bootstrap, args.k):
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        wrote(path, f" ({path.stat().st_size / 1e6:.1f} MB)")

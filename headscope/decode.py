@@ -18,18 +18,28 @@ the rows [start, end) handed to `calibration_rows(layer, query_start, probs)` (Q
 
 Full decoding rows. A scorer with `full_rows = True` gets every step's whole rows through
 `step_rows(layer, probs (batch, heads, kv_len), offset)` (offset: position of key 0) before `step`.
+
+Replay. A scorer with `replays = True` reads finished sequences: after the decode, each sample's prompt plus
+the tokens it generated is prefilled alone (batch size 1, no padding, a throw-away cache) and the rows of the
+query positions the scorer asks for (`replay_queries`) go to `replay_rows`, block by block. Its score so
+depends on the sample's own tokens only, whatever the batch, and reads the same rows a full forward pass of
+the text would give (what the reasoning-model papers' code reads).
+
+Models whose attention is not on the interface (`eager_fallback`) give all these rows from the model's
+eager `output_attentions` instead: the decoding steps' rows, and the passes above (quadratic in memory).
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
+import functools
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
-from .errors import HeadscopeError
+from .caches import carry_cache, fresh_cache
+from .layout import attention_layout
 from .recorder import Recorder, prefilling, recording
+from .runstate import state_of
 from .scorers import Scorer, StepView
 
 
@@ -56,67 +66,113 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def cache_argument(model) -> str:
-    # transformers 5 renames `past_key_values` to `cache`; accept whichever this version has.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def fresh_cache(model) -> dict:
-    """The forward keyword arguments of a new, empty KV cache."""
-    return {cache_argument(model): DynamicCache(config=model.config), "use_cache": True}
-
-
 def positions_of(mask: torch.Tensor) -> torch.Tensor:
     """Left padding: positions count real tokens only, as generate() does."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def num_layers_and_heads(model) -> tuple[int, int]:
-    config = model.config.get_text_config()
-    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
-    return layers, heads
+    """(attention layers, query heads per layer): the scorers' dense (layers, heads) grid. Slot i is the real layer
+    attention_layout(model).layers[i]; in a model with attention in every layer, slot = layer."""
+    layout = attention_layout(model)
+    return len(layout.layers), layout.heads
 
 
 @torch.no_grad()
 def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, scorers: list[Scorer],
                   max_new_tokens: int, stop: StopRule, eager_fallback: bool = False) -> list[list[int]]:
-    """Decode the (left-padded) prompts, feeding every step to the scorers. Returns each sample's tokens.
+    """Decode the (left-padded) prompts, feeding every step to the scorers, then replay the finished sequences
+    to the scorers that read them. Returns each sample's tokens.
 
     input_ids: (batch, prompt_len); attention_mask: (batch, prompt_len) or None when nothing is padded.
+    The recorder is the run state's `make_recorder(layers, top_k)` when set (check.py: one that feeds the scorers
+    the eager rows), else a Recorder of the model's attention layers.
     """
     prompt_len = input_ids.shape[1]
-    num_layers, _ = num_layers_and_heads(model)
-    recorder = Recorder(num_layers, max((s.top_k for s in scorers), default=1))  # after begin(): k may depend on the batch
+    make_recorder = state_of(model).make_recorder or Recorder
+    recorder = make_recorder(attention_layout(model).layers, max((s.top_k for s in scorers), default=1))  # after begin(): k may depend on the batch
     cache_kw = fresh_cache(model)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     positions = positions_of(mask)
     padded = attention_mask is not None and not bool(mask.all())
 
+    for scorer in scorers:  # calibration prompts first, each in a throw-away cache
+        calibration = scorer.calibration_prompt()
+        if calibration is not None:
+            ids, calibration_mask, (start, end) = calibration
+            rows_pass(model, recorder, [(start, end, scorer.calibration_rows)], eager_fallback, input_ids=ids,
+                      attention_mask=calibration_mask, position_ids=positions_of(
+                          calibration_mask if calibration_mask is not None else torch.ones_like(ids)),
+                      logits_to_keep=1, **fresh_cache(model))
     targets = prefill_targets(scorers, prompt_len)
-    calibrations = [(scorer, prompt) for scorer in scorers if (prompt := scorer.calibration_prompt()) is not None]
-    if eager_fallback and (targets or calibrations):
-        raise HeadscopeError("a scorer needs prefill rows, but this model's attention is not on transformers' "
-                             "attention interface")
-    run_calibration_prompts(model, recorder, calibrations)
     if prompt_len > 1:
-        with prefilling(model, recorder, targets) if targets else contextlib.nullcontext():
-            model(input_ids[:, :-1], attention_mask=mask[:, :-1] if padded else None,
-                  position_ids=positions[:, :-1], logits_to_keep=1, **cache_kw)
+        carry_cache(cache_kw, rows_pass(model, recorder, targets, eager_fallback, input_ids=input_ids[:, :-1],
+                                        attention_mask=mask[:, :-1] if padded else None,
+                                        position_ids=positions[:, :-1], logits_to_keep=1, **cache_kw))
     step_zero_hook = last_prompt_row_hook(targets, prompt_len)
     if step_zero_hook is not None:
         recorder.row_hooks.append(step_zero_hook)
     recorder.row_hooks.extend(s.step_rows for s in scorers if s.full_rows)
-    if eager_fallback:  # this model's attention is not on the interface: eager rows, decoding steps only
-        prefill_attention = model.config._attn_implementation
-        model.set_attn_implementation("eager")
     state = DecodeState(model, recorder, scorers, cache_kw, mask if padded else None, positions[:, -1:],
                         step_zero_hook, eager_fallback, prompt_len)
+    with eager_attention(model) if eager_fallback else contextlib.nullcontext():  # decoding steps: eager rows
+        generated = decode_steps(state, input_ids[:, -1:], max_new_tokens, stop)
+    replaying = [scorer for scorer in scorers if scorer.replays]
+    if replaying:
+        prompts = [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask)]  # unpadded
+        replay(model, recorder, replaying, prompts, generated, eager_fallback)
+    return generated
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """The model's own eager attention inside this block (for models not on the interface: its rows come from
+    output_attentions)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
     try:
-        return decode_steps(state, input_ids[:, -1:], max_new_tokens, stop)
+        yield
     finally:
-        if eager_fallback:
-            model.set_attn_implementation(prefill_attention)
+        model.set_attn_implementation(previous)
+
+
+def rows_pass(model, recorder: Recorder, targets: list, eager: bool, **forward):
+    """One forward pass, from an empty cache, that hands the rows of the query positions each target
+    (start, end, hook) asks for to its hook: computed block by block inside headscope's attention function, or,
+    for a model not on the interface (`eager`), cut from its eager output_attentions (memory quadratic there)."""
+    if not targets:
+        return model(**forward)
+    if not eager:
+        with prefilling(model, recorder, targets):
+            return model(**forward)
+    with eager_attention(model):
+        output = model(**forward, output_attentions=True)
+    for layer, weights in enumerate(output.attentions):  # each (batch, heads, q_len, kv_len)
+        first = weights.shape[-1] - weights.shape[-2]  # key index of the pass's first query
+        for start, end, hook in targets:
+            a, b = max(start, first), min(end, weights.shape[-1])
+            if a < b:
+                hook(layer, a, weights[:, :, a - first:b - first].float())
+    return output
+
+
+def replay(model, recorder: Recorder, scorers: list[Scorer], prompts: list[list[int]], generated: list[list[int]],
+           eager: bool) -> None:
+    """Prefill each finished sequence (its prompt + what it generated) alone, in a throw-away cache, handing the
+    rows each scorer asks for (`replay_queries`) to its `replay_rows`: a sample's score sees its own tokens only."""
+    device = model.get_input_embeddings().weight.device
+    for sample, (prompt, tokens) in enumerate(zip(prompts, generated)):
+        sequence = prompt + tokens
+        targets = []
+        for scorer in scorers:
+            wanted = scorer.replay_queries(sample, sequence, len(prompt))
+            if wanted is not None and max(wanted[0], 0) < min(wanted[1], len(sequence)):
+                targets.append((max(wanted[0], 0), min(wanted[1], len(sequence)),
+                                functools.partial(scorer.replay_rows, sample)))
+        if targets:
+            ids = torch.tensor([sequence], device=device)
+            rows_pass(model, recorder, targets, eager, input_ids=ids, position_ids=positions_of(torch.ones_like(ids)),
+                      logits_to_keep=1, **fresh_cache(model))
 
 
 @dataclass
@@ -144,6 +200,7 @@ def decode_steps(state: DecodeState, next_input: torch.Tensor, max_new_tokens: i
         with recording(model, recorder, seq_len=state.prompt_len + step):
             output = model(next_input, attention_mask=state.mask, position_ids=state.position,
                            output_attentions=state.eager_fallback, **state.cache_kw)
+        carry_cache(state.cache_kw, output)
         if state.eager_fallback:
             recorder.add_eager_attentions(output.attentions)
         tokens = output.logits[:, -1].argmax(-1)  # (batch,)
@@ -192,12 +249,3 @@ def last_prompt_row_hook(targets, prompt_len: int):
             deliver(layer, prompt_len - 1, row)
 
     return hook
-
-
-def run_calibration_prompts(model, recorder: Recorder, calibrations: list) -> None:
-    """Prefill each (scorer, calibration prompt) in a throw-away cache, its rows going to calibration_rows."""
-    for scorer, (input_ids, attention_mask, (start, end)) in calibrations:
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        with prefilling(model, recorder, [(start, end, scorer.calibration_rows)]):
-            model(input_ids, attention_mask=attention_mask, position_ids=positions_of(mask), logits_to_keep=1,
-                  **fresh_cache(model))

@@ -3,9 +3,11 @@ load -> build prompts -> generate with the recorder -> score -> accumulate -> wr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
-import json
+import math
+import os
 import platform
 import sys
 import time
@@ -19,11 +21,13 @@ from tqdm import tqdm
 from . import check, loading, outputs, store
 from .decode import StopRule, eos_token_ids, greedy_decode, newline_token_ids, num_layers_and_heads
 from .errors import HeadscopeError, notify
+from .layout import attention_layout
+from .lock import writer_locks
 from .answers import extract_answer
 from .metrics import passes, score_response
-from .options import DetectOptions, build, validate
+from .options import DetectOptions, build, flag_of, given_fields, refuse_conflicts, validate
 from .scorers import PromptBatch, load_scorer
-from .scorers.segments import segment_spans, think_markers
+from .scorers.segments import locate, think_markers
 from .spans import encode_with_span, excerpt
 from .tasks import TASKS, Task
 
@@ -41,7 +45,8 @@ class DetectResult:
     def counts(self) -> dict[str, int]:
         return {"run": len(self.samples), "passed": sum(s["passed"] for s in self.samples),
                 "span_errors": sum(s["error"] is not None for s in self.samples),
-                "no_answer": sum("answer_text" in s and s["answer_text"] is None for s in self.samples)}
+                "no_answer": sum("answer_text" in s and s["answer_text"] is None for s in self.samples),
+                "unscored": sum(bool(s.get("unscored")) for s in self.samples)}
 
 
 @dataclass
@@ -58,15 +63,61 @@ class Run:
 
     @cached_property
     def keys(self) -> list[str]:
-        """Every head's id, "LAYER-HEAD", layer by layer."""
-        num_layers, num_heads = num_layers_and_heads(self.loaded.model)
-        return [outputs.head_key(layer, head) for layer in range(num_layers) for head in range(num_heads)]
+        """Every head's id, "LAYER-HEAD" with the layer's real index, attention layer by attention layer: the order
+        of the scorers' dense (layers, heads) grid, slot i being the i-th attention layer."""
+        return model_head_keys(self.loaded.model)
+
+
+def model_head_keys(model) -> list[str]:
+    layout = attention_layout(model)
+    return [outputs.head_key(layer, head) for layer in layout.layers for head in range(layout.heads)]
+
+
+def model_name_of(options, loaded: loading.LoadedModel | None) -> str:
+    """The name the run's files carry, known before the model loads."""
+    return loaded.name if loaded is not None else loading.model_name(options.model or loading.default_model_path())
+
+
+def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_files: dict) -> list[str] | None:
+    """The model's head ids, before its weights load (so that a wrong score file or K is refused first); None when
+    the config cannot be read here: loading the model then says why. `score_files`: {path: summary}.
+
+    A config does not say which layers of a hybrid have attention. A score file whose layers are not 0..n-1, or
+    whose manifest names them as the model's attention layers, may be a hybrid's: the ids are then the config's
+    layers x heads cut to those layers (another model's head count, a layer the model lacks and a K beyond the
+    heads are still refused here; the loaded model's own ids decide the rest)."""
+    from transformers import AutoConfig
+
+    from . import analysis
+
+    if loaded is not None:
+        return model_head_keys(loaded.model)
+    try:
+        config = AutoConfig.from_pretrained(options.model or loading.default_model_path(),
+                                            trust_remote_code=options.trust_remote_code).get_text_config(decoder=True)
+    except (OSError, ValueError):
+        return None
+    layers = next((getattr(config, n) for n in ("num_hidden_layers", "n_layer", "num_layers")
+                   if isinstance(getattr(config, n, None), int)), None)
+    heads = next((getattr(config, n) for n in ("num_attention_heads", "n_head", "n_heads")
+                  if isinstance(getattr(config, n, None), int)), None)
+    if not layers or not heads:
+        return None
+    hybrid = set()
+    for path, summary in score_files.items():
+        named = sorted({outputs.parse_head_key(key)[0] for key in summary})
+        if named != list(range(len(named))) or (analysis.read_manifest(path) or {}).get("attention_layers") == named:
+            hybrid |= set(named)
+    return [outputs.head_key(layer, head) for layer in range(layers) if not hybrid or layer in hybrid
+            for head in range(heads)]
+
 
 
 def task_options(task: str, options=None, **overrides):
     """The task's options dataclass, from any options object (the fields they share) and overrides by name."""
     if task not in TASKS:
         raise HeadscopeError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
+    refuse_conflicts(TASKS[task].options, set(overrides) | (given_fields(options) if options is not None else set()))
     options = build(TASKS[task].options, options, **overrides)
     validate(options)
     if Path(options.out).exists() and not Path(options.out).is_dir():
@@ -74,17 +125,59 @@ def task_options(task: str, options=None, **overrides):
     return options
 
 
+@contextlib.contextmanager
+def quiet_loading(quiet: bool):
+    """quiet: no progress bar of transformers' either while the weights load."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    if quiet:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and shown:
+            transformers_logging.enable_progress_bar()
+
+
+def refuse_filter_flags(task: Task, given: set[str]) -> None:
+    """A task without a success filter (every sample counts) has no use for the filter's flags: given on the
+    command line, they are refused, not ignored (code that passes one set of options to every task may pass them)."""
+    if task.success_filter:
+        return
+    used = sorted(spec.name for spec in dataclasses.fields(task.options)
+                  if spec.metadata.get("success_filter") and spec.name in given)
+    if used:
+        raise HeadscopeError(f"the {task.name} task has no success filter (every sample counts): "
+                             f"{flag_of(task.options, used[0])} does nothing there")
+
+
+TORCH_THREADS = torch.get_num_threads()  # torch's own default (the machine's cores), before anyone changes it
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's CPU threads: --threads, else the cores no other work keeps busy (at least 1). On a busy
+    machine torch's default (every core) is several times slower: its threads wait for each other while other
+    processes hold the cores (benchmarks/threads.py)."""
+    if threads is None:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, min(TORCH_THREADS, round(TORCH_THREADS - busy)))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def start_run(task: str, options, loaded: loading.LoadedModel | None, command: str = "detect",
-              scorers: bool = True) -> Run:
-    """Validate, load the model (unless given), run the exactness check, build the samples and the scorers."""
-    make = make_scorers(TASKS[task], options) if scorers else []
-    loaded = loaded or loading.load(options.model, options.dtype, options.device, options.attn,
-                                    options.trust_remote_code)
+              scorers: list = (), check_it: bool = True) -> Run:
+    """Load the model (unless given), build the samples, run the exactness check (with `scorers`, the scorers
+    that read the decode, on the run's first prompts)."""
+    if options.threads is not None:  # the command line sets its default (cli.command_threads); a library call
+        use_threads(options.threads)  # keeps torch's own setting unless given `threads`
+    if loaded is None:
+        with quiet_loading(options.quiet):
+            loaded = loading.load(options.model, options.dtype, options.device, options.attn, options.trust_remote_code)
     if command == "ablate" and loaded.eager_fallback:  # masking lives in headscope's attention function
         raise HeadscopeError(f"{type(loaded.model).__name__} does not use transformers' attention interface, so "
                              "headscope cannot mask its heads")
-    if options.check:
-        check.require(loaded, command, need_ablation=command == "ablate")
     chat = use_chat(options, loaded.tokenizer)
     # The builder sees the model actually loaded (a Python-API `loaded` model too), e.g. to pick default data.
     # chat: False, True, or the chat template's keyword arguments (a non-empty dict is "on, with these").
@@ -95,7 +188,28 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
         raise HeadscopeError("the task produced no samples: check the data and the grid options")
     stop = StopRule(eos_token_ids(loaded.model, loaded.tokenizer),
                     newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
-    return Run(TASKS[task], options, loaded, chat, samples, make, stop)
+    run = Run(TASKS[task], options, loaded, chat, samples, list(scorers), stop)
+    if options.check and check_it:
+        case = scorer_case(run) if run.scorers else None
+        check.require(loaded, command, need_ablation=command == "ablate", cases=[case] if case else [])
+    return run
+
+
+def scorer_case(run: Run) -> check.ScorerCase | None:
+    """The run's scorers on its first two prompts (those whose span is found), for the check's scorers figure; None
+    when no prompt's span is found (the run would score nothing: its rows say why)."""
+    first, index = [], 0
+    while len(first) < 2 and index < len(run.samples):
+        prompt = encode_with_span(run.loaded.tokenizer, run.samples[index], run.task.span_overlap_threshold)
+        if prompt.span is not None or not run.task.span_required:
+            first.append((index, run.samples[index], prompt))
+        index += 1
+    if not first:
+        return None
+    batch, attention_mask = prompt_batch(run, first)
+    names = [scorer.name for scorer in run.scorers]
+    label = run.task.name if names == [run.task.name] else f"{run.task.name} {','.join(names)}"
+    return check.ScorerCase(label, lambda: make_scorers(run.task, run.options), batch, attention_mask)
 
 
 def make_scorers(task: Task, options) -> list:
@@ -107,51 +221,60 @@ def make_scorers(task: Task, options) -> list:
     return scorers
 
 
-def file_label(task: Task, scorer) -> str:
-    return outputs.file_label(task.name, scorer.name)
-
-
 def detect(task: str, options: DetectOptions | None = None, loaded: loading.LoadedModel | None = None,
            **overrides) -> DetectResult:
     """Run one detection and write its files. `overrides` set the task's options fields by name.
 
     With several scorers (`scorer="retrieval,r2"`) every scorer reads the same generation; the result
-    is the first scorer's, the others' are in `result.by_scorer`.
+    is the first scorer's, the others' are in `result.by_scorer`. The run holds its files' lock throughout,
+    and decides resume or refuse before the model loads.
     """
     options = task_options(task, options, **overrides)
     started = time.time()
-    run = start_run(task, options, loaded)
+    scorers = make_scorers(TASKS[task], options)
     shard = parse_shard(options.shard)
-    mine = [index for index in range(len(run.samples)) if shard is None or index % shard[1] == shard[0]]
-    run_id = store.run_id(task, dataclasses.asdict(options), run.loaded.name)
-    stores = {}
-    try:
-        for scorer in run.scorers:
-            paths = outputs.output_paths(options.out, run.loaded.name, file_label(run.task, scorer), shard)
-            stores[scorer.name] = store.RunStore(paths, run_id, run.keys, options.overwrite, options.append)
-        todo = [i for i in mine if any(run.samples[i].id not in runs.done for runs in stores.values())]
-        complete = not todo and all(runs.paths["summary"].exists() for runs in stores.values())
-        if complete:  # nothing to do, and nothing is rewritten
-            notify(f"this run ({run_id}) is already complete in {options.out}")
-        else:
-            encoded = encode_samples(run, todo)  # this shard's, still to do
-            info = manifest(run, started, run_id, shard)
-            for scorer in run.scorers:
-                write_manifest(stores[scorer.name].paths["manifest"], info | {"scorer": scorer.name})
-            decode_all(run, encoded, len(mine), todo, stores)
-    finally:
-        for runs in stores.values():
-            runs.close()
+    name = model_name_of(options, loaded)
+    run_id = store.run_id(task, dataclasses.asdict(options), name)
+    prefixes = {scorer.name: f"{name}_{outputs.file_label(task, scorer.name)}" for scorer in scorers}
+    paths = {scorer: outputs.prefix_paths(options.out, prefix, shard) for scorer, prefix in prefixes.items()}
+    with writer_locks(options.out, [store.lock_name(prefix, shard) for prefix in prefixes.values()]):
+        settings = (task, dataclasses.asdict(options))
+        stores = {}
+        try:
+            for scorer in scorers:
+                stores[scorer.name] = store.RunStore(paths[scorer.name], run_id, options.overwrite, options.append,
+                                                     settings)
+            run = start_run(task, options, loaded, scorers=scorers)
+            return run_and_write(run, stores, shard, run_id, started)
+        finally:
+            for runs in stores.values():
+                runs.close()
 
+
+def run_and_write(run: Run, stores: dict, shard, run_id: str, started: float) -> DetectResult:
+    """Decode this shard's samples not yet in the files and write every scorer's files; the first write comes
+    after the prompts are built and checked."""
+    mine = [index for index in range(len(run.samples)) if shard is None or index % shard[1] == shard[0]]
+    for runs in stores.values():
+        runs.refuse_repeated_samples(run.samples[index].id for index in mine)
+    todo = [i for i in mine if any(run.samples[i].id not in runs.done for runs in stores.values())]
+    complete = not todo and all(runs.finished for runs in stores.values())
+    if complete:  # nothing to do, and nothing is rewritten
+        notify(f"this run ({run_id}) is already complete in {run.options.out}")
+    else:
+        encoded = encode_samples(run, todo)  # this shard's, still to do
+        info = manifest(run, started, run_id, shard)
+        for scorer in run.scorers:
+            stores[scorer.name].begin(run.keys, info | {"scorer": scorer.name})
+        decode_all(run, encoded, len(mine), todo, stores)
     results = {}
     for scorer in run.scorers:
         runs = stores[scorer.name]
         if complete:
             heads, summary = store.derive_heads_and_summary(runs.paths, runs.rows, run.keys)
         else:
-            heads, summary = store.write_derived(runs.paths, runs.rows, run.keys)
-            finished = info | {"scorer": scorer.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            write_manifest(runs.paths["manifest"], finished)
+            heads, summary = runs.finish(run.keys, info | {"scorer": scorer.name,
+                                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         this_run = [row for row in runs.rows if row.get("run") == run_id]
         results[scorer.name] = DetectResult(heads, summary, this_run, runs.paths, complete=complete)
     first = results[run.scorers[0].name]
@@ -197,13 +320,19 @@ def decode_all(run: Run, encoded: dict, total: int, todo: list[int], stores: dic
             for scorer in scorers:
                 runs = stores[scorer.name]
                 if row["id"] not in runs.done:
-                    per_head = per_scorer.get(scorer.name)
+                    per_head, unscored = per_scorer.get(scorer.name, (None, None))
                     runs.append({"run": runs.run, **row, "scorer": scorer.name, "keep_zeros": scorer.keep_zeros,
-                                 "head_scores": None if per_head is None else per_head.tolist()})
+                                 "head_scores": None if per_head is None or unscored else values(per_head)}
+                                | ({"unscored": unscored} if unscored else {}))
             progress.update(1)
             if row["passed"] and not options.quiet:
                 tqdm.write("top-10: " + running.add(primary.rows[-1]), file=sys.stderr)
     progress.close()
+
+
+def values(per_head: torch.Tensor) -> list[list[float | None]]:
+    """(layers, heads) scores as JSON lists; NaN (no value for that head) is null."""
+    return [[None if math.isnan(value) else value for value in layer] for layer in per_head.tolist()]
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -228,9 +357,10 @@ class RunningTop:
         self.count = torch.tensor([len(heads[k]) for k in keys])
 
     def add(self, row: dict) -> str:
-        scores = torch.tensor(row["head_scores"], dtype=torch.float64).flatten()
-        kept = torch.ones_like(scores, dtype=torch.bool) if row["keep_zeros"] else scores > 0
-        self.total += torch.where(kept, scores, 0.0)
+        flat = [score for layer in row["head_scores"] for score in layer]
+        kept = torch.tensor([store.joins_list(score, row["keep_zeros"]) for score in flat])
+        self.total += torch.tensor([score if ok else 0.0 for score, ok in zip(flat, kept.tolist())],
+                                   dtype=torch.float64)
         self.count += kept
         mean = self.total / self.count.clamp(min=1)
         top = mean.topk(min(10, len(self.keys))).indices.tolist()
@@ -251,6 +381,30 @@ def run_batch(run: Run, items: list, scorers: list):
     if not runnable:
         return
     loaded = run.loaded
+    batch, attention_mask = prompt_batch(run, runnable)
+    input_ids = batch.input_ids
+    for scorer in scorers:
+        scorer.begin(batch, *num_layers_and_heads(loaded.model))
+    generated = greedy_decode(loaded.model, input_ids, attention_mask, scorers, run.options.max_new_tokens, run.stop,
+                              loaded.eager_fallback)
+    per_scorer = {scorer.name: (scorer.result().float().cpu(), scorer.unscored) for scorer in scorers}
+    seconds = (time.time() - started) / len(runnable)
+    for i, (index, sample, prompt) in enumerate(runnable):
+        response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
+        outcome = judge(run, sample, response) | dict(error=None, seconds=seconds)
+        if getattr(run.options, "think_end", None) is not None or segments_by_template(run):
+            markers = think_markers(loaded.tokenizer, run.options.think_start, run.options.think_end)
+            sequence = list(prompt.input_ids) + generated[i]
+            outcome |= locate(loaded.tokenizer, sequence, len(prompt.input_ids), *markers).spans()
+        row = sample_row(run, sample, prompt, outcome)
+        yield {"index": index} | row, {name: (scores[i], unscored.get(i)) for name, (scores, unscored)
+                                       in per_scorer.items()}
+
+
+def prompt_batch(run: Run, runnable: list) -> tuple[PromptBatch, torch.Tensor | None]:
+    """The (index, sample, encoded prompt) items left-padded into one batch for the scorers, and the padding mask
+    (None for a batch of one)."""
+    loaded = run.loaded
     device = loaded.device
     width = max(len(prompt.input_ids) for _, _, prompt in runnable)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
@@ -267,20 +421,7 @@ def run_batch(run: Run, items: list, scorers: list):
     input_ids = input_ids.to(device)
     batch = PromptBatch(input_ids, width, span[0].to(device), span[1].to(device), pad.to(device),
                         [sample for _, sample, _ in runnable], loaded.tokenizer)
-    for scorer in scorers:
-        scorer.begin(batch, *num_layers_and_heads(loaded.model))
-    generated = greedy_decode(loaded.model, input_ids, attention_mask.to(device) if len(runnable) > 1 else None,
-                              scorers, run.options.max_new_tokens, run.stop, loaded.eager_fallback)
-    per_scorer = {scorer.name: scorer.result().float().cpu() for scorer in scorers}  # each (batch, layers, heads)
-    seconds = (time.time() - started) / len(runnable)
-    for i, (index, sample, prompt) in enumerate(runnable):
-        response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
-        outcome = judge(run, sample, response) | dict(error=None, seconds=seconds)
-        if getattr(run.options, "think_end", None) is not None or segments_by_template(run):
-            markers = think_markers(loaded.tokenizer, run.options.think_start, run.options.think_end)
-            outcome |= segment_spans(loaded.tokenizer, list(prompt.input_ids), generated[i], markers)
-        row = sample_row(run, sample, prompt, outcome)
-        yield {"index": index} | row, {name: scores[i] for name, scores in per_scorer.items()}
+    return batch, attention_mask.to(device) if len(runnable) > 1 else None
 
 
 def segments_by_template(run: Run) -> bool:
@@ -294,7 +435,8 @@ def judge(run: Run, sample, response: str) -> dict:
     options = run.options
     extracting = options.answer_marker is not None or options.answer_from != "full"
     answer = extract_answer(response, options.answer_from, options.answer_marker) if extracting else response
-    score = 0.0 if answer is None else score_response(options.metric, sample.answer, answer, options.metric_model)
+    score = 0.0 if answer is None else score_response(options.metric, sample.answer, answer, options.metric_model,
+                                                        options.trust_remote_code)
     passed = (answer is not None and passes(score, options.success_threshold)) or not run.task.success_filter
     return {"response": response, "score": score, "passed": passed} | ({"answer_text": answer} if extracting else {})
 
@@ -315,17 +457,6 @@ def sample_row(run: Run, sample, prompt, outcome: dict) -> dict:
     return row
 
 
-def write_manifest(path, info: dict) -> None:
-    """The manifest is this run's information, plus `runs`: every run the folder holds, by run id (a run added
-    with --append does not erase the record of the ones before it)."""
-    try:
-        previous = json.loads(Path(path).read_text()).get("runs", {})
-    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
-        previous = {}
-    this_run = {key: value for key, value in info.items() if key != "runs"}
-    outputs.atomic_write_json(path, this_run | {"runs": previous | {info["run"]: this_run}})
-
-
 def manifest(run: Run, started: float, run_id: str, shard) -> dict:
     versions = {}
     for package in ("headscope", "torch", "transformers", "tokenizers", "rouge-score"):
@@ -337,7 +468,7 @@ def manifest(run: Run, started: float, run_id: str, shard) -> dict:
     return {
         "task": run.task.name,
         "options": dataclasses.asdict(run.options),
-        "model_path": loaded.path,
+        "model_path": os.path.abspath(loaded.path) if os.path.isdir(loaded.path) else loaded.path,  # any cwd
         "model_revision": getattr(loaded.model.config, "_commit_hash", None),
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "attention": loaded.attention,
@@ -349,6 +480,9 @@ def manifest(run: Run, started: float, run_id: str, shard) -> dict:
         "run": run_id,
         "shard": f"{shard[0]}/{shard[1]}" if shard else None,
         "heads": run.keys,
+        "layers": attention_layout(loaded.model).total_layers,  # the heads' layers are the attention layers only
+        "attention_layers": list(attention_layout(loaded.model).layers),
+        "grid_size": len(run.samples),  # merge checks that the shards cover it exactly once
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "finished": None,
     }

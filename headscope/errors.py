@@ -11,3 +11,22 @@ class HeadscopeError(Exception):
 def notify(message: str) -> None:
     """One line on stderr about something the user should know but that is not an error."""
     print(f"headscope: note: {message}", file=sys.stderr)
+
+
+def loading_reason(error: Exception) -> str:
+    """Why transformers could not load something, in one line; its advice to pass trust_remote_code=True is said
+    as headscope's flag (a model named by a file is never trusted without it)."""
+    if "trust_remote_code" in str(error):
+        return "it needs custom code (its config has an auto_map), which headscope runs only with --trust-remote-code"
+    return first_sentence(str(error)) or type(error).__name__
+
+
+def first_sentence(text: str) -> str:
+    """A message's lines joined up to the end of its first sentence: one line, never cut mid-sentence
+    ("... from one of:" is followed by the list it announces)."""
+    taken = []
+    for line in text.strip().splitlines():
+        taken.append(line.strip())
+        if line.rstrip().endswith((".", "!", "?")):
+            break
+    return " ".join(part for part in taken if part)

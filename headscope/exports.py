@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import kv_head_scores, top_keys
-from .errors import HeadscopeError
+from .errors import HeadscopeError, notify
 from .outputs import atomic_write_json, atomic_write_text, head_key, parse_head_key
 
 
@@ -52,7 +52,12 @@ def duo_pattern(means: np.ndarray, num_kv_heads: int, threshold: float | None = 
         return (scores >= threshold).astype(float)
     if not 0 <= sparsity <= 1:
         raise HeadscopeError(f"--sparsity must be between 0 and 1, not {sparsity}")
-    return keep_best(scores, round((1 - sparsity) * scores.size))
+    keep = round((1 - sparsity) * scores.size)
+    scoring = int((scores > 0).sum())
+    if keep > scoring:  # the quota is filled with heads that scored nothing: say so, never silently
+        notify(f"--sparsity {sparsity:g} keeps {keep} of {scores.size} KV heads, but only {scoring} score above 0: "
+               f"the other {keep - scoring} kept are zero-score heads, taken by layer and head")
+    return keep_best(scores, keep)
 
 
 def keep_best(scores: np.ndarray, keep: int) -> np.ndarray:
@@ -119,9 +124,11 @@ def headkv_budgets(means: np.ndarray, budget: int, beta: float = 1.2, temperatur
     return (budget - pooled_per_head) + largest_remainder(share.ravel() * pool, pool).reshape(means.shape)
 
 
-def headkv_json(budgets: np.ndarray, layout: str = "keys"):
-    """{"L-H": budget} (layout "keys") or the layers x heads nested list (layout "matrix")."""
+def headkv_json(budgets: np.ndarray, layout: str = "keys", layers: list[int] | None = None):
+    """{"L-H": budget} (layout "keys") or the layers x heads nested list (layout "matrix"). Row i of `budgets` is
+    layer layers[i] (a hybrid model's attention layers; default: row i is layer i)."""
     if layout == "matrix":
         return budgets.tolist()
-    return {head_key(layer, head): int(budgets[layer, head])
-            for layer in range(budgets.shape[0]) for head in range(budgets.shape[1])}
+    layers = list(range(budgets.shape[0])) if layers is None else layers
+    return {head_key(layer, head): int(budgets[row, head])
+            for row, layer in enumerate(layers) for head in range(budgets.shape[1])}

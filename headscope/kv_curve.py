@@ -34,17 +34,19 @@ import dataclasses
 import statistics
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import analysis, exports, kv, outputs, store
+from . import analysis, exports, kv, outputs, schema, store
 from .ablation import ArmLog, arm_result, random_heads, settings_and_options
 from .decode import num_layers_and_heads
-from .engine import Run, encode_samples, run_batch, start_run
+from .engine import Run, encode_samples, head_ids_before_loading, model_name_of, run_batch, start_run
 from .errors import HeadscopeError, notify
+from .lock import writer_lock
 from .options import option
 
 BY_HEADS = ("duo", "random", "streaming")  # --budgets: K, KV heads kept full
@@ -135,10 +137,12 @@ def parse_arm(arm: str) -> tuple[str, int | None]:
 class Planner:
     """Turns (policy, budget, draw) into the policy to replay, from the heads file's means (layers, query heads)."""
 
-    def __init__(self, settings: KVSettings, means: np.ndarray, kv_heads: int, seed: int):
-        self.settings, self.means, self.seed = settings, means, seed
-        self.kv_scores = analysis.kv_head_scores(means, kv_heads, "max")  # (layers, KV heads), export's scores
-        self.kv_keys = [outputs.head_key(layer, head) for layer, head in np.ndindex(self.kv_scores.shape)]
+    def __init__(self, settings: KVSettings, summary: dict, kv_heads: int, seed: int):
+        self.settings, self.seed = settings, seed
+        self.means = analysis.mean_matrix(summary)  # (attention layers, query heads): row i is layer layers[i]
+        self.layers = analysis.grid_layers(summary)[0]  # their real indices (a hybrid's skip its other layers)
+        self.kv_scores = analysis.kv_head_scores(self.means, kv_heads, "max")  # (layers, KV heads), export's scores
+        self.kv_keys = [outputs.head_key(self.layers[row], head) for row, head in np.ndindex(self.kv_scores.shape)]
 
     def budgets(self) -> list[int]:
         settings = self.settings
@@ -180,7 +184,9 @@ class Planner:
             if budget < 1:
                 raise HeadscopeError(f"B must be at least 1, not {budget}")
             budgets = np.full(self.means.shape, budget)
-        return Point(policy, budget, 0, None, lambda: kv.SnapSelection(torch.tensor(budgets), budget, settings.window,
+        per_layer = np.zeros((self.layers[-1] + 1, budgets.shape[1]), dtype=budgets.dtype)  # row: the real layer
+        per_layer[self.layers] = budgets
+        return Point(policy, budget, 0, None, lambda: kv.SnapSelection(torch.tensor(per_layer), budget, settings.window,
                                                                        settings.kernel, settings.pooling))
 
     def top(self, k: int) -> list[str]:
@@ -199,54 +205,55 @@ def by_layer(keys: list[str]) -> dict[int, set[int]]:
 
 def kv_curve(task: str, scores: str, options=None, loaded=None, **overrides) -> dict:
     """Run every point and write NAME_TASK_kv.json (and its picture) in options.out. Returns that object.
-    ``overrides`` set KVSettings fields (policy, budgets, sink, ...) and the task's options by name."""
+    ``overrides`` set KVSettings fields (policy, budgets, sink, ...) and the task's options by name. What can be
+    refused before the weights load is; nothing is written before the prompts are built."""
     settings, options = settings_and_options("kv", KVSettings, task, options, overrides, scores=scores)
     check_settings(settings)
     summary = analysis.load_summary(scores)
-    run = start_run(task, options, loaded, command="kv", scorers=False)
-    if run.loaded.eager_fallback:  # the policies live in headscope's attention function
-        raise HeadscopeError(f"{type(run.loaded.model).__name__} does not use transformers' attention interface, so "
-                             "headscope cannot replay a KV cache policy on it")
-    planner = Planner(settings, score_matrix(summary, run, scores), num_kv_heads(run.loaded.model), options.seed)
-    policies = parse_policies(settings.policy)
-    points = [planner.point("full", None, 0)] + [point for budget in planner.budgets() for policy in policies
-                                                 for point in planner.points(policy, budget)]
-    encoded = encode_samples(run, range(len(run.samples)))
-    items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
-    paths = kv_paths(options.out, run)
-    try:
-        log = ArmLog(paths["samples"], curve_id(run, settings, summary), options.overwrite)
-    except HeadscopeError as error:  # say what a later run must share to add its points
-        flags = ", ".join("--" + name for name in SHARED)
-        raise HeadscopeError(f"{error} (the points of one curve share the task's options, the heads file and "
-                             f"{flags})") from None
-    progress = tqdm(total=len(points), desc=f"kv {task}", unit="point", disable=options.quiet, file=sys.stderr)
-    try:
-        for point in points:
-            run_point(run, items, point, log)
-            progress.update(1)
-    finally:
-        log.close()
-        progress.close()
-    report = curve(run, planner, log.done, scores)
-    outputs.atomic_write_json(paths["curve"], report)
-    report["path"] = str(paths["curve"])
-    report["pictures"] = []
-    if options.plots:
-        from .kv_output import draw
+    keys = head_ids_before_loading(options, loaded, {scores: summary})
+    if keys is not None:
+        analysis.refuse_other_model(summary, keys, scores)
+    name = model_name_of(options, loaded)
+    paths = kv_paths(options.out, f"{name}_{task}")
+    with writer_lock(options.out, f"{name}_{task}_kv"):
+        try:
+            log = ArmLog(paths["samples"], curve_id(task, options, name, settings, summary), options.overwrite,
+                         schema.KV_ROW)
+        except HeadscopeError as error:  # say what a later run must share to add its points
+            flags = ", ".join("--" + flag for flag in SHARED)
+            raise HeadscopeError(f"{error} (the points of one curve share the task's options, the heads file and "
+                                 f"{flags})") from None
+        try:
+            run = start_run(task, options, loaded, command="kv")
+            if run.loaded.eager_fallback:  # the policies live in headscope's attention function
+                raise HeadscopeError(f"{type(run.loaded.model).__name__} does not use transformers' attention "
+                                     "interface, so headscope cannot replay a KV cache policy on it")
+            analysis.refuse_other_model(summary, run.keys, scores)
+            planner = Planner(settings, summary, num_kv_heads(run.loaded.model), options.seed)
+            policies = parse_policies(settings.policy)
+            points = [planner.point("full", None, 0)] + [point for budget in planner.budgets() for policy in policies
+                                                         for point in planner.points(policy, budget)]
+            encoded = encode_samples(run, range(len(run.samples)))
+            items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
+            progress = tqdm(total=len(points), desc=f"kv {task}", unit="point", disable=options.quiet,
+                            file=sys.stderr)
+            try:
+                for point in points:
+                    run_point(run, items, point, log)
+                    progress.update(1)
+            finally:
+                progress.close()
+        finally:
+            log.close()
+        report = curve(run, planner, log.done, scores)
+        outputs.atomic_write_json(paths["curve"], report)
+        report["path"] = str(paths["curve"])
+        report["pictures"] = []
+        if options.plots:
+            from .kv_output import draw
 
-        report["pictures"] = [str(draw(report, paths["picture"]))]
+            report["pictures"] = [str(draw(report, paths["picture"]))]
     return report
-
-
-def score_matrix(summary: dict, run: Run, scores: str) -> np.ndarray:
-    """The heads file's (layers, heads) means; refused when its heads are not the model's."""
-    stray = sorted(set(summary) ^ set(run.keys), key=outputs.parse_head_key)
-    if stray:
-        side = "has head" if stray[0] in summary else "lacks head"
-        raise HeadscopeError(f"{scores} {side} {stray[0]}, but the model has {len(run.keys)} heads: the score file "
-                             "is for another model")
-    return analysis.mean_matrix(summary)
 
 
 def num_kv_heads(model) -> int:
@@ -254,19 +261,17 @@ def num_kv_heads(model) -> int:
     return getattr(config, "num_key_value_heads", None) or num_layers_and_heads(model)[1]
 
 
-def kv_paths(out: str, run: Run) -> dict:
-    heads = outputs.output_paths(out, run.loaded.name, run.task.name)["heads"]
-    prefix = heads.name.removesuffix("_heads.json")
-    return {"curve": heads.with_name(f"{prefix}_kv.json"), "samples": heads.with_name(f"{prefix}_kv_samples.jsonl"),
-            "picture": heads.with_name(f"{prefix}_kv.png")}
+def kv_paths(out: str, prefix: str) -> dict:
+    folder = Path(out)
+    return {"curve": folder / f"{prefix}_kv.json", "samples": folder / f"{prefix}_kv_samples.jsonl",
+            "picture": folder / f"{prefix}_kv.png"}
 
 
-def curve_id(run: Run, settings: KVSettings, summary: dict) -> str:
+def curve_id(task: str, options, name: str, settings: KVSettings, summary: dict) -> str:
     """What makes two runs points of the same curve: the model, the task's result-changing options, the heads file
     and the settings every policy shares (not the policies, budgets or draws: a later run adds points)."""
-    shared = {name: getattr(settings, name) for name in SHARED}
-    return store.run_id(run.task.name, dataclasses.asdict(run.options) | {"kv": shared, "scores": summary},
-                        run.loaded.name)
+    shared = {flag: getattr(settings, flag) for flag in SHARED}
+    return store.run_id(task, dataclasses.asdict(options) | {"kv": shared, "scores": summary}, name)
 
 
 def batch_layout(run: Run, batch: list) -> kv.Layout | None:

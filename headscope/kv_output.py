@@ -2,8 +2,9 @@
 one line per policy) and the rows of its section in `headscope report`, all from NAME_TASK_kv.json."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from .errors import HeadscopeError
 
 # What a point's budget counts, per policy (kv_curve.py's table of policies).
 UNITS = {"duo": "K full", "random": "K full", "streaming": "as K full", "headkv": "B", "snapkv": "B"}
@@ -54,10 +55,9 @@ def draw(report: dict, path) -> Path:
     return save(figure, path)
 
 
-def section(path: Path) -> dict | None:
-    """The report's kv section: the settings and the table's rows, or None when there is no readable kv file."""
+def section(report: dict) -> dict:
+    """The report's kv section from NAME_TASK_kv.json's content: the settings and the table's rows."""
     try:
-        report = json.loads(Path(path).read_text())
-        return {"samples": report["samples"], "settings": report["settings"], "rows": rows(report)}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return {"samples": report["samples"], "settings": dict(report["settings"]), "rows": rows(report)}
+    except (KeyError, TypeError, ValueError) as error:
+        raise HeadscopeError(f"the kv curve is malformed ({type(error).__name__}: {error})") from None

@@ -10,7 +10,8 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import recorder
-from .errors import HeadscopeError
+from .errors import HeadscopeError, loading_reason
+from .layout import attention_layout
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,8 +54,13 @@ def prepare(model, tokenizer, path: str, attn: str = "sdpa") -> LoadedModel:
     if attn not in ("sdpa", "flash_attention_2"):
         raise HeadscopeError(f"--attn must be sdpa or flash_attention_2, not {attn!r}")
     model.eval()
-    on_interface = recorder.install(model, attn)
-    if not on_interface:
+    recorder.install(model, attn)
+    # Probed now: a model with no attention layer (Mamba, RWKV, ...) is refused here, and a model whose attention
+    # modules do not call the function it was switched to is recorded from eager attentions.
+    on_interface = attention_layout(model).via_interface
+    if not on_interface:  # its attention modules ignore the function it was switched to: eager, as its rows are
+        if model.config._attn_implementation != "eager":
+            model.set_attn_implementation("eager")
         print(f"headscope: {type(model).__name__} does not use transformers' attention interface; "
               "falling back to eager attention with output_attentions on decoding steps.", file=sys.stderr)
     return LoadedModel(model, tokenizer, model_name(path), path, not on_interface,
@@ -76,12 +82,14 @@ def load(path: str | None = None, dtype: str = "auto", device: str = "auto", att
         raise HeadscopeError(f"{path!r} is a {type(config).__name__.removesuffix('Config')} model, "
                              "not a causal language model (AutoModelForCausalLM cannot load it)")
     options = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    # Off the interface, a model cannot switch to eager for the fallback's rows later: eager from the start.
+    load_attn = attn if switchable(config) else "eager"
     if device == "auto" and torch.cuda.is_available():
         options["device_map"] = "auto"  # spread over every visible GPU
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, **options)
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=load_attn, **options)
         except ValueError:  # the architecture refuses this backend (Gemma 2 and SDPA): load it plainly
             model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **options)
     except (OSError, ValueError, ImportError) as error:
@@ -95,6 +103,17 @@ def load(path: str | None = None, dtype: str = "auto", device: str = "auto", att
     return prepare(model, tokenizer, path, attn)
 
 
+def switchable(config) -> bool:
+    """Whether the model class can switch its attention function after loading (its attention modules call
+    transformers' interface); unknown classes (remote code) are assumed to."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._can_set_attn_implementation()
+    except (KeyError, AttributeError):
+        return True
+
+
 def _is_causal_lm(config) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -103,5 +122,4 @@ def _is_causal_lm(config) -> bool:
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    return loading_reason(error)  # one line, its first sentence whole

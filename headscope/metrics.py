@@ -11,7 +11,7 @@ import string
 from collections import Counter
 from functools import lru_cache
 
-from headscope.errors import HeadscopeError
+from headscope.errors import HeadscopeError, loading_reason
 
 LEXICAL = ("rouge1", "rougeL", "f1", "exact", "contains", "bleu", "chrf")
 MODEL_BASED = ("bertscore", "embedding")
@@ -49,22 +49,25 @@ def _token_f1(reference: str, response: str) -> float:
     return 100.0 * 2 * precision * recall / (precision + recall)
 
 
-def score_response(metric: str, reference: str, response: str, metric_model: str | None = None) -> float:
+def score_response(metric: str, reference: str, response: str, metric_model: str | None = None,
+                   trust_remote_code: bool = False) -> float:
     """How well `response` matches `reference`, 0-100.
 
     rouge1 / rougeL are the RECALL of the reference inside the response (the Retrieval_Head
     convention: a long response that contains the needle scores 100).
     """
-    return score_responses(metric, [reference], [response], metric_model)[0]
+    return score_responses(metric, [reference], [response], metric_model, trust_remote_code)[0]
 
 
 def score_responses(metric: str, references: list[str], responses: list[str],
-                    metric_model: str | None = None) -> list[float]:
-    """score_response over many pairs; a model-based metric loads its model once."""
+                    metric_model: str | None = None, trust_remote_code: bool = False) -> list[float]:
+    """score_response over many pairs; a model-based metric loads its model once. A metric model that needs
+    custom code loads only with trust_remote_code (the user's --trust-remote-code)."""
     if metric == "bertscore":
-        return _bertscore(references, responses, metric_model or DEFAULT_METRIC_MODELS[metric])
+        return _bertscore(references, responses, metric_model or DEFAULT_METRIC_MODELS[metric], trust_remote_code)
     if metric == "embedding":
-        return _embedding_cosine(references, responses, metric_model or DEFAULT_METRIC_MODELS[metric])
+        return _embedding_cosine(references, responses, metric_model or DEFAULT_METRIC_MODELS[metric],
+                                 trust_remote_code)
     return [_lexical(metric, reference, response) for reference, response in zip(references, responses)]
 
 
@@ -87,37 +90,51 @@ def _lexical(metric: str, reference: str, response: str) -> float:
     raise HeadscopeError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
 
 
-def _bertscore(references, responses, model: str) -> list[float]:
+def _bertscore(references, responses, model: str, trust_remote_code: bool) -> list[float]:
     try:
         import bert_score
     except ImportError:
         raise HeadscopeError("the bertscore metric needs the metrics extra: pip install 'headscope[metrics]'") from None
-    from transformers import AutoConfig
-
+    config = _metric_config(model, trust_remote_code)
+    if getattr(config, "auto_map", None):  # bert-score loads the model itself, with no way to pass the flag
+        raise HeadscopeError(f"the metric model {model!r} needs custom code, which bert-score cannot be told to "
+                             "trust: use another --metric-model")
     try:
-        layers = AutoConfig.from_pretrained(model).num_hidden_layers  # a local folder is not in bert-score's table
-        _, _, f1 = bert_score.score(responses, references, model_type=model, num_layers=layers, verbose=False)
+        # a local folder is not in bert-score's table of layers
+        _, _, f1 = bert_score.score(responses, references, model_type=model, num_layers=config.num_hidden_layers,
+                                    verbose=False)
     except OSError as error:
         raise HeadscopeError(f"cannot load the metric model {model!r}: {str(error).splitlines()[0]}") from None
     return [100.0 * float(value) for value in f1]
 
 
-@lru_cache(maxsize=2)
-def _encoder(model: str):
-    from transformers import AutoModel, AutoTokenizer
+def _metric_config(model: str, trust_remote_code: bool):
+    from transformers import AutoConfig
 
     try:
-        return AutoTokenizer.from_pretrained(model), AutoModel.from_pretrained(model).eval()
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise HeadscopeError(f"cannot load the metric model {model!r}: {str(error).splitlines()[0]}") from None
+        raise HeadscopeError(f"cannot load the metric model {model!r}: {loading_reason(error)}") from None
 
 
-def _embedding_cosine(references, responses, model: str) -> list[float]:
+@lru_cache(maxsize=2)
+def _encoder(model: str, trust_remote_code: bool):
+    from transformers import AutoModel, AutoTokenizer
+
+    _metric_config(model, trust_remote_code)  # a model needing custom code is refused here, in one line
+    try:
+        return (AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code),
+                AutoModel.from_pretrained(model, trust_remote_code=trust_remote_code).eval())
+    except (OSError, ValueError) as error:
+        raise HeadscopeError(f"cannot load the metric model {model!r}: {loading_reason(error)}") from None
+
+
+def _embedding_cosine(references, responses, model: str, trust_remote_code: bool) -> list[float]:
     """100 x cos(mean-pooled embedding of the reference, that of the response), as sentence-transformers'
     all-MiniLM-L6-v2 is meant to be used (mean pooling over the attention mask)."""
     import torch
 
-    tokenizer, encoder = _encoder(model)
+    tokenizer, encoder = _encoder(model, trust_remote_code)
 
     def embed(texts):
         batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")

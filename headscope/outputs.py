@@ -14,9 +14,12 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import stat
 import tempfile
 from pathlib import Path
 
+from . import schema
 from .errors import HeadscopeError
 
 
@@ -42,6 +45,11 @@ def head_key(layer: int, head: int) -> str:
     return f"{layer}-{head}"
 
 
+def head_keys(layers: int, heads: int) -> list[str]:
+    """Every head's id, layer by layer."""
+    return [head_key(layer, head) for layer in range(layers) for head in range(heads)]
+
+
 def parse_head_key(key: str) -> tuple[int, int]:
     try:
         layer, head = key.split("-")
@@ -51,11 +59,19 @@ def parse_head_key(key: str) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path):
+def atomic_path(path: Path, follow: bool = False):
     """Yield a temporary path beside `path` to write; on success it replaces `path`, on failure it is removed.
 
-    Readers never see half a file, and a crash leaves at worst a hidden .tmp file."""
-    path = Path(path)
+    Readers never see half a file, and a crash leaves at worst a hidden .tmp file. Links (README, *Run
+    folders*): a path headscope chose itself (`follow=False`: everything in a run folder, and files named after
+    an input) must be a regular file or nothing; a symlink or a device there is refused, never written through
+    or over. A path the user named (`follow=True`: `--out FILE`, `--plot FILE`) is written through: a link's
+    target gets the content and the link stays; a device or pipe (`/dev/stdout`) is written in place."""
+    target = write_target(path, follow)
+    if target is None:
+        yield from _written_in_place(Path(path))
+        return
+    path = target
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -70,31 +86,98 @@ def atomic_path(path: Path):
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as temporary, open(temporary, "w") as file:
+def write_target(path, follow: bool = False) -> Path | None:
+    """The file a write to `path` replaces (a link the user named resolved: see atomic_path), refused unless a
+    regular file or nothing is there; None for what is written in place: a stream, or a path under /dev or /proc
+    (/dev/stdout names the open standard output, whatever file it leads to). Callers may check early with it."""
+    path = Path(path)
+    if follow:
+        if is_stream(path) or any(str(name).startswith(("/dev/", "/proc/"))
+                                  for name in (path.absolute(), os.path.realpath(path))):
+            return None
+        path = Path(os.path.realpath(path))
+    refuse_unless_regular(path)
+    return path
+
+
+def _written_in_place(path: Path):
+    """Yield a private temporary file; then append its bytes to `path` (a pipe, a device, standard output
+    redirected to a file: appended, so that `>>` keeps what was there) and remove it."""
+    handle, temporary = tempfile.mkstemp(prefix=".headscope.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield temporary
+        with open(temporary, "rb") as written, open(path, "ab") as out:
+            shutil.copyfileobj(written, out)
+    finally:
+        os.unlink(temporary)
+
+
+def is_stream(path: Path) -> bool:
+    """A device or pipe (what /dev/stdout leads to): there is no file to rename over it."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def refuse_unless_regular(path: Path) -> None:
+    """One line unless `path` is a regular file or nothing (not a link, folder or device)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise link_refused(path)
+    if stat.S_ISDIR(mode):
+        raise HeadscopeError(f"{path} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        raise HeadscopeError(f"{path} is not a regular file")
+
+
+def link_refused(path) -> HeadscopeError:
+    return HeadscopeError(f"{path} is a symbolic link, not a file headscope wrote: it is left alone (remove it, "
+                          "or choose another folder)")
+
+
+def own_folder(path: Path) -> Path:
+    """A folder headscope makes inside a run folder (rescore/): refused when a link or a file holds its name."""
+    if os.path.islink(path):
+        raise link_refused(path)
+    if path.exists() and not path.is_dir():
+        raise HeadscopeError(f"{path} is a file, not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write_text(path: Path, text: str, follow: bool = False) -> None:
+    with atomic_path(path, follow) as temporary, open(temporary, "w") as file:
         file.write(text)
         file.flush()
         os.fsync(file.fileno())
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+def json_text(obj, where) -> str:
+    """Strict JSON: a NaN or infinity is refused, never written (no reader could parse it back)."""
+    try:
+        return json.dumps(obj, indent=1, allow_nan=False) + "\n"
+    except ValueError:
+        raise HeadscopeError(f"{where}: refusing to write NaN or infinity into a JSON file") from None
+
+
+def atomic_write_json(path: Path, obj, follow: bool = False) -> None:
+    atomic_write_text(path, json_text(obj, path), follow)
 
 
 def read_heads(path: str | Path) -> dict[str, list[float]]:
     """Read a heads file ({"L-H": [score, ...]}), refusing anything else with one clear line."""
-    try:
-        with open(path) as file:
-            heads = json.load(file)
-    except FileNotFoundError:
-        raise HeadscopeError(f"no such score file: {path}") from None
-    except json.JSONDecodeError as error:
-        raise HeadscopeError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    heads = schema.read_json(path, "score file")
     if not isinstance(heads, dict) or not heads:
         raise HeadscopeError(f"{path} is not a heads file: expected an object {{\"LAYER-HEAD\": [scores]}}")
     for key, scores in heads.items():
         parse_head_key(key)
-        if not isinstance(scores, list) or not all(isinstance(s, (int, float)) for s in scores):
+        if not schema.list_of(schema.is_number)(scores):
             raise HeadscopeError(f"{path}: head {key} must map to a list of numbers")
     return heads
 
@@ -125,8 +208,10 @@ def plain(summary: dict[str, dict]) -> dict[str, dict]:
 
 
 def ranked(summary: dict[str, dict]) -> list[tuple[str, dict]]:
-    """Heads by mean score, highest first; ties by layer then head, so the order is stable."""
-    return sorted(summary.items(), key=lambda item: (-mean_or_zero(item[1]), parse_head_key(item[0])))
+    """Heads by mean score, highest first, heads with no value last; ties by layer then head, so the order is
+    stable."""
+    return sorted(summary.items(), key=lambda item: (item[1]["mean"] is None, -mean_or_zero(item[1]),
+                                                     parse_head_key(item[0])))
 
 
 def format_table(summary: dict[str, dict], top: int = 30) -> str:

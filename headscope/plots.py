@@ -15,7 +15,8 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .analysis import companion, grid_shape, load_summary, mean_matrix, read_samples, top_keys  # noqa: E402
+from .analysis import (LENGTH_AXIS, companion, grid_layers, grid_shape, length_labels, load_summary,  # noqa: E402
+                       mean_matrix, read_samples, top_keys)
 from .errors import HeadscopeError, notify  # noqa: E402
 from .outputs import atomic_path, parse_head_key  # noqa: E402
 
@@ -28,10 +29,11 @@ SCATTER_SIZE = (6, 6)
 NIAH_COLORS = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"])
 
 
-def save(figure, path: str | Path) -> Path:
-    """Write `figure` as a PNG to `path` atomically and close it."""
+def save(figure, path: str | Path, follow: bool = False) -> Path:
+    """Write `figure` as a PNG to `path` atomically and close it (follow: a path the user named, written
+    through a link; see outputs.atomic_path)."""
     try:
-        with atomic_path(path) as temporary:
+        with atomic_path(path, follow) as temporary:
             figure.savefig(temporary, format="png", dpi=DPI)
     finally:
         plt.close(figure)
@@ -43,6 +45,7 @@ def heatmap(summary: dict[str, dict], path, title: str = "", top: int = 10) -> P
     Signed scores (the query score) get a diverging map centred on 0; a map with no non-zero head is
     refused (it would look like a result)."""
     means = mean_matrix(summary)
+    layers, _ = grid_layers(summary)  # a hybrid model's attention layers only, by their real indices
     if not np.any(means):
         raise HeadscopeError("every head's mean is 0 (or has no value): there is no heatmap to draw")
     figure, axes = plt.subplots(figsize=HEATMAP_SIZE)
@@ -56,11 +59,17 @@ def heatmap(summary: dict[str, dict], path, title: str = "", top: int = 10) -> P
         if summary[key]["mean"] <= cut:
             break
         layer, head = parse_head_key(key)
-        axes.text(head, layer, str(rank), ha="center", va="center", fontsize=8, color="black", fontweight="bold",
+        axes.text(head, layers.index(layer), str(rank), ha="center", va="center", fontsize=8, color="black",
+                  fontweight="bold",
                   bbox=dict(boxstyle="circle,pad=0.2", facecolor="white", edgecolor="black", linewidth=0.5))
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # heads and layers are whole numbers
-    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set(xlabel="head", ylabel="layer", title=title or "mean head score")
+    contiguous = layers == list(range(len(layers)))
+    if contiguous:
+        axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    else:  # a hybrid: one row per attention layer, labelled with its real index
+        axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    axes.set(xlabel="head", ylabel="layer" if contiguous else "attention layer (the others have no heads)",
+             title=title or "mean head score")
     figure.tight_layout()
     return save(figure, path)
 
@@ -85,10 +94,11 @@ def niah_matrix(rows: list[dict]) -> tuple[np.ndarray, list, list]:
 def _draw_niah(axes, rows, title):
     scores, lengths, depths = niah_matrix(rows)
     image = axes.imshow(scores, aspect="auto", cmap=NIAH_COLORS, vmin=0, vmax=100, interpolation="nearest")
-    axes.set_xticks(range(len(lengths)), [str(x) for x in lengths], rotation=45, fontsize=9)
+    axes.set_xticks(range(len(lengths)), length_labels(rows, lengths), rotation=45, fontsize=9)
     axes.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=9)
-    axes.set(xlabel="context length (tokens)", ylabel="needle depth (%)", title=title)
+    axes.set(xlabel=LENGTH_AXIS, ylabel="needle depth (%)", title=title)
     return image
+
 
 
 def niah_grid(rows: list[dict], path, title: str = "needle in a haystack") -> Path:
@@ -134,14 +144,24 @@ def ablation_curve(sweep: list[dict], path, title: str = "success rate as the to
 
 
 def rescore_stability(curves: dict[str, list[tuple[float, float]]], path, title: str) -> Path:
-    """Top-K Jaccard against the run's own head set, per success threshold, one line per metric."""
+    """Top-K Jaccard against the run's own head set, per success threshold, one line per metric. Lines that
+    coincide are drawn apart (markers) and said so in the legend; the threshold axis shows the thresholds
+    themselves (one threshold alone would get matplotlib's offset ticks, -0.04 ... 0.04)."""
     figure, axes = plt.subplots(figsize=CURVE_SIZE)
-    styles = ["o-", "s--", "^-.", "D:", "v-", "P--", "X-.", "*:", "h-"]  # lines that coincide stay apart
+    styles = ["o-", "s--", "^-.", "D:", "v-", "P--", "X-.", "*:", "h-"]
+    drawn: dict[tuple, str] = {}
     for index, (metric, points) in enumerate(curves.items()):
         points = sorted(points)
         label = metric if points else f"{metric}: no sample passes at any threshold"
+        if points and tuple(points) in drawn:
+            label += f" (the same as {drawn[tuple(points)]})"
+        drawn.setdefault(tuple(points), metric)
         axes.plot([t for t, _ in points], [j for _, j in points], styles[index % len(styles)], label=label,
-                  markersize=9 - index, linewidth=2.5 - 0.3 * index)
+                  markersize=max(9 - index, 3), linewidth=max(2.5 - 0.3 * index, 0.8))
+    thresholds = sorted({t for points in curves.values() for t, _ in points})
+    if thresholds:
+        axes.set_xticks(thresholds, [f"{t:g}" for t in thresholds])
+        axes.set_xlim(thresholds[0] - 5, thresholds[-1] + 5)
     axes.set(xlabel="success threshold (metric > threshold)", ylabel="top-10 Jaccard with the run's heads",
              ylim=(-0.02, 1.05))
     axes.set_title(title, fontsize=9)
@@ -162,18 +182,25 @@ def specificity_matrix(report: dict, path) -> Path:
         for j, t in enumerate(tasks):
             cell = report["matrix"][f][t]
             random_drop = 100 * (cell["none"] - cell["random"])
-            axes.text(j, i, f"top: -{drops[i, j]:.0f}\nrandom: -{random_drop:.0f}", ha="center", va="center",
-                      fontsize=10, color="white" if drops[i, j] > 60 else "black")
+            axes.text(j, i, f"top: {change(-drops[i, j])}\nrandom: {change(-random_drop)}", ha="center",
+                      va="center", fontsize=10, color="white" if drops[i, j] > 60 else "black")
     axes.set_xticks(range(len(tasks)), [f"{t} task" for t in tasks])
     names = [f"{Path(f).parent.name}/{Path(f).name}".removesuffix("_heads.json") for f in files]
     axes.set_yticks(range(len(files)), [f"top-{report['k']} of {name}" for name in names], fontsize=8)
-    axes.set_title(f"success drop (points) when heads are masked ({report['mode']})", fontsize=10)
+    axes.set_title(f"change in success (points) when heads are masked ({report['mode']})", fontsize=10)
     figure.colorbar(image, ax=axes, label="drop, top heads masked (points)")
     figure.tight_layout()
     return save(figure, path)
 
 
-def scatter(a_summary: dict[str, dict], b_summary: dict[str, dict], path, labels=("A", "B"), annotate: int = 5) -> Path:
+def change(points: float) -> str:
+    """A change in success, in whole points: "-12", "+3", "0" (never "-0" or "--3")."""
+    value = round(points)
+    return f"{value:+d}" if value else "0"
+
+
+def scatter(a_summary: dict[str, dict], b_summary: dict[str, dict], path, labels=("A", "B"), annotate: int = 5,
+            follow: bool = False) -> Path:
     """Each head's mean score in A against B, with the diagonal and the best `annotate` heads of each named."""
     keys = sorted(a_summary, key=parse_head_key)
     if set(keys) != set(b_summary):
@@ -193,7 +220,7 @@ def scatter(a_summary: dict[str, dict], b_summary: dict[str, dict], path, labels
                       textcoords="offset points", fontsize=7)
     axes.set(xlabel=f"{labels[0]} mean score", ylabel=f"{labels[1]} mean score", title=f"{labels[0]} vs {labels[1]}")
     figure.tight_layout()
-    return save(figure, path)
+    return save(figure, path, follow)
 
 
 def plot_run(heads_path, top: int = 10) -> list[Path]:

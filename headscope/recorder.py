@@ -42,7 +42,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from . import masking
 from .errors import HeadscopeError
-from .runstate import module_state, state_of
+from .runstate import calling_layer, module_state, state_of
 
 ATTN_SDPA = "headscope"  # no "sdpa" in the name: transformers would then check SDPA support
 ATTN_FLASH = "headscope-fa"
@@ -52,17 +52,25 @@ PREFILL_ELEMENTS = 2**27  # ... fewer when batch x heads x block x kv_len would 
 
 
 class Recorder:
-    """Reduces each layer's current-query attention row to its top-k positions, for one forward pass."""
+    """Reduces each attention layer's current-query row to its top-k positions, for one forward pass.
 
-    def __init__(self, num_layers: int, top_k: int):
-        self.num_layers = num_layers
+    `layers` are the real indices of the model's attention layers (layout.py); everything the recorder hands
+    on -- the step's (slots, batch, heads, k) view, row hooks, prefill hooks -- is indexed by dense slot, slot i
+    being layers[i], so scorers keep (batch, attention layers, heads) totals whatever the model's layout.
+    A layer that calls attention twice on the same query and key (DiffLlama) is recorded once per pass.
+    """
+
+    def __init__(self, layers, top_k: int):
+        self.layers = list(range(layers)) if isinstance(layers, int) else list(layers)
+        self.slot = {layer: slot for slot, layer in enumerate(self.layers)}
         self.top_k = top_k
         self.seq_len = 0  # length of the whole sequence, the current query included
-        self.values: list[torch.Tensor | None] = [None] * num_layers  # each (batch, heads, k) float32
-        self.positions: list[torch.Tensor | None] = [None] * num_layers  # each (batch, heads, k) int64
-        self.row_hooks: list = []  # callables (layer, probs, offset) for scorers that need whole rows
-        self.prefill_targets: list = []  # (start, end, hook): hook(layer, query_start, probs) for prefill rows
+        self.values: list[torch.Tensor | None] = [None] * len(self.layers)  # each (batch, heads, k) float32
+        self.positions: list[torch.Tensor | None] = [None] * len(self.layers)  # each (batch, heads, k) int64
+        self.row_hooks: list = []  # callables (slot, probs, offset) for scorers that need whole rows
+        self.prefill_targets: list = []  # (start, end, hook): hook(slot, query_start, probs) for prefill rows
         self.prefilling = False  # True inside `prefilling(...)`: multi-query passes deliver prefill rows
+        self.prefilled: set = set()  # slots whose prefill rows this pass has delivered
 
     def prefill(self, layer, query, key, attention_mask, rule: "Rule") -> None:
         """Deliver the wanted prefill rows, block by block, to each target's hook.
@@ -71,6 +79,10 @@ class Recorder:
         padded position) kv_len - q_len + t. Each hook gets probs (batch, heads, block, kv_len) for its
         own query positions [a, b) only, a view of the block being computed; no block is kept.
         """
+        slot = self.slot[layer]
+        if slot in self.prefilled:  # the same query and key again (layout.py): delivered already
+            return
+        self.prefilled.add(slot)
         lo = min(start for start, _, _ in self.prefill_targets)
         hi = max(end for _, end, _ in self.prefill_targets)
         for block_start, probs in row_blocks(query, key, attention_mask, rule, lo, hi):
@@ -78,38 +90,43 @@ class Recorder:
             for start, end, hook in self.prefill_targets:
                 a, b = max(start, block_start), min(end, block_end)
                 if a < b:
-                    hook(layer, a, probs[:, :, a - block_start:b - block_start])
+                    hook(slot, a, probs[:, :, a - block_start:b - block_start])
 
     def add(self, layer: int, probs: torch.Tensor) -> None:
-        """probs: (batch, heads, kv_len) float32, the softmax row of the current query."""
+        """probs: (batch, heads, kv_len) float32, the softmax row of the current query in (real) layer `layer`."""
+        slot = self.slot[layer]
+        if self.values[slot] is not None:  # the same query and key again (layout.py): recorded already
+            return
         # A sliding-window cache may hold only the most recent kv_len keys: they are the last
         # kv_len positions of the sequence, so positions are counted from there.
         offset = self.seq_len - probs.shape[-1]
         for hook in self.row_hooks:
-            hook(layer, probs, offset)
+            hook(slot, probs, offset)
         values, positions = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
         positions = positions + offset
         missing = self.top_k - values.shape[-1]
         if missing > 0:  # fewer keys than k (a short window): pad with zero mass at position -1
             values = torch.nn.functional.pad(values, (0, missing), value=0.0)
             positions = torch.nn.functional.pad(positions, (0, missing), value=-1)
-        self.values[layer] = values
-        self.positions[layer] = positions
+        self.values[slot] = values
+        self.positions[slot] = positions
 
     def add_eager_attentions(self, attentions) -> None:
-        """The fallback: `attentions` is the model output's tuple of (batch, heads, q_len, kv_len)."""
-        for layer, weights in enumerate(attentions):
+        """The fallback: `attentions` is the model output's tuple of (batch, heads, q_len, kv_len), one per
+        attention layer in order."""
+        recorded = [weights for weights in attentions if weights is not None]
+        for layer, weights in zip(self.layers, recorded):
             self.add(layer, weights[:, :, -1, :].float())
 
     def take(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's top-k values and positions, each (layers, batch, heads, k), on one device."""
-        missing = [layer for layer, v in enumerate(self.values) if v is None]
+        """The step's top-k values and positions, each (attention layers, batch, heads, k), on one device."""
+        missing = [self.layers[slot] for slot, v in enumerate(self.values) if v is None]
         if missing:
             raise RuntimeError(f"no attention row was recorded for layers {missing}")
         values = torch.stack([v.to(device) for v in self.values])
         positions = torch.stack([p.to(device) for p in self.positions])
-        self.values = [None] * self.num_layers
-        self.positions = [None] * self.num_layers
+        self.values = [None] * len(self.layers)
+        self.positions = [None] * len(self.layers)
         return values, positions
 
 
@@ -130,7 +147,7 @@ def prefilling(model, recorder: Recorder, targets: list):
     """Deliver prefill rows to `targets` [(start, end, hook), ...] from the model's forward pass run inside this
     block (which must start from an empty cache). Outputs still come from the fast backend."""
     state = state_of(model)
-    recorder.prefill_targets, recorder.prefilling = list(targets), True
+    recorder.prefill_targets, recorder.prefilling, recorder.prefilled = list(targets), True, set()
     state.recorder = recorder
     try:
         yield recorder
@@ -158,7 +175,7 @@ class Rule:
 # implemented (Rule, plus dropout and is_causal, which must be the inference values); those below do
 # not change it; anything else is refused by name, never ignored.
 NO_EFFECT = frozenset({"position_ids", "use_cache", "output_attentions", "output_router_logits", "cache_position",
-                       "cache", "past_key_values", "layer_idx", "target_dtype"})
+                       "cache", "past_key_values", "layer_idx", "target_dtype", "logits_to_keep"})
 
 
 def model_rule(module, scaling, dropout, kwargs) -> Rule:
@@ -282,13 +299,19 @@ def exact_attention(query, key, value, attention_mask, rule: Rule) -> torch.Tens
 def _make_attention(backend):
     def headscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         rule = model_rule(module, query.shape[-1] ** -0.5 if scaling is None else scaling, dropout, kwargs)
-        layer, state = module.layer_idx, module_state(module)
+        state = module_state(module)
+        layer = calling_layer(module, state)
+        if state is not None and state.probe is not None:
+            state.probe.saw(layer, module, query, key, rule.sliding_window)
         active = state.recorder if state is not None else None
         if active is None or active.prefilling or query.shape[2] != 1:
             if rule.needs_exact:
                 output = exact_attention(query, key, value, attention_mask, rule)
             else:
-                output, _ = backend(module, query, key, value, attention_mask, scaling=rule.scaling, **kwargs)
+                # headscope's attention is causal (a missing mask means causal, as in query_probs): say so, since a
+                # decoder module may leave is_causal False for the backend to read (BigBird-Pegasus).
+                output, _ = backend(module, query, key, value, attention_mask, scaling=rule.scaling,
+                                    **(kwargs | {"is_causal": True}))
             if active is not None and active.prefilling:
                 active.prefill(layer, query, key, attention_mask, rule)
         else:
@@ -316,13 +339,17 @@ AttentionInterface.register(ATTN_FLASH, _make_attention(_flash_backend))
 AttentionMaskInterface.register(ATTN_FLASH, flash_attention_mask)
 
 
+def on_interface(model) -> bool:
+    """The model's attention runs through headscope's function now."""
+    return model.config._attn_implementation in (ATTN_SDPA, ATTN_FLASH)
+
+
 def install(model, attn: str = "sdpa") -> bool:
-    """Route the model's attention through headscope. False when the model cannot use the interface."""
-    if not getattr(model, "_supports_attention_backend", False):
-        return False
+    """Route the model's attention through headscope. False when the model cannot switch its attention function
+    (whether its attention modules really call it, the probe of layout.py tells)."""
     name = {"sdpa": ATTN_SDPA, "flash_attention_2": ATTN_FLASH}[attn]
     try:
         model.set_attn_implementation(name)
     except (ValueError, ImportError, KeyError):
         return False
-    return True
+    return on_interface(model)

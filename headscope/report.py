@@ -20,14 +20,13 @@ into one script that is inlined with everything else: the page opens offline. Wh
 from __future__ import annotations
 
 import base64
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-from . import analysis, outputs, store
-from .errors import HeadscopeError
+from . import analysis, outputs, schema, store
+from .errors import HeadscopeError, notify
 from .outputs import parse_head_key
 from .scorers import keeps_zeros
 from .tasks import TASKS
@@ -54,15 +53,17 @@ def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: i
     if out is not None and len(runs) > 1:
         raise HeadscopeError(f"{run_dir} holds {len(runs)} runs ({', '.join(p for p, _ in runs)}): "
                              "pick one with --run to write it to --out")
+    if out is not None:
+        outputs.write_target(out, follow=True)  # a folder or device named --out is refused before the work
     other = load_other(compare, runs) if compare is not None else None
-    bundle = vega_bundle()
-    written = []
+    contexts = {}  # every run is read and checked before a page is rendered or written
     for prefix, manifest in runs:
         path = Path(out) if out else run_dir / ("report.html" if len(every_run) == 1 else f"{prefix}_report.html")
-        page = page_context(run_dir, prefix, manifest, other and other.get(prefix), bootstrap, k)
-        outputs.atomic_write_text(path, render(page, bundle))
-        written.append(path)
-    return written
+        contexts[path] = page_context(run_dir, prefix, manifest, other and other.get(prefix), bootstrap, k)
+    bundle = vega_bundle()
+    for path, context in contexts.items():
+        outputs.atomic_write_text(path, render(context, bundle), follow=out is not None)  # a named path: via links
+    return list(contexts)
 
 
 # -------------------------------------------------------------------------------------------- a run
@@ -70,7 +71,7 @@ def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: i
 def read_run(run_dir: Path, prefix: str, manifest: dict) -> dict:
     """The run's manifest, rows, head ids and summary (derived from the rows, as detect derives its files)."""
     paths = outputs.prefix_paths(run_dir, prefix)
-    rows = store.read_rows(paths["samples"])
+    rows = store.run_rows(paths, manifest)
     keys = manifest["heads"]
     _, summary = store.derive_heads_and_summary(paths, rows, keys)
     return {"folder": run_dir, "prefix": prefix, "manifest": manifest, "rows": rows, "keys": keys,
@@ -82,7 +83,7 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
     """Everything the template needs, as plain data."""
     run = read_run(run_dir, prefix, manifest)
     keys, summary = run["keys"], run["summary"]
-    layers, heads_per_layer = analysis.grid_shape(keys)
+    layers, heads_per_layer = analysis.grid_layers(keys)
     k = min(10, len(keys)) if k is None else k
     if bootstrap and not 1 <= k <= len(keys):
         raise HeadscopeError(f"--k must be between 1 and the number of heads ({len(keys)}), not {k}")
@@ -105,12 +106,8 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
         "all_zero": not any(means),
         "samples": samples,
         "counts": outcome_counts(samples),
-        "ablation": ablation_section(run_dir, prefix),
-        "specificity": specificity_section(run_dir, prefix, manifest),
-        "rescore": rescore_section(run_dir, prefix),
-        "kv": kv_section(run_dir, prefix),
         "compare": compare_section(run, other) if other else None,
-    }
+    } | companion_sections(run_dir, prefix, manifest)
     context["charts"] = {"heatmap": None if context["all_zero"] else heatmap_spec(heads, signed, heads_per_layer, best, k),
                          "niah": niah_spec(samples),
                          "scatter": context["compare"].pop("spec") if context["compare"] else None}
@@ -120,7 +117,7 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
     return context
 
 
-def run_card(manifest: dict, rows: list[dict], layers: int, heads_per_layer: int) -> dict:
+def run_card(manifest: dict, rows: list[dict], layers: list[int], heads_per_layer: int) -> dict:
     options = manifest.get("options", {})
     task = TASKS.get(manifest.get("task"))
     if task is not None and not task.success_filter:
@@ -137,7 +134,8 @@ def run_card(manifest: dict, rows: list[dict], layers: int, heads_per_layer: int
         "attention": manifest.get("attention"),
         "task": manifest.get("task"),
         "scorer": manifest.get("scorer") or manifest.get("task"),
-        "grid": f"{layers} layers × {heads_per_layer} heads ({layers * heads_per_layer} heads)",
+        "grid": (analysis.layers_line(layers, manifest.get("layers")) or f"{len(layers)} layers") +
+                f" × {heads_per_layer} heads ({len(layers) * heads_per_layer} heads)",
         "success": success,
         "run": len(rows),
         "passed": sum(1 for row in rows if row.get("passed")),
@@ -193,6 +191,7 @@ def sample_entries(rows: list[dict], keys: list[str]) -> tuple[list[dict], list]
             "position": position, "id": row.get("id"), "outcome": outcome(row), "score": row.get("score"),
             "reference": row.get("reference"), "response": row.get("response"), "answer_text": row.get("answer_text"),
             "error": row.get("error"), "excerpt": row.get("excerpt"), "span_method": row.get("span_method"),
+            "prompt_tokens": row.get("prompt_tokens"),
             "context_length": row.get("context_length"), "depth_percent": row.get("depth_percent"),
             "meta": {key: value for key, value in row.items() if key not in SHOWN_FIELDS and value is not None}})
         scores = row.get("head_scores")
@@ -243,21 +242,26 @@ def heatmap_spec(heads: list[dict], signed: bool, heads_per_layer: int, selected
 def niah_spec(samples: list[dict]) -> dict | None:
     """Mean metric per (context length, depth), as the NIAH PNG; None when the rows are not a NIAH grid.
     Samples with an error measured nothing and are left out (as plots.niah_matrix)."""
-    cells = [{"context_length": s["context_length"], "depth_percent": s["depth_percent"], "score": s["score"]}
-             for s in samples if s["context_length"] is not None and s["depth_percent"] is not None
-             and s["outcome"] != "error"]
-    if not cells:
+    measured = [s for s in samples if s["context_length"] is not None and s["depth_percent"] is not None
+                and s["outcome"] != "error"]
+    if not measured:
         return None
+    lengths = sorted({s["context_length"] for s in measured})
+    labels = dict(zip(lengths, analysis.length_labels(measured, lengths)))  # "300 (125)": setting, prompt tokens
+    cells = [{"context_length": s["context_length"], "length": labels[s["context_length"]],
+              "depth_percent": s["depth_percent"], "score": s["score"]} for s in measured]
     return {
         "data": {"values": cells},
         "width": {"step": 56}, "height": {"step": 36},
         "mark": "rect",
         "encoding": {
-            "x": {"field": "context_length", "type": "ordinal", "title": "context length (tokens)"},
+            "x": {"field": "length", "type": "ordinal", "title": analysis.LENGTH_AXIS,
+                  "sort": {"field": "context_length"}},
             "y": {"field": "depth_percent", "type": "ordinal", "title": "needle depth (%)"},
+            "detail": {"field": "context_length"},  # kept in each cell's datum: a click lists its samples
             "color": {"aggregate": "mean", "field": "score", "type": "quantitative", "title": "score",
                       "scale": {"domain": [0, 100], "range": ["#F0496E", "#EBB839", "#0CD79F"]}},
-            "tooltip": [{"field": "context_length", "title": "context length"},
+            "tooltip": [{"field": "length", "title": "context length (prompt tokens)"},
                         {"field": "depth_percent", "title": "depth (%)"},
                         {"aggregate": "mean", "field": "score", "title": "mean score", "format": ".1f"},
                         {"aggregate": "count", "title": "samples"}],
@@ -293,62 +297,89 @@ def image(path: Path) -> str | None:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def read_json(path: Path) -> dict | None:
+def companion_sections(run_dir: Path, prefix: str, manifest: dict) -> dict:
+    """The ablation, KV cache, specificity and rescore sections, each from its own file when it lies in the folder, and
+    `notes`: a malformed file drops its section with a visible note, and the page is written all the same."""
+    task = manifest["task"]
+    name = prefix.removesuffix("_" + outputs.file_label(task, manifest.get("scorer") or task))  # NAME of NAME_TASK
+    files = {"ablation": (run_dir / f"{prefix}_ablation.json", lambda data: ablation_section(data, run_dir, prefix)),
+             "specificity": (run_dir / f"{name}_specificity.json",
+                             lambda data: specificity_section(data, run_dir / f"{name}_specificity.png")),
+             "rescore": (run_dir / "rescore" / "rescore.json", lambda data: rescore_section(data, run_dir, prefix)),
+             "kv": (run_dir / f"{prefix}_kv.json", lambda data: kv_section(data, run_dir, prefix))}
+    sections, notes = {}, []
+    for section, (path, build) in files.items():
+        sections[section], note = companion(path, build)
+        if note:
+            notify(f"{note}: the {section} section is left out of the report")
+            notes.append(f"{note}: the {section} section is left out")
+    return sections | {"notes": notes}
+
+
+def companion(path: Path, build) -> tuple[dict | None, str | None]:
+    """(section, None), (None, None) when there is no file, or (None, the reason) when it is malformed."""
+    if not path.is_file():
+        return None, None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+        return build(schema.read_json(path)), None
+    except HeadscopeError as error:
+        return None, str(error)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:  # a field missing or of the
+        return None, f"{path} is malformed ({type(error).__name__}: {error})"       # wrong kind, deep in the file
 
 
-def ablation_section(run_dir: Path, prefix: str) -> dict | None:
-    """NAME_TASK_ablation.json: success with nothing masked, the top-K heads masked, and K random heads."""
-    result = read_json(run_dir / f"{prefix}_ablation.json")
-    if not result or "sweep" not in result:
-        return None
+def ablation_section(result: dict, run_dir: Path, prefix: str) -> dict | None:
+    """NAME_TASK_ablation.json: success with nothing masked, the top-K heads masked, and K random heads; a sweep
+    of K or a single K."""
+    points = result["sweep"] if "sweep" in result else [{"k": result["top"]["k"], "top": result["top"],
+                                                         "random": result.get("random")}]
     arms = [{"k": 0, "heads": "-", "top": result["none"]["success_rate"], "random": None, "random_std": None,
              "repeats": None}]
-    for entry in result["sweep"]:
+    for entry in points:
         random = entry.get("random") or {}
-        arms.append({"k": entry["k"], "heads": " ".join(entry["top"]["heads"]), "top": entry["top"]["success_rate"],
-                     "random": random.get("success_rate"), "random_std": random.get("success_rate_std"),
-                     "repeats": random.get("repeats")})
+        arms.append({"k": entry["k"], "heads": " ".join(map(str, entry["top"]["heads"])),
+                     "top": entry["top"]["success_rate"], "random": random.get("success_rate"),
+                     "random_std": random.get("success_rate_std"), "repeats": random.get("repeats")})
     return {"mode": result.get("mode"), "samples": result.get("samples"), "arms": arms,
             "images": [uri for uri in (image(run_dir / f"{prefix}_ablation_{name}.png") for name in ("curve", "niah"))
                        if uri]}
 
 
-def kv_section(run_dir: Path, prefix: str) -> dict | None:
+def kv_section(result: dict, run_dir: Path, prefix: str) -> dict:
     """NAME_TASK_kv.json: the task's success at each share of the KV cache kept, per policy (kv_output.py)."""
     from .kv_output import section
 
-    found = section(run_dir / f"{prefix}_kv.json")
-    return found and found | {"image": image(run_dir / f"{prefix}_kv.png")}
+    return section(result) | {"image": image(run_dir / f"{prefix}_kv.png")}
 
 
-def specificity_section(run_dir: Path, prefix: str, manifest: dict) -> dict | None:
+def specificity_section(result: dict, picture: Path) -> dict | None:
     """NAME_specificity.json (model NAME of this run): each score file's top-K masked on each task."""
-    task = manifest.get("task")
-    name = prefix.removesuffix("_" + outputs.file_label(task, manifest.get("scorer") or task))  # NAME of NAME_TASK
-    result = read_json(run_dir / f"{name}_specificity.json")
-    if not result or "matrix" not in result:
-        return None
     from .specificity import label
 
-    rows = [{"scores": label(path), "cells": [row.get(task) for task in result["tasks"]]}
+    tasks = [str(task) for task in result["tasks"]]
+    rows = [{"scores": label(path), "cells": [specificity_cell(row.get(task)) for task in tasks]}
             for path, row in result["matrix"].items()]
     return {"k": result.get("k"), "random_k": result.get("random_k"), "repeats": result.get("repeats"),
-            "tasks": result["tasks"], "rows": rows, "image": image(run_dir / f"{name}_specificity.png")}
+            "tasks": tasks, "rows": rows, "image": image(picture)}
 
 
-def rescore_section(run_dir: Path, prefix: str) -> dict | None:
+def specificity_cell(cell: dict | None) -> dict | None:
+    return None if cell is None else {key: cell[key] for key in ("none", "top", "random", "random_std")}
+
+
+def rescore_section(result: dict, run_dir: Path, prefix: str) -> dict | None:
     """rescore/rescore.json: how this run's head set moves under other success filters."""
-    result = read_json(run_dir / "rescore" / "rescore.json")
-    run = (result or {}).get("runs", {}).get(prefix)
+    run = result["runs"].get(prefix)
     if not run:
         return None
-    ks = [entry["k"] for entry in run["settings"][0]["top_k"]] if run["settings"] else []
-    return {"own": run["own"], "ks": ks, "settings": run["settings"], "changing": run.get("top10_changing", []),
+    settings = [{"metric": setting["metric"], "threshold": setting["threshold"], "passing": setting["passing"],
+                 "samples": setting["samples"], "mean_metric": setting["mean_metric"],
+                 "top_k": [{"k": entry["k"], "overlap": entry["overlap"], "jaccard": entry["jaccard"]}
+                           for entry in setting["top_k"]], "spearman": setting["spearman"]}
+                for setting in run["settings"]]
+    ks = [entry["k"] for entry in settings[0]["top_k"]] if settings else []
+    return {"own": {"metric": run["own"]["metric"], "threshold": run["own"]["threshold"]}, "ks": ks,
+            "settings": settings, "changing": [str(head) for head in run.get("top10_changing", [])],
             "image": image(run_dir / "rescore" / f"{prefix}_rescore.png")}
 
 

@@ -5,42 +5,51 @@ to every head, so a success filter (metric, threshold) is one pass over the file
 when metric(reference, response) > threshold, and heads and summary are rebuilt with the scorer's own
 accumulation rule (the rows' keep_zeros) -- exactly what `detect --metric M --success-threshold T` writes.
 Files go to RUN_DIR/rescore/METRIC-THRESHOLD/; the run's own files are never touched.
+
+A task with no success filter (pattern, query: every sample counts, whatever the model answers) keeps every
+sample under every setting -- as `detect` does whatever its --metric and --success-threshold -- so its rescored
+files equal its own; the report says so for that run.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
-from . import analysis, outputs, store
+from . import analysis, outputs, schema, store
 from .errors import HeadscopeError
+from .lock import writer_locks
 from .metrics import METRICS, MODEL_BASED, score_responses
 
 K_VALUES = (5, 10, 20)
 
 
-def rows_to_judge(path: Path) -> list[dict]:
-    rows = store.read_rows(path)
-    missing = next((row for row in rows if "reference" not in row), None)
-    if missing is not None:
-        raise HeadscopeError(f"{path}: sample {missing.get('id')!r} has no 'reference' field (it was written "
-                             "before headscope recorded what each response was judged against): run detect again")
+def rows_to_judge(paths: dict, manifest: dict) -> list[dict]:
+    rows = store.run_rows(paths, manifest)
+    for field in ("reference", "response"):  # what rescore judges again: the response against the reference
+        missing = next((row for row in rows if field not in row), None)
+        if missing is not None:
+            raise HeadscopeError(f"{paths['samples']}: sample {missing['id']!r} has no {field!r} field (it was "
+                                 "written before headscope recorded what each response was judged against): run "
+                                 "detect again")
     return rows
 
 
-def judge(rows: list[dict], metric: str, metric_model: str | None) -> list[float | None]:
+def judge(rows: list[dict], metric: str, metric_model: str | None, trust_remote_code: bool) -> list[float | None]:
     """The metric of every row (None for a row with an error: it never passes)."""
     def judged(row):  # the extracted answer when the run extracted one; None: no answer, never passes
         return row["answer_text"] if "answer_text" in row else row["response"]
 
     measured = [row for row in rows if row["error"] is None and judged(row) is not None]
     scores = iter(score_responses(metric, [row["reference"] for row in measured],
-                                  [judged(row) for row in measured], metric_model))
+                                  [judged(row) for row in measured], metric_model, trust_remote_code))
     return [next(scores) if row["error"] is None and judged(row) is not None else None for row in rows]
 
 
 def rescore(run_dir, metrics: list[str], thresholds: list[float], task: str | None = None,
-            metric_model: str | None = None) -> dict:
-    """Rebuild heads and summary for every (metric, threshold); returns the stability report (rescore.json)."""
+            metric_model: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Rebuild heads and summary for every (metric, threshold); returns the stability report (rescore.json), which
+    keeps the settings of earlier rescores of the same runs (a setting rescored again is replaced)."""
     run_dir = Path(run_dir)
     unknown = [metric for metric in metrics if metric not in METRICS]
     if unknown:
@@ -48,36 +57,46 @@ def rescore(run_dir, metrics: list[str], thresholds: list[float], task: str | No
     if not metrics or not thresholds:
         raise HeadscopeError("give at least one --metric and one --threshold")
     started = time.time()
-    runs = []
-    for prefix, manifest in store.find_runs(run_dir, task):  # everything is judged before anything is written
-        rows = rows_to_judge(outputs.prefix_paths(run_dir, prefix)["samples"])
-        scores = {metric: judge(rows, metric, metric_model) for metric in metrics}
-        runs.append((prefix, manifest, rows, scores))
-    report = {"metrics": metrics, "thresholds": thresholds, "runs": {}}
-    for prefix, manifest, rows, scores in runs:
-        report["runs"][prefix] = rescore_run(run_dir, prefix, manifest, rows, scores, thresholds)
-    report["seconds"] = round(time.time() - started, 2)
-    outputs.atomic_write_json(run_dir / "rescore" / "rescore.json", report)
+    found = store.find_runs(run_dir, task)
+    with writer_locks(run_dir, [prefix for prefix, _ in found] + ["rescore"]):  # no detect writes them meanwhile
+        runs, files = {}, {}
+        for prefix, manifest in found:  # everything is judged and computed before anything is written
+            rows = rows_to_judge(outputs.prefix_paths(run_dir, prefix), manifest)
+            scores = {metric: judge(rows, metric, metric_model, trust_remote_code) for metric in metrics}
+            runs[prefix] = rescore_run(run_dir, prefix, manifest, rows, scores, thresholds, files)
+        report = {"metrics": metrics, "thresholds": thresholds,
+                  "runs": with_earlier(read_earlier(run_dir / "rescore" / "rescore.json"), runs),
+                  "seconds": round(time.time() - started, 2)}
+        folder = outputs.own_folder(run_dir / "rescore")  # a link there is refused: nothing leaves the folder
+        for path, content in files.items():
+            outputs.atomic_write_json(outputs.own_folder(path.parent) / path.name, content)
+        outputs.atomic_write_json(folder / "rescore.json", report)
     return report
 
 
 def rescore_run(run_dir: Path, prefix: str, manifest: dict, rows: list[dict], scores: dict,
-                thresholds: list[float]) -> dict:
-    """One run's settings: files under rescore/METRIC-THRESHOLD/, and each setting against the run's own."""
+                thresholds: list[float], files: dict) -> dict:
+    """One run's settings, each against the run's own; their heads and summary files go into `files`
+    (path -> content) for rescore/METRIC-THRESHOLD/. A task without a success filter (pattern, query) keeps
+    every sample, as detect does: its files equal the run's own whatever the threshold."""
+    from .tasks import TASKS
+
     keys, paths = manifest["heads"], outputs.prefix_paths(run_dir, prefix)
+    task = TASKS.get(manifest.get("task"))
+    filtered = task is None or task.success_filter  # no filter: every sample counts, as in detect
     base = outputs.read_heads(paths["base_heads"]) if paths["base_heads"].exists() else None  # read once
     own = outputs.summarize(store.derive_heads(rows, keys, base))
     options = manifest.get("options", {})
     settings = []
     for metric, values in scores.items():
         for threshold in thresholds:
-            judged = [row | {"passed": value is not None and value > threshold} for row, value in zip(rows, values)]
+            judged = [row | {"passed": value is not None and value > threshold} if filtered else row
+                      for row, value in zip(rows, values)]
             heads = store.derive_heads(judged, keys, base)
             summary = outputs.summarize(heads)
             folder = run_dir / "rescore" / f"{metric}-{threshold:g}"
             written = outputs.prefix_paths(folder, prefix)
-            outputs.atomic_write_json(written["heads"], heads)
-            outputs.atomic_write_json(written["summary"], summary)
+            files[written["heads"]], files[written["summary"]] = heads, summary
             measured = [value for value in values if value is not None]
             ks = [k for k in K_VALUES if k <= len(keys)] or [len(keys)]
             comparison = analysis.compare(outputs.plain(own), outputs.plain(summary), ks)
@@ -89,17 +108,51 @@ def rescore_run(run_dir: Path, prefix: str, manifest: dict, rows: list[dict], sc
                              "top_k": comparison["per_k"], "spearman": comparison["spearman"],
                              "top10": analysis.top_keys(outputs.plain(summary), min(10, len(keys))) if passing else None,
                              "path": str(folder)})
-    tops = [set(setting["top10"]) for setting in settings if setting["top10"] is not None] or [set()]
     return {"own": {"metric": options.get("metric"), "threshold": options.get("success_threshold")},
-            "settings": settings, "top10_changing": sorted(set.union(*tops) - set.intersection(*tops),
-                                                           key=outputs.parse_head_key)}
+            "success_filter": filtered,
+            "run_ids": sorted(manifest.get("runs") or [manifest.get("run")], key=str), "settings": settings}
+
+
+def read_earlier(path: Path) -> dict:
+    """The runs of an earlier rescore.json ({} when there is none); a malformed one is refused, not replaced."""
+    if not os.path.lexists(path):
+        return {}
+    earlier = schema.read_json(path)
+    runs = earlier.get("runs") if isinstance(earlier, dict) else None
+    valid = isinstance(runs, dict) and all(
+        isinstance(run, dict) and isinstance(run.get("settings"), list)
+        and all(isinstance(setting, dict) and {"metric", "threshold", "top10"} <= set(setting)
+                for setting in run["settings"]) for run in runs.values())
+    if not valid:
+        raise HeadscopeError(f"{path} is not a rescore report (runs with their settings): move it away to rescore")
+    return runs
+
+
+def with_earlier(earlier: dict, runs: dict) -> dict:
+    """Each run's settings: those rescored before (of the same runs) that this rescore did not redo, then this
+    rescore's; and the heads whose top-10 membership changes across all of them."""
+    merged = {}
+    for prefix, run in (earlier | runs).items():
+        if prefix in runs:
+            kept = earlier.get(prefix, {}) if earlier.get(prefix, {}).get("run_ids") == run["run_ids"] else {}
+            redone = {(setting["metric"], setting["threshold"]) for setting in run["settings"]}
+            run = dict(run, settings=[setting for setting in kept.get("settings", [])
+                                      if (setting["metric"], setting["threshold"]) not in redone] + run["settings"])
+        tops = [set(setting["top10"]) for setting in run["settings"] if setting["top10"] is not None] or [set()]
+        merged[prefix] = dict(run, top10_changing=sorted(set.union(*tops) - set.intersection(*tops),
+                                                         key=outputs.parse_head_key))
+    return merged
 
 
 def format_report(report: dict) -> str:
     lines = []
     for prefix, run in report["runs"].items():
         own = run["own"]
-        lines.append(f"{prefix}: against the run's own filter ({own['metric']} > {own['threshold']})")
+        if not run.get("success_filter", True):
+            lines.append(f"{prefix}: its task has no success filter: every sample counts under every setting, "
+                         "the files equal the run's own")
+        else:
+            lines.append(f"{prefix}: against the run's own filter ({own['metric']} > {own['threshold']})")
         lines.append(f"{'metric':<10} {'thresh':>6} {'passing':>9} {'metric':>7} " +
                      " ".join(f"{'J@' + str(p['k']):>6}" for p in run["settings"][0]["top_k"]) + f" {'spearman':>9}")
         for s in run["settings"]:

@@ -16,8 +16,9 @@ from tqdm import tqdm
 
 from . import analysis, outputs
 from .ablation import ArmLog, ablation_id, random_heads, run_arm
-from .engine import encode_samples, start_run, task_options
+from .engine import encode_samples, head_ids_before_loading, model_name_of, start_run, task_options
 from .errors import HeadscopeError
+from .lock import writer_lock
 from .tasks import TASKS
 
 
@@ -37,43 +38,69 @@ def success_rate(rows: list[dict]) -> float:
 
 
 def specificity(files: list[str], tasks: list[str], arms: Arms, loaded=None, **overrides) -> dict:
-    """Run the matrix and write NAME_specificity.json (and its picture) in the output folder."""
+    """Run the matrix and write NAME_specificity.json (and its picture) in the output folder. The score files,
+    K and every log are checked before a model loads; nothing is written before the first task's prompts are
+    built."""
     summaries = {str(path): analysis.load_summary(path) for path in files}
     unknown = [task for task in tasks if task not in TASKS or not TASKS[task].success_filter]
     if unknown:
         raise HeadscopeError(f"specificity needs tasks with a success filter (retrieval, reasoning), not {unknown[0]}")
+    options_of = {task: options_for(task, overrides) for task in tasks}
+    first = options_of[tasks[0]]
+    out, name = Path(first.out), model_name_of(first, loaded)
+    keys = head_ids_before_loading(first, loaded, summaries)
+    if keys is not None:
+        check_files(summaries, keys, arms)
+    with writer_lock(out, f"{name}_specificity"):
+        logs = {task: ArmLog(out / f"{name}_specificity_{task}_samples.jsonl",
+                             ablation_id(task, options_of[task], name, arms, summaries), options_of[task].overwrite)
+                for task in tasks}
+        try:
+            matrix = run_matrix(summaries, arms, options_of, logs, loaded)
+        finally:
+            for log in logs.values():
+                log.close()
+        report = {"k": arms.k, "random_k": arms.random_k or arms.k, "repeats": arms.repeats, "mode": arms.mode,
+                  "tasks": tasks, "files": list(summaries), "matrix": matrix}
+        path = out / f"{name}_specificity.json"
+        outputs.atomic_write_json(path, report)
+        report["path"] = str(path)
+    return report
+
+
+def options_for(task: str, overrides: dict):
+    """The task's options from the flags given (each task takes those of its own fields)."""
+    names = {spec.name for spec in dataclasses.fields(TASKS[task].options)}
+    return task_options(task, None, **{key: value for key, value in overrides.items() if key in names})
+
+
+def check_files(summaries: dict, keys: list[str], arms: Arms) -> None:
+    """Every score file scores this model's heads, has K heads with a value, and leaves K random ones to draw."""
+    for path, summary in summaries.items():
+        analysis.refuse_other_model(summary, keys, path)
+        analysis.top_keys(summary, arms.k)
+        if (arms.random_k or arms.k) > len(keys) - arms.k:
+            raise HeadscopeError(f"cannot draw {arms.random_k or arms.k} random heads from the {len(keys) - arms.k} "
+                                 "heads outside the top K")
+
+
+def run_matrix(summaries: dict, arms: Arms, options_of: dict, logs: dict, loaded) -> dict:
+    """{file: {task: cell}}: each task's arms, one model load."""
     matrix = {name: {} for name in summaries}
-    out = None
-    for task in tasks:
-        names = {spec.name for spec in dataclasses.fields(TASKS[task].options)}
-        options = task_options(task, None, **{k: v for k, v in overrides.items() if k in names})
-        run = start_run(task, options, loaded, command="ablate", scorers=False)
-        loaded, out = run.loaded, Path(options.out)
+    for task, options in options_of.items():
+        run = start_run(task, options, loaded, command="ablate")
+        loaded = run.loaded
+        check_files(summaries, run.keys, arms)
         encoded = encode_samples(run, range(len(run.samples)))
         items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
-        log = ArmLog(out / f"{loaded.name}_specificity_{task}_samples.jsonl",
-                     ablation_id(run, arms, summaries), options.overwrite)
-        try:
-            cells = run_cells(run, items, summaries, arms, log)
-        finally:
-            log.close()
-        for name, cell in cells.items():
+        for name, cell in run_cells(run, items, summaries, arms, logs[task]).items():
             matrix[name][task] = cell
-    report = {"k": arms.k, "random_k": arms.random_k or arms.k, "repeats": arms.repeats, "mode": arms.mode,
-              "tasks": tasks, "files": list(summaries), "matrix": matrix}
-    path = out / f"{loaded.name}_specificity.json"
-    outputs.atomic_write_json(path, report)
-    report["path"] = str(path)
-    return report
+    return matrix
 
 
 def run_cells(run, items, summaries: dict, arms: Arms, log: ArmLog) -> dict:
     """{file: {"none", "top", "random", "random_std", "top_heads"}} for one task; `none` runs once."""
     keys = run.keys
-    for name, summary in summaries.items():
-        unknown = sorted(set(summary) - set(keys), key=outputs.parse_head_key)
-        if unknown:
-            raise HeadscopeError(f"{name} has head {unknown[0]}, which the model does not have")
     label = run.task.name
     quiet = run.options.quiet
     total = 1 + len(summaries) * (1 + arms.repeats)

@@ -8,6 +8,16 @@ from headscope.toy import tiny_model, word_tokenizer
 WORDS = "red blue green gold fish bird tree stone river code key is the of what".split()
 
 
+def query_records(extra_documents=()) -> list[dict]:
+    """Four query-task records over WORDS: questions of different lengths (batches of two are left-padded),
+    each with two gold documents (the last document and one more), the last with one."""
+    documents = [" ".join(WORDS[i:i + 4]) + " ." for i in range(0, 12, 3)] + list(extra_documents)
+    last = len(documents) - 1
+    return [{"id": f"q{g}", "documents": documents, "gold": [g, last] if g < 3 else g,
+             "question": f"what is the {WORDS[g]} of the {' '.join(WORDS[g + 5:g + 6 + g])} ?", "answer": WORDS[g]}
+            for g in range(4)]
+
+
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory):
     """A 3-layer random Llama over a 15-word vocabulary: small enough that heads copy by chance."""
@@ -36,3 +46,35 @@ def data_dir(tmp_path_factory):
     return path
 
 
+def refuse_headscope_attention(model):
+    """Make `model` one whose attention cannot be switched to headscope's function (a model off the interface)."""
+    from headscope import recorder
+
+    switch = model.set_attn_implementation
+
+    def set_attn_implementation(name, **kwargs):
+        if name in (recorder.ATTN_SDPA, recorder.ATTN_FLASH):
+            raise ValueError(f"{type(model).__name__} cannot use {name}")
+        return switch(name, **kwargs)
+
+    model.set_attn_implementation = set_attn_implementation
+
+
+@pytest.fixture(scope="session")
+def toy_run(toy_dir, data_dir, tmp_path_factory):
+    """One finished retrieval run of 3 samples on the toy model (every sample passes: each head has a value)."""
+    from headscope.cli import main
+    from toy_runs import detect_args
+
+    out = tmp_path_factory.mktemp("toy_run") / "run"
+    assert main(detect_args(toy_dir, data_dir, out)) == 0
+    return out
+
+
+@pytest.fixture
+def run_folder(toy_run, tmp_path):
+    """A copy of `toy_run` for one test to change."""
+    import shutil
+
+    shutil.copytree(toy_run, tmp_path / "run")
+    return tmp_path / "run"

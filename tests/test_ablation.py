@@ -59,7 +59,7 @@ def test_sweep_gives_one_object_per_k_and_a_curve(toy_dir, data_dir, detected, t
 
 def test_top_auto_takes_the_heads_above_the_cut(toy_dir, data_dir, tmp_path):
     # a hand-made score file: three heads at or above 0.1, the rest below
-    scores = {f"{layer}-{head}": [0.01] for layer in range(2) for head in range(4)}
+    scores = {f"{layer}-{head}": [0.01] for layer in range(3) for head in range(4)}
     scores.update({"1-2": [0.9], "0-3": [0.3, 0.1], "1-0": [0.1]})
     path = tmp_path / "scores.json"
     path.write_text(json.dumps(scores))

@@ -24,14 +24,15 @@ def write_run(folder, name, per_sample, task="retrieval", keep_zeros=None, passe
     (folder / f"{name}_{task}_heads.json").write_text(json.dumps(lists))
     (folder / f"{name}_{task}_summary.json").write_text(json.dumps(summarize(lists)))
     rows = [{"id": str(i), "task": task, "context_length": 100 * (1 + i % 3), "depth_percent": 50 * (i // 3 % 3),
-             "score": 100.0 if ok else 0.0, "passed": ok, "error": None, "head_scores": s.tolist(),
+             "response": "", "score": 100.0 if ok else 0.0, "passed": ok, "error": None, "head_scores": s.tolist(),
              "keep_zeros": keep}
             for i, (s, ok) in enumerate(zip(per_sample, passed))]
     (folder / f"{name}_{task}_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     # The manifest holds the --keep-zeros option, which only the reasoning scorer reads: a query or pattern run
     # keeps zeros with the option off (reading the option instead of the rows' rule dropped them).
     option = bool(keep_zeros) if task == "reasoning" else False
-    (folder / f"{name}_{task}_manifest.json").write_text(json.dumps({"options": {"keep_zeros": option}}))
+    (folder / f"{name}_{task}_manifest.json").write_text(json.dumps({"task": task, "heads": list(lists),
+                                                                     "options": {"keep_zeros": option}}))
     return folder / f"{name}_{task}_heads.json"
 
 
@@ -120,7 +121,8 @@ def test_show_kv_heads_from_flag_and_from_model_config(tmp_path, capsys):
 
     path = write_means(tmp_path / "m_summary.json", np.arange(16).reshape(2, 8))
     assert main(["show", str(path), "--kv-heads", "max", "--num-kv-heads", "2", "--top", "1"]) == 0
-    assert capsys.readouterr().out.splitlines()[1].split() == ["1", "1", "15.0000", "4-7"]
+    # the query heads by their ids: "1-4 to 1-7", not "4-7" (which reads as layer 4, head 7)
+    assert capsys.readouterr().out.splitlines()[1].split() == ["1", "1", "15.0000", "1-4", "to", "1-7"]
     LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2).save_pretrained(tmp_path / "model")
     assert main(["show", str(path), "--kv-heads", "mean", "--model", str(tmp_path / "model"), "--top", "4"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 5
@@ -183,7 +185,10 @@ def test_accumulation_rules():
     once = np.ones((1, 2))
     assert analysis.head_means(once, contributions, keep_zeros=True)[0].tolist() == pytest.approx([0.4, 0.1])
     assert analysis.head_means(once, contributions, keep_zeros=False)[0].tolist() == pytest.approx([0.4, 0.2])
-    assert analysis.head_means(np.array([[2.0, 0.0]]), contributions, keep_zeros=False)[0].tolist() == [0.5, 0.0]
+    only_first = analysis.head_means(np.array([[2.0, 0.0]]), contributions, keep_zeros=False)[0]
+    assert only_first[0] == 0.5 and np.isnan(only_first[1])  # no positive entry drawn: no value, not 0
+    with_null = np.array([[0.5, np.nan], [0.3, 0.2]])  # a null entry: the head has no value in that sample
+    assert analysis.head_means(once, with_null, keep_zeros=True)[0].tolist() == pytest.approx([0.4, 0.2])
 
 
 @pytest.mark.parametrize("task, keep_zeros", [("retrieval", None), ("reasoning", None), ("reasoning", True),
@@ -245,3 +250,25 @@ def test_default_k_fit_a_small_model(tmp_path, capsys):
     a = write_means(tmp_path / "a.json", [[9, 8, 7], [6, 5, 4]])
     assert main(["compare", str(a), str(a), "--no-plot"]) == 0  # 6 heads: only K = 5 of 5,10,20,30
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:2]] == ["5"]
+
+
+def test_signed_values_and_nulls_count_the_same_in_the_heads_file_and_the_bootstrap():
+    """A scorer that drops zeros keeps negative values; a null is no value: heads.json's mean, show --bootstrap's
+    and the running top-10 agree (they once dropped negatives from the count but not the total)."""
+    from headscope.engine import RunningTop
+    from headscope.store import derive_heads
+
+    keys = ["0-0", "0-1"]
+    scores = [[[2.0, 0.0]], [[-1.0, None]], [[0.0, 3.0]], [[4.0, -3.0]]]
+    rows = [{"id": str(i), "passed": True, "keep_zeros": False, "head_scores": s} for i, s in enumerate(scores)]
+    heads = derive_heads(rows, keys)
+    assert heads == {"0-0": [2.0, -1.0, 4.0], "0-1": [3.0, -3.0]}
+    contributions = analysis.sample_contributions(rows, keys)
+    means = analysis.head_means(np.ones((1, len(rows))), contributions, keep_zeros=False)[0]
+    assert means.tolist() == pytest.approx([5.0 / 3, 0.0])
+    running = RunningTop(keys, {key: [] for key in keys})
+    for row in rows:
+        line = running.add(row)
+    assert line.startswith("0-0 1.667")
+    kept = [dict(row, keep_zeros=True) for row in rows]
+    assert derive_heads(kept, keys) == {"0-0": [2.0, -1.0, 0.0, 4.0], "0-1": [0.0, 3.0, -3.0]}

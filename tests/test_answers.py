@@ -22,6 +22,11 @@ CHAIN = "the key is in the barrel . the barrel is in the kitchen . so the answer
     ("first \\boxed{a{b}c}", "boxed", None, "a{b}c"),
     ("costs 1,250 dollars, or -3.5 per day", "last-number", None, "-3.5"),
     ("costs 1,250 dollars", "last-number", None, "1250"),
+    ("the primes are 2,3,5", "last-number", None, "5"),  # commas between numbers are not thousands separators
+    ("1,234,567 and 12,34", "last-number", None, "34"),
+    ("also the answer is 4", "full", "so the answer is", None),  # the marker starts where a word starts
+    ("so the answer is 4, also the answer is 5", "full", "so the answer is", "4, also the answer is 5"),
+    ("Answer: 7", "full", "Answer: ", "7"),  # a marker's trailing white space is kept, and matches
     ("no digits here", "last-number", None, None),
     ("Answer: B. Final answer: C", "regex:answer: ([A-D])", None, "C"),  # case-sensitive: the last "answer: "
     ("Answer: B. Final Answer: C", "regex:Answer: ([A-D])", None, "C"),

@@ -40,27 +40,36 @@ def test_detect_writes_the_four_files(task, toy_dir, data_dir, tmp_path, capsys)
     assert "layer head" in capsys.readouterr().out
 
 
-def test_rerun_resumes_append_extends_overwrite_replaces(toy_dir, data_dir, tmp_path, capsys):
+def test_rerun_resumes_append_pools_only_like_runs_overwrite_replaces(toy_dir, data_dir, tmp_path, capsys):
     path = tmp_path / f"{toy_dir.name}_retrieval_heads.json"
-    detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-1")
+    detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-1")  # depths 0 and 100
     first = json.loads(path.read_text())
     detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-1")  # same settings: resumes, no-op
     assert json.loads(path.read_text()) == first
-    # other settings are refused, unless appended as a further run
-    assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-2") == 2
+    # other settings are refused; --append adds a run that measures the same thing on other samples, nothing else
+    assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-1", "--depths", "50") == 2
     assert "--append" in capsys.readouterr().err
-    assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-2", "--append") == 0
-    assert all(json.loads(path.read_text())[key] == first[key] * 2 for key in first)  # the lists were extended
+    assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-2", "--depths", "50",
+                  "--append") == 2
+    assert "measures something else (--success-threshold is -2.0" in capsys.readouterr().err
+    assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-1", "--depths", "0,50",
+                  "--append") == 2
+    assert "sample n0-L260-d0 is already in" in capsys.readouterr().err
+    assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-1", "--depths", "50",
+                  "--append") == 0
+    pooled = json.loads(path.read_text())
+    assert all(pooled[key][:2] == first[key] and len(pooled[key]) == 3 for key in first)  # one more sample each
     files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir() if p.is_file()}
     capsys.readouterr()
     # Re-running either finished run, with or without --append (a retry script, a SLURM requeue), reports it
     # complete, exits 0 and rewrites nothing.
-    for threshold, extra in (("-2", ["--append"]), ("-2", []), ("-1", []), ("-1", ["--append"])):
-        assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", threshold, *extra) == 0
+    for depths, extra in (("50", ["--append"]), ("50", []), ("0,100", []), ("0,100", ["--append"])):
+        assert detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-1", "--depths", depths,
+                      *extra) == 0
         assert "already complete" in capsys.readouterr().err
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir() if p.is_file()} == files
     manifest = json.loads((tmp_path / f"{toy_dir.name}_retrieval_manifest.json").read_text())
-    assert sorted(run["options"]["success_threshold"] for run in manifest["runs"].values()) == [-2.0, -1.0]
+    assert sorted(run["options"]["depths"] for run in manifest["runs"].values()) == [[0.0, 100.0], [50.0]]
     detect("retrieval", toy_dir, data_dir, tmp_path, "--success-threshold", "-1", "--overwrite")
     assert json.loads(path.read_text()) == first
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import headscope
-from conftest import WORDS
+from conftest import query_records
 
 
 def eager_model(toy_dir):
@@ -130,14 +130,12 @@ def test_r2_scores_equal_eager_loops(toy_dir, data_dir, tmp_path):
 
 
 def test_query_scores_equal_eager_loops(toy_dir, tmp_path):
-    documents = [" ".join(WORDS[i:i + 4]) + " ." for i in range(0, 12, 3)]
-    records = [{"id": f"q{g}", "documents": documents, "gold": [g, 3] if g < 3 else g,
-                "question": f"what is the {WORDS[g]} of the {' '.join(WORDS[g + 5:g + 6 + g])} ?", "answer": WORDS[g]}
-               for g in range(4)]  # questions of different lengths: the batches of two are left-padded
+    records = query_records()
     data = tmp_path / "query.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in records))
+    # the linear convention (the question's rows, no outlier mask); QRHead's own is tested in test_fidelity.py
     result = headscope.detect("query", model=str(toy_dir), out=str(tmp_path / "out"), quiet=True, save_prompts=True,
-                              data=str(data), batch_size=2)
+                              data=str(data), batch_size=2, query_span="question", query_outlier_mask=False)
     model, tokenizer = eager_model(toy_dir), headscope.load(str(toy_dir)).tokenizer
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     expected = {f"{l}-{h}": [] for l in range(layers) for h in range(heads)}

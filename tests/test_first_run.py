@@ -24,9 +24,9 @@ def test_out_naming_a_file_is_one_line(toy_dir, data_dir, tmp_path, capsys):
     assert out.read_text() == "keep me"
 
 
-def test_no_passing_sample_warns_and_writes_null_means_and_no_heatmap(toy_dir, data_dir, tmp_path, capsys):
-    assert run("retrieval", "--model", str(toy_dir), "--out", str(tmp_path), *data_options(data_dir)) == 0
-    assert "warning: no sample passed the success filter" in capsys.readouterr().err
+def test_no_passing_sample_says_so_exits_1_and_writes_null_means_and_no_heatmap(toy_dir, data_dir, tmp_path, capsys):
+    assert run("retrieval", "--model", str(toy_dir), "--out", str(tmp_path), *data_options(data_dir)) == 1
+    assert "0 of 2 samples passed the success filter" in capsys.readouterr().err
     summary = json.loads((tmp_path / f"{toy_dir.name}_retrieval_summary.json").read_text())
     assert all(stats == {"mean": None, "std": None, "count": 0, "max": None} for stats in summary.values())
     assert not list(tmp_path.glob("*.png"))
@@ -84,7 +84,7 @@ def test_a_real_model_gets_the_real_text_haystack(tmp_path):
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "out"
     assert run("retrieval", "--model", str(model_dir), "--out", str(out), "--context-lengths", "600",
-               "--depths", "50", "--save-prompts", "--max-new-tokens", "2", "--no-plots") == 0
+               "--depths", "50", "--save-prompts", "--max-new-tokens", "2", "--no-plots") == 1  # nothing passes
     rows = [json.loads(line) for line in (out / "tiny-llama_retrieval_samples.jsonl").read_text().splitlines()]
     needles = [json.loads(line) for line in (DATA_DIR / "prose_needles.jsonl").read_text().splitlines()]
     assert len(rows) == len(needles) and all(row["error"] is None for row in rows)

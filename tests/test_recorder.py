@@ -6,6 +6,8 @@ from transformers import DynamicCache
 from headscope import recorder
 from headscope.toy import tiny_model
 
+from conftest import refuse_headscope_attention
+
 PROMPT_LEN = 40
 STEPS = 6
 
@@ -45,7 +47,7 @@ def test_eager_fallback_rows_equal_interface_rows():
     on_interface = tiny_model("llama")
     recorder.install(on_interface)
     off_interface = tiny_model("llama")
-    off_interface._supports_attention_backend = False
+    refuse_headscope_attention(off_interface)
     assert not recorder.install(off_interface)
     ours, _ = decode_rows(on_interface, input_ids, STEPS)
     fallback, _ = decode_rows(off_interface, input_ids, STEPS, eager_fallback=True)

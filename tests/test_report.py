@@ -280,7 +280,7 @@ def test_the_report_in_chromium(runs, tmp_path):
         assert means == sorted(means) and means != sorted(means, reverse=True)
         # a NIAH cell lists its samples; the outcome filter hides the others
         niah = next(p for p in css("#niah-chart g.mark-rect.role-mark path")
-                    if "context length: 300" in p.get_attribute("aria-label")
+                    if "context length (prompt tokens): 300 (" in p.get_attribute("aria-label")
                     and "depth (%): 50" in p.get_attribute("aria-label"))
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", niah)
         niah.click()

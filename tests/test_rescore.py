@@ -8,14 +8,23 @@ import pytest
 import headscope
 from headscope.cli import main
 from headscope.metrics import score_responses
+from headscope.outputs import file_label
+from headscope.tasks import TASKS
 
-GRIDS = {"retrieval": dict(context_lengths=[300], depths=[0, 100]), "reasoning": dict(num_samples=8)}
+GRIDS = {"retrieval": dict(context_lengths=[300], depths=[0, 100]), "reasoning": dict(num_samples=8),
+         "pattern": dict(num_samples=2), "query": dict(num_samples=2)}
 
 
-@pytest.mark.parametrize("task", ["retrieval", "reasoning"])
+def prefix(task: str) -> str:
+    """The files' prefix: the organism's run of the task's default scorer (pattern: organism_pattern_induction)."""
+    return f"organism_{file_label(task, TASKS[task].default_scorer)}"
+
+
+@pytest.mark.parametrize("task", sorted(GRIDS))
 def test_rescore_equals_detect_with_that_filter(task, tmp_path):
     """On the organism: one detection that keeps everything, rescored at (metric, threshold), gives the heads and
-    summary files that `detect --metric M --success-threshold T` writes."""
+    summary files that `detect --metric M --success-threshold T` writes -- for every task, those without a success
+    filter (pattern, query: every sample counts) included."""
     everything = tmp_path / "all"
     headscope.detect(task, out=str(everything), success_threshold=-1, quiet=True, **GRIDS[task])
     assert main(["rescore", str(everything), "--metric", "f1,contains", "--threshold", "20,50", "--no-plots"]) == 0
@@ -24,10 +33,10 @@ def test_rescore_equals_detect_with_that_filter(task, tmp_path):
         headscope.detect(task, out=str(direct), metric=metric, success_threshold=threshold, quiet=True,
                          **GRIDS[task])
         for kind in ("heads", "summary"):
-            rescored = everything / "rescore" / f"{metric}-{threshold}" / f"organism_{task}_{kind}.json"
-            assert rescored.read_bytes() == (direct / f"organism_{task}_{kind}.json").read_bytes()
+            rescored = everything / "rescore" / f"{metric}-{threshold}" / f"{prefix(task)}_{kind}.json"
+            assert rescored.read_bytes() == (direct / f"{prefix(task)}_{kind}.json").read_bytes()
     report = json.loads((everything / "rescore" / "rescore.json").read_text())
-    settings = report["runs"][f"organism_{task}"]["settings"]
+    settings = report["runs"][prefix(task)]["settings"]
     assert [(s["metric"], s["threshold"]) for s in settings] == [("f1", 20), ("f1", 50), ("contains", 20),
                                                                    ("contains", 50)]
     for setting in settings:  # where nothing passes there is no head set: None, not a number
@@ -36,6 +45,8 @@ def test_rescore_equals_detect_with_that_filter(task, tmp_path):
             assert setting["spearman"] is None and all(p["jaccard"] is None for p in setting["top_k"])
         else:
             assert -1 <= setting["spearman"] <= 1.000001 and all(0 <= p["jaccard"] <= 1 for p in setting["top_k"])
+    if task in ("pattern", "query"):  # no success filter: every sample counts under every setting
+        assert all(s["passing"] == s["samples"] for s in settings)
     if task == "reasoning":  # a chain of thought against a one-word answer: F1 > 50 is stricter than "contains"
         passing = {(s["metric"], s["threshold"]): s["passing"] for s in settings}
         assert passing[("f1", 50)] < passing[("contains", 50)]

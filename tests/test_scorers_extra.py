@@ -104,7 +104,7 @@ def test_query_score_is_gold_mass_per_question_token_minus_the_null_questions():
     # Prompt: 10 tokens, documents [1, 3) (gold) and [3, 6), question [7, 9). Null question: 1 token.
     batch = PromptBatch(torch.arange(10)[None], 10, torch.tensor([7]), torch.tensor([9]), torch.tensor([0]),
                         [sample(documents=[[1, 3], [3, 6]], gold=[0], null_question_ids=[42])])
-    scorer = QueryScorer()
+    scorer = QueryScorer(span="question", outlier_mask=False)  # the formula above: the question's rows, no mask
     scorer.begin(batch, 1, 2)
     null_ids, mask, (start, end) = scorer.calibration_prompt()
     assert null_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 42, 9]] and mask is None and (start, end) == (7, 8)

@@ -116,3 +116,18 @@ class NoOffsetsTokenizer:
 
     def decode(self, ids, **kwargs):
         return self._fast.decode(ids, **kwargs)
+
+
+@lru_cache(maxsize=None)
+def _metaspace_bpe() -> str:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer=trainer)
+    return tok.to_str()
+
+
+def metaspace_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """SentencePiece style (Llama-2, Mistral): "▁" marks a word's leading space, and a text's first word gets one."""
+    return _wrap(Tokenizer.from_str(_metaspace_bpe()))

@@ -7,9 +7,10 @@ with tensor operations on the model's device: no loop over heads, no host sync.
 Positions are absolute indices into the (left-padded) sequence: prompt tokens occupy
 [0, prompt_len), the token fed at step s >= 1 sits at prompt_len + s - 1.
 
-Accumulation rule: a scorer's `keep_zeros` says whether a passing sample's zero score joins a
-head's list. It is declared once, on the scorer, written into every samples row, and read back by
-every consumer (the engine's heads file, `show --bootstrap`) through `keeps_zeros`.
+Accumulation rule (`store.joins_list`): a passing sample's value joins a head's list unless it is no value
+(null) or a zero of a scorer whose zero means "did not fire" (`keep_zeros = False`); signed values are
+always kept. `keep_zeros` is declared once, on the scorer, written into every samples row, and read back
+by every consumer (the engine's heads file, `show --bootstrap`, the report) through `keeps_zeros`.
 """
 from __future__ import annotations
 
@@ -54,15 +55,22 @@ class Scorer:
                         blocks, through `prefill_rows(layer, query_start, probs)`;
       a calibration     `calibration_prompt()` -> (input_ids, attention_mask, (start, end)): one more
       prompt            prompt, only prefilled, its rows going to `calibration_rows(...)`;
-      full step rows    `full_rows = True`: every step's whole rows through `step_rows(layer, probs, offset)`.
+      full step rows    `full_rows = True`: every step's whole rows through `step_rows(layer, probs, offset)`;
+      replay rows       `replays = True`: once a sample has stopped, its finished sequence (prompt + generated,
+                        unpadded) is prefilled alone and the rows of `replay_queries(...)` go to `replay_rows`.
     All probs are float32 softmax rows; prefill blocks are (batch, heads, block, kv_len) over keys
     0..kv_len-1 (kv_len > the block's last query position; later keys are masked, so zero).
+
+    No value: a scorer marks a head of a sample that has no value (a constant vector has no kurtosis) with NaN
+    in `result()`, and a sample that has no value at all by a reason in `unscored` (sample -> one line): the
+    engine writes null and the reason, and the sample adds nothing to any head's list.
     """
 
     name = "scorer"
     top_k = 1
     keep_zeros = True
     full_rows = False
+    replays = False
 
     @classmethod
     def from_options(cls, options) -> "Scorer":
@@ -72,6 +80,7 @@ class Scorer:
     def begin(self, batch: PromptBatch, num_layers: int, num_heads: int) -> None:
         self.batch = batch
         self.total = torch.zeros(batch.input_ids.shape[0], num_layers, num_heads, device=batch.input_ids.device)
+        self.unscored: dict[int, str] = {}
 
     def step(self, view: StepView) -> None:
         self.total += self.step_scores(view).transpose(0, 1) * view.active[:, None, None]
@@ -81,8 +90,14 @@ class Scorer:
         raise NotImplementedError
 
     def result(self) -> torch.Tensor:
-        """(batch, layers, heads) score of each sample."""
-        return self.total
+        """(batch, layers, heads) score of each sample; NaN: no value (see the class)."""
+        return self.with_unscored(self.total)
+
+    def with_unscored(self, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` with the unscored samples' values NaN."""
+        for sample in self.unscored:
+            scores[sample] = float("nan")
+        return scores
 
     def prefill_queries(self) -> tuple[int, int] | None:
         """Query positions [start, end) (padded coordinates) whose prefill rows this scorer wants; None: none."""
@@ -100,6 +115,14 @@ class Scorer:
 
     def step_rows(self, layer: int, probs: torch.Tensor, offset: int) -> None:
         """With full_rows: probs (batch, heads, kv_len), the step's whole rows; key j sits at position offset + j."""
+
+    def replay_queries(self, sample: int, sequence: list[int], prompt_len: int) -> tuple[int, int] | None:
+        """With replays: the query positions [start, end) of this sample's finished sequence whose rows the scorer
+        wants (None: none); prompt_len: its unpadded prompt length."""
+        return None
+
+    def replay_rows(self, sample: int, layer: int, query_start: int, probs: torch.Tensor) -> None:
+        """probs (1, heads, block, kv_len): rows of the sample's finished sequence from query_start on."""
 
 
 def in_span(positions: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:

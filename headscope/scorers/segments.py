@@ -1,126 +1,131 @@
 """Scores of reasoning models' think and answer segments: reasoning focus and receiver heads.
 
-A reasoning model writes a think segment (its chain of thought, up to a `think_end` marker such as
-`</think>`, or the organism's "so the answer is") and then its answer. `Segments` finds, online and for each
-sample, where the think segment starts and ends in the sequence as the tokens are produced (a marker is
-text: it is found by decoding the last few tokens), and where its sentences end.
+A reasoning model writes a think segment (its chain of thought, between a start marker such as `<think>` --
+written by the model, or by a chat template that opens the block -- and an end marker such as `</think>` or
+the organism's "so the answer is") and then its answer. Both scorers read the finished sequence: once a
+sample has stopped, its prompt plus everything it generated is prefilled once more (decode.py's replay, batch
+size 1, the model's own attention rule), and the scorer gets the rows of the query positions it asks for. So
+a sample's score depends on its own tokens only: never on the batch it ran in, never on rows produced after
+its stop, and sliding windows are applied by position exactly as the model applies them.
 
-reasoning_focus (Zhang et al. 2025, reasoning-focus heads): for each answer-segment query i,
-    focus[l, h] += sum_{j in think} A[l, h, i, j];   score = focus / (number of answer queries)
-the share of attention the answer puts on the reasoning trace.
+Segments (`locate`): markers match token-aligned text -- the text of a run of whole tokens, white space kept,
+save for white space the first token carries before the marker (" so" matches "so ...") or that the last
+carries after it. The think segment opens after the first start marker (no start marker: at the first
+generated token) and closes at the LAST end marker, the one `--answer-from after-think` reads past; its keys
+are the tokens strictly between the markers; the answer is every token after the end marker.
 
-receiver (Bogdan et al. 2025, *Thought Anchors*, receiver heads): the think segment is split into sentences.
-For a query sentence m and an earlier sentence k, M[m, k] = mean over the query tokens of m of
-sum_{j in k} A[l, h, i, j]; sentence k's received attention is v[k] = mean over m > k of M[m, k]; the head's
-score is the (Fisher, population) kurtosis of v over the sentences that receive any: a head that concentrates
-what later sentences attend to onto a few earlier sentences scores high. A chain with fewer than
-MIN_SENTENCES receiving sentences has no kurtosis: the sample adds nothing to the head's list.
+reasoning_focus (Zhang et al. 2025, "From Reasoning to Answer"; `microsoft/ACV`,
+`misc/R2A/attention_analysis.py`, `get_attention_pattern_by_layer_head`, its a2r):
+    a2r[l, h] = mean over answer queries i of  sum over think keys j of  A[l, h, i, j]
+with the answer queries [answer start, T - 1) (T: the sequence length; the original leaves the last token out,
+and headscope never feeds it) and the think keys strictly between the markers (`--focus-include-marker` adds
+the end marker's tokens). A sample whose think block never closed, or with no answer query, has no focus: it
+adds nothing and is counted.
+
+receiver (Bogdan et al. 2025, *Thought Anchors*; `interp-reasoning/thought-anchors`,
+`whitebox-analyses/attention_analysis/receiver_head_funcs.py` and `attn_funcs.py`): the think segment is split
+into sentences (sentences.py); for sentences m and k,
+    M[m, k] = mean over query tokens i of m and key tokens j of k of A[l, h, i, j]     (`_compute_averaged_matrix`)
+    v[k]    = mean over m >= k + p of M[m, k]                                           (`get_vertical_scores`)
+    score   = Fisher kurtosis (population moments) of v over the k that have one     (`get_3d_ar_kurtosis`)
+with p = `--receiver-proximity` (4, as every receiver-head entry point passes `proximity_ignore=4`,
+`control_depth=False`). A head whose v is constant has no kurtosis (NaN in scipy): no value for that head. A
+chain with fewer than p + 2 sentences has no kurtosis at all: the sample adds nothing and is counted.
+`--receiver-reduce sum` takes M[m, k] as the mean over m's queries of the SUM over k's keys (headscope's
+earlier convention); `--receiver-sentences tokens` splits at tokens instead of Thought Anchors' chunks.
 """
 from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
 from ..errors import HeadscopeError
 from .base import PromptBatch, Scorer, register_scorer
+from .sentences import SENTENCE_RULES, original_sentences, token_rule_sentences
 
-SENTENCE_ENDS = (".", "!", "?")
-MIN_SENTENCES = 3  # receiving sentences needed for a kurtosis
+PIECE_CONTEXT = 4  # tokens of left context when decoding one token's text
+CONTEXT_TOKENS = 4  # tokens before the think segment that its sentence boundaries are tokenized after
 
 
+@lru_cache(maxsize=64)
+def token_texts(tokenizer, ids: tuple[int, ...]) -> tuple[str, ...]:
+    """Each token's share of the decoded text (special tokens kept as text): the text of a few tokens up to and
+    including it, minus the text without it -- so byte-level pieces and the decoder's spacing come out right."""
+    windows = [list(ids[max(0, t - PIECE_CONTEXT):t + 1]) for t in range(len(ids))]
+    options = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    with_token = tokenizer.batch_decode(windows, **options)
+    without = tokenizer.batch_decode([window[:-1] for window in windows], **options)
+    return tuple(full[len(before):] for full, before in zip(with_token, without))
+
+
+def find_marker(pieces, marker: str, start: int, end: int, last: bool) -> tuple[int, int] | None:
+    """The first (or last) token-aligned match of `marker` among tokens [start, end): (first token, end token)."""
+    starts = [0]  # character offset of each token's text, and the end
+    for piece in pieces[start:end]:
+        starts.append(starts[-1] + len(piece))
+    text = "".join(pieces[start:end])
+    found = None
+    at = text.find(marker)
+    while at >= 0:
+        span = _aligned(text, starts, at, at + len(marker))
+        if span is not None:
+            found = (start + span[0], start + span[1])
+            if not last:
+                return found
+        at = text.find(marker, at + 1)
+    return found
+
+
+def _aligned(text, starts, begin: int, stop: int) -> tuple[int, int] | None:
+    """The tokens [i, j) of the match text[begin:stop], if it is token-aligned (see module), else None."""
+    if begin == stop:
+        return None
+    first = bisect.bisect_right(starts, begin) - 1  # the token whose text holds character `begin`
+    if text[starts[first]:begin].strip():  # the match starts inside a word of its first token
+        return None
+    last = bisect.bisect_right(starts, stop - 1) - 1
+    if stop == starts[last + 1]:
+        return first, last + 1
+    if not text[starts[last]:stop].strip():  # the marker's trailing white space opens the next token
+        return first, last
+    return None
+
+
+@dataclass(frozen=True)
 class Segments:
-    """Think and answer segments of each sample's generation, found as the tokens are produced.
+    """Where a finished sequence's think and answer segments lie (positions of its own, unpadded sequence)."""
 
-    Positions are the sequence positions the generated tokens are fed at: the token produced at step s sits at
-    prompt_len + s. The think segment is [think_start, think_end] (the end marker's last token included); the
-    answer queries are the positions after it. Sentences of the think segment end at a token whose text ends
-    with . ! ? or holds a newline."""
+    think: tuple[int, int] | None  # the keys strictly between the markers; None: no think segment
+    end_marker: tuple[int, int] | None  # the end marker's tokens; None: the think block never closed
+    length: int  # T, the sequence length
 
-    def __init__(self, tokenizer, prompt_ids: list[list[int]], think_start: str | None, think_end: str):
-        """prompt_ids: each sample's (left-padded) prompt; a prompt that ends with the start marker (a chat
-        template that opens the think block) starts the think segment at the first generated token."""
-        self.tokenizer, self.prompt_len = tokenizer, len(prompt_ids[0])
-        self.markers = (think_start, think_end)
-        self.generated = [[] for _ in prompt_ids]
-        opened = [think_start is None or self._decoded_tail(ids, think_start).endswith(think_start)
-                  for ids in prompt_ids]
-        self.start = [self.prompt_len if is_open else None for is_open in opened]  # None: not yet
-        self.end = [None] * len(prompt_ids)
-        self.sentence_starts = [[] for _ in prompt_ids]  # within the think segment
+    @property
+    def answer(self) -> tuple[int, int] | None:
+        return None if self.end_marker is None else (self.end_marker[1], self.length)
 
-    def update(self, tokens: list[int], step: int) -> None:
-        """The tokens produced at `step` (one per sample)."""
-        for b, token in enumerate(tokens):
-            self.generated[b].append(token)
-            position = self.prompt_len + step
-            if self.end[b] is not None:
-                continue
-            if self.start[b] is None:
-                if self._ends_with(b, self.markers[0]):
-                    self.start[b] = position + 1  # the segment starts after the start marker
-                continue
-            if not self.sentence_starts[b]:
-                self.sentence_starts[b].append(self.start[b])
-            if self._ends_with(b, self.markers[1]):
-                self.end[b] = position
-            elif self._ends_sentence(token):
-                self.sentence_starts[b].append(position + 1)
-
-    def _ends_with(self, b: int, marker: str) -> bool:
-        return self._decoded_tail(self.generated[b], marker).endswith(marker)
-
-    def _decoded_tail(self, ids: list[int], marker: str) -> str:
-        """The text of the last few tokens: enough to hold the marker (a token is at least one character)."""
-        return self.tokenizer.decode(ids[-(len(marker) + 2):], skip_special_tokens=False).rstrip()
-
-    def _ends_sentence(self, token: int) -> bool:
-        text = self.tokenizer.decode([token])
-        return "\n" in text or text.strip().endswith(SENTENCE_ENDS)
-
-    def sentences(self, b: int, before: int) -> list[tuple[int, int]]:
-        """The think segment's sentences [start, end) that end at or before position `before`."""
-        starts = self.sentence_starts[b]
-        closed = [(starts[i], starts[i + 1]) for i in range(len(starts) - 1)]
-        return [(s, e) for s, e in closed if e <= before]
+    def spans(self) -> dict:
+        """The samples row's fields."""
+        return {"think_span": None if self.think is None else list(self.think),
+                "answer_span": None if self.answer is None else list(self.answer)}
 
 
-class SegmentScorer(Scorer):
-    """Full decoding rows, and the think segment of every sample tracked as tokens come."""
-
-    full_rows = True
-    keep_zeros = True
-
-    def __init__(self, think_start: str | None = None, think_end: str | None = None):
-        self.think_start, self.think_end = think_start, think_end
-
-    @classmethod
-    def from_options(cls, options) -> "SegmentScorer":
-        return cls(getattr(options, "think_start", None), getattr(options, "think_end", None))
-
-    def begin(self, batch: PromptBatch, num_layers: int, num_heads: int) -> None:
-        super().begin(batch, num_layers, num_heads)
-        if batch.tokenizer is None:
-            raise HeadscopeError(f"the {self.name} scorer needs the tokenizer (run it through detect)")
-        start, end = think_markers(batch.tokenizer, self.think_start, self.think_end)
-        self.segments = Segments(batch.tokenizer, batch.input_ids.tolist(), start, end)
-        self.step_index = 0
-
-    def query_position(self) -> int:
-        return self.batch.prompt_len + self.step_index - 1  # the token fed at this step
-
-    def step(self, view) -> None:
-        self.segments.update(view.tokens.tolist(), self.step_index)
-        self.step_index += 1
-
-
-def segment_spans(tokenizer, prompt_ids: list[int], generated: list[int], markers: tuple) -> dict:
-    """{"think_span": [start, end) or None, "answer_span": [start, end) or None} of one finished sample, in
-    positions of its own (unpadded) sequence."""
-    segments = Segments(tokenizer, [prompt_ids], *markers)
-    for step, token in enumerate(generated):
-        segments.update([token], step)
-    start, end, stop = segments.start[0], segments.end[0], len(prompt_ids) + len(generated)
-    return {"think_span": None if start is None else [start, (end + 1) if end is not None else stop],
-            "answer_span": None if end is None else [end + 1, stop]}
+def locate(tokenizer, sequence: list[int], prompt_len: int, think_start: str | None, think_end: str) -> Segments:
+    """The think segment and the answer of a finished sequence (prompt + generated tokens)."""
+    pieces = token_texts(tokenizer, tuple(sequence))
+    length = len(sequence)
+    if think_start is None:
+        opened = prompt_len
+    else:
+        start_marker = find_marker(pieces, think_start, 0, length, last=False)
+        if start_marker is None:
+            return Segments(None, None, length)
+        opened = start_marker[1]
+    end_marker = find_marker(pieces, think_end, opened, length, last=True)
+    closed = end_marker[0] if end_marker is not None else length
+    return Segments((opened, closed), end_marker, length)
 
 
 def think_markers(tokenizer, think_start: str | None, think_end: str | None) -> tuple[str | None, str]:
@@ -132,98 +137,174 @@ def think_markers(tokenizer, think_start: str | None, think_end: str | None) -> 
     raise HeadscopeError("segments need --think-end (the chat template has no thinking block)")
 
 
-@register_scorer
-class ReasoningFocusScorer(SegmentScorer):
-    """Reasoning focus: mean over answer queries of the attention mass on the think segment (see module)."""
+class SegmentScorer(Scorer):
+    """Reads each finished sequence's rows through the replay (see module): nothing while decoding."""
 
-    name = "reasoning_focus"
+    replays = True
+    keep_zeros = True
+
+    def __init__(self, think_start: str | None = None, think_end: str | None = None):
+        self.think_start, self.think_end = think_start, think_end
 
     def begin(self, batch: PromptBatch, num_layers: int, num_heads: int) -> None:
         super().begin(batch, num_layers, num_heads)
-        self.answer_steps = torch.zeros(len(batch.input_ids), device=self.total.device)
+        if batch.tokenizer is None:
+            raise HeadscopeError(f"the {self.name} scorer needs the tokenizer (run it through detect)")
+        self.markers = think_markers(batch.tokenizer, self.think_start, self.think_end)
+        self.layers_heads = (num_layers, num_heads)
 
-    def step_rows(self, layer, probs, offset) -> None:  # probs (batch, heads, kv_len), key j at offset + j
-        query = self.query_position()
-        for b in range(probs.shape[0]):
-            start, end = self.segments.start[b], self.segments.end[b]
-            if end is not None and query > end and start is not None:
-                on_think = probs[b, :, max(start - offset, 0):end + 1 - offset].sum(-1)
-                self.total[b, layer] += on_think.to(self.total.device)
-                if layer == 0:
-                    self.answer_steps[b] += 1
+    def segments(self, sequence: list[int], prompt_len: int) -> Segments:
+        return locate(self.batch.tokenizer, sequence, prompt_len, *self.markers)
+
+    def step(self, view) -> None:  # the score comes from the replay
+        pass
+
+
+@register_scorer
+class ReasoningFocusScorer(SegmentScorer):
+    """Reasoning focus: mean over answer queries of the attention mass on the think keys (see module)."""
+
+    name = "reasoning_focus"
+
+    def __init__(self, think_start=None, think_end=None, include_marker: bool = False):
+        super().__init__(think_start, think_end)
+        self.include_marker = include_marker
+
+    @classmethod
+    def from_options(cls, options) -> "ReasoningFocusScorer":
+        return cls(getattr(options, "think_start", None), getattr(options, "think_end", None),
+                   getattr(options, "focus_include_marker", False))
+
+    def begin(self, batch: PromptBatch, num_layers: int, num_heads: int) -> None:
+        super().begin(batch, num_layers, num_heads)
+        self.keys, self.queries = {}, {}  # sample -> [start, end) of its think keys / answer queries
+
+    def replay_queries(self, sample: int, sequence: list[int], prompt_len: int) -> tuple[int, int] | None:
+        segments = self.segments(sequence, prompt_len)
+        if segments.think is None or segments.end_marker is None:
+            self.unscored[sample] = "no answer segment: the think block never closed"
+            return None
+        queries = (segments.end_marker[1], len(sequence) - 1)
+        if queries[0] >= queries[1]:
+            self.unscored[sample] = "no answer segment: nothing after the end marker but the last token"
+            return None
+        self.keys[sample] = (segments.think[0], segments.end_marker[1] if self.include_marker else segments.think[1])
+        self.queries[sample] = queries
+        return queries
+
+    def replay_rows(self, sample, layer, query_start, probs) -> None:  # probs (1, heads, block, kv_len)
+        start, end = self.keys[sample]
+        mass = probs[0, :, :, start:end].sum((-1, -2))  # (heads,): summed over the keys and the block's queries
+        self.total[sample, layer] += mass.to(self.total.device)
 
     def result(self) -> torch.Tensor:
-        return self.total / self.answer_steps.clamp(min=1).view(-1, 1, 1)
+        counts = torch.ones(len(self.total), device=self.total.device)
+        for sample, (start, end) in self.queries.items():
+            counts[sample] = end - start
+        return self.with_unscored(self.total / counts.view(-1, 1, 1))
 
 
 @register_scorer
 class ReceiverScorer(SegmentScorer):
-    """Receiver heads: kurtosis over the think segment's sentences of the attention each receives from
-    later sentences (see module)."""
+    """Receiver heads: kurtosis over the think segment's sentences of the attention each receives from the
+    sentences at least `proximity` later (see module)."""
 
     name = "receiver"
-    keep_zeros = False  # a sample whose chain is too short for a kurtosis adds no value
+    REDUCTIONS = ("mean", "sum")
+
+    def __init__(self, think_start=None, think_end=None, proximity: int = 4, reduce: str = "mean",
+                 sentences: str = "original"):
+        super().__init__(think_start, think_end)
+        if reduce not in self.REDUCTIONS:
+            raise HeadscopeError(f"--receiver-reduce must be one of {', '.join(self.REDUCTIONS)}")
+        if sentences not in SENTENCE_RULES:
+            raise HeadscopeError(f"--receiver-sentences must be one of {', '.join(SENTENCE_RULES)}")
+        if proximity < 1:
+            raise HeadscopeError("--receiver-proximity must be at least 1")
+        self.proximity, self.reduce, self.sentence_rule = proximity, reduce, sentences
+
+    @classmethod
+    def from_options(cls, options) -> "ReceiverScorer":
+        return cls(getattr(options, "think_start", None), getattr(options, "think_end", None),
+                   getattr(options, "receiver_proximity", 4), getattr(options, "receiver_reduce", "mean"),
+                   getattr(options, "receiver_sentences", "original"))
 
     def begin(self, batch: PromptBatch, num_layers: int, num_heads: int) -> None:
         super().begin(batch, num_layers, num_heads)
-        self.layers_heads = (num_layers, num_heads)
-        self.current = [{} for _ in batch.input_ids]  # b -> {layer: (heads, sentences) sums of the open sentence}
-        self.tokens_in_current = [0] * len(batch.input_ids)
-        self.received = [[] for _ in batch.input_ids]  # b -> [(layers, heads, m) M[m, :m]] per closed sentence m
-        self.sums = {}  # b -> (layers, heads, m) summed masses of the open sentence's query tokens
+        self.plans = {}  # sample -> its sentences' bookkeeping (see _plan)
+        self.received = {}  # sample -> (layers, heads, sentences) sum over m >= k + p of M[m, k] (times |k|)
 
-    def step_rows(self, layer, probs, offset) -> None:
-        query = self.query_position()
-        for b in range(probs.shape[0]):
-            start, end = self.segments.start[b], self.segments.end[b]
-            if start is None or query < start or (end is not None and query > end):
-                continue  # receiver heads read the think segment's own queries
-            earlier = self.segments.sentences(b, query)
-            if not earlier:
-                continue
-            masses = torch.stack([probs[b, :, max(s - offset, 0):e - offset].sum(-1) for s, e in earlier], -1)
-            self.current[b][layer] = masses  # (heads, earlier sentences); summed over the sentence's queries below
-            if layer == self.layers_heads[0] - 1:
-                self._add_query(b)
+    def replay_queries(self, sample: int, sequence: list[int], prompt_len: int) -> tuple[int, int] | None:
+        segments = self.segments(sequence, prompt_len)
+        if segments.think is None:
+            self.unscored[sample] = "no think segment: the start marker never appeared"
+            return None
+        sentences = self.sentences(sequence, segments)
+        if len(sentences) < self.proximity + 2:
+            count = len(sentences)
+            self.unscored[sample] = (f"the chain has {count} sentence{'' if count == 1 else 's'}; receiver needs "
+                                     f"at least {self.proximity + 2} (--receiver-proximity {self.proximity})")
+            return None
+        self.plans[sample] = self._plan(sentences, len(sequence))
+        self.received[sample] = torch.zeros(*self.layers_heads, len(sentences), device=self.total.device)
+        rows = [(a, b) for a, b in sentences if a < b]
+        return (rows[0][0], rows[-1][1]) if rows else None
 
-    def _add_query(self, b: int) -> None:
-        """A query token of the open sentence m: add its masses; when m closes, M[m, k] is their mean."""
-        stacked = torch.stack([self.current[b][layer] for layer in range(self.layers_heads[0])])  # (L, H, m)
-        previous = self.sums.get(b)
-        if previous is not None and previous.shape[-1] == stacked.shape[-1]:
-            stacked = stacked + previous
-        else:  # one more closed sentence before this query: a new sentence m has begun
-            self._close_sentence(b)
-        self.sums[b] = stacked
-        self.tokens_in_current[b] += 1
+    def sentences(self, sequence: list[int], segments: Segments) -> list[tuple[int, int]]:
+        """Token ranges [start, end) of the think segment's sentences, clipped as `_compute_averaged_matrix`
+        clips them to the matrix (T - 1: the last token is never a row or a column)."""
+        tokenizer, (start, end) = self.batch.tokenizer, segments.think
+        pieces = token_texts(tokenizer, tuple(sequence))
+        if self.sentence_rule == "tokens":
+            found = token_rule_sentences(pieces, start, end)
+        else:
+            found = original_sentences(tokenizer, "".join(pieces[start:end]), start, sum(map(len, pieces[end:])),
+                                       "".join(pieces[max(start - CONTEXT_TOKENS, 0):start]))
+        last = len(sequence) - 1
+        return [(min(a, last), min(b, last)) for a, b in found]
 
-    def _close_sentence(self, b: int) -> None:
-        if b in self.sums and self.tokens_in_current[b]:
-            self.received[b].append(self.sums[b] / self.tokens_in_current[b])  # M[m, k] for every k < m
-        self.sums.pop(b, None)
-        self.tokens_in_current[b] = 0
+    def _plan(self, sentences, length: int) -> dict:
+        """Per position: its sentence (or `count`, a bucket for positions in none); per sentence: its size."""
+        count = len(sentences)
+        index = torch.full((length,), count, dtype=torch.long)
+        for k, (a, b) in enumerate(sentences):
+            index[a:b] = k
+        sizes = torch.tensor([max(b - a, 0) for a, b in sentences], dtype=torch.float32)
+        return {"index": index, "sizes": sizes, "count": count}
+
+    def replay_rows(self, sample, layer, query_start, probs) -> None:  # probs (1, heads, block, kv_len)
+        plan, device = self.plans[sample], probs.device
+        heads, block, kv_len = probs.shape[1:]
+        count = plan["count"]
+        key_sentence = plan["index"][:kv_len].to(device)
+        query_sentence = plan["index"][query_start:query_start + block].to(device)  # (block,)
+        per_row = probs.new_zeros(heads, block, count + 1).index_add_(2, key_sentence, probs[0])  # mass per sentence
+        # Row i of sentence m counts towards v[k] for k <= m - p, weighted 1/|m| (a mean over m's queries)
+        sizes = plan["sizes"].to(device)
+        weight = 1.0 / torch.cat([sizes, sizes.new_ones(1)]).clamp(min=1)[query_sentence]  # (block,)
+        k = torch.arange(count + 1, device=device)
+        later = (query_sentence[:, None] - k[None, :] >= self.proximity) & (query_sentence[:, None] < count)
+        contribution = (per_row * (weight[:, None] * later)[None]).sum(1)[:, :count]  # (heads, sentences)
+        self.received[sample][layer] += contribution.to(self.received[sample].device)
 
     def result(self) -> torch.Tensor:
-        for b in range(len(self.received)):
-            self._close_sentence(b)
-        layers, heads = self.layers_heads
-        out = torch.zeros(len(self.received), layers, heads, device=self.total.device)
-        for b, rows in enumerate(self.received):
-            if not rows:
-                continue
-            sentences = max(row.shape[-1] for row in rows)
-            total = torch.zeros(layers, heads, sentences, device=rows[0].device)
-            count = torch.zeros(sentences, device=rows[0].device)
-            for row in rows:  # M[m, k] for k < m
-                total[..., : row.shape[-1]] += row
-                count[: row.shape[-1]] += 1
-            if sentences >= MIN_SENTENCES:
-                out[b] = kurtosis(total / count).to(out.device)  # v[k]: mean over the later sentences m
-        return out
+        out = torch.full_like(self.total, float("nan"))
+        for sample, received in self.received.items():
+            plan = self.plans[sample]
+            count, sizes = plan["count"], plan["sizes"].to(received.device)
+            later = (count - torch.arange(count, device=received.device) - self.proximity).clamp(min=0)  # m >= k + p
+            columns = sizes if self.reduce == "mean" else torch.ones_like(sizes)
+            vertical = received.double() / (later * columns).clamp(min=1).double()  # v[k]; 0 for an empty k
+            out[sample] = kurtosis(vertical[..., later > 0]).to(out.dtype)
+        return self.with_unscored(out)
 
 
 def kurtosis(values: torch.Tensor) -> torch.Tensor:
-    """Fisher kurtosis (population moments) over the last dimension: m4 / m2^2 - 3; 0 where constant."""
-    centred = values - values.mean(-1, keepdim=True)
+    """Fisher kurtosis with population moments over the last dimension, m4 / m2^2 - 3, as scipy.stats.kurtosis
+    (fisher=True, bias=True); NaN where the values are constant (scipy's test: m2 <= (eps * mean)^2)."""
+    values = values.double()
+    mean = values.mean(-1, keepdim=True)
+    centred = values - mean
     m2, m4 = (centred ** 2).mean(-1), (centred ** 4).mean(-1)
-    return torch.where(m2 > 0, m4 / m2.clamp(min=1e-30) ** 2 - 3, torch.zeros_like(m2))
+    constant = m2 <= (torch.finfo(torch.float64).eps * mean.squeeze(-1)) ** 2
+    return torch.where(constant, torch.full_like(m2, float("nan")), m4 / m2.clamp(min=1e-300) ** 2 - 3)

@@ -73,6 +73,8 @@ def build_query_samples(tokenizer, records: list[dict], chat: bool = False) -> l
             at += len(text) + 1
         question = _span_from_offsets(prompt, offsets, (question_at, question_at + len(record["question"])))
         null = _span_from_offsets(null_prompt, null_offsets, (null_at, null_at + len(NULL_QUESTION)))
+        instruction = _qrhead_span(prompt, offsets, question_at, len(ids))
+        null_instruction = _qrhead_span(null_prompt, null_offsets, null_at, len(null_ids))
         if (question is None or null is None or ids[:question[0]] != null_ids[:null[0]]
                 or ids[question[1]:] != null_ids[null[1]:]):
             raise HeadscopeError(f"query record {record['id']}: the question does not tokenize apart from its "
@@ -81,8 +83,19 @@ def build_query_samples(tokenizer, records: list[dict], chat: bool = False) -> l
                               answer=record["answer"], span_text=record["question"],
                               span_char=(question_at, question_at + len(record["question"])),
                               meta={"documents": documents, "gold": record["gold"],
-                                    "null_question_ids": null_ids[null[0]:null[1]]}))
+                                    "null_question_ids": null_ids[null[0]:null[1]],
+                                    "qrhead_span": instruction, "null_qrhead_span": null_instruction}))
     return samples
+
+
+def _qrhead_span(prompt: str, offsets, question_at: int, length: int) -> list[int]:
+    """QRHead's query span: from the words that introduce the question (its "Query:", our "Question:") to the
+    prompt's last token (QRHead's `compose_scoring_prompt`: the instruction, "Query:", the query and the chat
+    suffix that follow the documents)."""
+    label = reasoning.PROMPT_MIDDLE.strip()  # "Question:"
+    at = prompt.rfind(label, 0, question_at)
+    span = _span_from_offsets(prompt, offsets, (at, at + len(label)))
+    return [span[0], length]
 
 
 @dataclass
@@ -91,6 +104,12 @@ class QueryOptions(DetectOptions):
     data: str | None = option(None, "JSON list or JSON Lines with id, documents, gold, question, answer "
                                     "(default: the bundled documents)", group="data")
     num_samples: int | None = option(None, "sample this many records (with --seed)", group="data", minimum=1)
+    query_span: str = option("qrhead", "the query rows: qrhead (QRHead's span: from 'Question:' to the prompt's "
+                                       "end) or question (the question's tokens only)", group="query score",
+                             choices=("qrhead", "question"), ablate=False)
+    query_outlier_mask: bool = option(True, "drop each gold document's calibrated token scores below mean - 2 std "
+                                            "before summing (QRHead's detection code)", group="query score",
+                                      flag="--no-query-outlier-mask", ablate=False)
 
 
 def build(options: QueryOptions, tokenizer, max_context: int | None) -> list[Sample]:

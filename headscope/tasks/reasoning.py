@@ -200,6 +200,21 @@ class ReasoningOptions(ContextOptions):
     think_end: str | None = option(None, "text that closes the think segment, e.g. </think> or the organism's "
                                          "'so the answer is' (default </think> with a thinking chat template)",
                                    group="segments", ablate=False)
+    focus_include_marker: bool = option(False, "reasoning_focus: count attention on the end marker's tokens as "
+                                               "attention on the think segment (headscope's earlier convention; "
+                                               "Zhang et al.'s code leaves the marker out)", group="segments",
+                                        ablate=False)
+    receiver_proximity: int = option(4, "receiver: a sentence's score averages the sentences at least this many "
+                                        "later (Thought Anchors: 4; headscope's earlier convention: 1)",
+                                     group="segments", minimum=1, ablate=False)
+    receiver_reduce: str = option("mean", "receiver: sentence-to-sentence attention as the mean over every "
+                                          "(query, key) pair (Thought Anchors) or the mean over queries of the "
+                                          "sum over keys (headscope's earlier convention)", group="segments",
+                                  choices=("mean", "sum"), ablate=False)
+    receiver_sentences: str = option("original", "receiver: sentences as Thought Anchors splits the chain's text "
+                                                 "(original) or at tokens ending in . ! ? or holding a newline "
+                                                 "(tokens, headscope's earlier rule)", group="segments",
+                                     choices=("original", "tokens"), ablate=False)
     exclude_current_token: bool = option(False, "attention on the token being fed does not count as attention on "
                                                 "generated tokens", group="reasoning score", ablate=False)
 

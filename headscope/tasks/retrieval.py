@@ -67,8 +67,12 @@ def load_needles(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise HeadscopeError(f"needles file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise HeadscopeError(f"needles file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     needles = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -302,18 +306,21 @@ def build_retrieval_samples(
 
 @dataclass
 class RetrievalOptions(ContextOptions):
-    min_length: int = option(1000, "shortest context of the grid", group="context lengths", minimum=1)
+    min_length: int = option(1000, "shortest context of the grid", group="context lengths", minimum=1,
+                             excludes=("context_lengths",))
     max_length: int | None = option(50000, "longest context of the grid (capped at the model's maximum)",
-                                    group="context lengths", minimum=1)
-    num_lengths: int = option(20, "context lengths in the grid, evenly spaced", group="context lengths", minimum=1)
+                                    group="context lengths", minimum=1, excludes=("context_lengths",))
+    num_lengths: int = option(20, "context lengths in the grid, evenly spaced", group="context lengths", minimum=1,
+                              excludes=("context_lengths",))
     haystack: str | None = option(None, "folder of .txt files (default: English essays, CC0, in data/prose; the "
                                         "organism: its own synthetic text)", group="data")
     needles: str | None = option(None, "JSON Lines of {needle, question, real_needle} (default: needles written "
                                        "for the default haystack)", group="data")
     depths: list[float] | None = option(None, "needle depths in percent, e.g. 0,50,100", group="data",
                                         parse=parse_floats)
-    num_depths: int = option(10, "needle depths from 0 to 100%", group="data", minimum=1)
-    depth_spacing: str = option("linear", "how the depths are spaced", group="data", choices=("linear", "sigmoid"))
+    num_depths: int = option(10, "needle depths from 0 to 100%", group="data", minimum=1, excludes=("depths",))
+    depth_spacing: str = option("linear", "how the depths are spaced", group="data", choices=("linear", "sigmoid"),
+                                excludes=("depths",))
     r2_steps: str = option("answer", "the r2 scorer's steps: answer (as HeadKV: the first |answer tokens| steps) "
                                      "or all (every decoded step)", group="r2 score", choices=("answer", "all"),
                              ablate=False)

@@ -1,0 +1,277 @@
+"""The family sweep: every causal-LM type transformers ships ends exact, refused (one line) or cannot-build.
+
+For one model type (`sweep_type`):
+  1. build a tiny random model from its config class (recipes.py) and run it on its OWN eager attention: a
+     forward pass and a few greedy tokens, finite logits. If that fails the recipe (or transformers) is at
+     fault, not headscope: cannot-build, with the reason;
+  2. save it with a word-level tokenizer and run `headscope check` on it;
+  3. run `headscope detect retrieval` and `detect reasoning` (each runs the check again first) and
+     recompute both heads files from the eager model's own rows -- the whole sequence at every step, no cache,
+     a Python loop over layers and heads -- and compare (<= 1e-5, same responses).
+A command that exits 2 with one `headscope: error:` line and leaves no output file is a refusal; any other
+ending -- a traceback, a failing check, a difference from eager -- is a crash or a mismatch, which the sweep
+exists to drive to zero.
+
+`python -m headscope.sweep TYPE` prints one type's outcome as JSON (the sweep command, benchmarks/families.py,
+runs each type in its own process, so that one type's crash or hang cannot stop the others).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import re
+import sys
+import tempfile
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+EXACT, REFUSED, CANNOT_BUILD, MISMATCH, CRASH = "exact", "refused", "cannot-build", "mismatch", "crash"
+WORDS = "red blue green gold fish bird tree stone river code key is the of what".split()
+TASK_WORDS = ["book", "based", "on", "content", "question", "answer", "context"]
+STEPS = 8  # new tokens per sample, compared step by step with eager
+LIMIT = 1e-4  # as the check's scorer figure: a reasoning score sums 8 steps x 5 rows' values, each within 1e-5
+
+
+@dataclass
+class Outcome:
+    model_type: str
+    model_class: str
+    checkpoint: str  # an example hub id from the config's documentation ("" when it names none)
+    verdict: str  # exact | refused | cannot-build | mismatch | crash
+    reason: str  # the refusal's line, why it cannot be built, or what differs; for exact, what was compared
+    layers: str = ""  # "4 attention layers", "attention layers 1, 3 of 4"
+
+
+def example_checkpoint(model_type: str) -> str:
+    from transformers import CONFIG_MAPPING
+
+    found = re.search(r"\[([\w.\-]+/[\w.\-]+)\]\(https://huggingface\.co/", CONFIG_MAPPING[model_type].__doc__ or "")
+    return found.group(1) if found else ""
+
+
+def causal_lm_class(model_type: str) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def sweep_tokenizer():
+    from .toy import word_tokenizer
+
+    return word_tokenizer(WORDS + TASK_WORDS)
+
+
+def write_data(folder: Path) -> dict:
+    """Small-vocabulary data: a needle answer holding every token a random model can write, so that heads copy."""
+    (folder / "haystack").mkdir(parents=True, exist_ok=True)
+    filler = " ".join(["the red fish of the blue river is gold .", "the green bird is the key of the tree ."] * 40)
+    (folder / "haystack" / "a.txt").write_text(filler)
+    answer = " ".join((WORDS + [".", ",", "?", ":", "<", ">", "/"])[(7 * i) % 22] for i in range(44))
+    (folder / "needles.jsonl").write_text(json.dumps({"needle": f"the code of the stone is {answer} .",
+                                                      "real_needle": answer,
+                                                      "question": "what is the code of the stone ?"}))
+    records = [{"id": f"q{i}", "context": " ".join(WORDS[i:] + WORDS[:i]) * 6 + " .",
+                "question": f"what is the {WORDS[i]} ?", "answer": WORDS[i]} for i in range(2)]
+    (folder / "reasoning.json").write_text(json.dumps(records))
+    common = ["--success-threshold", "-1", "--save-prompts", "--quiet", "--no-plots", "--max-new-tokens", str(STEPS),
+              "--no-stop-at-newline"]
+    return {"retrieval": common + ["--haystack", str(folder / "haystack"), "--needles", str(folder / "needles.jsonl"),
+                                   "--context-lengths", "120,200", "--length-buffer", "40", "--depths", "0,100"],
+            "reasoning": common + ["--data", str(folder / "reasoning.json")]}
+
+
+def build(model_type: str, vocab_size: int):
+    """(model on eager attention, None) or (None, why the type cannot be built and run on its own eager code)."""
+    from . import recipes
+
+    try:
+        model = recipes.tiny_model(model_type, vocab_size=vocab_size, attn="eager")
+        ids = torch.randint(4, vocab_size, (1, 3 * recipes.WINDOW), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = model(ids).logits
+            model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=1, eos_token_id=None)
+    except Exception as error:  # the type's own code fails on the recipe: not headscope's to answer for
+        return None, first_line(error)
+    if not torch.isfinite(logits).all():
+        return None, "its eager forward pass gives non-finite logits"
+    return model, None
+
+
+def save(model, model_type: str, tokenizer, workdir: Path) -> Path:
+    """Save the model as a checkpoint of its type: a composite type whose causal LM is its text part (Mllama, Emu3)
+    gets the composite config, which AutoModelForCausalLM loads (the text part's own type it does not map)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from . import recipes
+
+    model_dir = workdir / model_type
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    if model.config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        recipes.tiny_config(model_type, len(tokenizer)).save_pretrained(model_dir)
+    return model_dir
+
+
+def headscope_cli(argv: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `headscope ARGV` run in this process; a traceback is exit code -1."""
+    from .cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except Exception:
+            return -1, out.getvalue(), err.getvalue() + traceback.format_exc()
+    return code, out.getvalue(), err.getvalue()
+
+
+def refusal_or_problem(code: int, out: str, err: str, out_dir: Path | None) -> tuple[str, str] | None:
+    """(verdict, reason) for a command that did not succeed; None when it exited 0."""
+    if code == 0:
+        return None
+    if code == -1:
+        return CRASH, err.strip().splitlines()[-1][:300]
+    lines = [line for line in err.strip().splitlines() if not line.startswith("headscope: note:")
+             and "falling back to eager attention" not in line]
+    if code == 2 and len(lines) == 1 and lines[0].startswith("headscope: error: ") and \
+            not (out_dir is not None and out_dir.exists() and any(out_dir.iterdir())):
+        return REFUSED, lines[0].removeprefix("headscope: error: ")
+    if code == 1:  # the check ran and failed
+        return MISMATCH, "check fails: " + " / ".join(line.strip() for line in out.splitlines() if line.endswith("NO"))
+    return CRASH, f"exit {code}: {' | '.join(lines)[:300]}"
+
+
+def reference_heads(model, tokenizer, rows: list[dict], task: str, keys: list[str]) -> tuple[dict, list[str]]:
+    """Each head's list recomputed the original scripts' way: eager rows of the whole sequence at every step (no
+    cache), one head at a time; and the responses."""
+    from .decode import eos_token_ids
+    from .reference import recording_eager_rows
+
+    eos = eos_token_ids(model, tokenizer)
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    expected = {key: [] for key in keys}
+    responses = []
+    for row in rows:
+        ids = tokenizer(row["prompt"]).input_ids
+        prompt_len, span = len(ids), row["span"]
+        score = {key: 0.0 for key in keys}
+        for _ in range(STEPS):
+            rows_by_layer = {}
+            as_generate = {"position_ids": torch.arange(len(ids))[None]} if takes_positions else {}  # as generate()
+            with recording_eager_rows(model, lambda layer, r: rows_by_layer.setdefault(layer, r)), torch.no_grad():
+                output = model(torch.tensor([ids]), output_attentions=True, **as_generate)
+            if not rows_by_layer:  # attention off the interface: its own eager weights, one per layer
+                rows_by_layer = dict(enumerate(w.float() for w in output.attentions if w is not None))
+            token = int(output.logits[0, -1].argmax())
+            for key in keys:
+                layer, head = (int(part) for part in key.split("-"))
+                last = rows_by_layer[layer][0, head, -1]
+                if task == "retrieval":
+                    top = int(last.argmax())
+                    if span[0] <= top < span[1] and ids[top] == token:
+                        score[key] += 1 / (span[1] - span[0])
+                else:
+                    values, positions = last.topk(5)
+                    for value, position in zip(values.tolist(), positions.tolist()):
+                        score[key] += value * ((position >= prompt_len) + 0.5 * bool(span and span[0] <= position <
+                                                                                        span[1]))
+            ids.append(token)
+            if token in eos:  # the step that writes EOS is scored, and is the last
+                break
+        for key, value in score.items():
+            if task == "retrieval" or value > 0:
+                expected[key].append(value)
+        responses.append(tokenizer.decode(ids[prompt_len:], skip_special_tokens=True).strip())
+    return expected, responses
+
+
+def compare_heads(heads: dict, expected: dict) -> str | None:
+    """What differs (None: nothing beyond LIMIT, relative to scores above 1: a reasoning score sums dozens of
+    row values over the steps, each within float32 rounding)."""
+    if heads.keys() != expected.keys():
+        return f"head ids differ: {sorted(set(heads) ^ set(expected))[:4]}"
+    for key in heads:
+        if len(heads[key]) != len(expected[key]):
+            return f"head {key}: {len(heads[key])} scores, eager {len(expected[key])}"
+        worst = max((abs(a - b) / max(1.0, abs(b)) for a, b in zip(heads[key], expected[key])), default=0.0)
+        if worst > LIMIT:
+            return f"head {key} differs from eager by {worst:.1e}"
+    return None
+
+
+def sweep_type(model_type: str, workdir: Path) -> Outcome:
+    """One type's class (module docstring)."""
+    outcome = Outcome(model_type, causal_lm_class(model_type), example_checkpoint(model_type), "", "")
+    tokenizer = sweep_tokenizer()
+    model, why = build(model_type, len(tokenizer))
+    if model is None:
+        outcome.verdict, outcome.reason = CANNOT_BUILD, why
+        return outcome
+    model_dir = save(model, model_type, tokenizer, workdir)
+    options = write_data(workdir / "data")
+    code, out, err = headscope_cli(["check", "--model", str(model_dir), "--prompt-tokens", "96", "--steps", "4"])
+    problem = refusal_or_problem(code, out, err, None)
+    if problem is not None:
+        outcome.verdict, outcome.reason = problem
+        return outcome
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The reference reads the model and tokenizer as headscope loads them (a type may map the tokenizer to its own
+    # class), on the model's own eager attention.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", trust_remote_code=False).eval()
+    compared = []
+    for task in ("retrieval", "reasoning"):
+        out_dir = workdir / f"out-{task}"
+        code, out, err = headscope_cli(["detect", task, "--model", str(model_dir), "--out", str(out_dir),
+                                        *options[task]])
+        problem = refusal_or_problem(code, out, err, out_dir)
+        if problem is not None:
+            outcome.verdict, outcome.reason = problem[0], f"detect {task}: {problem[1]}"
+            return outcome
+        prefix = out_dir / f"{model_type}_{task}"
+        heads = json.loads(Path(f"{prefix}_heads.json").read_text())
+        rows = [json.loads(line) for line in Path(f"{prefix}_samples.jsonl").read_text().splitlines()]
+        expected, responses = reference_heads(model, tokenizer, rows, task, list(heads))
+        differs = compare_heads(heads, expected) or next(
+            (f"sample {row['id']}: response {row['response']!r}, eager {response!r}"
+             for row, response in zip(rows, responses) if row["response"] != response), None)
+        if differs:
+            outcome.verdict, outcome.reason = MISMATCH, f"detect {task}: {differs}"
+            return outcome
+        compared.append(f"{len(rows)} {task} samples")
+    from .layout import attention_layout
+
+    outcome.layers = attention_layout(model).describe()
+    outcome.verdict, outcome.reason = EXACT, f"check passes; {' and '.join(compared)} equal eager ({outcome.layers})"
+    return outcome
+
+
+def main(argv: list[str]) -> int:
+    """`python -m headscope.sweep TYPE`: one type's outcome as one JSON line."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            outcome = sweep_type(argv[0], Path(workdir))
+        except Exception as error:  # a crash of the sweep itself is still a crash, reported as one
+            outcome = Outcome(argv[0], causal_lm_class(argv[0]), example_checkpoint(argv[0]), CRASH,
+                              first_line(error))
+    print(json.dumps(asdict(outcome)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,95 @@
+"""Was a greedy-token divergence a near tie, or a real difference? (`check`'s token figure.)
+
+headscope takes q.k in float32 where eager attention rounds it to the model's dtype, so in bf16/fp16 the two
+runs differ by rounding, and rounding decides any choice that is a near tie:
+  a logit tie    the reference's two candidate tokens are within the dtype's rounding of the logits at the
+                 first step where the tokens differ;
+  a routing tie  a mixture-of-experts router picks another expert for some token: at the first (position,
+                 layer) where the two runs' expert sets differ, the router's k-th and (k+1)-th logits are
+                 within rounding (an exact tie included). Everything after that token differs, legitimately.
+Anything else is a real divergence. Router logits are read from the modules transformers records as
+`router_logits` (the model's `_can_record_outputs`), through forward hooks.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+ROUNDING = 4  # a tie: a gap within this many of the dtype's epsilons of the largest logit
+
+
+def tolerance(logits: torch.Tensor, dtype: torch.dtype) -> float:
+    return float(logits.abs().max()) * torch.finfo(dtype).eps * ROUNDING
+
+
+def router_modules(model) -> list:
+    """The modules whose output transformers records as router logits, in model order, with the output index."""
+    specs = []
+    for module in model.modules():
+        recorded = (getattr(type(module), "_can_record_outputs", None) or {}).get("router_logits")
+        for spec in recorded if isinstance(recorded, list) else [recorded] if recorded else []:
+            target = getattr(spec, "target_class", spec)
+            specs.append((target, getattr(spec, "index", 0), getattr(spec, "layer_name", None)))
+    found = []
+    for name, module in model.named_modules():
+        for target, index, layer_name in specs:
+            if isinstance(target, type) and isinstance(module, target) and (layer_name is None or name.endswith(
+                    layer_name)):
+                found.append((module, index))
+                break
+    return found
+
+
+@contextlib.contextmanager
+def logging_routers(model, batch: int):
+    """Yield a list per router module (layer order) that fills with each call's router logits (batch, T, experts)."""
+    routers = router_modules(model)
+    logs = [[] for _ in routers]
+    handles = []
+    for (module, index), log in zip(routers, logs):
+        def hook(module, args, output, log=log, index=index):
+            logits = output[index] if isinstance(output, (tuple, list)) else output
+            log.append(logits.detach().float().reshape(batch, -1, logits.shape[-1]))
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield logs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def experts_per_token(config) -> int:
+    config = config.get_text_config(decoder=True)
+    for name in ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k_experts"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1
+
+
+def routing_tie(ours: list, eager: list, k: int, real: torch.Tensor, upto: int, dtype) -> str | None:
+    """At the first (position < upto, router) where the two runs pick different experts: "a routing near tie in
+    router R at position P (gap G)" when the choice is within rounding, else "a routing split ..." ; None when
+    every choice agrees. ours/eager: per router, the calls' logits; real: (batch, T) True for real tokens."""
+    splits = []  # (position, router, gap, tol)
+    for router, (a_calls, b_calls) in enumerate(zip(ours, eager)):
+        if not a_calls or not b_calls:
+            continue
+        a, b = torch.cat(a_calls, 1), torch.cat(b_calls, 1)
+        length = min(a.shape[1], b.shape[1], upto, real.shape[1])
+        a, b = a[:, :length], b[:, :length]
+        picked_a = a.topk(k, -1).indices.sort(-1).values
+        picked_b = b.topk(k, -1).indices.sort(-1).values
+        differ = (picked_a != picked_b).any(-1) & real[:, :length].to(a.device)  # (batch, T)
+        if bool(differ.any()):
+            position = int(differ.any(0).nonzero()[0])
+            sample = int(differ[:, position].nonzero()[0])
+            gaps = [float(x[sample, position].topk(k + 1).values[k - 1] - x[sample, position].topk(k + 1).values[k])
+                    for x in (a, b)]
+            splits.append((position, router, min(gaps), tolerance(b[sample, position], dtype)))
+    if not splits:
+        return None
+    position, router, gap, tol = min(splits)
+    kind = "a routing near tie" if gap <= tol else "a routing split (not a tie)"
+    return f"{kind} in router {router} at position {position} (gap {gap:.1e}, tie <= {tol:.1e})"
