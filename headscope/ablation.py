@@ -21,7 +21,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import analysis, masking, outputs, schema, store
-from .engine import Run, encode_samples, head_ids_before_loading, model_name_of, run_batch, start_run, task_options
+from .engine import (Run, batch_size, encode_samples, head_ids_before_loading, model_name_of, run_batch, start_run,
+                     task_options)
 from .errors import HeadscopeError
 from .lock import writer_lock
 from .options import DetectOptions, option, parse_ints, unused_by, validate
@@ -96,10 +97,10 @@ def run_arm(run: Run, items: list, heads: list[str], arm: tuple, log: ArmLog) ->
         layer, head = outputs.parse_head_key(key)
         by_layer.setdefault(layer, []).append(head)
     todo = [item for item in items if (name, repeat, item[1].id) not in log.done]
-    batch_size = run.options.batch_size
+    size = batch_size(run)
     with masking.ablating(run.loaded.model, by_layer, mode):
-        for first in range(0, len(todo), batch_size):
-            for row, _ in run_batch(run, todo[first:first + batch_size], []):
+        for first in range(0, len(todo), size):
+            for row, _ in run_batch(run, todo[first:first + size], []):
                 log.append(name, repeat, row)
     return [log.done[(name, repeat, sample.id)] for _, sample, _ in items]
 

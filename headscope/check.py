@@ -102,7 +102,8 @@ class RowsWanted(Scorer):
 
 def check_prompts(loaded, length: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(2, L) token ids of the model's default haystack and their padding mask: the first prompt L tokens long,
-    the second PAD tokens shorter and left-padded; L at least `length` and longer than the smallest window."""
+    the second PAD tokens shorter and left-padded (for a model that headscope decodes one prompt at a time, another
+    L tokens, unpadded); L at least `length` and longer than the smallest window."""
     from .tasks.retrieval import default_data, load_haystack
 
     window = attention_layout(loaded.model).smallest_window
@@ -116,6 +117,9 @@ def check_prompts(loaded, length: int, steps: int) -> tuple[torch.Tensor, torch.
         ids = ids + ids
     input_ids = torch.tensor([ids[:length], ids[:length]])
     mask = torch.ones_like(input_ids)
+    if not attention_layout(loaded.model).left_padding:  # decoded one prompt at a time (engine.batch_size)
+        input_ids[1] = torch.tensor((ids + ids)[PAD:PAD + length])  # another text of the same length: no padding
+        return input_ids, mask
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     input_ids[1, PAD:] = input_ids[1, :length - PAD].clone()  # the same text, shifted right: left padding
     input_ids[1, :PAD], mask[1, :PAD] = pad_id, 0

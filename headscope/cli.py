@@ -199,11 +199,14 @@ def run_check(args: argparse.Namespace) -> int:
         else:
             cases.append(case)
     report = check_model(loaded, args.prompt_tokens, args.steps, cases=cases)
-    window = attention_layout(loaded.model).smallest_window
+    layout = attention_layout(loaded.model)
+    window = layout.smallest_window
+    batch = "a left-padded batch of 2" if layout.left_padding else \
+        "a batch of 2 without padding (this model is decoded one prompt at a time)"
     print(f"model {loaded.path}  dtype {str(loaded.model.dtype).removeprefix('torch.')}  device {loaded.device}  "
           f"attention {loaded.attention}")
     print(f"prompt {report.prompt_tokens} tokens" + (f" (> the smallest window, {window})" if window else "") +
-          f", a left-padded batch of 2, {args.steps} steps")
+          f", {batch}, {args.steps} steps")
     print(report.table())
     if loaded.eager_fallback:
         print("note: attention off transformers' interface: rows are eager attention's own on decoding steps; no "

@@ -189,6 +189,9 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
     stop = StopRule(eos_token_ids(loaded.model, loaded.tokenizer),
                     newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
     run = Run(TASKS[task], options, loaded, chat, samples, list(scorers), stop)
+    if options.batch_size > 1 and batch_size(run) == 1:
+        notify(f"{type(loaded.model).__name__} gives a left-padded prompt other logits than the prompt alone (it "
+               "ignores position_ids): its prompts are decoded one at a time, whatever --batch-size")
     if options.check and check_it:
         case = scorer_case(run) if run.scorers else None
         check.require(loaded, command, need_ablation=command == "ablate", cases=[case] if case else [])
@@ -210,6 +213,12 @@ def scorer_case(run: Run) -> check.ScorerCase | None:
     names = [scorer.name for scorer in run.scorers]
     label = run.task.name if names == [run.task.name] else f"{run.task.name} {','.join(names)}"
     return check.ScorerCase(label, lambda: make_scorers(run.task, run.options), batch, attention_mask)
+
+
+def batch_size(run: Run) -> int:
+    """--batch-size, but 1 for a model whose logits depend on left padding (it ignores position_ids, layout.py):
+    batching must never change a sample's numbers."""
+    return run.options.batch_size if attention_layout(run.loaded.model).left_padding else 1
 
 
 def make_scorers(task: Task, options) -> list:
@@ -314,8 +323,9 @@ def decode_all(run: Run, encoded: dict, total: int, todo: list[int], stores: dic
     running = RunningTop(run.keys, store.derive_heads(primary.rows, run.keys))
     progress = tqdm(total=total, initial=total - len(todo), desc=f"{run.task.name} {run.loaded.name}",
                     unit="sample", disable=options.quiet, file=sys.stderr)
-    for first in range(0, len(todo), options.batch_size):
-        items = [(index, run.samples[index], encoded[index]) for index in todo[first:first + options.batch_size]]
+    size = batch_size(run)
+    for first in range(0, len(todo), size):
+        items = [(index, run.samples[index], encoded[index]) for index in todo[first:first + size]]
         for row, per_scorer in run_batch(run, items, scorers):
             for scorer in scorers:
                 runs = stores[scorer.name]

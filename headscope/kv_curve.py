@@ -44,7 +44,7 @@ from tqdm import tqdm
 from . import analysis, exports, kv, outputs, schema, store
 from .ablation import ArmLog, arm_result, random_heads, settings_and_options
 from .decode import num_layers_and_heads
-from .engine import Run, encode_samples, head_ids_before_loading, model_name_of, run_batch, start_run
+from .engine import Run, batch_size, encode_samples, head_ids_before_loading, model_name_of, run_batch, start_run
 from .errors import HeadscopeError, notify
 from .lock import writer_lock
 from .options import option
@@ -287,7 +287,7 @@ def batch_layout(run: Run, batch: list) -> kv.Layout | None:
 def run_point(run: Run, items: list, point: Point, log: ArmLog) -> None:
     """Every sample of the point not yet in the log, batch by batch, each row with its share of the cache kept."""
     todo = [item for item in items if (point.arm, point.repeat, item[1].id) not in log.done]
-    size = run.options.batch_size
+    size = batch_size(run)
     for first in range(0, len(todo), size):
         batch = todo[first:first + size]
         policy, layout = point.build(), batch_layout(run, batch)

@@ -18,6 +18,7 @@ eager `output_attentions`: they must have attention in every layer, since their 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,7 @@ class AttentionLayout:
     total_layers: int  # decoder layers, attention or not
     windows: tuple = ()  # each attention layer's sliding window as the model passes it (None: none)
     via_interface: bool = True  # False: attention off the interface, recorded from eager attentions (recorder.py)
+    left_padding: bool = True  # False: a left-padded prompt gives other logits than alone (pads_like_alone)
 
     @property
     def slots(self) -> dict[int, int]:
@@ -168,7 +170,46 @@ def probe_layout(model) -> AttentionLayout:
     window = min([w for w in windows if w] + [config_window(model) or INCREMENTAL_WINDOW + 1])
     require_incremental_decoding(model, name, max(PROBE_TOKENS, window + 4) if window <= INCREMENTAL_WINDOW else
                                  PROBE_TOKENS)
-    return AttentionLayout(tuple(layers), heads[0], max(total_layers(model), layers[-1] + 1), windows, via_interface)
+    return AttentionLayout(tuple(layers), heads[0], max(total_layers(model), layers[-1] + 1), windows, via_interface,
+                           pads_like_alone(model))
+
+
+def on_eager(model):
+    """A context in which the model runs on its own eager attention (the reference of the probes below)."""
+    previous = model.config._attn_implementation
+
+    @contextlib.contextmanager
+    def switched():
+        try:
+            model.set_attn_implementation("eager")
+            yield
+        finally:
+            if model.config._attn_implementation != previous:
+                model.set_attn_implementation(previous)
+    return switched()
+
+
+def logits_tolerance(model, logits: torch.Tensor) -> float:
+    """float32 agrees to rounding; bf16/fp16 round cached or shifted keys differently from a whole pass."""
+    return (1e-3 if model.dtype == torch.float32 else 0.05) * max(1.0, float(logits.float().abs().max()))
+
+
+def pads_like_alone(model, pad: int = 3) -> bool:
+    """Whether a prompt left-padded by `pad` tokens (masked out, positions counted from the mask, as headscope
+    passes them) gives the logits the prompt gives alone, on the model's own eager attention. A model that ignores
+    position_ids (learned positions counted from the cache, as BigBird-Pegasus' decoder) reads a padded prompt at
+    shifted positions: headscope then decodes it one prompt at a time (engine.batch_size)."""
+    ids = probe_input(model, 16)
+    padded = torch.cat([torch.zeros_like(ids[:, :pad]), ids], 1)
+    mask = torch.ones_like(padded)
+    mask[:, :pad] = 0
+    try:
+        with on_eager(model), torch.no_grad():
+            alone = model(ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None]).logits[0, -1]
+            shifted = model(padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[0, -1]
+    except (RuntimeError, ValueError, TypeError, IndexError):  # no padded batch at all: one prompt at a time
+        return False
+    return float((alone.float() - shifted.float()).abs().max()) <= logits_tolerance(model, alone)
 
 
 def require_incremental_decoding(model, name: str, length: int = PROBE_TOKENS) -> None:
@@ -177,11 +218,9 @@ def require_incremental_decoding(model, name: str, length: int = PROBE_TOKENS) -
     tokens but the last, then one step (CpmAnt builds its masks from the whole input on every pass; GPT-1 keeps
     no cache)."""
     ids = probe_input(model, length)
-    previous = model.config._attn_implementation
     try:
-        model.set_attn_implementation("eager")
-        cache = fresh_cache(model)
-        with torch.no_grad():
+        with on_eager(model), torch.no_grad():
+            cache = fresh_cache(model)
             whole = model(ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None]).logits[0, -1]
             carry_cache(cache, model(ids[:, :-1], position_ids=torch.arange(ids.shape[1] - 1, device=ids.device)[None],
                                      **cache))
@@ -191,14 +230,8 @@ def require_incremental_decoding(model, name: str, length: int = PROBE_TOKENS) -
         text = str(error).strip().splitlines()
         raise HeadscopeError(f"{name} fails when decoded one token at a time with its KV cache, as headscope decodes "
                              f"({type(error).__name__}: {text[0][:120] if text else ''})") from None
-    finally:
-        if model.config._attn_implementation != previous:
-            model.set_attn_implementation(previous)
-    scale = float(whole.float().abs().max())
-    # float32 agrees to rounding; bf16/fp16 round the cached keys differently from a whole pass
-    tolerance = (1e-3 if model.dtype == torch.float32 else 0.05) * max(1.0, scale)
     gap = float((step.float() - whole.float()).abs().max())
-    if gap > tolerance:
+    if gap > logits_tolerance(model, whole):
         raise HeadscopeError(f"{name} gives other logits when decoded one token at a time with its KV cache than on "
                              f"the whole sequence (max diff {gap:.2g}: its cache and a whole pass disagree): headscope decodes that "
                              "way, so it refuses this model")
