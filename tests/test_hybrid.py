@@ -94,3 +94,25 @@ def test_a_model_with_no_attention_layer_is_refused_in_one_line(tmp_path, data_d
     error = capsys.readouterr().err.strip()
     assert error == "headscope: error: MambaForCausalLM has no attention layers: nothing to score"
     assert not out.exists()
+
+
+def test_kv_policies_address_the_attention_layers_by_their_real_index(hybrid_dir, data_dir, tmp_path):
+    """`headscope kv` on the hybrid: duo with every KV head full and budgets covering the prompt keep the whole
+    cache (a policy addressed by dense slot would stream layer 3, or find no budget for it); K = 0 streams both."""
+    from transformers import AutoConfig
+
+    from headscope.kv_curve import kv_curve
+
+    kv_heads = AutoConfig.from_pretrained(hybrid_dir).num_key_value_heads
+    scores = tmp_path / "hybrid_heads.json"
+    scores.write_text(json.dumps({f"{layer}-{head}": [0.1 + 0.1 * head + layer / 10] for layer in (1, 3)
+                                  for head in range(4)}))
+    grid = dict(model=str(hybrid_dir), haystack=str(data_dir / "haystack"), needles=str(data_dir / "needles.jsonl"),
+                context_lengths=[260], depths=[0, 100], success_threshold=-1, max_new_tokens=4, quiet=True,
+                check=False, plots=False, sink=2, recent=8, out=str(tmp_path / "kv"))
+    report = kv_curve("retrieval", str(scores), budgets=[0, 2 * kv_heads], policy="duo", **grid)
+    kept = {point["budget"]: point for point in report["points"]}
+    assert kept[2 * kv_heads]["kv_kept"] == 1.0 and kept[0]["kv_kept"] < 0.5
+    assert {key.split("-")[0] for key in kept[2 * kv_heads]["full_heads"]} == {"1", "3"}
+    report = kv_curve("retrieval", str(scores), budgets=[400], policy="headkv", **grid)  # joins the same curve
+    assert [point["kv_kept"] for point in report["points"] if point["policy"] == "headkv"] == [1.0]
