@@ -210,7 +210,7 @@ def scorer_case(run: Run) -> check.ScorerCase | None:
     if not first:
         return None
     batch, attention_mask = prompt_batch(run, first)
-    names = [scorer.name for scorer in run.scorers]
+    names = [scorer.name for scorer in run.scorers or make_scorers(run.task, run.options)]
     label = run.task.name if names == [run.task.name] else f"{run.task.name} {','.join(names)}"
     return check.ScorerCase(label, lambda: make_scorers(run.task, run.options), batch, attention_mask)
 
