@@ -38,12 +38,11 @@ from . import masking
 from .decode import StopRule, greedy_decode, num_layers_and_heads
 from .errors import HeadscopeError
 from .layout import attention_layout
-from .rowcheck import EagerRowsRecorder, Spying
+from .rowcheck import ROW_LIMIT, EagerRowsRecorder, Spying
 from .runstate import calling_layer, module_state, state_of
 from .scorers import PromptBatch, Scorer
 from .ties import experts_per_token, logging_routers, routing_tie, tolerance
 
-ROW_LIMIT = 1e-5
 SCORE_LIMIT = 1e-4  # scorer values: sums of rows over steps, each row within ROW_LIMIT
 OUTPUT_LIMIT, OUTPUT_ROUNDING = 1e-4, 8  # attention outputs: float32, else 8 epsilons of the output's dtype
 PAD = 16  # the second prompt's left padding
