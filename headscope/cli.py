@@ -277,30 +277,30 @@ def add_detect(detect) -> None:
         task_parser.set_defaults(task_spec=task, handler=run_detect)
 
 
-def add_ablate(ablate) -> None:
-    from .ablation import AblationSettings
+def add_rerun(parser, settings_class, handler, what: str) -> None:
+    """A command that re-runs a task with a success filter under settings of its own (`ablate`, `kv`): one
+    subcommand per task, the settings' flags and the task's (those `ablate` uses)."""
     from .options import add_arguments
     from .tasks import TASKS
 
-    tasks = ablate.add_subparsers(dest="task", required=True)
+    tasks = parser.add_subparsers(dest="task", required=True)
     for task in (task for task in TASKS.values() if task.success_filter):
-        task_parser = tasks.add_parser(task.name, help=f"ablation on the {task.name} task")
-        add_arguments(task_parser, AblationSettings)
+        task_parser = tasks.add_parser(task.name, help=f"{what} on the {task.name} task")
+        add_arguments(task_parser, settings_class)
         add_arguments(task_parser, task.options, task.organism_defaults, command="ablate")
-        task_parser.set_defaults(task_spec=task, handler=run_ablate)
+        task_parser.set_defaults(task_spec=task, handler=handler)
+
+
+def add_ablate(ablate) -> None:
+    from .ablation import AblationSettings
+
+    add_rerun(ablate, AblationSettings, run_ablate, "ablation")
 
 
 def add_kv(kv) -> None:
     from .kv_curve import KVSettings
-    from .options import add_arguments
-    from .tasks import TASKS
 
-    tasks = kv.add_subparsers(dest="task", required=True)
-    for task in (task for task in TASKS.values() if task.success_filter):
-        task_parser = tasks.add_parser(task.name, help=f"KV cache policies on the {task.name} task")
-        add_arguments(task_parser, KVSettings)
-        add_arguments(task_parser, task.options, task.organism_defaults, command="ablate")
-        task_parser.set_defaults(task_spec=task, handler=run_kv)
+    add_rerun(kv, KVSettings, run_kv, "KV cache policies")
 
 
 def add_check(check) -> None:
