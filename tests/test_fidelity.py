@@ -8,9 +8,10 @@ import pytest
 
 import headscope
 import references
-from conftest import query_records
+from conftest import WORDS, query_records
 from headscope import loading
 from headscope.analysis import spearman
+from headscope.toy import tiny_model, word_tokenizer
 from scripted import chain_data, chain_script, scripted_model
 
 ANCHORS, PLANTED = (5, 17), (2, 1)
@@ -85,3 +86,29 @@ def test_query_equals_qrheads_detection_code(toy_dir, tmp_path):
         negative += int((expected < 0).sum())
     assert negative > 0  # calibrated scores below zero are kept
     assert all(len(scores) == 4 for scores in result.heads.values())
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a window of 24, the prompts ~100 tokens
+def test_retrieval_and_r2_equal_retrieval_head_and_headkv(family, batch_size, data_dir, tmp_path):
+    """retrieval = Retrieval_Head's retrieval_calculate, r2 = HeadKV's, per sample and head, on a left-padded batch
+    (6 prompts of two lengths in one batch of 8) and past a sliding window."""
+    tokenizer = word_tokenizer(WORDS + ["book", "based", "on", "content", "question", "answer", "context"])
+    model = tiny_model(family, vocab_size=len(tokenizer), num_layers=4, seed=3)
+    result = headscope.detect("retrieval", loaded=loading.prepare(model, tokenizer, family), check=False,
+                              out=str(tmp_path), quiet=True, plots=False, save_prompts=True, scorer="retrieval,r2",
+                              haystack=str(data_dir / "haystack"), needles=str(data_dir / "needles.jsonl"),
+                              context_lengths=[160, 200], length_buffer=60, depths=[0, 50, 100],
+                              success_threshold=-1, max_new_tokens=12, stop_at_newline=False, batch_size=batch_size)
+    eos, found = tokenizer.eos_token_id, 0.0
+    for row in result.by_scorer["retrieval"].samples:
+        ids = tokenizer(row["prompt"]).input_ids
+        np.testing.assert_allclose(values(row), references.retrieval_head_score(model, ids, row["span"], 12, eos),
+                                   atol=1e-6)
+    for row in result.by_scorer["r2"].samples:
+        ids = tokenizer(row["prompt"]).input_ids
+        steps = min(row["answer_tokens"], 12)  # HeadKV decodes |answer| steps; this run stops at 12 new tokens
+        expected = references.headkv_r2_score(model, ids, row["span"], steps, eos)
+        np.testing.assert_allclose(values(row), expected, atol=1e-6)
+        found += float(expected.sum())
+    assert found > 0  # the heads attend to the needle: the comparison is not of zeros
