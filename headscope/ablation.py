@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import analysis, masking, outputs, schema, store
-from .engine import (Run, batch_size, encode_samples, head_ids_before_loading, model_name_of, run_batch, start_run,
+from .engine import (Run, all_items, batch_size, head_ids_before_loading, model_name_of, run_batch, start_run,
                      task_options)
 from .errors import HeadscopeError
 from .lock import writer_lock
@@ -78,9 +78,7 @@ class ArmLog:
     def append(self, arm: str, repeat: int, row: dict) -> None:
         row = {"ablation": self.ablation_id, "arm": arm, "repeat": repeat, **row}
         self._start()
-        self.file.write(store.row_line(row, self.path))
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        store.append_row(self.file, row, self.path)
         self.done[(arm, repeat, row["id"])] = row
 
     def close(self) -> None:
@@ -92,17 +90,18 @@ def run_arm(run: Run, items: list, heads: list[str], arm: tuple, log: ArmLog) ->
     """Every sample's row (response, score, passed) with `heads` masked; items: (index, sample, encoded);
     arm: (name, repeat, mode). Samples the log already holds are not run again."""
     name, repeat, mode = arm
-    by_layer: dict[int, list[int]] = {}
-    for key in heads:
-        layer, head = outputs.parse_head_key(key)
-        by_layer.setdefault(layer, []).append(head)
-    todo = [item for item in items if (name, repeat, item[1].id) not in log.done]
-    size = batch_size(run)
-    with masking.ablating(run.loaded.model, by_layer, mode):
-        for first in range(0, len(todo), size):
-            for row, _ in run_batch(run, todo[first:first + size], []):
+    with masking.ablating(run.loaded.model, outputs.heads_by_layer(heads), mode):
+        for batch in unlogged_batches(run, items, log, name, repeat):
+            for row, _ in run_batch(run, batch, []):
                 log.append(name, repeat, row)
     return [log.done[(name, repeat, sample.id)] for _, sample, _ in items]
+
+
+def unlogged_batches(run: Run, items: list, log: ArmLog, arm: str, repeat: int) -> list[list]:
+    """The items whose (arm, repeat) row the log does not hold yet, in batches of the run's batch size."""
+    todo = [item for item in items if (arm, repeat, item[1].id) not in log.done]
+    size = batch_size(run)
+    return [todo[first:first + size] for first in range(0, len(todo), size)]
 
 
 def cell_of(row: dict) -> str:
@@ -201,8 +200,7 @@ def ablate(task: str, scores: str, top: list[int] | str, options=None, loaded=No
         try:
             run = start_run(task, options, loaded, command="ablate")
             arms_to_run = plan_arms(summary, run.keys, ks, settings, options.seed, scores)
-            encoded = encode_samples(run, range(len(run.samples)))
-            items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
+            items = all_items(run)
             results, rows_of = run_arms(run, items, arms_to_run, settings.mode, log)
         finally:
             log.close()

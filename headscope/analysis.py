@@ -30,10 +30,10 @@ def load_summary(path: str | Path) -> dict[str, dict]:
     for key in data:
         parse_head_key(key)
     values = list(data.values())
-    if all(isinstance(v, list) and all(_is_number(s) for s in v) for v in values):
+    if all(isinstance(v, list) and all(schema.is_number(s) for s in v) for v in values):
         data = summarize(data)
         values = list(data.values())
-    if all(isinstance(v, dict) and (_is_number(v.get("mean")) or v.get("mean") is None) for v in values):
+    if all(isinstance(v, dict) and (schema.is_number(v.get("mean")) or v.get("mean") is None) for v in values):
         return {key: _head_stats(v) for key, v in data.items()}
     raise HeadscopeError(f"{path} is not a heads or summary file: each LAYER-HEAD must map to a list of scores "
                          "or to {\"mean\": ...}")
@@ -44,10 +44,6 @@ def _head_stats(stats: dict) -> dict:
         return {"mean": None, "std": None, "count": 0, "max": None}
     return {"mean": float(stats["mean"]), "std": float(stats.get("std") or 0.0), "count": int(stats.get("count", 0)),
             "max": float(stats.get("max") if stats.get("max") is not None else stats["mean"])}
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def companion(path: str | Path, kind: str) -> Path:
@@ -61,11 +57,16 @@ def companion(path: str | Path, kind: str) -> Path:
     return path.with_name(f"{prefix}_{kind}{shard}{extension}")
 
 
-def read_samples(path: str | Path) -> list[dict]:
-    """NAME_TASK_samples.jsonl, checked row by row (store.read_rows: every reader alike)."""
+def existing_samples(path: str | Path) -> Path:
+    """The samples file `path`, refused in one line when it is missing."""
     if not Path(path).exists():
         raise HeadscopeError(f"no samples file {path}: it is written next to the heads file by `detect`")
-    return store.read_rows(Path(path))
+    return Path(path)
+
+
+def read_samples(path: str | Path) -> list[dict]:
+    """NAME_TASK_samples.jsonl, checked row by row (store.read_rows: every reader alike)."""
+    return store.read_rows(existing_samples(path))
 
 
 # ----------------------------------------------------------------------------------------- the grid

@@ -1,9 +1,14 @@
-"""The KV cache a decoding pass is handed: the kind the model expects."""
+"""What a decoding pass is handed: the KV cache of the kind the model expects, and positions under padding."""
 from __future__ import annotations
 
 import inspect
 
 from transformers import DynamicCache
+
+
+def positions_of(mask):
+    """Left padding: positions count real tokens only, as generate() does. mask: (batch, length) of 0/1."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def cache_argument(model) -> str:

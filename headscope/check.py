@@ -37,7 +37,7 @@ from torch import nn
 from . import masking
 from .decode import StopRule, greedy_decode, num_layers_and_heads
 from .errors import HeadscopeError
-from .layout import attention_layout
+from .layout import attention_layout, on_eager
 from .rowcheck import ROW_LIMIT, EagerRowsRecorder, Spying
 from .runstate import calling_layer, module_state, state_of
 from .scorers import PromptBatch, Scorer
@@ -211,12 +211,8 @@ def token_figure(model, input_ids, mask, tokens: list[list[int]], routers: list)
     not depend on its batch (see the module docstring)."""
     steps, length = len(tokens[0]), input_ids.shape[1]
     pad = (mask == 0).sum(-1).tolist()
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
+    with on_eager(model):
         runs = [generate_alone(model, input_ids[b:b + 1, pad[b]:], steps) for b in range(len(input_ids))]
-    finally:
-        model.set_attn_implementation(previous)
     expected = [sequence for sequence, _, _ in runs]
     total = sum(len(t) for t in tokens)
     same = sum(a == b for ours, theirs in zip(tokens, expected) for a, b in zip(ours, theirs))

@@ -159,9 +159,8 @@ def stability(args, summary: dict, keys: list[str]) -> str:
     from .errors import HeadscopeError
     from .scorers import keeps_zeros
 
-    paths = {kind: analysis.companion(args.file, kind) for kind in ("samples", "manifest")}
-    if not paths["samples"].exists():
-        raise HeadscopeError(f"no samples file {paths['samples']}: it is written next to the heads file by `detect`")
+    paths = {"samples": analysis.existing_samples(analysis.companion(args.file, "samples")),
+             "manifest": analysis.companion(args.file, "manifest")}
     rows = store.run_rows(paths, analysis.read_manifest(args.file))
     contributions = analysis.sample_contributions(rows, keys)
     if not contributions.size:

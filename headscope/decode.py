@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .caches import carry_cache, fresh_cache
-from .layout import attention_layout
+from .caches import carry_cache, fresh_cache, positions_of
+from .layout import attention_layout, on_eager
 from .recorder import Recorder, prefilling, recording
 from .runstate import state_of
 from .scorers import Scorer, StepView
@@ -64,11 +64,6 @@ def eos_token_ids(model, tokenizer) -> set[int]:
         eos = getattr(source, "eos_token_id", None)
         ids.update(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
     return ids
-
-
-def positions_of(mask: torch.Tensor) -> torch.Tensor:
-    """Left padding: positions count real tokens only, as generate() does."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def num_layers_and_heads(model) -> tuple[int, int]:
@@ -115,25 +110,13 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     recorder.row_hooks.extend(s.step_rows for s in scorers if s.full_rows)
     state = DecodeState(model, recorder, scorers, cache_kw, mask if padded else None, positions[:, -1:],
                         step_zero_hook, eager_fallback, prompt_len)
-    with eager_attention(model) if eager_fallback else contextlib.nullcontext():  # decoding steps: eager rows
+    with on_eager(model) if eager_fallback else contextlib.nullcontext():  # decoding steps: eager rows
         generated = decode_steps(state, input_ids[:, -1:], max_new_tokens, stop)
     replaying = [scorer for scorer in scorers if scorer.replays]
     if replaying:
         prompts = [row[keep.bool()].tolist() for row, keep in zip(input_ids, mask)]  # unpadded
         replay(model, recorder, replaying, prompts, generated, eager_fallback)
     return generated
-
-
-@contextlib.contextmanager
-def eager_attention(model):
-    """The model's own eager attention inside this block (for models not on the interface: its rows come from
-    output_attentions)."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def rows_pass(model, recorder: Recorder, targets: list, eager: bool, **forward):
@@ -145,9 +128,9 @@ def rows_pass(model, recorder: Recorder, targets: list, eager: bool, **forward):
     if not eager:
         with prefilling(model, recorder, targets):
             return model(**forward)
-    with eager_attention(model):
+    with on_eager(model):
         output = model(**forward, output_attentions=True)
-    for layer, weights in enumerate(output.attentions):  # each (batch, heads, q_len, kv_len)
+    for layer, weights in enumerate(w for w in output.attentions if w is not None):  # (batch, heads, q, kv)
         first = weights.shape[-1] - weights.shape[-2]  # key index of the pass's first query
         for start, end, hook in targets:
             a, b = max(start, first), min(end, weights.shape[-1])
@@ -163,12 +146,9 @@ def replay(model, recorder: Recorder, scorers: list[Scorer], prompts: list[list[
     device = model.get_input_embeddings().weight.device
     for sample, (prompt, tokens) in enumerate(zip(prompts, generated)):
         sequence = prompt + tokens
-        targets = []
-        for scorer in scorers:
-            wanted = scorer.replay_queries(sample, sequence, len(prompt))
-            if wanted is not None and max(wanted[0], 0) < min(wanted[1], len(sequence)):
-                targets.append((max(wanted[0], 0), min(wanted[1], len(sequence)),
-                                functools.partial(scorer.replay_rows, sample)))
+        targets = [target for scorer in scorers
+                   if (target := clipped(scorer.replay_queries(sample, sequence, len(prompt)), len(sequence),
+                                         functools.partial(scorer.replay_rows, sample)))]
         if targets:
             ids = torch.tensor([sequence], device=device)
             rows_pass(model, recorder, targets, eager, input_ids=ids, position_ids=positions_of(torch.ones_like(ids)),
@@ -226,14 +206,17 @@ def decode_steps(state: DecodeState, next_input: torch.Tensor, max_new_tokens: i
 
 def prefill_targets(scorers: list[Scorer], prompt_len: int) -> list[tuple[int, int, object]]:
     """(start, end, hook) of every scorer that wants prefill rows, clipped to the prompt."""
-    targets = []
-    for scorer in scorers:
-        wanted = scorer.prefill_queries()
-        if wanted is not None:
-            start, end = max(int(wanted[0]), 0), min(int(wanted[1]), prompt_len)
-            if start < end:
-                targets.append((start, end, scorer.prefill_rows))
-    return targets
+    return [target for scorer in scorers if (target := clipped(scorer.prefill_queries(), prompt_len,
+                                                                scorer.prefill_rows))]
+
+
+def clipped(wanted, length: int, hook) -> tuple[int, int, object] | None:
+    """(start, end, hook) for the query positions [start, end) a scorer wants, clipped to [0, length); None when
+    it wants none there."""
+    if wanted is None:
+        return None
+    start, end = max(int(wanted[0]), 0), min(int(wanted[1]), length)
+    return (start, end, hook) if start < end else None
 
 
 def last_prompt_row_hook(targets, prompt_len: int):

@@ -23,6 +23,7 @@ from .decode import StopRule, eos_token_ids, greedy_decode, newline_token_ids, n
 from .errors import HeadscopeError, notify
 from .layout import attention_layout
 from .lock import writer_locks
+from .runstate import HEAD_COUNT, LAYER_COUNT, config_count
 from .answers import extract_answer
 from .metrics import passes, score_response
 from .options import DetectOptions, build, flag_of, given_fields, refuse_conflicts, validate
@@ -70,7 +71,7 @@ class Run:
 
 def model_head_keys(model) -> list[str]:
     layout = attention_layout(model)
-    return [outputs.head_key(layer, head) for layer in layout.layers for head in range(layout.heads)]
+    return outputs.head_keys(layout.layers, layout.heads)
 
 
 def model_name_of(options, loaded: loading.LoadedModel | None) -> str:
@@ -97,10 +98,7 @@ def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_f
                                             trust_remote_code=options.trust_remote_code).get_text_config(decoder=True)
     except (OSError, ValueError):
         return None
-    layers = next((getattr(config, n) for n in ("num_hidden_layers", "n_layer", "num_layers")
-                   if isinstance(getattr(config, n, None), int)), None)
-    heads = next((getattr(config, n) for n in ("num_attention_heads", "n_head", "n_heads")
-                  if isinstance(getattr(config, n, None), int)), None)
+    layers, heads = config_count(config, LAYER_COUNT), config_count(config, HEAD_COUNT)
     if not layers or not heads:
         return None
     hybrid = set()
@@ -108,8 +106,7 @@ def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_f
         named = sorted({outputs.parse_head_key(key)[0] for key in summary})
         if named != list(range(len(named))) or (analysis.read_manifest(path) or {}).get("attention_layers") == named:
             hybrid |= set(named)
-    return [outputs.head_key(layer, head) for layer in range(layers) if not hybrid or layer in hybrid
-            for head in range(heads)]
+    return outputs.head_keys([layer for layer in range(layers) if not hybrid or layer in hybrid], heads)
 
 
 
@@ -175,9 +172,10 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
     if loaded is None:
         with quiet_loading(options.quiet):
             loaded = loading.load(options.model, options.dtype, options.device, options.attn, options.trust_remote_code)
-    if command == "ablate" and loaded.eager_fallback:  # masking lives in headscope's attention function
+    needs = {"ablate": "mask its heads", "kv": "replay a KV cache policy on it"}.get(command)
+    if needs and loaded.eager_fallback:  # masking and KV policies live in headscope's attention function
         raise HeadscopeError(f"{type(loaded.model).__name__} does not use transformers' attention interface, so "
-                             "headscope cannot mask its heads")
+                             f"headscope cannot {needs}")
     chat = use_chat(options, loaded.tokenizer)
     # The builder sees the model actually loaded (a Python-API `loaded` model too), e.g. to pick default data.
     # chat: False, True, or the chat template's keyword arguments (a non-empty dict is "on, with these").
@@ -204,7 +202,7 @@ def scorer_case(run: Run) -> check.ScorerCase | None:
     first, index = [], 0
     while len(first) < 2 and index < len(run.samples):
         prompt = encode_with_span(run.loaded.tokenizer, run.samples[index], run.task.span_overlap_threshold)
-        if prompt.span is not None or not run.task.span_required:
+        if decodable(run, prompt):
             first.append((index, run.samples[index], prompt))
         index += 1
     if not first:
@@ -316,6 +314,12 @@ def encode_samples(run: Run, indices) -> dict:
     return encoded
 
 
+def all_items(run: Run) -> list[tuple]:
+    """(index, sample, encoded prompt) of every sample: what a command that re-runs the whole grid decodes."""
+    encoded = encode_samples(run, range(len(run.samples)))
+    return [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
+
+
 def decode_all(run: Run, encoded: dict, total: int, todo: list[int], stores: dict) -> None:
     """Decode the samples still to do, batch by batch, appending each finished one to every scorer's file."""
     options, scorers = run.options, run.scorers
@@ -377,12 +381,17 @@ class RunningTop:
         return "  ".join(f"{self.keys[i]} {mean[i]:.3f}" for i in top)
 
 
+def decodable(run: Run, prompt) -> bool:
+    """Whether run_batch decodes this encoded prompt: not a needle it cannot locate."""
+    return prompt.span is not None or not run.task.span_required
+
+
 def run_batch(run: Run, items: list, scorers: list):
     """Decode a batch of (index, sample, encoded prompt); yield each sample's row and {scorer: (layers, heads)}."""
     started = time.time()
     runnable = []
     for index, sample, prompt in items:
-        if prompt.span is None and run.task.span_required:  # a needle we cannot find is an error, not a zero
+        if not decodable(run, prompt):  # a needle we cannot find is an error, not a zero
             error = f"could not locate {sample.span_text!r} in the prompt"
             yield {"index": index} | sample_row(run, sample, prompt, dict(response="", score=0.0, passed=False,
                                                                           error=error, seconds=0.0)), {}

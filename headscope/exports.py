@@ -13,7 +13,7 @@ import numpy as np
 
 from .analysis import kv_head_scores, top_keys
 from .errors import HeadscopeError, notify
-from .outputs import atomic_write_json, atomic_write_text, head_key, parse_head_key
+from .outputs import atomic_write_json, atomic_write_text, head_key, heads_by_layer, parse_head_key
 
 
 def top_k_list(summary: dict[str, dict], k: int) -> list[list]:
@@ -23,11 +23,7 @@ def top_k_list(summary: dict[str, dict], k: int) -> list[list]:
 
 def razor_heads(summary: dict[str, dict], k: int) -> dict[str, list[int]]:
     """{"layer": [head, ...]} of the K best heads: string layer keys in layer order, heads sorted."""
-    chosen: dict[int, list[int]] = {}
-    for key in top_keys(summary, k):
-        layer, head = parse_head_key(key)
-        chosen.setdefault(layer, []).append(head)
-    return {str(layer): sorted(heads) for layer, heads in sorted(chosen.items())}
+    return {str(layer): heads for layer, heads in sorted(heads_by_layer(top_keys(summary, k)).items())}
 
 
 def duo_pattern(means: np.ndarray, num_kv_heads: int, threshold: float | None = None,

@@ -39,7 +39,8 @@ from typing import Callable
 
 import torch
 
-from .recorder import PREFILL_BLOCK, PREFILL_ELEMENTS, Rule, attention_logits, attention_output, row_blocks
+from .recorder import (PREFILL_BLOCK, PREFILL_ELEMENTS, Rule, attention_logits, attention_output, capped, row_blocks,
+                       rule_softmax)
 from .runstate import state_of
 
 POOLINGS = ("max", "avg")
@@ -169,15 +170,8 @@ def attend(call: AttentionCall, heads: torch.Tensor, rows: slice, positions: tor
     samples = torch.arange(batch, device=index.device)[:, None, None]
     kv_heads = (heads // call.group)[None, :, None]
     keys, values = call.key[samples, kv_heads, index], call.value[samples, kv_heads, index]  # (batch, heads, m, dim)
-    logits = attention_logits(call.query[:, heads, rows], keys, rule.scaling)  # (batch, heads, q, m)
-    if rule.softcap is not None:
-        logits = torch.tanh(logits / rule.softcap) * rule.softcap
-    logits = logits.masked_fill(~visible, float("-inf"))
-    if rule.sinks is not None:  # one more logit per head in the denominator (GPT-OSS)
-        sink = rule.sinks.float().to(logits.device)[heads].view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
-        probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
-    else:
-        probs = torch.softmax(logits, dim=-1)
+    logits = capped(attention_logits(call.query[:, heads, rows], keys, rule.scaling), rule)  # (batch, heads, q, m)
+    probs = rule_softmax(logits.masked_fill(~visible, float("-inf")), rule, heads)
     return attention_output(probs.nan_to_num(0.0), values)  # a query that sees nothing (padding) gets 0
 
 
@@ -193,7 +187,7 @@ def query_blocks(call: AttentionCall, width: int, heads: int):
 class StreamingHeads(Policy):
     """DuoAttention: the KV heads in `full` ({layer: KV heads}) keep every key; the others keep `sink` + `recent`."""
 
-    def __init__(self, full: dict[int, set[int]], sink: int, recent: int | Callable[[int], int]):
+    def __init__(self, full: dict[int, list[int]], sink: int, recent: int | Callable[[int], int]):
         self.full = full
         self.sink = sink
         self.recent = recent  # an int, or T -> recent for a prompt of T real tokens
@@ -202,18 +196,27 @@ class StreamingHeads(Policy):
         super().begin(layout)
         lengths = layout.real_lengths
         self.recent_of = [self.recent(length) if callable(self.recent) else self.recent for length in lengths]
+        self.reach = max(self.recent_of)  # the farthest any query of the batch reaches back
+        # Query i (real position r) sees every earlier key when r < sink + recent: nothing to replay before this.
+        self.first_replayed = min(layout.pad) + self.sink + min(self.recent_of)
+        self.streams: dict[int, tuple[list[int], list[int]]] = {}  # layer -> (streaming KV heads, their query heads)
+
+    def streaming(self, call: AttentionCall) -> tuple[list[int], list[int]]:
+        """The layer's streaming KV heads and the query heads that read them (worked out once per layer)."""
+        if call.layer not in self.streams:
+            kv = [g for g in range(call.key.shape[1]) if g not in self.full.get(call.layer, set())]
+            self.streams[call.layer] = kv, [h for h in range(call.query.shape[1]) if h // call.group in kv]
+        return self.streams[call.layer]
 
     def replay(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
         device = call.query.device
         pad, recent = self.constant("pad", self.layout.pad, device), self.constant("recent", self.recent_of, device)
-        streaming_kv = [g for g in range(call.key.shape[1]) if g not in self.full.get(call.layer, set())]
+        streaming_kv, heads = self.streaming(call)
         if call.layer not in self.counted and call.end >= self.layout.prompt_len:
             self.count(call, self.kept_after_prompt(streaming_kv, call.key.shape[1], pad, recent))
-        heads = [h for h in range(call.query.shape[1]) if h // call.group in streaming_kv]
-        # Query i (real position r) sees every earlier key when r < sink + recent: nothing to replay until then.
-        if not heads or call.end - 1 - min(self.layout.pad) < self.sink + min(self.recent_of):
+        if not heads or call.end - 1 < self.first_replayed:
             return output
-        output, reach = output.clone(), max(self.recent_of)
+        output, reach = output.clone(), self.reach
         head_index = self.constant(f"heads {call.layer}", heads, device)
         for rows in query_blocks(call, self.sink + reach, len(heads)):
             first, end = call.first + rows.start, call.first + rows.stop
@@ -267,7 +270,7 @@ class SnapSelection(Policy):
     def begin(self, layout: Layout) -> None:
         super().begin(layout)
         self.votes: dict[int, torch.Tensor] = {}  # layer -> (batch, q_heads, P) attention mass, until selection
-        self.kept: dict[int, tuple] = {}  # layer -> (positions, kept: (batch, heads, m); the heads replayed (n,))
+        self.kept: dict[int, tuple] = {}  # layer -> (positions, kept: (batch, n, m) of the n heads replayed, (n,))
 
     def replay(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
         prompt_len = self.layout.prompt_len
@@ -316,7 +319,8 @@ class SnapSelection(Policy):
         chosen = torch.arange(most, device=device)[None, None] < count[..., None]  # (batch, heads, m)
         positions = torch.where(chosen, order[..., :most], prefix).sort(dim=-1).values  # position order
         replayed = (count < real_prefix[:, None]).any(0).nonzero().flatten()  # heads that drop a key of some prompt
-        self.kept[call.layer] = (positions, positions < prefix, replayed)
+        # the replayed heads' kept prefix positions and which are real (not the filler `prefix`): (batch, n, m)
+        self.kept[call.layer] = (positions[:, replayed], (positions < prefix)[:, replayed], replayed)
         kept = torch.zeros(len(pad), heads, prompt_len + 1, dtype=torch.bool, device=device)
         kept.scatter_(2, positions, True)  # unchosen slots land in column `prefix` ...
         kept[:, :, prefix:] = True  # ... which is the window's first: the window is kept whole
@@ -328,10 +332,9 @@ class SnapSelection(Policy):
         device, prompt_len = call.query.device, self.layout.prompt_len
         pad = self.constant("pad", self.layout.pad, device)
         since = torch.arange(max(prompt_len - self.window, 0), call.end, device=device)  # window + generated
-        positions = positions[:, heads]
         batch, count = positions.shape[:2]
         positions = torch.cat([positions, since.expand(batch, count, -1)], dim=2)  # (batch, heads, m + since)
-        kept = torch.cat([kept[:, heads], torch.ones(batch, count, len(since), dtype=torch.bool, device=device)], 2)
+        kept = torch.cat([kept, torch.ones(batch, count, len(since), dtype=torch.bool, device=device)], 2)
         query_pos = torch.arange(call.first + rows.start, call.first + rows.stop, device=device)
         in_cache = kept & (positions >= call.key_start)  # a sliding-window cache holds only its last keys
         visible = in_cache[:, :, None] & model_visible(query_pos, positions, pad, call.rule)

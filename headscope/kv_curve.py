@@ -42,9 +42,9 @@ import torch
 from tqdm import tqdm
 
 from . import analysis, exports, kv, outputs, schema, store
-from .ablation import ArmLog, arm_result, random_heads, settings_and_options
+from .ablation import ArmLog, arm_result, random_heads, settings_and_options, unlogged_batches
 from .decode import num_layers_and_heads
-from .engine import Run, batch_size, encode_samples, head_ids_before_loading, model_name_of, run_batch, start_run
+from .engine import Run, all_items, decodable, head_ids_before_loading, model_name_of, run_batch, start_run
 from .errors import HeadscopeError, notify
 from .lock import writer_lock
 from .options import option
@@ -173,7 +173,7 @@ class Planner:
         if policy in ("duo", "random"):
             top = self.top(budget)
             heads = top if policy == "duo" else random_heads(self.kv_keys, top, budget, self.seed + repeat)
-            return Point(policy, budget, repeat, heads, lambda: kv.StreamingHeads(by_layer(heads), settings.sink,
+            return Point(policy, budget, repeat, heads, lambda: kv.StreamingHeads(outputs.heads_by_layer(heads), settings.sink,
                                                                                   settings.recent))
         if policy == "streaming":
             recent = kv.matched_recent(self.kv_scores.size, budget, settings.sink, settings.recent)
@@ -193,14 +193,6 @@ class Planner:
         """The K KV heads export --to duo keeps full, in layer order."""
         pattern = exports.keep_best(self.kv_scores, k).ravel()
         return [key for key, kept in zip(self.kv_keys, pattern) if kept]
-
-
-def by_layer(keys: list[str]) -> dict[int, set[int]]:
-    full: dict[int, set[int]] = {}
-    for key in keys:
-        layer, head = outputs.parse_head_key(key)
-        full.setdefault(layer, set()).add(head)
-    return full
 
 
 def kv_curve(task: str, scores: str, options=None, loaded=None, **overrides) -> dict:
@@ -225,16 +217,12 @@ def kv_curve(task: str, scores: str, options=None, loaded=None, **overrides) -> 
                                  f"{flags})") from None
         try:
             run = start_run(task, options, loaded, command="kv")
-            if run.loaded.eager_fallback:  # the policies live in headscope's attention function
-                raise HeadscopeError(f"{type(run.loaded.model).__name__} does not use transformers' attention "
-                                     "interface, so headscope cannot replay a KV cache policy on it")
             analysis.refuse_other_model(summary, run.keys, scores)
             planner = Planner(settings, summary, num_kv_heads(run.loaded.model), options.seed)
             policies = parse_policies(settings.policy)
             points = [planner.point("full", None, 0)] + [point for budget in planner.budgets() for policy in policies
                                                          for point in planner.points(policy, budget)]
-            encoded = encode_samples(run, range(len(run.samples)))
-            items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
+            items = all_items(run)
             progress = tqdm(total=len(points), desc=f"kv {task}", unit="point", disable=options.quiet,
                             file=sys.stderr)
             try:
@@ -277,7 +265,7 @@ def curve_id(task: str, options, name: str, settings: KVSettings, summary: dict)
 def batch_layout(run: Run, batch: list) -> kv.Layout | None:
     """The batch as `run_batch` lays it out: the prompts it decodes (not a needle it cannot locate), left-padded
     to the longest. None when it decodes none."""
-    lengths = [len(prompt.input_ids) for _, _, prompt in batch if prompt.span is not None or not run.task.span_required]
+    lengths = [len(prompt.input_ids) for _, _, prompt in batch if decodable(run, prompt)]
     if not lengths:
         return None
     width = max(lengths)
@@ -286,10 +274,7 @@ def batch_layout(run: Run, batch: list) -> kv.Layout | None:
 
 def run_point(run: Run, items: list, point: Point, log: ArmLog) -> None:
     """Every sample of the point not yet in the log, batch by batch, each row with its share of the cache kept."""
-    todo = [item for item in items if (point.arm, point.repeat, item[1].id) not in log.done]
-    size = batch_size(run)
-    for first in range(0, len(todo), size):
-        batch = todo[first:first + size]
+    for batch in unlogged_batches(run, items, log, point.arm, point.repeat):
         policy, layout = point.build(), batch_layout(run, batch)
         replay = kv.replaying(run.loaded.model, policy, layout) if policy and layout else contextlib.nullcontext()
         with replay:

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .caches import carry_cache, fresh_cache
+from .caches import carry_cache, fresh_cache, positions_of
 from .errors import HeadscopeError
 from .recorder import install, on_interface
-from .runstate import state_of
+from .runstate import HEAD_COUNT, LAYER_COUNT, config_count, state_of
 
 PROBE_TOKENS = 8
 INCREMENTAL_WINDOW = 1024  # windows up to this are crossed by the incremental-decoding probe at load
@@ -100,14 +100,11 @@ def attention_layout(model) -> AttentionLayout:
 def has_heads(model) -> bool:
     """The config names attention heads (a model with no attention layer, Mamba or RWKV, names none)."""
     config = model.config.get_text_config(decoder=True)
-    return any(isinstance(getattr(config, name, None), int) and getattr(config, name) > 0
-               for name in ("num_attention_heads", "n_head", "n_heads"))
+    return any(isinstance(getattr(config, name, None), int) and getattr(config, name) > 0 for name in HEAD_COUNT)
 
 
 def total_layers(model) -> int:
-    config = model.config.get_text_config(decoder=True)
-    return next(getattr(config, name) for name in ("num_hidden_layers", "n_layer", "num_layers")
-                if isinstance(getattr(config, name, None), int))
+    return config_count(model.config.get_text_config(decoder=True), LAYER_COUNT) or 0
 
 
 def probe_input(model, length: int = PROBE_TOKENS) -> torch.Tensor:
@@ -174,19 +171,17 @@ def probe_layout(model) -> AttentionLayout:
                            pads_like_alone(model))
 
 
+@contextlib.contextmanager
 def on_eager(model):
-    """A context in which the model runs on its own eager attention (the reference of the probes below)."""
+    """The model on its own eager attention inside this block (the reference of the probes below and of the
+    check's tokens; a model off the interface: its rows from output_attentions), switched back after it."""
     previous = model.config._attn_implementation
-
-    @contextlib.contextmanager
-    def switched():
-        try:
-            model.set_attn_implementation("eager")
-            yield
-        finally:
-            if model.config._attn_implementation != previous:
-                model.set_attn_implementation(previous)
-    return switched()
+    try:
+        model.set_attn_implementation("eager")
+        yield
+    finally:
+        if model.config._attn_implementation != previous:
+            model.set_attn_implementation(previous)
 
 
 def logits_tolerance(model, logits: torch.Tensor) -> float:
@@ -206,7 +201,7 @@ def pads_like_alone(model, pad: int = 3) -> bool:
     try:
         with on_eager(model), torch.no_grad():
             alone = model(ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None]).logits[0, -1]
-            shifted = model(padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[0, -1]
+            shifted = model(padded, attention_mask=mask, position_ids=positions_of(mask)).logits[0, -1]
     except (RuntimeError, ValueError, TypeError, IndexError):  # no padded batch at all: one prompt at a time
         return False
     return float((alone.float() - shifted.float()).abs().max()) <= logits_tolerance(model, alone)

@@ -77,7 +77,7 @@ def load(path: str | None = None, dtype: str = "auto", device: str = "auto", att
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise HeadscopeError(f"cannot load model {path!r}: {_first_line(error)}") from None
+        raise HeadscopeError(f"cannot load model {path!r}: {loading_reason(error)}") from None
     if not _is_causal_lm(config):
         raise HeadscopeError(f"{path!r} is a {type(config).__name__.removesuffix('Config')} model, "
                              "not a causal language model (AutoModelForCausalLM cannot load it)")
@@ -93,13 +93,13 @@ def load(path: str | None = None, dtype: str = "auto", device: str = "auto", att
         except ValueError:  # the architecture refuses this backend (Gemma 2 and SDPA): load it plainly
             model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **options)
     except (OSError, ValueError, ImportError) as error:
-        raise HeadscopeError(f"cannot load model {path!r}: {_first_line(error)}") from None
+        raise HeadscopeError(f"cannot load model {path!r}: {loading_reason(error)}") from None
     if "device_map" not in options:
         target = "cpu" if device == "auto" else device
         try:
             model.to(target)
         except (RuntimeError, AssertionError) as error:
-            raise HeadscopeError(f"cannot move the model to {target!r}: {_first_line(error)}") from None
+            raise HeadscopeError(f"cannot move the model to {target!r}: {loading_reason(error)}") from None
     return prepare(model, tokenizer, path, attn)
 
 
@@ -119,7 +119,3 @@ def _is_causal_lm(config) -> bool:
 
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or bool(getattr(config, "auto_map", {}).get(
         "AutoModelForCausalLM"))
-
-
-def _first_line(error: Exception) -> str:
-    return loading_reason(error)  # one line, its first sentence whole

@@ -104,7 +104,7 @@ def _bertscore(references, responses, model: str, trust_remote_code: bool) -> li
         _, _, f1 = bert_score.score(responses, references, model_type=model, num_layers=config.num_hidden_layers,
                                     verbose=False)
     except OSError as error:
-        raise HeadscopeError(f"cannot load the metric model {model!r}: {str(error).splitlines()[0]}") from None
+        raise HeadscopeError(f"cannot load the metric model {model!r}: {loading_reason(error)}") from None
     return [100.0 * float(value) for value in f1]
 
 

@@ -45,9 +45,19 @@ def head_key(layer: int, head: int) -> str:
     return f"{layer}-{head}"
 
 
-def head_keys(layers: int, heads: int) -> list[str]:
-    """Every head's id, layer by layer."""
-    return [head_key(layer, head) for layer in range(layers) for head in range(heads)]
+def head_keys(layers, heads: int) -> list[str]:
+    """Every head's id, layer by layer: `layers` their indices (a hybrid's attention layers) or their number."""
+    layers = range(layers) if isinstance(layers, int) else layers
+    return [head_key(layer, head) for layer in layers for head in range(heads)]
+
+
+def heads_by_layer(keys) -> dict[int, list[int]]:
+    """{layer: [head, ...]} of LAYER-HEAD ids, heads ascending."""
+    by_layer: dict[int, list[int]] = {}
+    for key in keys:
+        layer, head = parse_head_key(key)
+        by_layer.setdefault(layer, []).append(head)
+    return {layer: sorted(heads) for layer, heads in by_layer.items()}
 
 
 def parse_head_key(key: str) -> tuple[int, int]:

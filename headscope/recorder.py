@@ -201,6 +201,21 @@ def attention_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> 
     return torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
 
 
+def capped(logits: torch.Tensor, rule: Rule) -> torch.Tensor:
+    """The rule's soft-capping (Gemma 2): tanh(logits / softcap) * softcap; the logits as they are without one."""
+    return logits if rule.softcap is None else torch.tanh(logits / rule.softcap) * rule.softcap
+
+
+def rule_softmax(logits: torch.Tensor, rule: Rule, heads: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the keys of (batch, heads, q, kv_len) masked logits, with the rule's sinks: one more logit per
+    head in the denominator (GPT-OSS). `heads`: which query heads the rows are (default: all, in order)."""
+    if rule.sinks is None:
+        return torch.softmax(logits, dim=-1)
+    sinks = rule.sinks.float().to(logits.device)
+    sink = (sinks if heads is None else sinks[heads]).view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
+    return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+
+
 def query_probs(
     query: torch.Tensor,  # (batch, q_heads, q, dim): some (or all) of this forward pass's queries
     key: torch.Tensor,  # (batch, kv_heads, kv_len, dim)
@@ -226,17 +241,12 @@ def query_probs(
     if query_index is None:
         query_index = torch.arange(kv_len - q_len, kv_len, device=query.device)
     grouped_query = query.reshape(batch, kv_heads, group * q_len, dim)
-    logits = attention_logits(grouped_query, key, rule.scaling)  # (batch, kv_heads, group*q, kv_len)
-    if rule.softcap is not None:
-        logits = torch.tanh(logits / rule.softcap) * rule.softcap
+    logits = capped(attention_logits(grouped_query, key, rule.scaling), rule)  # (batch, kv_heads, group*q, kv_len)
     logits = logits.reshape(batch, q_heads, q_len, kv_len)
     if not sees_every_key:
         logits = hide(logits, query_index, attention_mask, rule)
-    if rule.sinks is not None:
-        sink = rule.sinks.float().to(logits.device).view(1, q_heads, 1, 1).expand(batch, q_heads, q_len, 1)
-        return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
-    probs = torch.softmax(logits, dim=-1)
-    return probs if sees_every_key else probs.nan_to_num(0.0)
+    probs = rule_softmax(logits, rule)
+    return probs if sees_every_key or rule.sinks is not None else probs.nan_to_num(0.0)  # a sink: never 0/0
 
 
 def hide(logits, query_index, attention_mask, rule: Rule) -> torch.Tensor:
@@ -310,8 +320,8 @@ def _make_attention(backend):
             else:
                 # headscope's attention is causal (a missing mask means causal, as in query_probs): say so, since a
                 # decoder module may leave is_causal False for the backend to read (BigBird-Pegasus).
-                output, _ = backend(module, query, key, value, attention_mask, scaling=rule.scaling,
-                                    **(kwargs | {"is_causal": True}))
+                kwargs["is_causal"] = True  # this call's own keyword arguments, read once already (model_rule)
+                output, _ = backend(module, query, key, value, attention_mask, scaling=rule.scaling, **kwargs)
             if active is not None and active.prefilling:
                 active.prefill(layer, query, key, attention_mask, rule)
         else:

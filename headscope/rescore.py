@@ -85,15 +85,18 @@ def rescore_run(run_dir: Path, prefix: str, manifest: dict, rows: list[dict], sc
     task = TASKS.get(manifest.get("task"))
     filtered = task is None or task.success_filter  # no filter: every sample counts, as in detect
     base = outputs.read_heads(paths["base_heads"]) if paths["base_heads"].exists() else None  # read once
-    own = outputs.summarize(store.derive_heads(rows, keys, base))
+    own_heads = store.derive_heads(rows, keys, base)
+    own = outputs.summarize(own_heads)
     options = manifest.get("options", {})
     settings = []
     for metric, values in scores.items():
         for threshold in thresholds:
-            judged = [row | {"passed": value is not None and value > threshold} if filtered else row
-                      for row, value in zip(rows, values)]
-            heads = store.derive_heads(judged, keys, base)
-            summary = outputs.summarize(heads)
+            if filtered:
+                judged = [row | {"passed": value is not None and value > threshold} for row, value in zip(rows, values)]
+                heads = store.derive_heads(judged, keys, base)
+                summary = outputs.summarize(heads)
+            else:  # every sample counts whatever the threshold: the run's own heads
+                judged, heads, summary = rows, own_heads, own
             folder = run_dir / "rescore" / f"{metric}-{threshold:g}"
             written = outputs.prefix_paths(folder, prefix)
             files[written["heads"]], files[written["summary"]] = heads, summary

@@ -61,12 +61,20 @@ def calling_layer(module, state: RunState | None) -> int | None:
     return getattr(module, "layer_idx", None)
 
 
+LAYER_COUNT = ("num_hidden_layers", "n_layer", "num_layers")  # what configs call their number of decoder layers
+HEAD_COUNT = ("num_attention_heads", "n_head", "n_heads")  # ... and of attention heads
+
+
+def config_count(config, names: tuple[str, ...]) -> int | None:
+    """The first of `names` that the (text) config sets to a whole number; None when it sets none."""
+    return next((getattr(config, name) for name in names if isinstance(getattr(config, name, None), int)), None)
+
+
 def decoder_layers(model) -> list:
     """The model's stack of decoder layers: the ModuleList with one entry per layer of the text config (the
     shortest-named one when several have that length); [] when there is none."""
     config = model.config.get_text_config(decoder=True)
-    count = next((getattr(config, name) for name in ("num_hidden_layers", "n_layer", "num_layers")
-                  if isinstance(getattr(config, name, None), int)), None)
+    count = config_count(config, LAYER_COUNT)
     stacks = [(name, module) for name, module in model.named_modules()
               if isinstance(module, torch.nn.ModuleList) and len(module) == count]
     if not stacks:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import analysis, outputs
 from .ablation import ArmLog, ablation_id, random_heads, run_arm
-from .engine import encode_samples, head_ids_before_loading, model_name_of, start_run, task_options
+from .engine import all_items, head_ids_before_loading, model_name_of, start_run, task_options
 from .errors import HeadscopeError
 from .lock import writer_lock
 from .tasks import TASKS
@@ -91,8 +91,7 @@ def run_matrix(summaries: dict, arms: Arms, options_of: dict, logs: dict, loaded
         run = start_run(task, options, loaded, command="ablate")
         loaded = run.loaded
         check_files(summaries, run.keys, arms)
-        encoded = encode_samples(run, range(len(run.samples)))
-        items = [(index, sample, encoded[index]) for index, sample in enumerate(run.samples)]
+        items = all_items(run)
         for name, cell in run_cells(run, items, summaries, arms, logs[task]).items():
             matrix[name][task] = cell
     return matrix

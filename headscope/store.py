@@ -222,6 +222,13 @@ def drop_cut_line(file, found: RowsFile) -> None:
     notify(f"dropped a cut last line of {found.path}: {cut_sample(found.cut)} will be re-run")
 
 
+def append_row(file, row: dict, path: Path) -> None:
+    """One row appended to a run's rows file and on disk before the next sample starts (a kill loses nothing)."""
+    file.write(row_line(row, path))
+    file.flush()
+    os.fsync(file.fileno())
+
+
 def row_line(row: dict, path: Path) -> str:
     try:
         return json.dumps(row, allow_nan=False) + "\n"
@@ -334,9 +341,7 @@ class RunStore:
 
     def append(self, row: dict) -> None:
         self._start()
-        self.file.write(row_line(row, self.paths["samples"]))
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        append_row(self.file, row, self.paths["samples"])
         self.rows.append(row)
 
     def close(self) -> None:

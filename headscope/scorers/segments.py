@@ -146,12 +146,16 @@ class SegmentScorer(Scorer):
     def __init__(self, think_start: str | None = None, think_end: str | None = None):
         self.think_start, self.think_end = think_start, think_end
 
+    @staticmethod
+    def marker_options(options) -> tuple:
+        """(think_start, think_end) from a task's options (None where it has no such field)."""
+        return getattr(options, "think_start", None), getattr(options, "think_end", None)
+
     def begin(self, batch: PromptBatch, num_layers: int, num_heads: int) -> None:
         super().begin(batch, num_layers, num_heads)
         if batch.tokenizer is None:
             raise HeadscopeError(f"the {self.name} scorer needs the tokenizer (run it through detect)")
         self.markers = think_markers(batch.tokenizer, self.think_start, self.think_end)
-        self.layers_heads = (num_layers, num_heads)
 
     def segments(self, sequence: list[int], prompt_len: int) -> Segments:
         return locate(self.batch.tokenizer, sequence, prompt_len, *self.markers)
@@ -172,8 +176,7 @@ class ReasoningFocusScorer(SegmentScorer):
 
     @classmethod
     def from_options(cls, options) -> "ReasoningFocusScorer":
-        return cls(getattr(options, "think_start", None), getattr(options, "think_end", None),
-                   getattr(options, "focus_include_marker", False))
+        return cls(*cls.marker_options(options), getattr(options, "focus_include_marker", False))
 
     def begin(self, batch: PromptBatch, num_layers: int, num_heads: int) -> None:
         super().begin(batch, num_layers, num_heads)
@@ -225,8 +228,7 @@ class ReceiverScorer(SegmentScorer):
 
     @classmethod
     def from_options(cls, options) -> "ReceiverScorer":
-        return cls(getattr(options, "think_start", None), getattr(options, "think_end", None),
-                   getattr(options, "receiver_proximity", 4), getattr(options, "receiver_reduce", "mean"),
+        return cls(*cls.marker_options(options), getattr(options, "receiver_proximity", 4), getattr(options, "receiver_reduce", "mean"),
                    getattr(options, "receiver_sentences", "original"))
 
     def begin(self, batch: PromptBatch, num_layers: int, num_heads: int) -> None:
@@ -246,7 +248,7 @@ class ReceiverScorer(SegmentScorer):
                                      f"at least {self.proximity + 2} (--receiver-proximity {self.proximity})")
             return None
         self.plans[sample] = self._plan(sentences, len(sequence))
-        self.received[sample] = torch.zeros(*self.layers_heads, len(sentences), device=self.total.device)
+        self.received[sample] = torch.zeros(*self.total.shape[1:], len(sentences), device=self.total.device)
         rows = [(a, b) for a, b in sentences if a < b]
         return (rows[0][0], rows[-1][1]) if rows else None
 
@@ -264,25 +266,26 @@ class ReceiverScorer(SegmentScorer):
         return [(min(a, last), min(b, last)) for a, b in found]
 
     def _plan(self, sentences, length: int) -> dict:
-        """Per position: its sentence (or `count`, a bucket for positions in none); per sentence: its size."""
-        count = len(sentences)
-        index = torch.full((length,), count, dtype=torch.long)
+        """Once per sequence, on the scorer's device: per position its sentence (or `count`, a bucket for positions
+        in none) and 1/|its sentence| (a query's weight in its sentence's mean); per sentence its size."""
+        count, device = len(sentences), self.total.device
+        index = torch.full((length,), count, dtype=torch.long, device=device)
         for k, (a, b) in enumerate(sentences):
             index[a:b] = k
-        sizes = torch.tensor([max(b - a, 0) for a, b in sentences], dtype=torch.float32)
-        return {"index": index, "sizes": sizes, "count": count}
+        sizes = torch.tensor([max(b - a, 0) for a, b in sentences], dtype=torch.float32, device=device)
+        weight = (1.0 / torch.cat([sizes, sizes.new_ones(1)]).clamp(min=1))[index]  # (length,)
+        return {"index": index, "sizes": sizes, "weight": weight, "sentence": torch.arange(count + 1, device=device)}
 
     def replay_rows(self, sample, layer, query_start, probs) -> None:  # probs (1, heads, block, kv_len)
         plan, device = self.plans[sample], probs.device
         heads, block, kv_len = probs.shape[1:]
-        count = plan["count"]
+        count, queries = len(plan["sizes"]), slice(query_start, query_start + block)
         key_sentence = plan["index"][:kv_len].to(device)
-        query_sentence = plan["index"][query_start:query_start + block].to(device)  # (block,)
+        query_sentence = plan["index"][queries].to(device)  # (block,)
         per_row = probs.new_zeros(heads, block, count + 1).index_add_(2, key_sentence, probs[0])  # mass per sentence
         # Row i of sentence m counts towards v[k] for k <= m - p, weighted 1/|m| (a mean over m's queries)
-        sizes = plan["sizes"].to(device)
-        weight = 1.0 / torch.cat([sizes, sizes.new_ones(1)]).clamp(min=1)[query_sentence]  # (block,)
-        k = torch.arange(count + 1, device=device)
+        weight = plan["weight"][queries].to(device)  # (block,)
+        k = plan["sentence"].to(device)
         later = (query_sentence[:, None] - k[None, :] >= self.proximity) & (query_sentence[:, None] < count)
         contribution = (per_row * (weight[:, None] * later)[None]).sum(1)[:, :count]  # (heads, sentences)
         self.received[sample][layer] += contribution.to(self.received[sample].device)
@@ -291,7 +294,8 @@ class ReceiverScorer(SegmentScorer):
         out = torch.full_like(self.total, float("nan"))
         for sample, received in self.received.items():
             plan = self.plans[sample]
-            count, sizes = plan["count"], plan["sizes"].to(received.device)
+            sizes = plan["sizes"].to(received.device)
+            count = len(sizes)
             later = (count - torch.arange(count, device=received.device) - self.proximity).clamp(min=0)  # m >= k + p
             columns = sizes if self.reduce == "mean" else torch.ones_like(sizes)
             vertical = received.double() / (later * columns).clamp(min=1).double()  # v[k]; 0 for an empty k
