@@ -119,9 +119,8 @@ def check_prompts(loaded, length: int, steps: int) -> tuple[torch.Tensor, torch.
     if not attention_layout(loaded.model).left_padding:  # decoded one prompt at a time (engine.batch_size)
         input_ids[1] = torch.tensor((ids + ids)[PAD:PAD + length])  # another text of the same length: no padding
         return input_ids, mask
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     input_ids[1, PAD:] = input_ids[1, :length - PAD].clone()  # the same text, shifted right: left padding
-    input_ids[1, :PAD], mask[1, :PAD] = pad_id, 0
+    input_ids[1, :PAD], mask[1, :PAD] = loaded.pad_id, 0
     return input_ids, mask
 
 

@@ -426,8 +426,7 @@ def prompt_batch(run: Run, runnable: list) -> tuple[PromptBatch, torch.Tensor | 
     loaded = run.loaded
     device = loaded.device
     width = max(len(prompt.input_ids) for _, _, prompt in runnable)
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(runnable), width), pad_id, dtype=torch.long)
+    input_ids = torch.full((len(runnable), width), loaded.pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(runnable), width), dtype=torch.long)
     span = torch.zeros(2, len(runnable), dtype=torch.long)  # start, end; empty when there is no span
     pad = torch.zeros(len(runnable), dtype=torch.long)

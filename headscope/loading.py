@@ -32,6 +32,14 @@ class LoadedModel:
         return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
     @property
+    def pad_id(self) -> int:
+        """The id that fills masked (left-padding) positions: the tokenizer's pad token when the embedding has a row
+        for it, else 0. A masked position's id changes no number, but one past the embedding is an IndexError (a
+        tokenizer that adds a pad token without the embeddings being resized: Qwen2's class on transformers 5.25)."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None and 0 <= pad < self.model.get_input_embeddings().weight.shape[0] else 0
+
+    @property
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 

@@ -1,0 +1,45 @@
+"""Issue 26: the same numbers on a fresh machine and on every re-run -- a pad id the embedding has, a families
+table that knows its transformers version, and a run that knows its model, tokenizer, data and versions."""
+import json
+
+import pytest
+import torch
+
+from headscope.cli import main
+from headscope.toy import tiny_model, word_tokenizer
+
+from conftest import WORDS
+
+
+@pytest.fixture(scope="module")
+def pad_past_embedding(tmp_path_factory):
+    """A model whose tokenizer's pad token has no embedding row (added after the model was built, not resized:
+    what transformers 5.25's Qwen2 tokenizer class does to a word-level tokenizer that has no pad token)."""
+    path = tmp_path_factory.mktemp("padpast")
+    tokenizer = word_tokenizer(WORDS)
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=2, num_heads=4, seed=3)
+    tokenizer.add_special_tokens({"pad_token": "<|endoftext|>"})
+    assert tokenizer.pad_token_id >= model.get_input_embeddings().weight.shape[0]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_pad_id_past_the_embedding_changes_nothing(pad_past_embedding, tmp_path):
+    word = lambda n: WORDS[n % len(WORDS)]  # noqa: E731
+    records = [{"id": f"q{n}", "context": " ".join((WORDS * 3)[:n]) + " .", "question": f"what is the {word(n)} ?",
+                "answer": word(n)} for n in (3, 7, 11, 15, 19)]  # five lengths: a batch of 8 is left-padded
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    options = ["detect", "reasoning", "--model", str(pad_past_embedding), "--data", str(tmp_path / "data.json"),
+               "--success-threshold", "-1", "--max-new-tokens", "5", "--no-stop-at-newline", "--quiet", "--no-plots"]
+    rows = {}
+    for size in (1, 8):  # the check (on by default) pads its second prompt too
+        out = tmp_path / f"batch{size}"
+        assert main([*options, "--out", str(out), "--batch-size", str(size)]) == 0
+        rows[size] = {row["id"]: row for row in map(json.loads, open(out / "padpast0_reasoning_samples.jsonl"))}
+    assert len({row["prompt_tokens"] for row in rows[1].values()}) == 5
+    for sample_id, row in rows[1].items():
+        assert rows[8][sample_id]["response"] == row["response"]
+        assert torch.allclose(torch.tensor(rows[8][sample_id]["head_scores"]), torch.tensor(row["head_scores"]),
+                              atol=1e-6)
+    assert main(["check", "--model", str(pad_past_embedding)]) == 0
