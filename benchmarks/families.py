@@ -5,8 +5,9 @@
 
 Each type runs in its own process (`python -m headscope.sweep TYPE`, see headscope/sweep.py) with a time
 limit, so a crash or a hang of one type is that type's row, not the end of the sweep. Rows are kept in
-docs/families.json as they finish (a re-run with --types redoes those rows only); docs/families.md is
-written from it, with the counts per class.
+headscope/data/families.json as they finish, with the transformers release they were measured on (a re-run with
+--types redoes those rows only, on the same release); docs/families.md is written from it, with the counts per
+class. Upgrading transformers: run the whole sweep on the new release (see README, *Upgrading*).
 """
 from __future__ import annotations
 
@@ -22,9 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from headscope.sweep import CRASH, Outcome, causal_lm_class, example_checkpoint  # noqa: E402
-from headscope.sweep_table import write_table  # noqa: E402
-
-RESULTS = ROOT / "docs" / "families.json"
+from headscope.sweep_table import RESULTS, Sweep, load, save, write_table  # noqa: E402
 
 
 def run_type(model_type: str, limit: int) -> dict:
@@ -45,6 +44,7 @@ def run_type(model_type: str, limit: int) -> dict:
 
 
 def main() -> None:
+    import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,12 +53,17 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=600, help="seconds per type (default 600)")
     args = parser.parse_args()
     types = args.types.split(",") if args.types else list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() and args.types else {}
+    sweep = Sweep(transformers.__version__, {})
+    if args.types:
+        sweep = load()
+        if sweep.transformers != transformers.__version__:
+            sys.exit(f"{RESULTS} is of transformers {sweep.transformers}, this is {transformers.__version__}: a "
+                     "partial sweep would mix two releases in one table; run the whole sweep (no --types)")
     with ThreadPoolExecutor(args.jobs) as pool:
         for row in pool.map(lambda model_type: run_type(model_type, args.limit), types):
-            rows[row["model_type"]] = row
-            RESULTS.write_text(json.dumps(dict(sorted(rows.items())), indent=1) + "\n")
-    print(f"wrote {write_table(rows)}")
+            sweep.rows[row["model_type"]] = row
+            save(sweep)
+    print(f"wrote {write_table(sweep)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import recorder
-from .errors import HeadscopeError, loading_reason
+from .errors import HeadscopeError, loading_reason, notify
 from .layout import attention_layout
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,6 +89,7 @@ def load(path: str | None = None, dtype: str = "auto", device: str = "auto", att
     if not _is_causal_lm(config):
         raise HeadscopeError(f"{path!r} is a {type(config).__name__.removesuffix('Config')} model, "
                              "not a causal language model (AutoModelForCausalLM cannot load it)")
+    note_if_not_swept(config.model_type)
     options = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     # Off the interface, a model cannot switch to eager for the fallback's rows later: eager from the start.
     load_attn = attn if switchable(config) else "eager"
@@ -109,6 +110,17 @@ def load(path: str | None = None, dtype: str = "auto", device: str = "auto", att
         except (RuntimeError, AssertionError) as error:
             raise HeadscopeError(f"cannot move the model to {target!r}: {loading_reason(error)}") from None
     return prepare(model, tokenizer, path, attn)
+
+
+def note_if_not_swept(model_type: str) -> None:
+    """A model type the family sweep never ran (added by a later transformers, or remote code) is said so: nothing
+    but `headscope check` (run by detect) has measured headscope on it."""
+    from . import sweep_table
+
+    sweep = sweep_table.load()
+    if model_type not in sweep.rows:
+        notify(f"model type {model_type!r} was not swept on transformers {transformers.__version__} (the family "
+               f"table, docs/families.md, is of transformers {sweep.transformers}): only the check vouches for it")
 
 
 def switchable(config) -> bool:

@@ -2,26 +2,46 @@
 in one line, or cannot-build. CI runs a subset (a hybrid with linear attention, one with its own cache class,
 a Mamba hybrid, latent attention, a pure state-space model); the whole sweep is behind the `families` marker
 (`pytest -m families`, about 40 minutes on 2 cores; `python benchmarks/families.py` writes the table)."""
-import json
-
 import pytest
+import transformers
 
 from headscope import sweep, sweep_table
 
-ROWS = json.loads((sweep_table.ROOT / "docs" / "families.json").read_text())
+SWEEP = sweep_table.load()
+ROWS = SWEEP.rows
 CI_SUBSET = ["qwen3_next", "minimax", "jamba", "deepseek_v3", "mamba"]
 
 
-def test_the_table_and_the_readme_list_are_written_from_the_sweep():
-    assert sweep_table.TABLE.read_text() == sweep_table.table(ROWS)
-    assert sweep_table.readme_block(ROWS) in sweep_table.README.read_text()
+@pytest.mark.parametrize("installed", [None, "99.0.0"])
+def test_the_table_and_the_readme_list_are_written_from_the_sweep(installed, monkeypatch):
+    """...whatever transformers is installed: they say the release the rows were measured on."""
+    if installed:
+        monkeypatch.setattr(transformers, "__version__", installed)
+    assert sweep_table.TABLE.read_text() == sweep_table.table(SWEEP)
+    assert sweep_table.readme_block(SWEEP) in sweep_table.README.read_text()
+    assert f"transformers {SWEEP.transformers}" in sweep_table.readme_block(SWEEP)
 
 
-def test_the_sweep_has_every_type_and_no_crash_or_mismatch():
+def test_the_sweep_has_no_crash_or_mismatch_and_every_type_of_its_release():
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    assert set(ROWS) == set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     assert {row["verdict"] for row in ROWS.values()} <= {sweep.EXACT, sweep.REFUSED, sweep.CANNOT_BUILD}
+    if transformers.__version__ == SWEEP.transformers:  # another release's new types are "not swept", not a failure
+        assert sweep_table.not_swept(SWEEP, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) == []
+        assert set(ROWS) == set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def test_a_type_the_sweep_never_ran_is_said_not_swept(toy_dir, monkeypatch, capsys):
+    from headscope import loading
+
+    assert sweep_table.not_swept(SWEEP, [*ROWS, "brand_new_lm"]) == ["brand_new_lm"]
+    loading.load(str(toy_dir))
+    assert "not swept" not in capsys.readouterr().err  # llama is in the table
+    fewer = sweep_table.Sweep(SWEEP.transformers, {t: row for t, row in ROWS.items() if t != "llama"})
+    monkeypatch.setattr(sweep_table, "load", lambda: fewer)
+    loading.load(str(toy_dir))
+    assert f"model type 'llama' was not swept on transformers {transformers.__version__} (the family table, " \
+           f"docs/families.md, is of transformers {SWEEP.transformers})" in capsys.readouterr().err
 
 
 def test_the_ci_subset_is_exact_or_refused_as_the_table_says():
