@@ -43,3 +43,43 @@ def test_a_pad_id_past_the_embedding_changes_nothing(pad_past_embedding, tmp_pat
         assert torch.allclose(torch.tensor(rows[8][sample_id]["head_scores"]), torch.tensor(row["head_scores"]),
                               atol=1e-6)
     assert main(["check", "--model", str(pad_past_embedding)]) == 0
+
+
+# ------------------------------------------------------------------------------------------ the locked install
+
+def load_deps():
+    import importlib.util
+
+    from headscope.sweep_table import ROOT
+
+    spec = importlib.util.spec_from_file_location("deps", ROOT / "scripts" / "deps.py")
+    deps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deps)
+    return deps
+
+
+def test_the_lock_pins_every_dependency_and_the_families_tables_transformers():
+    """A dependency added to pyproject.toml without a pin would be resolved afresh on every machine."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    from headscope import sweep_table
+
+    deps = load_deps()
+    project = tomllib.loads((sweep_table.ROOT / "pyproject.toml").read_text())["project"]
+    named = project["dependencies"] + [need for extra in project["optional-dependencies"].values() for need in extra]
+    locked = deps.parse(deps.LOCK.read_text())
+    for need in named:
+        name = deps.canonical(re.match(r"[A-Za-z0-9._-]+", need)[0])
+        assert name == "torch" or name in locked, f"{name} is not in constraints.txt"
+    assert "torch" not in locked  # installed first, on its own
+    assert locked["transformers"] == sweep_table.load().transformers  # CI tests the release the table was made on
+
+
+def test_a_drifted_environment_is_named_package_by_package():
+    deps = load_deps()
+    locked = deps.parse("# comment\nnumpy==2.4.6\nJinja2==3.1.6\n-e /somewhere\ntorch==2.13.0+cpu\n")
+    assert locked == {"numpy": "2.4.6", "jinja2": "3.1.6", "torch": "2.13.0"}
+    assert deps.differences(locked, dict(locked)) == []
+    assert deps.differences(locked, {"numpy": "2.5.0", "jinja2": "3.1.6", "torch": "2.13.0", "new-dep": "1.0"}) == [
+        "new-dep: locked -, installed 1.0", "numpy: locked 2.4.6, installed 2.5.0"]
