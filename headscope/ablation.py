@@ -20,9 +20,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import analysis, masking, outputs, schema, store
-from .engine import (Run, all_items, batch_size, head_ids_before_loading, model_name_of, run_batch, start_run,
-                     task_options)
+from . import analysis, identity, masking, outputs, schema, store
+from .engine import (Run, all_items, batch_size, head_ids_before_loading, model_name_of, run_batch, run_identity,
+                     start_run, task_options)
 from .errors import HeadscopeError
 from .lock import writer_lock
 from .options import DetectOptions, option, parse_ints, unused_by, validate
@@ -54,13 +54,16 @@ class ArmLog:
     Its rows carry the ablation's id (a hash of the settings, the task's options and the score file); a
     file with another id is refused unless --overwrite. Opening reads and checks it; `begin` writes first."""
 
-    def __init__(self, path, ablation_id: str, overwrite: bool, fields: dict = schema.ARM_ROW):
-        self.path, self.ablation_id, self.overwrite = path, ablation_id, overwrite
+    def __init__(self, path, ablation_id: str, overwrite: bool, fields: dict = schema.ARM_ROW,
+                 made_of: dict | None = None):
+        self.path, self.ablation_id, self.overwrite, self.made_of = path, ablation_id, overwrite, made_of
         self.found = store.RowsFile(path, []) if overwrite else store.load_rows(path, fields)
-        others = {row["ablation"] for row in self.found.rows} - {ablation_id}
-        if others:
-            raise HeadscopeError(f"{path} holds a run with other settings: --overwrite to replace it, or "
-                                 "use another --out")
+        other = next((row for row in self.found.rows if row["ablation"] != ablation_id), None)
+        if other is not None:
+            changed = identity.difference(made_of, other.get("made_of"))
+            raise HeadscopeError(f"{path} holds a run " + (f"made with other {changed}" if changed else
+                                                           "with other settings")
+                                 + ": --overwrite to replace it, or use another --out")
         self.done = {(row["arm"], row["repeat"], row["id"]): row for row in self.found.rows}
         self.file = None
 
@@ -77,6 +80,8 @@ class ArmLog:
 
     def append(self, arm: str, repeat: int, row: dict) -> None:
         row = {"ablation": self.ablation_id, "arm": arm, "repeat": repeat, **row}
+        if self.made_of is not None:  # what a later run's refusal names when it differs
+            row["made_of"] = self.made_of
         self._start()
         store.append_row(self.file, row, self.path)
         self.done[(arm, repeat, row["id"])] = row
@@ -193,10 +198,11 @@ def ablate(task: str, scores: str, top: list[int] | str, options=None, loaded=No
     if keys is not None:
         plan_arms(summary, keys, ks, settings, options.seed, scores)
     name = model_name_of(options, loaded)
+    made_of = identity.digests(run_identity(task, options, loaded))
     path = Path(options.out) / f"{name}_{task}_ablation.json"
     with writer_lock(options.out, f"{name}_{task}_ablation"):
         log = ArmLog(path.with_name(f"{name}_{task}_ablation_samples.jsonl"),
-                     ablation_id(task, options, name, settings, summary), options.overwrite)
+                     ablation_id(task, options, made_of, settings, summary), options.overwrite, made_of=made_of)
         try:
             run = start_run(task, options, loaded, command="ablate")
             arms_to_run = plan_arms(summary, run.keys, ks, settings, options.seed, scores)
@@ -254,11 +260,11 @@ def settings_and_options(command: str, settings_class, task: str, options, overr
     return settings, task_options(task, options, **{k: v for k, v in overrides.items() if k not in names})
 
 
-def ablation_id(task: str, options, name: str, settings, summary: dict) -> str:
-    """What makes two ablations the same: the model, the task's result-changing options, the settings and the
-    scores ranked (the run id's rule: output, batching and display options do not count)."""
+def ablation_id(task: str, options, made_of: dict, settings, summary: dict) -> str:
+    """What makes two ablations the same: the model, tokenizer and data (`made_of`, identity.digests), the task's
+    result-changing options, the settings and the scores ranked (the run id's rule)."""
     described = dataclasses.asdict(options) | {"ablation": dataclasses.asdict(settings), "scores": summary}
-    return store.run_id(task, described, name)
+    return store.run_id(task, described, made_of)
 
 
 def draw(report: dict, rows_of: dict, path) -> list[str]:

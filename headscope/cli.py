@@ -69,11 +69,13 @@ def run_detect(args: argparse.Namespace) -> int:
               f"responses with `headscope rescore {options.out}`", file=sys.stderr)
         return 1
     if options.plots and not result.complete:
+        from .lock import writer_locks
         from .plots import plot_run
 
-        for scorer_result in by_scorer.values():
-            for picture in plot_run(scorer_result.paths["heads"]):
-                print(f"wrote {picture}")
+        with writer_locks(options.out, result.locks):  # the pictures are of the heads file no writer is changing
+            for scorer_result in by_scorer.values():
+                for picture in plot_run(scorer_result.paths["heads"]):
+                    print(f"wrote {picture}")
     if options.shard is not None:
         print(f"when every shard has finished: headscope merge {options.out}")
     else:
@@ -227,8 +229,11 @@ def run_rescore(args: argparse.Namespace) -> None:
     print(format_report(report))
     print(f"wrote {os.path.join(args.run_dir, 'rescore', 'rescore.json')}")
     if not args.no_plots:
-        for picture in draw(report, Path(args.run_dir)):
-            print(f"wrote {picture}")
+        from .lock import writer_lock
+
+        with writer_lock(args.run_dir, "rescore"):  # rescore's own lock: no rescore rewrites rescore/ meanwhile
+            for picture in draw(report, Path(args.run_dir)):
+                print(f"wrote {picture}")
 
 
 def run_specificity(args: argparse.Namespace) -> None:
@@ -248,7 +253,11 @@ def run_specificity(args: argparse.Namespace) -> None:
     print(format_matrix(report))
     print(f"wrote {report['path']}")
     if given.get("plots", True):
-        print(f"wrote {draw(report)}")
+        from .lock import writer_lock
+
+        path = Path(report["path"])
+        with writer_lock(path.parent, path.stem):  # specificity's own lock (NAME_specificity)
+            print(f"wrote {draw(report)}")
 
 
 def run_merge(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import check, loading, outputs, store
+from . import check, identity, loading, outputs, store
 from .decode import StopRule, eos_token_ids, greedy_decode, newline_token_ids, num_layers_and_heads
 from .errors import HeadscopeError, notify
 from .layout import attention_layout
@@ -31,6 +31,7 @@ from .scorers import PromptBatch, load_scorer
 from .scorers.segments import locate, think_markers
 from .spans import encode_with_span, excerpt
 from .tasks import TASKS, Task
+from .tasks.base import data_files
 
 
 @dataclass
@@ -41,6 +42,7 @@ class DetectResult:
     paths: dict = field(default_factory=dict)
     by_scorer: dict = field(default_factory=dict)  # scorer name -> DetectResult, when several ran together
     complete: bool = False  # the run was already complete: nothing was decoded or written
+    locks: list = field(default_factory=list)  # the run's lock names in paths' folder: what drawing it holds
 
     @property
     def counts(self) -> dict[str, int]:
@@ -77,6 +79,13 @@ def model_head_keys(model) -> list[str]:
 def model_name_of(options, loaded: loading.LoadedModel | None) -> str:
     """The name the run's files carry, known before the model loads."""
     return loaded.name if loaded is not None else loading.model_name(options.model or loading.default_model_path())
+
+
+def run_identity(task: str, options, loaded: loading.LoadedModel | None) -> dict:
+    """What makes the run's numbers besides its options (identity.py): the model's and tokenizer's fingerprints
+    and the contents of every data file the task reads; known before the model loads."""
+    path = loaded.path if loaded is not None else (options.model or loading.default_model_path())
+    return identity.of_model(path, loaded) | {"data": identity.of_data(data_files(TASKS[task], options))}
 
 
 def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_files: dict) -> list[str] | None:
@@ -241,7 +250,8 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
     scorers = make_scorers(TASKS[task], options)
     shard = parse_shard(options.shard)
     name = model_name_of(options, loaded)
-    run_id = store.run_id(task, dataclasses.asdict(options), name)
+    made_of = run_identity(task, options, loaded)
+    run_id = store.run_id(task, dataclasses.asdict(options), identity.digests(made_of))
     prefixes = {scorer.name: f"{name}_{outputs.file_label(task, scorer.name)}" for scorer in scorers}
     paths = {scorer: outputs.prefix_paths(options.out, prefix, shard) for scorer, prefix in prefixes.items()}
     with writer_locks(options.out, [store.lock_name(prefix, shard) for prefix in prefixes.values()]):
@@ -250,17 +260,20 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
         try:
             for scorer in scorers:
                 stores[scorer.name] = store.RunStore(paths[scorer.name], run_id, options.overwrite, options.append,
-                                                     settings)
+                                                     settings, made_of)
             run = start_run(task, options, loaded, scorers=scorers)
-            return run_and_write(run, stores, shard, run_id, started)
+            result = run_and_write(run, stores, shard, (run_id, made_of), started)
+            result.locks = [store.lock_name(prefix, shard) for prefix in prefixes.values()]
+            return result
         finally:
             for runs in stores.values():
                 runs.close()
 
 
-def run_and_write(run: Run, stores: dict, shard, run_id: str, started: float) -> DetectResult:
+def run_and_write(run: Run, stores: dict, shard, made: tuple[str, dict], started: float) -> DetectResult:
     """Decode this shard's samples not yet in the files and write every scorer's files; the first write comes
-    after the prompts are built and checked."""
+    after the prompts are built and checked. made: (run id, identity)."""
+    run_id = made[0]
     mine = [index for index in range(len(run.samples)) if shard is None or index % shard[1] == shard[0]]
     for runs in stores.values():
         runs.refuse_repeated_samples(run.samples[index].id for index in mine)
@@ -270,7 +283,7 @@ def run_and_write(run: Run, stores: dict, shard, run_id: str, started: float) ->
         notify(f"this run ({run_id}) is already complete in {run.options.out}")
     else:
         encoded = encode_samples(run, todo)  # this shard's, still to do
-        info = manifest(run, started, run_id, shard)
+        info = manifest(run, started, made, shard)
         for scorer in run.scorers:
             stores[scorer.name].begin(run.keys, info | {"scorer": scorer.name})
         decode_all(run, encoded, len(mine), todo, stores)
@@ -475,7 +488,17 @@ def sample_row(run: Run, sample, prompt, outcome: dict) -> dict:
     return row
 
 
-def manifest(run: Run, started: float, run_id: str, shard) -> dict:
+def device_name(device: torch.device) -> str:
+    """The device the model ran on, with the accelerator's name (numbers can differ between cards and kernels)."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.machine()})"
+
+
+def manifest(run: Run, started: float, made: tuple[str, dict], shard) -> dict:
+    """What made the run's numbers (model, tokenizer and data fingerprints, options, versions, device, dtype) and
+    what it covers (heads, grid, shard)."""
+    run_id, made_of = made
     versions = {}
     for package in ("headscope", "torch", "transformers", "tokenizers", "rouge-score"):
         try:
@@ -488,7 +511,9 @@ def manifest(run: Run, started: float, run_id: str, shard) -> dict:
         "options": dataclasses.asdict(run.options),
         "model_path": os.path.abspath(loaded.path) if os.path.isdir(loaded.path) else loaded.path,  # any cwd
         "model_revision": getattr(loaded.model.config, "_commit_hash", None),
+        "identity": made_of,
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "device": device_name(loaded.device),
         "attention": loaded.attention,
         "chat_template": run.chat,
         "prompt_template": run.task.prompt_template(run.chat),

@@ -41,10 +41,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import analysis, exports, kv, outputs, schema, store
+from . import analysis, exports, identity, kv, outputs, schema, store
 from .ablation import ArmLog, arm_result, random_heads, settings_and_options, unlogged_batches
 from .decode import num_layers_and_heads
-from .engine import Run, all_items, decodable, head_ids_before_loading, model_name_of, run_batch, start_run
+from .engine import (Run, all_items, decodable, head_ids_before_loading, model_name_of, run_batch, run_identity,
+                     start_run)
 from .errors import HeadscopeError, notify
 from .lock import writer_lock
 from .options import option
@@ -206,11 +207,12 @@ def kv_curve(task: str, scores: str, options=None, loaded=None, **overrides) -> 
     if keys is not None:
         analysis.refuse_other_model(summary, keys, scores)
     name = model_name_of(options, loaded)
+    made_of = identity.digests(run_identity(task, options, loaded))
     paths = kv_paths(options.out, f"{name}_{task}")
     with writer_lock(options.out, f"{name}_{task}_kv"):
         try:
-            log = ArmLog(paths["samples"], curve_id(task, options, name, settings, summary), options.overwrite,
-                         schema.KV_ROW)
+            log = ArmLog(paths["samples"], curve_id(task, options, made_of, settings, summary), options.overwrite,
+                         schema.KV_ROW, made_of)
         except HeadscopeError as error:  # say what a later run must share to add its points
             flags = ", ".join("--" + flag for flag in SHARED)
             raise HeadscopeError(f"{error} (the points of one curve share the task's options, the heads file and "
@@ -255,11 +257,12 @@ def kv_paths(out: str, prefix: str) -> dict:
             "picture": folder / f"{prefix}_kv.png"}
 
 
-def curve_id(task: str, options, name: str, settings: KVSettings, summary: dict) -> str:
-    """What makes two runs points of the same curve: the model, the task's result-changing options, the heads file
-    and the settings every policy shares (not the policies, budgets or draws: a later run adds points)."""
+def curve_id(task: str, options, made_of: dict, settings: KVSettings, summary: dict) -> str:
+    """What makes two runs points of the same curve: the model, tokenizer and data (`made_of`), the task's
+    result-changing options, the heads file and the settings every policy shares (not the policies, budgets or
+    draws: a later run adds points)."""
     shared = {flag: getattr(settings, flag) for flag in SHARED}
-    return store.run_id(task, dataclasses.asdict(options) | {"kv": shared, "scores": summary}, name)
+    return store.run_id(task, dataclasses.asdict(options) | {"kv": shared, "scores": summary}, made_of)
 
 
 def batch_layout(run: Run, batch: list) -> kv.Layout | None:

@@ -34,7 +34,7 @@ import re
 import stat
 from pathlib import Path
 
-from . import outputs, schema
+from . import identity, outputs, schema
 from .errors import HeadscopeError, notify
 from .lock import writer_lock
 
@@ -43,9 +43,11 @@ NOT_IN_RUN_ID = {"scorer", "out", "overwrite", "append", "quiet", "batch_size", 
                  "model", "trust_remote_code", "plots", "check", "threads"}
 
 
-def run_id(task: str, options: dict, model_name: str) -> str:
+def run_id(task: str, options: dict, made_of: dict) -> str:
+    """A hash of what makes a run's numbers: the task, every option that changes one, and `made_of`, the digests
+    of the model, tokenizer and data (identity.digests). Two runs share an id only when all of these agree."""
     settings = {k: v for k, v in sorted(options.items()) if k not in NOT_IN_RUN_ID}
-    text = json.dumps({"task": task, "model": model_name, **settings}, sort_keys=True, default=str)
+    text = json.dumps({"task": task, "made_of": made_of, **settings}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -240,8 +242,9 @@ class RunStore:
     """A run's files in its folder (its writer holds the run's lock). Opening reads and checks them and decides
     resume or refuse, writing nothing; `begin` makes the first change, once the run's prompts are built."""
 
-    def __init__(self, paths: dict, run: str, overwrite: bool, append: bool, settings: tuple[str, dict]):
-        self.paths, self.run, self.overwrite, self.settings = paths, run, overwrite, settings
+    def __init__(self, paths: dict, run: str, overwrite: bool, append: bool, settings: tuple[str, dict],
+                 made_of: dict | None = None):
+        self.paths, self.run, self.overwrite, self.settings, self.made_of = paths, run, overwrite, settings, made_of
         self.file, self.pending = None, None
         if overwrite:  # the old files are replaced at `begin`, not before: a refused run loses nothing
             self.found, self.manifest, self.legacy = RowsFile(paths["samples"], []), None, None
@@ -264,10 +267,17 @@ class RunStore:
         others = sorted(map(str, runs - {self.run}))
         if not others or self.run in runs:  # a run already in the folder resumes, appended or not
             return
+        records = (self.manifest or {}).get("runs", {})
+        for other in others:  # another model or tokenizer is never joined; other data only as --append's new samples
+            parts = ("model", "tokenizer") if append else ("model", "tokenizer", "data")
+            changed = identity.difference(self.made_of, records.get(other, {}).get("identity"), parts)
+            if changed:
+                raise HeadscopeError(f"{self.paths['samples']} holds run {other}, made with other {changed} than "
+                                     "this run: its samples cannot be resumed or joined; use another --out, or "
+                                     "--overwrite to replace it")
         if not append:
             raise HeadscopeError(f"{self.paths['samples']} holds a run with other settings (run {others[0]}): add "
                                  "--append to add this run to it, --overwrite to replace it, or use another --out")
-        records = (self.manifest or {}).get("runs", {})
         task, mine = self.settings
         for other in others:
             if other not in records:
@@ -336,6 +346,9 @@ class RunStore:
         does not erase the record of the ones before it)."""
         this_run = {key: value for key, value in info.items() if key != "runs"}
         previous = (self.manifest or {}).get("runs", {})
+        seen = versions_seen(previous.get(self.run), this_run.get("versions"), self.run)
+        if len(seen) > 1:
+            this_run["versions_seen"] = seen
         self.manifest = this_run | {"runs": previous | {self.run: this_run}}
         outputs.atomic_write_json(self.paths["manifest"], self.manifest)
 
@@ -347,6 +360,20 @@ class RunStore:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def versions_seen(record: dict | None, versions: dict | None, run: str) -> list[dict]:
+    """The library versions a resumed run's samples were made with, oldest first; a new one is said once."""
+    if not record or versions is None:
+        return [versions]
+    seen = record.get("versions_seen") or [record.get("versions")]
+    if versions not in seen:
+        changed = ", ".join(f"{name} {seen[-1].get(name)} -> {version}" for name, version in versions.items()
+                            if (seen[-1] or {}).get(name) != version)
+        notify(f"run {run} resumes with other library versions ({changed}): its samples now come from both "
+               "(the manifest's versions_seen lists them)")
+        seen = seen + [versions]
+    return seen
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -422,6 +449,10 @@ def merged_run(shards: Shards) -> tuple[list[dict], dict]:
     records = {index: manifest.get("runs") or {manifest.get("run"): manifest} for index, manifest in manifests.items()}
     first = records[0]
     for index, runs in records.items():
+        changed = identity.difference(manifests[0].get("identity"), manifests[index].get("identity"))
+        if changed:
+            raise HeadscopeError(f"{shards.prefix}: shards 0 and {index} of {shards.count} were made with other "
+                                 f"{changed}: shards of different runs are not merged")
         if set(runs) != set(first):
             raise HeadscopeError(f"{shards.prefix}: shard {index} of {shards.count} holds run "
                                  f"{', '.join(map(str, sorted(runs, key=str)))} and shard 0 run "

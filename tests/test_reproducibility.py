@@ -83,3 +83,149 @@ def test_a_drifted_environment_is_named_package_by_package():
     assert deps.differences(locked, dict(locked)) == []
     assert deps.differences(locked, {"numpy": "2.5.0", "jinja2": "3.1.6", "torch": "2.13.0", "new-dep": "1.0"}) == [
         "new-dep: locked -, installed 1.0", "numpy: locked 2.4.6, installed 2.5.0"]
+
+
+# ------------------------------------------------------------------------------------------ a run's identity
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """Two checkpoints of one architecture and tokenizer, trained apart (other seeds), in folders of one name:
+    m1/ckpt and m2/ckpt. Their files differ only in the weights' bytes."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    tokenizer = word_tokenizer(WORDS + ["book", "based", "on", "content", "question", "answer", "context"])
+    for seed, folder in ((5, "m1"), (6, "m2")):
+        model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=3, num_heads=4, seed=seed)
+        model.save_pretrained(root / folder / "ckpt")
+        tokenizer.save_pretrained(root / folder / "ckpt")
+    return root / "m1" / "ckpt", root / "m2" / "ckpt"
+
+
+def copied_data(data_dir, tmp_path):
+    """The shared data files, copied so that a test may edit them."""
+    import shutil
+
+    shutil.copytree(data_dir, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def retrieval_args(model, data, out, *extra):
+    return ["detect", "retrieval", "--model", str(model), "--out", str(out), "--haystack", str(data / "haystack"),
+            "--needles", str(data / "needles.jsonl"), "--context-lengths", "260", "--depths", "0,100",
+            "--success-threshold", "-1", "--max-new-tokens", "6", "--quiet", "--no-plots", "--no-check", *extra]
+
+
+def edit_needles(data):
+    needles = data / "needles.jsonl"
+    needles.write_text(needles.read_text().replace("the code of the stone is", "the code of the stone was"))
+
+
+def test_another_checkpoint_of_the_same_name_is_never_joined(two_checkpoints, data_dir, tmp_path, capsys):
+    m1, m2 = two_checkpoints
+    out = tmp_path / "out"
+    assert main(retrieval_args(m1, data_dir, out)) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    capsys.readouterr()
+    assert main(retrieval_args(m2, data_dir, out)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("headscope: error: ") and "\n" not in error
+    assert "made with other model (its config or weights) than this run" in error
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert main(retrieval_args(m2, data_dir, out, "--append")) == 2  # not pooled either
+    assert "made with other model" in capsys.readouterr().err
+
+
+def test_shards_of_two_checkpoints_or_of_edited_data_are_not_merged(two_checkpoints, data_dir, tmp_path, capsys):
+    m1, m2 = two_checkpoints
+    assert main(retrieval_args(m1, data_dir, tmp_path / "a", "--shard", "0/2")) == 0
+    assert main(retrieval_args(m2, data_dir, tmp_path / "a", "--shard", "1/2")) == 0
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "a")]) == 2
+    assert "shards 0 and 1 of 2 were made with other model (its config or weights)" in capsys.readouterr().err
+    assert not list((tmp_path / "a").glob("*_heads.json"))
+
+    data = copied_data(data_dir, tmp_path)
+    assert main(retrieval_args(m1, data, tmp_path / "b", "--shard", "0/2")) == 0
+    edit_needles(data)
+    assert main(retrieval_args(m1, data, tmp_path / "b", "--shard", "1/2")) == 0
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "b")]) == 2
+    assert "were made with other data (needles.jsonl)" in capsys.readouterr().err
+    assert not list((tmp_path / "b").glob("*_heads.json"))
+
+
+def test_an_edited_data_file_is_not_resumed_into_the_run_it_made(two_checkpoints, data_dir, tmp_path, capsys):
+    data = copied_data(data_dir, tmp_path)
+    out = tmp_path / "out"
+    assert main(retrieval_args(two_checkpoints[0], data, out)) == 0
+    edit_needles(data)
+    capsys.readouterr()
+    assert main(retrieval_args(two_checkpoints[0], data, out)) == 2
+    assert "made with other data (needles.jsonl) than this run" in capsys.readouterr().err
+
+
+def test_an_edited_data_file_between_two_kv_arms_is_refused(two_checkpoints, data_dir, tmp_path, capsys):
+    scores = tmp_path / "scores_heads.json"
+    scores.write_text(json.dumps({f"{l}-{h}": [0.05 + ((7 * l + 3 * h) % 12) / 12] for l in range(3) for h in range(4)}))
+    data = copied_data(data_dir, tmp_path)
+    kv = ["kv", "retrieval", "--scores", str(scores), "--model", str(two_checkpoints[0]), "--out", str(tmp_path / "kv"),
+          "--quiet", "--haystack", str(data / "haystack"), "--needles", str(data / "needles.jsonl"),
+          "--context-lengths", "260", "--depths", "0", "--success-threshold", "-1", "--max-new-tokens", "4",
+          "--no-check", "--no-plots", "--sink", "2", "--recent", "8"]
+    assert main([*kv, "--policy", "duo", "--budgets", "4"]) == 0
+    log = next((tmp_path / "kv").glob("*_kv_samples.jsonl"))
+    before = log.read_bytes()
+    edit_needles(data)
+    capsys.readouterr()
+    assert main([*kv, "--policy", "snapkv", "--budgets", "64"]) == 2
+    assert "holds a run made with other data (needles.jsonl)" in capsys.readouterr().err
+    assert log.read_bytes() == before
+
+
+def test_the_manifest_records_what_made_the_numbers(two_checkpoints, data_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(retrieval_args(two_checkpoints[0], data_dir, out)) == 0
+    manifest = json.loads(next(out.glob("*_manifest.json")).read_text())
+    made = manifest["identity"]
+    assert set(made["model"]["files"]) == {"config.json", "generation_config.json", "model.safetensors"}
+    assert set(made["tokenizer"]["files"]) >= {"tokenizer.json", "tokenizer_config.json"}
+    assert set(made["data"]["files"]) == {str(data_dir / "haystack"), str(data_dir / "needles.jsonl")}
+    assert set(manifest["versions"]) >= {"torch", "transformers", "tokenizers", "headscope"}
+    assert manifest["device"].startswith("cpu") and manifest["dtype"] == "float32"
+
+
+def test_a_run_resumed_on_other_library_versions_says_so_and_records_both(two_checkpoints, data_dir, tmp_path,
+                                                                           capsys):
+    out = tmp_path / "out"
+    assert main(retrieval_args(two_checkpoints[0], data_dir, out)) == 0
+    samples, manifest_path = next(out.glob("*_samples.jsonl")), next(out.glob("*_manifest.json"))
+    samples.write_text("".join(samples.read_text().splitlines(keepends=True)[:-1]))  # as if killed before the last
+    manifest = json.loads(manifest_path.read_text())
+    record = manifest["runs"][manifest["run"]]
+    record["versions"] = record["versions"] | {"transformers": "5.0.0"}
+    record["finished"] = None
+    manifest_path.write_text(json.dumps(manifest | {"runs": {manifest["run"]: record}}))
+    capsys.readouterr()
+    assert main(retrieval_args(two_checkpoints[0], data_dir, out)) == 0
+    assert f"resumes with other library versions (transformers 5.0.0 -> {transformers_version()})" in \
+           capsys.readouterr().err
+    seen = json.loads(manifest_path.read_text())["versions_seen"]
+    assert [versions["transformers"] for versions in seen] == ["5.0.0", transformers_version()]
+
+
+def transformers_version():
+    import transformers
+
+    return transformers.__version__
+
+
+def test_pictures_are_drawn_under_the_runs_lock(toy_dir, data_dir, tmp_path, monkeypatch):
+    """A concurrent writer cannot change the heads file while its pictures are drawn."""
+    from headscope import plots
+
+    out, held = tmp_path / "out", []
+    drawing = plots.plot_run
+    monkeypatch.setattr(plots, "plot_run", lambda path, *a, **k: held.append(
+        (out / ".toy0_retrieval.lock").exists()) or drawing(path, *a, **k))
+    arguments = [arg for arg in retrieval_args(toy_dir, data_dir, out) if arg != "--no-plots"]
+    assert main(arguments) == 0
+    assert held == [True]

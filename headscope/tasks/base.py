@@ -5,8 +5,11 @@ generated from it), a `build(options, tokenizer, max_context) -> [Sample]` and r
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Callable
 
 from headscope.errors import HeadscopeError
@@ -39,6 +42,9 @@ class Task:
     span_required: bool = False  # True: a span that cannot be located is an error for that sample
     success_filter: bool = True  # False: every sample counts, whatever the model answers
     organism_defaults: dict = field(default_factory=dict)  # option values the CLI uses on the bundled organism
+    # options -> the files and folders `build` reads, defaults included: their contents are part of the run's
+    # identity (identity.py). None: every option of the "data" group that names an existing path.
+    data_files: Callable | None = None
 
 
 TASKS: dict[str, Task] = {}
@@ -48,6 +54,14 @@ def register_task(task: Task) -> Task:
     """Make a task usable by name: `headscope detect NAME`, `headscope.detect("NAME")`."""
     TASKS[task.name] = task
     return task
+
+
+def data_files(task: Task, options) -> list[Path]:
+    """The files and folders a run of `task` with `options` reads its samples from."""
+    if task.data_files is not None:
+        return [Path(str(path)) for path in task.data_files(options)]
+    named = (getattr(options, spec.name) for spec in dataclasses.fields(options) if spec.metadata.get("group") == "data")
+    return [Path(value) for value in named if isinstance(value, str) and os.path.exists(value)]
 
 
 @dataclass

@@ -119,4 +119,4 @@ def build(options: QueryOptions, tokenizer, max_context: int | None) -> list[Sam
 
 register_task(Task("query", "query-focused retrieval heads (QRHead): question -> gold document attention",
                    QueryOptions, build, "query", reasoning.prompt_template, span_required=True,
-                   success_filter=False))
+                   success_filter=False, data_files=lambda options: [options.data or DATA_DIR / "query.jsonl"]))

@@ -233,4 +233,5 @@ def prompt_template(chat: bool) -> str:
 
 
 register_task(Task("reasoning", "reasoning heads: attention on generated tokens and the question",
-                   ReasoningOptions, build, "reasoning", prompt_template))
+                   ReasoningOptions, build, "reasoning", prompt_template,
+                   data_files=lambda options: [options.data or DATA_DIR / "reasoning.jsonl"]))

@@ -366,4 +366,6 @@ def prompt_template(chat: bool) -> str:
 
 register_task(Task("retrieval", "needle-in-a-haystack retrieval heads (Wu et al. 2024)", RetrievalOptions, build,
                    "retrieval", prompt_template, span_overlap_threshold=0.9, span_required=True,
-                   organism_defaults={"min_length": 300, "max_length": 1200, "num_lengths": 4, "num_depths": 5}))
+                   organism_defaults={"min_length": 300, "max_length": 1200, "num_lengths": 4, "num_depths": 5},
+                   data_files=lambda options: [options.haystack or default_data(options.model)[0],
+                                               options.needles or default_data(options.model)[1]]))
