@@ -470,7 +470,16 @@ def merged_run(shards: Shards) -> tuple[list[dict], dict]:
                   key=lambda row: (row["run"], row["index"]))
     whole = {run: dict(record, shard=None) for run, record in first.items()}
     merged_from = [str(path) for _, path in sorted(shards.paths.items())]
-    return rows, dict(manifests[0], shard=None, runs=whole, merged_from=merged_from)
+    merged = dict(manifests[0], shard=None, runs=whole, merged_from=merged_from)
+    seen = []
+    for manifest in manifests.values():
+        if manifest.get("versions") not in seen:
+            seen.append(manifest.get("versions"))
+    if len(seen) > 1:  # shards made on other library versions: merged, said, recorded
+        notify(f"{shards.prefix}: the shards were made with {len(seen)} sets of library versions (the merged "
+               "manifest's versions_seen lists them)")
+        merged["versions_seen"] = seen
+    return rows, merged
 
 
 def shard_manifest(shards: Shards, index: int) -> dict:

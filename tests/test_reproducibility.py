@@ -229,3 +229,17 @@ def test_pictures_are_drawn_under_the_runs_lock(toy_dir, data_dir, tmp_path, mon
     arguments = [arg for arg in retrieval_args(toy_dir, data_dir, out) if arg != "--no-plots"]
     assert main(arguments) == 0
     assert held == [True]
+
+
+def test_shards_made_on_other_library_versions_merge_with_a_note_and_both_recorded(toy_dir, data_dir, tmp_path,
+                                                                                   capsys):
+    for shard in ("0/2", "1/2"):
+        assert main(retrieval_args(toy_dir, data_dir, tmp_path, "--shard", shard)) == 0
+    second = next(tmp_path.glob("*_manifest.shard-1-of-2.json"))
+    manifest = json.loads(second.read_text())
+    second.write_text(json.dumps(manifest | {"versions": manifest["versions"] | {"torch": "2.4.0"}}))
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path)]) == 0
+    assert "the shards were made with 2 sets of library versions" in capsys.readouterr().err
+    merged = json.loads(next(tmp_path.glob("*_manifest.json")).read_text())
+    assert [versions["torch"] for versions in merged["versions_seen"]] == [manifest["versions"]["torch"], "2.4.0"]
