@@ -1,7 +1,8 @@
-"""`check` runs every scorer of the run on prompts where it has something to score (issue 27): the think/answer
-segment scorers read a scripted think block in the run's markers, replayed as `detect` replays a finished
-sequence, and the replay's rows are compared with eager's; a scorer with no value is "not checked", never a
-NaN failure nor a pass by `max()`."""
+"""`check` proves what it says (issue 27): every scorer of the run is checked on prompts where it has something to
+score -- the think/answer segment scorers on a scripted think block in the run's markers, replayed as `detect`
+replays a finished sequence, the replay's rows compared with eager's -- and a scorer with no value is "not checked",
+never a NaN failure nor a pass by `max()`; the tokens figure judges each sample on its own; a row is judged by the
+attention mass it moves, so a wrong diffuse row fails at any length."""
 import re
 
 import pytest
@@ -113,3 +114,51 @@ def test_tokens_judge_each_sample_on_its_own(monkeypatch):
     assert "sample 1 from step 2: logit gap 2.0e+00" in figure.value
     split[2] = (2, 0.5)  # both near ties: passes
     assert check.token_figure(model, input_ids, torch.ones_like(input_ids), ours, []).ok
+
+
+def test_a_wrong_row_of_a_diffuse_head_fails_at_thousands_of_tokens(monkeypatch):
+    """Queries scaled by 0.02: every head diffuse, a 3,000-token row's entries near 3e-4. Logits 5% too large
+    move 9e-4 of each decoding row's mass, while no entry moves by 1e-5: the old limit (max abs diff <= 1e-5)
+    passed these rows, the mass moved fails them. The same model with its attention right passes."""
+    from transformers import AutoTokenizer
+
+    import headscope
+    from headscope.loading import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=2)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "q_proj"):
+                module.q_proj.weight.mul_(0.02)
+    loaded = headscope.prepare(model, tokenizer, path="diffuse")
+    right = check.run_check(loaded, prompt_tokens=3000, steps=2, need_ablation=False)
+    assert right.figures[0].ok, right.table()
+    monkeypatch.setattr(recorder, "attention_logits", lambda q, k, scaling: torch.matmul(
+        q.float(), k.float().transpose(-1, -2)) * scaling * 1.05)
+    wrong = check.run_check(loaded, prompt_tokens=3000, steps=2, need_ablation=False)
+    rows = wrong.figures[0]
+    assert rows.name == "rows" and not rows.ok and wrong.prompt_tokens >= 3000, wrong.table()
+    assert float(rows.value.split()[2]) > 1e-4  # the mass moved: ten times the limit and more
+
+
+def test_a_correct_row_at_128k_keys_moves_no_mass():
+    """One diffuse row over 131,072 keys (entries near 8e-6), headscope's maths against the eager code's: the
+    mass moved stays far below the limit; the same row 3% off in every entry moves 100 times the limit while
+    no entry moves by 1e-5, where the old limit looked."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from headscope.recorder import Rule, query_probs
+    from headscope.rowcheck import ROW_LIMIT, mass_moved
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, 1, 64, generator=generator) * 0.05
+    key = torch.randn(1, 4, 131072, 64, generator=generator)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = 1, False
+    _, eager = eager_attention_forward(module, query, key, key, None, scaling=64 ** -0.5)
+    ours = query_probs(query, key, None, Rule(64 ** -0.5))[:, :, 0]
+    eager = eager[:, :, 0]
+    assert float(mass_moved(ours, eager).max()) < ROW_LIMIT / 10
+    wrong = eager * (1 + 0.03 * torch.sign(torch.randn(eager.shape, generator=generator)))
+    assert float((wrong - eager).abs().max()) < 1e-5 < ROW_LIMIT * 100 < float(mass_moved(wrong, eager).max())
