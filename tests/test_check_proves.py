@@ -55,6 +55,13 @@ def test_a_scorer_with_no_value_is_not_checked_and_says_why():
     assert check.verdict(receiver) == "--"
 
 
+def test_detect_says_which_scorer_the_check_could_not_compare(tmp_path, capsys):
+    assert main(detect_reasoning(tmp_path, "reasoning,receiver", "--receiver-proximity", "40")) == 0
+    error = capsys.readouterr().err
+    assert "headscope: note: the exactness check could not compare reasoning receiver: not checked: the chain " \
+           "has" in error, error
+
+
 def sharper_rows(query, key, attention_mask, rule, query_index=None, real=recorder.query_probs):
     """Rows 5% too sharp: what the replay computes when made wrong on purpose."""
     return real(query, key, attention_mask, type(rule)(rule.scaling * 1.05, rule.softcap, rule.sliding_window,
