@@ -74,3 +74,39 @@ def test_the_references_rule_equals_headscopes(k):
         expected = references.rule_top_k(row.numpy(), k)
         assert ties.top_k(row[None], k)[1][0].tolist() == list(expected)
     assert np.all(references.rule_top_k(np.array([0.1, 0.3, 0.3, 0.2], dtype=np.float32), 2) == [1, 2])
+
+
+def test_detect_counts_the_tied_head_steps_per_sample_and_in_the_manifest(data_dir, tmp_path):
+    """Queries zeroed: every row is uniform over its keys, so every head-step's top 6 is a tie the rule settles
+    (the five earliest prompt tokens win); detect counts them all, per sample and in the manifest."""
+    import json
+
+    import headscope
+    from headscope import loading
+    from headscope.toy import tiny_model, word_tokenizer
+    from conftest import WORDS
+
+    tokenizer = word_tokenizer(WORDS + ["book", "based", "on", "content", "question", "answer", "context"])
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=2, num_heads=4)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "q_proj"):
+                module.q_proj.weight.zero_()
+    result = headscope.detect("reasoning", loaded=loading.prepare(model, tokenizer, "uniform"), check=False,
+                              out=str(tmp_path), quiet=True, plots=False, data=str(data_dir / "reasoning.json"),
+                              max_new_tokens=3, stop_at_newline=False, success_threshold=-1, batch_size=2)
+    for row in result.samples:
+        assert row["tied_head_steps"] == 3 * 2 * 4, row  # steps x layers x heads
+        assert row["head_scores"] == [[0.0] * 4] * 2  # the top 5: the earliest prompt tokens, none of the question
+    manifest = json.loads(next(tmp_path.glob("*_manifest.json")).read_text())
+    assert manifest["tied_head_steps"] == sum(row["tied_head_steps"] for row in result.samples) > 0
+
+
+def test_the_sweep_settles_flints_exact_ties_as_headscope_does(tmp_path):
+    """Flint's rows of repeated tokens tie exactly: headscope and the sweep's eager reference, each applying the
+    rule, give the same scores; the table said "either way" before."""
+    from headscope import sweep
+
+    outcome = sweep.sweep_type("flint", tmp_path)
+    assert outcome.verdict == sweep.EXACT, outcome
+    assert "head-steps at a top-k tie, settled by the rule" in outcome.reason and "either way" not in outcome.reason
