@@ -7,20 +7,24 @@ that windows bind; decoded `--steps` steps. Its figures, over the model's attent
 
   rows      every decoding row (each step, attention layer and sample) against the model's own eager rows
             (reference.py: its modeling file's eager code on the very same query, key, value and mask, upcast
-            to float32, as the weights it applies to the values -- Granite-SWA's sink scale included):
-            max abs diff <= 1e-5 in every dtype;
+            to float32, as the weights it applies to the values -- Granite-SWA's sink scale included): the
+            mass each row moves (rowcheck.mass_moved: half the L1 distance) <= 1e-5 in every dtype, so a
+            diffuse row at 100K keys is judged as strictly as a sharp one at 256;
   prefill   the prefill rows the pattern and query scorers read: the first FIRST_ROWS real rows of the padded
             sample and the last PREFILL_TAIL rows of the prompt (past the window), the same comparison;
   outputs   the attention outputs of those same rows (prefill and decoding) against eager's outputs: a wrong
             output (a prefill run non-causal) changes every later layer's input while each layer's rows, given
             its own inputs, still look right;
-  scorers   the scorers the run will use, on the run's own first prompts (`headscope check`: the retrieval and
-            reasoning tasks' first prompts), fed headscope's rows and fed the eager rows: equal (<= 1e-4);
+  scorers   one figure per scorer the run will use, on the run's own first prompts (`headscope check`: the
+            retrieval and reasoning tasks' first prompts), fed headscope's rows and fed the eager rows: equal
+            (<= 1e-4), and the rows of that pass (decoding, prefill, replay) against eager's. Scorers that read
+            the finished sequence read the prompts followed by a scripted think block (`scripted_think`); a
+            scorer with no value even there is "not checked", with why (`detect` says so in a note);
   tokens    each sample's greedy tokens in the padded batch against `generate` on eager attention on that prompt
             alone (a sample's tokens must not depend on its batch; Whisper's own `generate` does not keep that
             for a left-padded batch). In bf16/fp16 the two round differently (headscope takes q.k in float32),
-            so a divergence passes only at a near tie (ties.py: the reference's logit gap, or a mixture-of-experts
-            router's, within the dtype's rounding);
+            so each sample that splits passes only when its split is a near tie (ties.py: the reference's logit
+            gap, or a mixture-of-experts router's, within the dtype's tolerance, ties.ROUNDING);
   ablation  masking one head (uniform mode) changes that head's attention output and no other head's.
 
 `detect` runs all but ablation, `ablate` all five, once per loaded model before a long run (`--no-check`
