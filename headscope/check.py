@@ -285,9 +285,10 @@ def replay_body(loaded, case: ScorerCase):
     replayed as `detect` replays a finished sequence (decode.replay)."""
     def body(scorers, spy):
         prompts = unpadded_prompts(case)
-        markers = scorers[0].markers  # the run's think markers (the scorers share the task's options)
-        budget = loaded.max_context - max(map(len, prompts)) if loaded.max_context else None
-        scripts = [scripted_think(case.batch.tokenizer, prompt, *markers, budget) for prompt in prompts]
+        # the run's think markers (the segment scorers share the task's options; a plug-in may have none)
+        markers = next((scorer.markers for scorer in scorers if hasattr(scorer, "markers")), (None, "</think>"))
+        scripts = [scripted_think(case.batch.tokenizer, prompt, *markers, loaded.max_context - len(prompt)
+                                  if loaded.max_context else None) for prompt in prompts]
         layers = attention_layout(loaded.model).layers
         recorder = Recorder(layers, 1)
         if spy.enabled:  # the replay is one unpadded sequence at a time: every row is compared
