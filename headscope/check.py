@@ -208,8 +208,8 @@ def scorer_figures(loaded, case: ScorerCase, steps: int) -> list[Figure]:
     figures = {}
     for names, body in ((decoding, decoding_body(loaded, case, steps)), (replaying, replay_body(loaded, case))):
         if names:
-            runs = [scorer_pass(loaded, case, names, eager, body) for eager in (False, True)]
-            figures.update(compared_scorers(case, names, *runs))
+            ours, eager = (scorer_pass(loaded, case, names, eager, body) for eager in (False, True))
+            figures.update({name: scorer_verdict(case, name, ours, eager) for name in names})
     return [figures[scorer.name] for scorer in scorers]
 
 
@@ -221,12 +221,6 @@ class ScorerRun:
     values: dict  # name -> (batch, layers, heads) float32 on the CPU, NaN: no value
     unscored: dict  # name -> {sample: reason}
     rows: float | None = None  # the largest mass moved among the rows the pass computed (eager pass only)
-    count: int = 0  # how many rows that covers
-
-
-def compared_scorers(case: ScorerCase, names: list[str], ours: ScorerRun, eager: ScorerRun) -> dict[str, Figure]:
-    """The named scorers' figures from a pass fed headscope's rows and one fed the eager rows."""
-    return {name: scorer_verdict(case, name, ours, eager) for name in names}
 
 
 def scorer_verdict(case: ScorerCase, name: str, ours: ScorerRun, eager: ScorerRun) -> Figure:
@@ -252,8 +246,8 @@ def scorer_verdict(case: ScorerCase, name: str, ours: ScorerRun, eager: ScorerRu
 
 
 def scorer_pass(loaded, case: ScorerCase, names: list[str], eager: bool, body) -> ScorerRun:
-    """Fresh scorers of the case (those named), begun on its batch, handed to `body(scorers, recorder)` inside the
-    spy (eager: fed the eager rows, the differences noted) or not; their values afterwards."""
+    """Fresh scorers of the case (those named), begun on its batch, handed to `body(scorers, spy)` inside the spy
+    (eager: fed the eager rows, the rows' differences noted) or with the spy off; their values afterwards."""
     model = loaded.model
     layers, heads = num_layers_and_heads(model)
     scorers = [scorer for scorer in case.make_scorers() if scorer.name in names]
@@ -268,7 +262,6 @@ def scorer_pass(loaded, case: ScorerCase, names: list[str], eager: bool, body) -
         found = spy.recorder.differences if spy.recorder is not None else None
         values = (found.decode + found.prefill) if found is not None else []
         run.rows = Differences.worst(values) if values else math.nan
-        run.count = len(values)
     return run
 
 
