@@ -50,7 +50,7 @@ def measure(family: str, window: int | None, hidden: int, steps: int) -> None:
                                       lambda: check.decode_against_eager(loaded, input_ids, mask, steps))
     for case in cases:
         timed(f"scorers {case.label} ({case.batch.input_ids.shape[1]} tokens)",
-              lambda case=case: check.scorer_figure(loaded, case, steps))
+              lambda case=case: check.scorer_figures(loaded, case, steps))
     timed("tokens (eager generate)", lambda: check.token_figure(model, input_ids, mask, tokens, routers))
     timed("ablation", lambda: check.ablation_figure(loaded, input_ids))
     print(f"  {'total':<34} {time.time() - started:7.1f} s")

@@ -54,7 +54,8 @@ def run_detect(args: argparse.Namespace) -> int:
             print(scorer_table(name, scorer_result, len(by_scorer) > 1))
     print(f"samples run: {counts['run']}  passed: {counts['passed']}  span errors: {counts['span_errors']}"
           + (f"  no extractable answer: {counts['no_answer']}" if options.answer_marker or options.answer_from != "full"
-             else ""))
+             else "") + (f"  tied head-steps: {counts['tied_head_steps']} (top-k ties, settled by the rule)"
+                         if any("tied_head_steps" in row for row in result.samples) else ""))
     for error in sorted({row["error"] for row in result.samples if row["error"]}):
         print(f"span error: {error}")
     for name, scorer_result in by_scorer.items():

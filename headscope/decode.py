@@ -185,10 +185,11 @@ def decode_steps(state: DecodeState, next_input: torch.Tensor, max_new_tokens: i
             recorder.add_eager_attentions(output.attentions)
         tokens = output.logits[:, -1].argmax(-1)  # (batch,)
         values, top_positions = recorder.take(device)
+        tied = recorder.take_ties(device)
         if step == 0 and state.step_zero_hook is not None:  # the last prompt row is handed over once
             recorder.row_hooks.remove(state.step_zero_hook)
         view = StepView(values=values, positions=top_positions, tokens=tokens,
-                        active=torch.tensor(active, device=device))  # a copy to the device, not a sync
+                        active=torch.tensor(active, device=device), tied=tied)  # a copy to the device, not a sync
         for scorer in state.scorers:
             scorer.step(view)
         for i, token in enumerate(tokens.tolist()):  # the step's one host sync, for the stopping rule

@@ -32,6 +32,7 @@ from .scorers.segments import locate, think_markers
 from .spans import encode_with_span, excerpt
 from .tasks import TASKS, Task
 from .tasks.base import data_files
+from .ties import TieCount
 
 
 @dataclass
@@ -49,7 +50,8 @@ class DetectResult:
         return {"run": len(self.samples), "passed": sum(s["passed"] for s in self.samples),
                 "span_errors": sum(s["error"] is not None for s in self.samples),
                 "no_answer": sum("answer_text" in s and s["answer_text"] is None for s in self.samples),
-                "unscored": sum(bool(s.get("unscored")) for s in self.samples)}
+                "unscored": sum(bool(s.get("unscored")) for s in self.samples),
+                "tied_head_steps": sum(s.get("tied_head_steps", 0) for s in self.samples)}
 
 
 @dataclass
@@ -294,12 +296,20 @@ def run_and_write(run: Run, stores: dict, shard, made: tuple[str, dict], started
             heads, summary = store.derive_heads_and_summary(runs.paths, runs.rows, run.keys)
         else:
             heads, summary = runs.finish(run.keys, info | {"scorer": scorer.name,
-                                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                                         | tie_totals(runs.rows, run_id))
         this_run = [row for row in runs.rows if row.get("run") == run_id]
         results[scorer.name] = DetectResult(heads, summary, this_run, runs.paths, complete=complete)
     first = results[run.scorers[0].name]
     first.by_scorer = results
     return first
+
+
+def tie_totals(rows: list[dict], run_id: str) -> dict:
+    """The manifest's count of the run's head-steps whose top-k row held a tie the rule settled (ties.py), over
+    the run's samples that counted them; {} when its scorers read no top-k."""
+    counted = [row["tied_head_steps"] for row in rows if row.get("run") == run_id and "tied_head_steps" in row]
+    return {"tied_head_steps": sum(counted)} if counted else {}
 
 
 def use_chat(options: DetectOptions, tokenizer) -> bool:
@@ -415,11 +425,13 @@ def run_batch(run: Run, items: list, scorers: list):
     loaded = run.loaded
     batch, attention_mask = prompt_batch(run, runnable)
     input_ids = batch.input_ids
-    for scorer in scorers:
+    ties = [TieCount()] if any(scorer.reads_top_k for scorer in scorers) else []  # head-steps a tie touched
+    for scorer in scorers + ties:
         scorer.begin(batch, *num_layers_and_heads(loaded.model))
-    generated = greedy_decode(loaded.model, input_ids, attention_mask, scorers, run.options.max_new_tokens, run.stop,
-                              loaded.eager_fallback)
+    generated = greedy_decode(loaded.model, input_ids, attention_mask, scorers + ties, run.options.max_new_tokens,
+                              run.stop, loaded.eager_fallback)
     per_scorer = {scorer.name: (scorer.result().float().cpu(), scorer.unscored) for scorer in scorers}
+    tied = ties[0].per_sample() if ties else None
     seconds = (time.time() - started) / len(runnable)
     for i, (index, sample, prompt) in enumerate(runnable):
         response = loaded.tokenizer.decode(generated[i], skip_special_tokens=True).strip()
@@ -428,6 +440,8 @@ def run_batch(run: Run, items: list, scorers: list):
             markers = think_markers(loaded.tokenizer, run.options.think_start, run.options.think_end)
             sequence = list(prompt.input_ids) + generated[i]
             outcome |= locate(loaded.tokenizer, sequence, len(prompt.input_ids), *markers).spans()
+        if tied is not None:
+            outcome["tied_head_steps"] = tied[i]
         row = sample_row(run, sample, prompt, outcome)
         yield {"index": index} | row, {name: (scores[i], unscored.get(i)) for name, (scores, unscored)
                                        in per_scorer.items()}
@@ -480,7 +494,7 @@ def sample_row(run: Run, sample, prompt, outcome: dict) -> dict:
            "excerpt": excerpt(run.loaded.tokenizer, prompt.input_ids, prompt.span),
            "response": outcome["response"], "score": outcome["score"], "passed": outcome["passed"],
            "error": outcome["error"], "duration_s": round(outcome["seconds"], 4)}
-    for key in ("answer_text", "think_span", "answer_span"):  # answer_text None: nothing extracted, it fails
+    for key in ("answer_text", "think_span", "answer_span", "tied_head_steps"):  # answer_text None: it fails
         if key in outcome:
             row[key] = outcome[key]
     if run.options.save_prompts:

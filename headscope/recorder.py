@@ -43,6 +43,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from . import masking
 from .errors import HeadscopeError
 from .runstate import calling_layer, module_state, state_of
+from .ties import top_k
 
 ATTN_SDPA = "headscope"  # no "sdpa" in the name: transformers would then check SDPA support
 ATTN_FLASH = "headscope-fa"
@@ -67,6 +68,7 @@ class Recorder:
         self.seq_len = 0  # length of the whole sequence, the current query included
         self.values: list[torch.Tensor | None] = [None] * len(self.layers)  # each (batch, heads, k) float32
         self.positions: list[torch.Tensor | None] = [None] * len(self.layers)  # each (batch, heads, k) int64
+        self.tied: list[torch.Tensor | None] = [None] * len(self.layers)  # each (batch, heads): a tie in the top k+1
         self.row_hooks: list = []  # callables (slot, probs, offset) for scorers that need whole rows
         self.prefill_targets: list = []  # (start, end, hook): hook(slot, query_start, probs) for prefill rows
         self.prefilling = False  # True inside `prefilling(...)`: multi-query passes deliver prefill rows
@@ -102,7 +104,8 @@ class Recorder:
         offset = self.seq_len - probs.shape[-1]
         for hook in self.row_hooks:
             hook(slot, probs, offset)
-        values, positions = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
+        values, positions, tied = top_k(probs, self.top_k)  # ties settled by ties.py's rule
+        self.tied[slot] = tied
         positions = positions + offset
         missing = self.top_k - values.shape[-1]
         if missing > 0:  # fewer keys than k (a short window): pad with zero mass at position -1
@@ -119,7 +122,8 @@ class Recorder:
             self.add(layer, weights[:, :, -1, :].float())
 
     def take(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's top-k values and positions, each (attention layers, batch, heads, k), on one device."""
+        """The step's top-k values and positions, each (attention layers, batch, heads, k), on one device; the
+        rows a tie touched stay for `take_ties`."""
         missing = [self.layers[slot] for slot, v in enumerate(self.values) if v is None]
         if missing:
             raise RuntimeError(f"no attention row was recorded for layers {missing}")
@@ -128,6 +132,12 @@ class Recorder:
         self.values = [None] * len(self.layers)
         self.positions = [None] * len(self.layers)
         return values, positions
+
+    def take_ties(self, device) -> torch.Tensor:
+        """(attention layers, batch, heads) bool: the step's rows whose top k + 1 held a tie (ties.top_k)."""
+        tied = torch.stack([t.to(device) for t in self.tied])
+        self.tied = [None] * len(self.layers)
+        return tied
 
 
 @contextlib.contextmanager

@@ -21,7 +21,17 @@ from .recorder import Recorder, row_blocks
 from .reference import eager_output_and_rows
 from .runstate import state_of
 
-ROW_LIMIT = 1e-5  # a row entry this close to eager's is equal (check.py's rows and prefill figures)
+ROW_LIMIT = 1e-5  # a row this close to eager's, in mass moved (`mass_moved`), is equal (check's row figures)
+ENTRY_LIMIT = 1e-5  # an entry this close to eager's is fed to the scorers as headscope's (`as_fed`)
+
+
+def mass_moved(ours: torch.Tensor, eager: torch.Tensor) -> torch.Tensor:
+    """Per row (the last dimension), the attention mass that differs between the two rows: half the L1 distance,
+    the total variation between them. It judges a row by the mass it moves, whatever its length: a correct row's
+    entries each carry float32 rounding relative to their size, so its total stays ~1e-7 at 256 keys or at 128K,
+    while a wrong row of a diffuse head at 100K keys (every entry near 1e-5) moves a whole share of its mass --
+    which a limit on the largest entry's difference (1e-5) never sees."""
+    return (ours - eager).abs().sum(-1) / 2
 
 
 def as_fed(ours: torch.Tensor, eager: torch.Tensor) -> torch.Tensor:
@@ -29,14 +39,15 @@ def as_fed(ours: torch.Tensor, eager: torch.Tensor) -> torch.Tensor:
     difference still reaches the scorers; rounding does not flip a top-k choice between two keys whose weights
     tie (exactly, in a row of repeated tokens) or differ by an ulp, which would move a score while every entry
     agrees."""
-    return torch.where((ours - eager).abs() <= ROW_LIMIT, ours, eager)
+    return torch.where((ours - eager).abs() <= ENTRY_LIMIT, ours, eager)
 
 SPY = "headscope-check"
 
 
 @dataclass
 class Differences:
-    """The largest |headscope - eager| of each compared row kind; NaN where the model has no eager code."""
+    """The largest difference of each compared row kind (rows: `mass_moved`); NaN where the model has no eager
+    code."""
 
     decode: list = field(default_factory=list)  # one per (step, attention layer)
     prefill: list = field(default_factory=list)  # one per (layer, compared block)
@@ -108,7 +119,7 @@ class EagerRowsRecorder(Recorder):
             self.differences.decode.append(math.nan)
             return super().add(layer, probs)
         reference = reference[:, :, 0, -probs.shape[-1]:].to(probs.device)  # a window's cache keeps its last keys
-        self.differences.decode.append(float((probs - reference).abs().max()))
+        self.differences.decode.append(float(mass_moved(probs, reference).max()))
         super().add(layer, as_fed(probs, reference))
 
     def prefill(self, layer, query, key, attention_mask, rule) -> None:
@@ -127,7 +138,7 @@ class EagerRowsRecorder(Recorder):
                 reference = reference.to(probs.device)
                 real = self.real_rows(rows, probs.shape[0]).to(probs.device)  # (batch, block)
                 if bool(real.any()):
-                    gap = (probs - reference).abs().amax(-1) * real[:, None, :]  # (batch, heads, block)
+                    gap = mass_moved(probs, reference) * real[:, None, :]  # (batch, heads, block)
                     self.differences.prefill.append(float(gap.max()))
                     self.differences.prefill_rows += int(real.sum())
                 hook(slot, block_start, as_fed(probs, reference))

@@ -139,6 +139,7 @@ SAMPLE_ROW = {
     "depth_percent": (False, optional(is_number), "a number or null"),
     "scorer": (False, is_text, "a string"),
     "unscored": (False, optional(is_text), "a string or null"),  # why a scorer gave this sample no value
+    "tied_head_steps": (False, is_count, "a whole number >= 0"),  # head-steps whose top k + 1 held a tie (ties.py)
 }
 # A shard's rows must say which run they belong to and where they sit in the sample grid (merge sorts on it).
 SHARD_ROW = SAMPLE_ROW | {"run": (True, is_text, "a string"), "index": (True, is_count, "a whole number >= 0")}
@@ -160,6 +161,7 @@ MANIFEST = {
     "finished": (False, optional(is_text), "a string or null"),
     "model_path": (False, optional(is_text), "a string or null"),
     "grid_size": (False, is_count, "a whole number >= 0"),
+    "tied_head_steps": (False, is_count, "a whole number >= 0"),
     "runs": (False, is_run_records, "an object of run records (each with an \"options\" object)"),
 }
 

@@ -7,8 +7,8 @@ For one model type (`sweep_type`):
   2. save it with a word-level tokenizer and run `headscope check` on it;
   3. run `headscope detect retrieval` and `detect reasoning` (each runs the check again first) and
      recompute both heads files from the eager model's own rows -- the whole sequence at every step, no cache,
-     a Python loop over layers and heads -- and compare each sample's scores (<= 1e-4 relative, either way of
-     breaking a top-k near tie; same responses).
+     a Python loop over layers and heads, the top k under the README's tie rule -- and compare each sample's
+     scores (<= 1e-4 relative; same responses), counting the head-steps with a tie in their top k + 1.
 A command that exits 2 with one `headscope: error:` line and leaves no output file is a refusal; any other
 ending -- a traceback, a failing check, a difference from eager -- is a crash or a mismatch, which the sweep
 exists to drive to zero.
@@ -152,24 +152,25 @@ def refusal_or_problem(code: int, out: str, err: str, out_dir: Path | None) -> t
     return CRASH, f"exit {code}: {' | '.join(lines)[:300]}"
 
 
-TIE = 1e-6  # two row entries this close tie: eager's rounding and headscope's may order them either way
+def rule_top_k(row: torch.Tensor, k: int) -> tuple[list[tuple[int, float]], bool]:
+    """The row's top k under the README's tie rule, written out on its own (numpy): entries rounded to 2^-16 of
+    their size (float32 bits to the nearest multiple of 2^7), equal ones earliest position first. Returns the
+    (position, value) pairs and whether two of the top k + 1 tie there (a tie the rule settled; headscope's
+    `tied_head_steps` counts the same)."""
+    import numpy as np
 
-
-def top_k_bounds(row: torch.Tensor, k: int, credit) -> tuple[float, float]:
-    """(lowest, highest) sum of credit(position, value) over the row's top k, over every way of breaking the ties
-    at the k-th value (entries within TIE of it). Without a near tie at the boundary the two are equal."""
-    values, positions = row.sort(descending=True)
-    kth = float(values[k - 1])
-    sure = [(int(p), float(v)) for v, p in zip(values, positions) if float(v) > kth + TIE]
-    tied = sorted(credit(int(p), float(v)) for v, p in zip(values, positions) if abs(float(v) - kth) <= TIE)
-    need, base = k - len(sure), sum(credit(p, v) for p, v in sure)
-    return base + sum(tied[:need]), base + sum(tied[-need:] if need else [])
+    values = row.float().numpy()
+    levels = (np.maximum(values, 0).view(np.int32).astype(np.int64) + 64) >> 7
+    order = np.lexsort((np.arange(len(values)), -levels))
+    top = levels[order[:k + 1]]
+    tied = bool((top[1:] == top[:-1]).any())
+    return [(int(p), float(values[p])) for p in order[:k]], tied
 
 
 def reference_heads(model, tokenizer, rows: list[dict], task: str, keys: list[str]) -> tuple[dict, list[str], int]:
     """Each head's score per sample recomputed the original scripts' way: eager rows of the whole sequence at every
-    step (no cache), one head at a time, as (lowest, highest) over the ways of breaking a top-k near tie; the
-    responses; and how many (step, head) rows had such a tie."""
+    step (no cache), one head at a time, the top k under the tie rule; the responses; and how many (step, head)
+    rows had a tie in their top k + 1 (settled by the rule)."""
     from .decode import eos_token_ids
     from .reference import recording_eager_rows
 
@@ -180,7 +181,7 @@ def reference_heads(model, tokenizer, rows: list[dict], task: str, keys: list[st
     for row in rows:
         ids = tokenizer(row["prompt"]).input_ids
         prompt_len, span = len(ids), row["span"]
-        score = {key: [0.0, 0.0] for key in keys}
+        score = {key: 0.0 for key in keys}
         for _ in range(STEPS):
             rows_by_layer = {}
             as_generate = {"position_ids": torch.arange(len(ids))[None]} if takes_positions else {}  # as generate()
@@ -195,29 +196,28 @@ def reference_heads(model, tokenizer, rows: list[dict], task: str, keys: list[st
                 k, credit = 5, lambda p, v: v * ((p >= prompt_len) + 0.5 * bool(span and span[0] <= p < span[1]))
             for key in keys:
                 layer, head = (int(part) for part in key.split("-"))
-                low, high = top_k_bounds(rows_by_layer[layer][0, head, -1], k, credit)
-                score[key][0] += low
-                score[key][1] += high
-                ties += high != low
+                top, tied = rule_top_k(rows_by_layer[layer][0, head, -1], k)
+                score[key] += sum(credit(p, v) for p, v in top)
+                ties += tied
             ids.append(token)
             if token in eos:  # the step that writes EOS is scored, and is the last
                 break
-        for key, bounds in score.items():
-            expected[key].append(tuple(bounds))
+        for key, value in score.items():
+            expected[key].append(value)
         responses.append(tokenizer.decode(ids[prompt_len:], skip_special_tokens=True).strip())
     return expected, responses, ties
 
 
 def compare_heads(rows: list[dict], expected: dict) -> str | None:
-    """What differs between each sample's head scores (the samples file, zeros included) and eager's range (None:
+    """What differs between each sample's head scores (the samples file, zeros included) and eager's (None:
     nothing beyond LIMIT, relative to scores above 1: a reasoning score sums dozens of row values over the steps,
     each within float32 rounding). The heads file is derived from these rows (tested in tests/)."""
     layers = sorted({int(key.split("-")[0]) for key in expected})
-    for key, bounds in expected.items():
+    for key, scores in expected.items():
         layer, head = (int(part) for part in key.split("-"))
         values = [row["head_scores"][layers.index(layer)][head] for row in rows]
-        worst = max((max(low - (value or 0.0), (value or 0.0) - high, 0.0) / max(1.0, abs(high))
-                     for value, (low, high) in zip(values, bounds)), default=0.0)
+        worst = max((abs((value or 0.0) - score) / max(1.0, abs(score)) for value, score in zip(values, scores)),
+                    default=0.0)
         if worst > LIMIT:
             return f"head {key} differs from eager by {worst:.1e}"
     return None
@@ -263,7 +263,7 @@ def sweep_type(model_type: str, workdir: Path) -> Outcome:
         if differs:
             outcome.verdict, outcome.reason = MISMATCH, f"detect {task}: {differs}"
             return outcome
-        compared.append(f"{len(rows)} {task} samples" + (f" ({ties} head-steps at a top-k near tie, either way)"
+        compared.append(f"{len(rows)} {task} samples" + (f" ({ties} head-steps at a top-k tie, settled by the rule)"
                                                           if ties else ""))
     from .layout import attention_layout
 

@@ -63,9 +63,9 @@ def table(sweep: Sweep) -> str:
              "of which 2 active, small latent and state sizes) that must first run on its own eager attention "
              "(else *cannot-build*: the recipe's or transformers' fault, not headscope's); then `headscope check` and "
              "`headscope detect retrieval` / `reasoning`, whose per-sample scores are recomputed from the model's own "
-             "eager rows (the whole sequence at every step, a loop over layers and heads) and must be equal (<= 1e-4 "
-             "relative; where an eager row has a near tie at the top-k boundary, within 1e-6, either way of breaking "
-             "it; same responses): *exact*. *refused*: headscope said no in one `headscope: error:` line, exit 2, no output "
+             "eager rows (the whole sequence at every step, a loop over layers and heads, the top k under the "
+             "README's tie rule) and must be equal (<= 1e-4 relative; same responses): *exact*, with the head-steps "
+             "whose top k + 1 held a tie, settled by the rule, counted. *refused*: headscope said no in one `headscope: error:` line, exit 2, no output "
              "file; the reason is that line.", "",
              "| family | example checkpoint | class | verdict | reason |", "|---|---|---|---|---|"]
     for model_type, row in sorted(rows.items(), key=lambda item: (ORDER.index(item[1]["verdict"]), item[0])):

@@ -1,4 +1,17 @@
-"""Was a greedy-token divergence a near tie, or a real difference? (`check`'s token figure.)
+"""Ties: the rule that settles a tie in a top-k score, and whether a greedy-token divergence was a near tie.
+
+The top-k rule (`top_k`, every top-k score on every backend: the recorder's rows, the sweep's reference and the
+tests' references). The published scores take the top k entries of an attention row; when the k-th and (k+1)-th
+entries tie, which one counts is up to the backend (its rounding, its topk kernel), and the score with it. So
+entries are ranked by their value rounded to 2^-16 of its size (float32 with its last 7 mantissa bits rounded
+off), and among entries equal there the EARLIEST position ranks first. That resolution is coarser than the
+rounding by which two correct backends' float32 rows differ (about 1e-7 of an entry; the same key at two
+positions gives values an ulp apart): both see the same ties and settle them alike. Where no two of a row's
+top k + 1 entries are equal at that resolution the rule's top k is torch.topk's, in the same order: the papers'
+scores are unchanged on rows without ties. Cost: one topk(k + 1) per row, and only on rows with a tie a pass
+over the row (a sortable key of rounded value and position).
+
+Greedy-token divergences (`check`'s token figure):
 
 headscope takes q.k in float32 where eager attention rounds it to the model's dtype, so in bf16/fp16 the two
 runs differ by rounding, and rounding decides any choice that is a near tie:
@@ -16,11 +29,61 @@ import contextlib
 
 import torch
 
-ROUNDING = 4  # a tie: a gap within this many of the dtype's epsilons of the largest logit
+from .scorers.base import Scorer, StepView
+
+DROPPED_BITS = 7  # of float32's 23 mantissa bits: entries are ranked at a resolution of 2^-16 of their size
+POSITION_BITS = 32  # the rule's sort key: rounded value in the high bits, (2^32 - 1 - position) in the low
+
+
+def top_k(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rule's top k of each row (the last dimension, entries >= 0): (values, positions) in rank order, each
+    (..., min(k, length)), and (...) bool: True where two of the row's top k + 1 entries tie at the rule's
+    resolution (the head-steps a tie touched)."""
+    take = min(k + 1, rows.shape[-1])
+    values, positions = rows.topk(take, dim=-1)
+    tied = tied_rows(values)
+    values, positions = values[..., :k], positions[..., :k]
+    if bool(tied.any()):  # only these rows: a pass over each of them
+        picked = rule_order(rows[tied], values.shape[-1])
+        positions[tied] = picked
+        values[tied] = rows[tied].gather(-1, picked)
+    return values, positions, tied
+
+
+def rounded(entries: torch.Tensor) -> torch.Tensor:
+    """int64 of the float32 entries (>= 0) rounded to the rule's resolution, in their order: a non-negative
+    float's bit pattern sorts as the float, and rounding it to the nearest multiple of 2^DROPPED_BITS rounds the
+    mantissa."""
+    bits = entries.float().clamp(min=0).contiguous().view(torch.int32).to(torch.int64)
+    return (bits + (1 << (DROPPED_BITS - 1))) >> DROPPED_BITS
+
+
+def tied_rows(ranked: torch.Tensor) -> torch.Tensor:
+    """(...) True where two neighbours of the descending (..., n) entries are equal at the rule's resolution."""
+    levels = rounded(ranked)
+    return (levels[..., 1:] == levels[..., :-1]).any(-1)
+
+
+def rule_order(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the rule's top k of (n, length) rows: by rounded value, then by earliest position."""
+    later = torch.arange(rows.shape[-1], device=rows.device)
+    key = (rounded(rows) << POSITION_BITS) + ((1 << POSITION_BITS) - 1 - later)
+    return key.topk(k, dim=-1).indices
+
+
+# A tie: a gap within ROUNDING[dtype] x the dtype's epsilon x the largest logit. In bf16/fp16 the logits are the
+# LM head's output rounded to the dtype, so a gap between two of them is known to one ulp of the largest
+# (eps x largest) from that rounding alone, and headscope's float32 q.k moves the hidden states by rounding of the
+# same order: measured on the check's prompt (256 tokens, dense Llama, Qwen2, Mistral, Gemma 2 with 4 layers), the
+# gap between eager's two best tokens moved by at most 2.5 eps x largest (p99 2.0) in bf16 and fp16; 4 leaves a
+# margin of 1.6. In float32 both runs compute in float32 and differ only by summation order (SDPA against eager
+# matmuls), which moved that gap by up to 7.4 eps x largest: 16 (1.9e-6 x largest) leaves the same margin, and a
+# gap that small is a tie for any purpose. Other dtypes get 4.
+ROUNDING = {torch.float32: 16, torch.bfloat16: 4, torch.float16: 4}
 
 
 def tolerance(logits: torch.Tensor, dtype: torch.dtype) -> float:
-    return float(logits.abs().max()) * torch.finfo(dtype).eps * ROUNDING
+    return float(logits.abs().max()) * torch.finfo(dtype).eps * ROUNDING.get(dtype, 4)
 
 
 def router_modules(model) -> list:
@@ -93,3 +156,16 @@ def routing_tie(ours: list, eager: list, k: int, real: torch.Tensor, upto: int, 
     position, router, gap, tol = min(splits)
     kind = "a routing near tie" if gap <= tol else "a routing split (not a tie)"
     return f"{kind} in router {router} at position {position} (gap {gap:.1e}, tie <= {tol:.1e})"
+
+
+class TieCount(Scorer):
+    """Counts, per sample, the head-steps whose row had a tie in its top k + 1 (settled by the rule): written into
+    each samples row and the manifest (`tied_head_steps`), so a user sees how much of a score rests on ties."""
+
+    name = "tied_head_steps"
+
+    def step_scores(self, view: StepView) -> torch.Tensor:
+        return view.tied.float()
+
+    def per_sample(self) -> list[int]:
+        return [int(count) for count in self.total.sum((1, 2)).round().tolist()]

@@ -18,6 +18,10 @@ original is numpy, with loops where the original loops. They are slow and only f
 - QRHead (Wuwei Zhang et al. 2025), `princeton-pli/QRHead` at 7a668e7: `src/qrretriever/attn_retriever.py`
   (`score_docs_per_head_for_detection`, `score_per_token_attention_to_query`) and
   `exp_scripts/detection/detect_qrhead_lme.py` (`lme_eval`).
+
+Where an original takes a top-k (`torch.topk`, an argmax) the references apply headscope's documented tie rule
+instead (`rule_top_k`, written here on its own in numpy): the same picks wherever the row has no tie at the rule's
+resolution, and the one documented pick where it has (the original's is up to its backend).
 """
 from __future__ import annotations
 
@@ -248,6 +252,16 @@ def zhang_a2r(model, tokenizer, ids: list[int]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------- Retrieval_Head, HeadKV
 
+def rule_top_k(row, k: int) -> np.ndarray:
+    """The tie rule of headscope's README (ties.py): the k positions of the row's largest entries, each entry
+    rounded to 2^-16 of its size (its float32 bits to the nearest multiple of 2^7), equal ones earliest first."""
+    row = np.asarray(row, dtype=np.float32)
+    bits = np.maximum(row, 0).view(np.int32).astype(np.int64)
+    levels = (bits + 64) >> 7
+    order = np.lexsort((np.arange(len(row)), -levels))  # by level descending, then position ascending
+    return order[:k]
+
+
 def _decoding_rows(model, ids: list[int], steps: int, eos: int | None):
     """Greedy decoding with eager attention over the whole sequence at every step: yields (each layer's
     (heads, kv_len) row of the current query, the token written)."""
@@ -270,7 +284,7 @@ def retrieval_head_score(model, ids, needle, steps, eos) -> np.ndarray:
     start, end = needle
     total = None
     for rows, token in _decoding_rows(model, ids, steps, eos):
-        top = torch.stack([row.argmax(-1) for row in rows])  # (layers, heads)
+        top = torch.tensor([[int(rule_top_k(head, 1)[0]) for head in row.numpy()] for row in rows])  # argmax
         hit = (top >= start) & (top < end) & (torch.tensor(ids)[top.clamp(max=len(ids) - 1)] == token)
         total = hit.float() / (end - start) + (0 if total is None else total)
     return total.numpy()
@@ -285,8 +299,8 @@ def headkv_r2_score(model, ids, needle, answer_steps, eos) -> np.ndarray:
         step = torch.zeros(len(rows), rows[0].shape[0])
         for layer, row in enumerate(rows):
             for head in range(row.shape[0]):
-                values, idx = row[head].topk(end - start)
-                for v, i in zip(values.tolist(), idx.tolist()):
+                idx = rule_top_k(row[head].numpy(), end - start)  # the original's topk(end - start)
+                for v, i in zip(row[head][idx].tolist(), idx.tolist()):
                     if start <= i < end:
                         step[layer, head] += v * 1 / (end - start)
         total = step if total is None else total + step

@@ -60,7 +60,7 @@ def test_check_fails_on_broken_attention(toy_model_dir, monkeypatch, capsys):
     assert main(["check", "--model", toy_model_dir, "--prompt-tokens", "64", "--steps", "3"]) == 1
     out = capsys.readouterr().out
     rows = next(line for line in out.splitlines() if line.startswith("rows"))
-    assert rows.endswith("NO") and "max abs diff" in rows
+    assert rows.endswith("NO") and "mass moved" in rows
     assert "verdict: FAIL (rows" in out
 
 

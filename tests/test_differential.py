@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import headscope
+import references
 from headscope.decode import num_layers_and_heads
 from headscope.toy import FAMILIES, tiny_model, word_tokenizer
 
@@ -27,12 +28,12 @@ def reference_scores(model, tokenizer, prompt, span, task, max_new_tokens):
             for h in range(heads):
                 row = out.attentions[l][0, h, -1]
                 if task == "retrieval":
-                    top = int(row.argmax())
+                    top = int(references.rule_top_k(row.numpy(), 1)[0])  # the argmax, ties by the README's rule
                     if span[0] <= top < span[1] and ids[top] == token:
                         score[l][h] += 1 / (span[1] - span[0])
                 else:
-                    values, positions = row.topk(5)
-                    for value, position in zip(values.tolist(), positions.tolist()):
+                    positions = references.rule_top_k(row.numpy(), 5).tolist()  # topk(5), ties by the rule
+                    for value, position in zip(row[positions].tolist(), positions):
                         if position >= prompt_len:
                             score[l][h] += value
                         if span and span[0] <= position < span[1]:

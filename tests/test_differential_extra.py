@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import headscope
+import references
 from conftest import query_records
 
 
@@ -116,8 +117,9 @@ def test_r2_scores_equal_eager_loops(toy_dir, data_dir, tmp_path):
             attn, logits = attentions(model, ids)
             for l in range(layers):
                 for h in range(heads):
-                    values, positions = attn[l][h, -1].topk(end - start)
-                    for value, position in zip(values.tolist(), positions.tolist()):
+                    row = attn[l][h, -1]
+                    positions = references.rule_top_k(row.numpy(), end - start).tolist()  # topk, ties by the rule
+                    for value, position in zip(row[positions].tolist(), positions):
                         if start <= position < end:
                             score[l][h] += value / (end - start)
             ids = ids + [int(logits.argmax())]

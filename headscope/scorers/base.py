@@ -43,6 +43,7 @@ class StepView:
     positions: torch.Tensor  # (layers, batch, heads, k) their positions; -1 where the row was shorter than k
     tokens: torch.Tensor  # (batch,) the token produced at this step
     active: torch.Tensor  # (batch,) bool: False for samples that had already stopped
+    tied: torch.Tensor | None = None  # (layers, batch, heads) bool: a tie in the row's top k + 1 (ties.top_k)
 
 
 class Scorer:
@@ -71,6 +72,7 @@ class Scorer:
     keep_zeros = True
     full_rows = False
     replays = False
+    reads_top_k = True  # its score reads the step's top-k view: the engine counts that view's ties (ties.py)
 
     @classmethod
     def from_options(cls, options) -> "Scorer":

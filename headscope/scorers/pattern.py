@@ -21,6 +21,7 @@ class PatternScorer(Scorer):
     The rows come from the prefill, block by block; the last position's is decoding step 0's.
     """
 
+    reads_top_k = False  # its score never reads the step's top-k view (no tie of it to count)
     keep_zeros = True
     CONVENTIONS = ("headscope", "transformerlens")
 

@@ -34,6 +34,7 @@ class QueryScorer(Scorer):
     meta["qrhead_span"] / meta["null_qrhead_span"] the QRHead query spans of both prompts.
     """
 
+    reads_top_k = False  # its score never reads the step's top-k view (no tie of it to count)
     name = "query"
     keep_zeros = True
 

@@ -140,6 +140,7 @@ def think_markers(tokenizer, think_start: str | None, think_end: str | None) -> 
 class SegmentScorer(Scorer):
     """Reads each finished sequence's rows through the replay (see module): nothing while decoding."""
 
+    reads_top_k = False  # its score never reads the step's top-k view (no tie of it to count)
     replays = True
     keep_zeros = True
 
