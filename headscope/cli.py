@@ -305,22 +305,25 @@ def add_kv(kv) -> None:
 
 def add_check(check) -> None:
     from .options import ModelOptions, add_arguments
+    from .validate import integer
 
     add_arguments(check, ModelOptions)
-    check.add_argument("--prompt-tokens", type=int, default=256, help="length of the test prompt (default 256)")
-    check.add_argument("--steps", type=int, default=8, help="decoding steps compared (default 8)")
+    check.add_argument("--prompt-tokens", type=integer(1, 1 << 20), default=256,
+                       help="length of the test prompt (default 256)")
+    check.add_argument("--steps", type=integer(1, 10_000), default=8, help="decoding steps compared (default 8)")
     check.set_defaults(handler=run_check)
 
 
 def add_rescore(rescore) -> None:
     from .options import parse_floats, parse_list
+    from .validate import checked
 
     rescore.add_argument("run_dir", help="a detect --out folder")
     rescore.add_argument("--task", help="only this task's runs in the folder (default: every run)")
     rescore.add_argument("--metric", type=parse_list(str), default=["rouge1", "f1", "bleu", "chrf"],
                          help="comma-separated metrics (default rouge1,f1,bleu,chrf; also rougeL, exact, contains, "
                               "bertscore, embedding)")
-    rescore.add_argument("--threshold", type=parse_floats, default=[40.0, 50.0, 60.0],
+    rescore.add_argument("--threshold", type=checked(parse_floats), default=[40.0, 50.0, 60.0],
                          help="comma-separated thresholds: a sample passes when metric > threshold (default 40,50,60)")
     rescore.add_argument("--metric-model", help="bertscore / embedding model: a hub id or a local folder")
     rescore.add_argument("--trust-remote-code", action="store_true",
@@ -332,13 +335,14 @@ def add_rescore(rescore) -> None:
 def add_specificity(specific) -> None:
     from .options import add_arguments, parse_list
     from .tasks import TASKS
+    from .validate import integer
 
     specific.add_argument("--scores", type=parse_list(str), required=True, help="comma-separated heads files")
     specific.add_argument("--tasks", type=parse_list(str), default=["retrieval", "reasoning"],
                           help="comma-separated tasks (default retrieval,reasoning)")
-    specific.add_argument("--top", type=int, required=True, help="K: the top-K heads of each file are masked")
-    specific.add_argument("--random", type=int, help="K random heads outside each file's top K (default: K)")
-    specific.add_argument("--repeats", type=int, default=3, help="random draws (default 3)")
+    specific.add_argument("--top", type=integer(1), required=True, help="K: the top-K heads of each file are masked")
+    specific.add_argument("--random", type=integer(0), help="K random heads outside each file's top K (default: K)")
+    specific.add_argument("--repeats", type=integer(1), default=3, help="random draws (default 3)")
     specific.add_argument("--mode", default="uniform", choices=["uniform", "zero", "mean"],
                           help="how heads are masked (default uniform)")
     taken: dict = {}

@@ -317,7 +317,7 @@ class RetrievalOptions(ContextOptions):
     needles: str | None = option(None, "JSON Lines of {needle, question, real_needle} (default: needles written "
                                        "for the default haystack)", group="data")
     depths: list[float] | None = option(None, "needle depths in percent, e.g. 0,50,100", group="data",
-                                        parse=parse_floats)
+                                        parse=parse_floats, minimum=0, maximum=100)
     num_depths: int = option(10, "needle depths from 0 to 100%", group="data", minimum=1, excludes=("depths",))
     depth_spacing: str = option("linear", "how the depths are spaced", group="data", choices=("linear", "sigmoid"),
                                 excludes=("depths",))

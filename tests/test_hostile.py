@@ -1,0 +1,134 @@
+"""Issue 32: inputs that do not fit, outputs that would overwrite inputs, numbers that are not numbers.
+
+Every case is a command and its whole outcome: exit 2, one `headscope: error:` line (or argparse's one error line
+naming the flag), and every file under the test's folder as it was. The numeric flags are enumerated from the
+parsers themselves, so a flag added later is fed the same hostile values without a change here."""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from headscope import cli, cli_analysis, validate
+from headscope.cli import main
+from test_faults import refused, snapshot, split_into_shards
+from toy_runs import PREFIX
+
+HOSTILE = ["nan", "inf", "-inf", "0", "-1", "1e20", "1" + "0" * 20]
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict:
+    action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return {} if action is None else action.choices
+
+
+def command_parsers():
+    """(the words that name the command, its parser) for every command and task: `detect retrieval`, `show`, ..."""
+    for command in [*cli.COMMANDS, *cli_analysis.COMMANDS]:
+        parser = subparsers(cli.build_parser(command))[command]
+        tasks = subparsers(parser)
+        if not tasks:
+            yield [command], parser
+        for task, task_parser in tasks.items():
+            yield [command, task], task_parser
+
+
+def takes_numbers(action: argparse.Action) -> bool:
+    """A flag whose value is a number or a list of numbers (its type parses "1" to one)."""
+    if not action.option_strings or action.type is None or action.choices:
+        return False
+    try:
+        value = action.type("1")
+    except (argparse.ArgumentTypeError, ValueError, TypeError, Exception):
+        return False
+    return bool(validate.numbers_in(value))
+
+
+def required_filler(parser: argparse.ArgumentParser) -> list[str]:
+    """Placeholder values of the parser's required arguments, so that parsing reaches the flag under test."""
+    filler = []
+    for action in parser._actions:
+        if not action.option_strings and not isinstance(action, argparse._SubParsersAction):
+            filler.append("x")
+        elif action.required:
+            value = action.choices[0] if action.choices else "1" if takes_numbers(action) else "x"
+            filler += [action.option_strings[0], value]
+    return filler
+
+
+def numeric_flags():
+    return [(words, action.option_strings[0], parser) for words, parser in command_parsers()
+            for action in parser._actions if takes_numbers(action)]
+
+
+def test_the_enumeration_finds_the_numeric_flags_of_every_command():
+    found = {(" ".join(words), flag) for words, flag, _ in numeric_flags()}
+    for expected in [("detect retrieval", "--threads"), ("detect retrieval", "--depths"), ("detect reasoning",
+                     "--generated-weight"), ("kv retrieval", "--temperature"), ("kv retrieval", "--budgets"),
+                     ("export", "--budget"), ("export", "--threshold"), ("show", "--bootstrap"),
+                     ("check", "--prompt-tokens"), ("specificity", "--top"), ("rescore", "--threshold"),
+                     ("ablate retrieval", "--min-score"), ("compare", "--top"), ("report", "--k")]:
+        assert expected in found
+    assert len(found) > 60
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_every_numeric_flag_refuses_what_is_not_a_number_it_can_take_in_one_line(value, capsys):
+    """NaN, the infinities, 1e20 (a float, or an integer past int64's use) and values below a flag's minimum: argparse's
+    one error line naming the flag, exit 2, before anything runs. A value the parser takes is a finite number within
+    headscope's limits (the command's own checks then run: see the end-to-end cases below)."""
+    for words, flag, parser in numeric_flags():
+        try:
+            args, _ = parser.parse_known_args([*required_filler(parser), flag, value])
+        except SystemExit as stop:
+            assert stop.code == 2, (words, flag, value)
+            lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+            assert len(lines) == 1 and f"argument {flag}" in lines[0], (words, flag, value, lines)
+            continue
+        parsed = next(getattr(args, action.dest) for action in parser._actions if flag in action.option_strings)
+        assert validate.value_problem(parsed) is None, (words, flag, value, parsed)
+        assert value not in ("nan", "inf", "-inf", "1e20", "1" + "0" * 20), (words, flag, value)
+
+
+# ------------------------------------------------------------------------------------- the model-free commands
+
+def analysis_argv(words, flag, value, folder: Path, tmp: Path) -> list[str]:
+    """The command with its required arguments and the flag under test last."""
+    heads = str(folder / f"{PREFIX}_heads.json")
+    command = words[0]
+    if command == "export":
+        duo = ["--to", "duo", "--num-kv-heads", "2"] + ([] if flag in ("--threshold", "--sparsity") else
+                                                         ["--sparsity", "0.5"])
+        target = duo if flag in ("--threshold", "--sparsity", "--sink-size", "--recent-size", "--num-kv-heads") \
+            else ["--to", "headkv"]
+        return ["export", heads, *target, "--out", str(tmp / "exported"), flag, value]
+    if command == "compare":
+        return ["compare", heads, heads, "--plot", str(tmp / "scatter.png"), flag, value]
+    if command == "report":
+        return ["report", str(folder), "--bootstrap", "5", "--out", str(tmp / "page.html"), flag, value]
+    return [command, heads, flag, value]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_the_analysis_commands_take_every_hostile_number_as_a_refusal_or_a_correct_run(value, run_folder, tmp_path,
+                                                                                       capsys):
+    """show, compare, plot, export and report run end to end: exit 0, or exit 2 with one line and the run's files
+    as they were; never a traceback, a NaN written, or a negative budget."""
+    flags = [(words, flag) for words, flag, _ in numeric_flags() if words[0] in cli_analysis.COMMANDS]
+    for words, flag in flags:
+        argv = analysis_argv(words, flag, value, run_folder, tmp_path)
+        before = snapshot(run_folder)
+        try:
+            code = main(argv)
+        except SystemExit as stop:
+            code = stop.code
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert code in (0, 2), (argv, code)
+        after = snapshot(run_folder)
+        assert after == before if code == 2 else {name: after[name] for name in before} == before, argv
+        if code == 2:
+            assert len(err) == 1, (argv, err)
+        budgets = tmp_path / "exported"
+        if code == 0 and flag in ("--budget", "--beta", "--temperature"):
+            assert all(budget >= 1 for budget in json.loads(budgets.read_text()).values()), argv
