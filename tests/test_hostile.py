@@ -132,3 +132,88 @@ def test_the_analysis_commands_take_every_hostile_number_as_a_refusal_or_a_corre
         budgets = tmp_path / "exported"
         if code == 0 and flag in ("--budget", "--beta", "--temperature"):
             assert all(budget >= 1 for budget in json.loads(budgets.read_text()).values()), argv
+
+
+# ------------------------------------------------------------------------------------- merge checks first
+
+def shard_rows(tmp: Path, index: int) -> Path:
+    return tmp / "shards" / f"{PREFIX}_samples.shard-{index}-of-2.jsonl"
+
+
+def edit_shard_rows(tmp: Path, index: int, change) -> None:
+    path = shard_rows(tmp, index)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    change(rows)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def edit_shard_manifests(tmp: Path, change, indexes=(0, 1)) -> None:
+    for index in indexes:
+        path = tmp / "shards" / f"{PREFIX}_manifest.shard-{index}-of-2.json"
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def fewer_head_scores(tmp):
+    edit_shard_rows(tmp, 1, lambda rows: [layer.pop() for layer in rows[0]["head_scores"]])
+
+
+def huge_scores(tmp):
+    edit_shard_rows(tmp, 0, lambda rows: rows[0]["head_scores"][0].__setitem__(0, 1e308))
+
+
+def one_id_at_two_indexes(tmp):
+    edit_shard_rows(tmp, 0, lambda rows: rows[1].__setitem__("id", rows[0]["id"]))  # indexes 0 and 2
+
+
+def grid_edited_smaller(tmp):
+    """Shard 0 lost its sample at index 2 and both manifests say the grid is 2: covered, but not the grid the
+    run's --depths 0,50,100 make."""
+    edit_shard_rows(tmp, 0, lambda rows: rows.pop())
+    edit_shard_manifests(tmp, lambda m: dict(m, runs={r: dict(v, grid_size=2) for r, v in m["runs"].items()}))
+
+
+def a_row_of_another_task(tmp):
+    edit_shard_rows(tmp, 1, lambda rows: rows[0].__setitem__("task", "reasoning"))
+
+
+def a_manifest_of_another_task(tmp):
+    edit_shard_manifests(tmp, lambda m: dict(m, task="reasoning"), indexes=(1,))
+
+
+def a_pass_its_score_contradicts(tmp):
+    edit_shard_rows(tmp, 0, lambda rows: rows[0].__setitem__("passed", False))
+
+
+MERGE_CASES = {
+    "a row with fewer head scores than the model's heads": (fewer_head_scores, "has 9 head scores, and the run's "
+                                                                               "manifest lists 12 heads"),
+    "head scores of 1e308": (huge_scores, "1e+308 is too large"),
+    "one id at two indexes": (one_id_at_two_indexes, "is at indexes 0 and 2"),
+    "grid_size edited smaller in both manifests": (grid_edited_smaller, "grid_size 2 is smaller than the 3 samples"),
+    "a row of another task": (a_row_of_another_task, "is a row of task 'reasoning'"),
+    "a manifest of another task": (a_manifest_of_another_task, "shard 1's manifest is of task 'reasoning'"),
+    "passed: false with a passing score": (a_pass_its_score_contradicts, "says passed: false, but its score"),
+}
+
+
+@pytest.mark.parametrize("case", list(MERGE_CASES))
+def test_merge_checks_everything_before_writing_anything(case, run_folder, tmp_path, capsys):
+    corrupt, expected = MERGE_CASES[case]
+    split_into_shards(run_folder, tmp_path / "shards")
+    corrupt(tmp_path)
+    capsys.readouterr()
+    refused(capsys, ["merge", str(tmp_path / "shards"), "--out", str(tmp_path / "merged")], expected, tmp_path)
+    assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())
+
+
+def test_a_merge_refused_for_its_head_scores_is_not_stuck_once_the_shard_is_fixed(run_folder, tmp_path, capsys):
+    """Finding 5: the refusal wrote nothing, so merging the fixed shard into the same folder is a merge, not
+    "already holds a whole run"."""
+    split_into_shards(run_folder, tmp_path / "shards")
+    good = shard_rows(tmp_path, 1).read_bytes()
+    fewer_head_scores(tmp_path)
+    refused(capsys, ["merge", str(tmp_path / "shards")], "has 9 head scores", tmp_path)
+    shard_rows(tmp_path, 1).write_bytes(good)
+    assert main(["merge", str(tmp_path / "shards")]) == 0
+    merged = tmp_path / "shards" / f"{PREFIX}_heads.json"
+    assert merged.read_bytes() == (run_folder / f"{PREFIX}_heads.json").read_bytes()
