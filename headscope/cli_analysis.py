@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .options import parse_ints
-from .validate import LARGEST_SEED, checked, integer, real
+from .validate import LARGEST_SEED, checked, integer, real, refuse_overwriting
 
 MOST_RESAMPLES = 100_000  # resamples x heads floats are held at once: 100,000 x 1,024 heads is 0.8 GB
 
@@ -191,6 +191,7 @@ def run_compare(args) -> None:
     from . import analysis, plots
     from .outputs import plain
 
+    refuse_overwriting(args.plot, "--plot", [args.a, args.b], [Path(args.a).parent, Path(args.b).parent])
     a, b = (plain(analysis.load_summary(path)) for path in (args.a, args.b))  # no value counts as 0 here
     ks = args.top if args.top is not None else [k for k in (5, 10, 20, 30) if k <= len(a)] or [len(a)]
     result = analysis.compare(a, b, ks)
@@ -219,6 +220,7 @@ def run_export(args) -> None:
     from .errors import HeadscopeError
     from .outputs import atomic_write_json
 
+    refuse_overwriting(args.out, "--out", [args.file], [Path(args.file).parent])
     summary = analysis.load_summary(args.file)
     analysis.checked_heads(args.file, summary)
     means = analysis.mean_matrix(summary)

@@ -69,6 +69,11 @@ def _below_100(threshold: float) -> None:
                              "threshold, and metrics are 0-100: give a value below 100")
 
 
+def _named(out: str) -> None:
+    if not out.strip():  # "" would be the current folder, which no one meant
+        raise HeadscopeError("--out is empty: name a folder")
+
+
 def _scorer_help() -> str:
     from .scorers import SCORERS  # imported only to show the help: the scorers import torch
 
@@ -98,7 +103,7 @@ class DetectOptions(ModelOptions):
     """What every task shares; the flags have the same names (`--max-new-tokens` sets max_new_tokens)."""
 
     max_new_tokens: int = option(50, "decoding budget", minimum=1)
-    out: str = option("head_scores", "output folder")
+    out: str = option("head_scores", "output folder", check=_named)
     overwrite: bool = option(False, "replace the folder's run instead of resuming it")
     append: bool = option(False, "add this run to an --out folder that holds another run measuring the same thing "
                                  "on other samples (other data or grid)", ablate=False, excludes=("overwrite",))

@@ -30,6 +30,7 @@ from .errors import HeadscopeError, notify
 from .outputs import parse_head_key
 from .scorers import keeps_zeros
 from .tasks import TASKS
+from .validate import refuse_overwriting
 
 # Row fields the sample browser shows in their own places; any other field is shown as a "key=value" chip.
 SHOWN_FIELDS = {"run", "index", "id", "task", "reference", "prompt_tokens", "span", "span_method", "response",
@@ -54,6 +55,8 @@ def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: i
         raise HeadscopeError(f"{run_dir} holds {len(runs)} runs ({', '.join(p for p, _ in runs)}): "
                              "pick one with --run to write it to --out")
     if out is not None:
+        compared = [] if compare is None else [Path(compare) if Path(compare).is_dir() else Path(compare).parent]
+        refuse_overwriting(out, "--out", [] if compare is None else [compare], [run_dir, *compared])
         outputs.write_target(out, follow=True)  # a folder or device named --out is refused before the work
     other = load_other(compare, runs) if compare is not None else None
     contexts = {}  # every run is read and checked before a page is rendered or written

@@ -4,11 +4,17 @@ when an options object is built in Python) and a number read from a file (schema
 A number is refused when it is NaN or an infinity, when it lies outside the range its flag states, and when it is
 larger than headscope can compute with exactly: an integer flag above LARGEST_INTEGER (budgets times heads would
 overflow int64 and come out negative), a number above LARGEST_MAGNITUDE (sums and squares of millions of them
-would overflow to infinity)."""
+would overflow to infinity).
+
+It also keeps a command's outputs off its inputs: a path a user names for an output is never an input of the
+command, nor one of a run folder's own files (refuse_overwriting)."""
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
+from pathlib import Path
 
 from .errors import HeadscopeError
 
@@ -84,3 +90,36 @@ def integer(minimum=None, maximum=None):
 
 def real(minimum=None, maximum=None):
     return checked(float, minimum, maximum)
+
+
+# ------------------------------------------------------------------------------------------ output paths
+
+# The files that make a run folder a record (samples, manifests, derived heads, logs): an output named by the user
+# never lands on one of them, whatever the links on the way.
+RUN_FILE = re.compile(r".+_(samples|manifest|heads|summary|base_heads|ablation|kv|specificity)"
+                      r"(_[a-z]+)?(\.shard-\d+-of-\d+)?\.jsonl?$|^rescore\.json$")
+
+
+def refuse_overwriting(out, flag: str, inputs=(), run_folders=()) -> None:
+    """One line when the path a user named for an output (`flag`) is empty, is (through links, or as another hard
+    link) one of the command's input files, or is one of a run folder's own files; checked before any work."""
+    if out is None:
+        return
+    if not str(out).strip():
+        raise HeadscopeError(f"{flag} is empty: name a file")
+    target = Path(os.path.realpath(out))
+    for source in map(Path, inputs):
+        if target == Path(os.path.realpath(source)) or _same_file(target, source):
+            raise HeadscopeError(f"{flag} {out} is {source}, an input of this command: it would be overwritten; "
+                                 "write elsewhere")
+    folders = {Path(os.path.realpath(folder)) for folder in run_folders}
+    if target.parent in folders and RUN_FILE.match(target.name):
+        raise HeadscopeError(f"{flag} {out} is {target.name}, one of the run's own files in {target.parent}: it "
+                             "would be overwritten; write elsewhere")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False

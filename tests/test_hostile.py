@@ -217,3 +217,58 @@ def test_a_merge_refused_for_its_head_scores_is_not_stuck_once_the_shard_is_fixe
     assert main(["merge", str(tmp_path / "shards")]) == 0
     merged = tmp_path / "shards" / f"{PREFIX}_heads.json"
     assert merged.read_bytes() == (run_folder / f"{PREFIX}_heads.json").read_bytes()
+
+
+# ------------------------------------------------------------------------------------- outputs off the inputs
+
+def heads_of(folder: Path) -> str:
+    return str(folder / f"{PREFIX}_heads.json")
+
+
+def hard_link_to_heads(folder, tmp):
+    (tmp / "hard.json").hardlink_to(folder / f"{PREFIX}_heads.json")
+
+
+def link_to_samples(folder, tmp):
+    (tmp / "page.html").symlink_to(folder / f"{PREFIX}_samples.jsonl")
+
+
+OUTPUT_CASES = {  # name: (setup(folder, tmp), argv(folder, tmp), what the one line must name)
+    "report --out the run's samples file": (
+        lambda f, t: None,
+        lambda f, t: ["report", str(f), "--bootstrap", "0", "--out", str(f / f"{PREFIX}_samples.jsonl")],
+        "one of the run's own files"),
+    "report --out a link to the run's samples file": (
+        link_to_samples, lambda f, t: ["report", str(f), "--bootstrap", "0", "--out", str(t / "page.html")],
+        f"is {PREFIX}_samples.jsonl, one of the run's own files"),
+    "export --out its own heads file": (
+        lambda f, t: None, lambda f, t: ["export", heads_of(f), "--to", "topk", "--out", heads_of(f)],
+        "an input of this command"),
+    "export --out a hard link to its heads file": (
+        hard_link_to_heads, lambda f, t: ["export", heads_of(f), "--to", "headkv", "--out", str(t / "hard.json")],
+        "an input of this command"),
+    "compare --plot the run's manifest": (
+        lambda f, t: None, lambda f, t: ["compare", heads_of(f), heads_of(f), "--plot",
+                                         str(f / f"{PREFIX}_manifest.json")],
+        "one of the run's own files"),
+    "report --out ''": (lambda f, t: None, lambda f, t: ["report", str(f), "--bootstrap", "0", "--out", ""],
+                        "--out is empty"),
+    "export --out ''": (lambda f, t: None, lambda f, t: ["export", heads_of(f), "--to", "topk", "--out", ""],
+                        "--out is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_CASES))
+def test_no_output_lands_on_an_input_or_a_run_file(case, run_folder, tmp_path, capsys, monkeypatch):
+    setup, argv, expected = OUTPUT_CASES[case]
+    monkeypatch.chdir(tmp_path)  # an empty --out would write here
+    setup(run_folder, tmp_path)
+    capsys.readouterr()
+    refused(capsys, argv(run_folder, tmp_path), expected, tmp_path)
+
+
+def test_detect_refuses_an_empty_out(toy_dir, data_dir, tmp_path, capsys, monkeypatch):
+    from toy_runs import detect_args
+
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, detect_args(toy_dir, data_dir, ""), "--out is empty", tmp_path)
