@@ -61,6 +61,7 @@ class Run:
     samples: list  # the task's Samples, not yet tokenised
     scorers: list
     stop: StopRule
+    encoded: dict = field(default_factory=dict)  # index -> encoded prompt, sized before the check (fits_context)
 
     @cached_property
     def keys(self) -> list[str]:
@@ -190,10 +191,20 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
     if options.batch_size > 1 and batch_size(run) == 1:
         notify(f"{type(loaded.model).__name__} gives a left-padded prompt other logits than the prompt alone (it "
                "ignores position_ids): its prompts are decoded one at a time, whatever --batch-size")
+    fits_context(run)
     if options.check and check_it:
         case = scorer_case(run) if run.scorers else None
         check.require(loaded, command, need_ablation=command == "ablate", cases=[case] if case else [])
     return run
+
+
+def fits_context(run: Run) -> None:
+    """Every prompt this process will decode (its shard's) is encoded and sized before the check runs the model on
+    any: a prompt longer than the model's context is refused in one line, not after the check has run on it
+    (a 560K-token record took the check minutes and gigabytes first). The prompts are kept for the decode."""
+    shard = parse_shard(run.options.shard)
+    run.encoded.update(encode_samples(run, [index for index in range(len(run.samples))
+                                            if shard is None or index % shard[1] == shard[0]]))
 
 
 def scorer_case(run: Run) -> check.ScorerCase | None:
@@ -201,7 +212,7 @@ def scorer_case(run: Run) -> check.ScorerCase | None:
     when no prompt's span is found (the run would score nothing: its rows say why)."""
     first, index = [], 0
     while len(first) < 2 and index < len(run.samples):
-        prompt = encode_with_span(run.loaded.tokenizer, run.samples[index], run.task.span_overlap_threshold)
+        prompt = encode_samples(run, [index])[index]  # sized: the check never runs on a prompt too long
         if decodable(run, prompt):
             first.append((index, run.samples[index], prompt))
         index += 1
@@ -304,7 +315,8 @@ def encode_samples(run: Run, indices) -> dict:
     budget = run.options.max_new_tokens
     for index in indices:
         sample = run.samples[index]
-        prompt = encode_with_span(tokenizer, sample, run.task.span_overlap_threshold)
+        prompt = run.encoded[index] if index in run.encoded else \
+            encode_with_span(tokenizer, sample, run.task.span_overlap_threshold)
         if max_context and len(prompt.input_ids) + budget > max_context:
             raise HeadscopeError(f"sample {sample.id}: {len(prompt.input_ids)} prompt tokens + {budget} new "
                                  f"tokens exceed the model's maximum context of {max_context}")

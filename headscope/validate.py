@@ -7,13 +7,15 @@ overflow int64 and come out negative), a number above LARGEST_MAGNITUDE (sums an
 would overflow to infinity).
 
 It also keeps a command's outputs off its inputs: a path a user names for an output is never an input of the
-command, nor one of a run folder's own files (refuse_overwriting)."""
+command, nor one of a run folder's own files (refuse_overwriting); and a data file is sized before it is read
+(data_file)."""
 from __future__ import annotations
 
 import argparse
 import math
 import os
 import re
+import stat
 from pathlib import Path
 
 from .errors import HeadscopeError
@@ -123,3 +125,26 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist (yet)
         return False
+
+
+# ------------------------------------------------------------------------------------------ input files
+
+LARGEST_DATA_FILE = 64 * 2**20  # --data and --needles are read whole: a larger file is refused before it is read
+
+
+def data_file(path, what: str) -> Path:
+    """A data file the user named (`what`: "needles file", ...), checked before a byte is read: there, a regular
+    file (not a folder, a device such as /dev/zero, or a pipe), and at most LARGEST_DATA_FILE bytes."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise HeadscopeError(f"{what} not found: {path}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise HeadscopeError(f"{what} {path} is a folder, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise HeadscopeError(f"{what} {path} is not a regular file (a device or a pipe): give a file")
+    if info.st_size > LARGEST_DATA_FILE:
+        raise HeadscopeError(f"{what} {path} is {info.st_size / 2**20:,.0f} MB: a data file is read whole, and "
+                             f"headscope takes at most {LARGEST_DATA_FILE // 2**20} MB (cut or sample it first)")
+    return path

@@ -272,3 +272,82 @@ def test_detect_refuses_an_empty_out(toy_dir, data_dir, tmp_path, capsys, monkey
 
     monkeypatch.chdir(tmp_path)
     refused(capsys, detect_args(toy_dir, data_dir, ""), "--out is empty", tmp_path)
+
+
+# ------------------------------------------------------------------------------------- inputs sized first
+
+def reasoning_args(toy_dir, data, out, *extra) -> list[str]:
+    return ["detect", "reasoning", "--model", str(toy_dir), "--out", str(out), "--data", str(data),
+            "--max-new-tokens", "4", "--quiet", "--no-plots", *extra]
+
+
+def test_a_prompt_longer_than_the_model_is_refused_before_the_check_runs_on_it(toy_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    """Finding 1: the check must never run the model on a prompt it cannot take (here 6,000 words on a model of
+    4,096 positions); the refusal names the sample and comes before the check, and nothing is written."""
+    from headscope import check
+
+    monkeypatch.setattr(check, "require", lambda *a, **k: pytest.fail("the check ran before the prompt was sized"))
+    words = " ".join(["the red fish is blue ."] * 1000)
+    (tmp_path / "long.json").write_text(json.dumps([{"id": "long", "context": words, "question": "what is red ?",
+                                                     "answer": "fish"}]))
+    line = refused(capsys, reasoning_args(toy_dir, tmp_path / "long.json", tmp_path / "out"), "sample long: ",
+                   tmp_path)
+    assert "exceed the model's maximum context of 4096" in line
+
+
+def deep_json(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("name, content, flag, expected", [
+    ("deep.json", deep_json(100_000), "--data", "nested too deeply"),
+    ("deep.jsonl", '{"id": ' + deep_json(100_000) + "}\n", "--data", "line 1 is nested too deeply"),
+    ("deep_needles.jsonl", '{"needle": ' + deep_json(100_000) + "}\n", "--needles", "line 1 is nested too deeply"),
+])
+def test_deeply_nested_json_is_one_line(name, content, flag, expected, toy_dir, data_dir, tmp_path, capsys):
+    (tmp_path / name).write_text(content)
+    if flag == "--data":
+        argv = reasoning_args(toy_dir, tmp_path / name, tmp_path / "out")
+    else:
+        argv = ["detect", "retrieval", "--model", str(toy_dir), "--out", str(tmp_path / "out"), "--haystack",
+                str(data_dir / "haystack"), "--needles", str(tmp_path / name), "--context-lengths", "260", "--quiet"]
+    refused(capsys, argv, expected, tmp_path)
+
+
+@pytest.mark.parametrize("flag", ["--data", "--needles"])
+def test_a_device_or_a_pipe_as_data_is_not_a_regular_file(flag, toy_dir, data_dir, tmp_path, capsys):
+    """/dev/zero exists: it is "not a regular file", never "not found" (and is never read)."""
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    for path in ("/dev/zero", str(tmp_path / "fifo")):
+        argv = reasoning_args(toy_dir, path, tmp_path / "out") if flag == "--data" else \
+            ["detect", "retrieval", "--model", str(toy_dir), "--out", str(tmp_path / "out"), "--haystack",
+             str(data_dir / "haystack"), "--needles", path, "--context-lengths", "260", "--quiet"]
+        refused(capsys, argv, "is not a regular file", tmp_path)
+
+
+def test_a_data_file_above_the_stated_size_is_refused_before_it_is_read(toy_dir, tmp_path, capsys):
+    """Finding 2: a 200 MB one-line --data file was read and tokenized whole (8.76 GB). A sparse file above the
+    limit is refused by its size alone."""
+    big = tmp_path / "big.json"
+    with open(big, "wb") as file:
+        file.truncate(validate.LARGEST_DATA_FILE + 1)
+    refused(capsys, reasoning_args(toy_dir, big, tmp_path / "out"), "takes at most 64 MB", tmp_path)
+
+
+def test_a_huge_haystack_file_is_read_only_as_far_as_the_grid_needs(toy_dir, data_dir, tmp_path, monkeypatch):
+    """Finding 2: a 1 GB sparse .txt in the haystack folder: only the grid's longest context (x CHARS_PER_TOKEN
+    characters) is read, and the run's prompts are those of the haystack's first characters."""
+    from headscope.tasks import retrieval
+
+    haystack = tmp_path / "haystack"
+    haystack.mkdir()
+    text = (data_dir / "haystack" / "a.txt").read_text()
+    (haystack / "a.txt").write_text(text)
+    with open(haystack / "b.txt", "wb") as file:  # after a.txt: a gigabyte of NUL characters, never needed
+        file.truncate(2**30)
+    read = retrieval.load_haystack(haystack, 260 * retrieval.CHARS_PER_TOKEN)
+    assert read.startswith(text) and len(read) <= 260 * retrieval.CHARS_PER_TOKEN + 1
+    assert retrieval.load_haystack(data_dir / "haystack", 10**9) == text  # a small folder is read whole
