@@ -13,7 +13,7 @@ import pickle
 import sys
 from pathlib import Path
 
-from .errors import HeadscopeError
+from .errors import EscapedStream, HeadscopeError, printable
 
 
 def options_from(args: argparse.Namespace, options_class) -> dict:
@@ -62,23 +62,32 @@ def run_detect(args: argparse.Namespace) -> int:
     if not result.complete:
         for scorer_result in by_scorer.values():
             for kind in ("heads", "summary", "samples", "manifest"):
-                print(f"wrote {scorer_result.paths[kind]}")
+                said_wrote(scorer_result.paths[kind])
+    if options.shard is not None and not counts["run"]:  # more shards than samples: a finished, empty shard
+        print(f"shard {options.shard} holds no sample of this grid (it has fewer samples than shards): nothing to "
+              f"decode; when every shard has finished: headscope merge {options.out}")
+        return 0
     if not counts["passed"]:
         print(f"headscope: {counts['passed']} of {counts['run']} samples passed the success filter ({options.metric} > "
               f"{options.success_threshold:g}): no head has a value, so there is nothing to rank; re-judge the "
-              f"responses with `headscope rescore {options.out}`", file=sys.stderr)
+              f"responses with `headscope rescore {printable(options.out)}`", file=sys.stderr)
         return 1
     if options.plots and not result.complete:
         from .plots import plot_run
 
         for scorer_result in by_scorer.values():
             for picture in plot_run(scorer_result.paths["heads"]):
-                print(f"wrote {picture}")
+                said_wrote(picture)
     if options.shard is not None:
         print(f"when every shard has finished: headscope merge {options.out}")
     else:
         print(f"see it in the browser: headscope report {options.out}")
     return 0
+
+
+def said_wrote(path) -> None:
+    """'wrote PATH', the path escaped whole (a folder named with a newline cannot make it two lines)."""
+    print(f"wrote {printable(str(path))}")
 
 
 def scorer_table(name: str, result, titled: bool) -> str:
@@ -160,9 +169,9 @@ def run_ablate(args: argparse.Namespace) -> None:
     settings = options_from(args, AblationSettings)
     report = ablate(args.task, settings.pop("scores"), settings.pop("top"), options, **settings)
     print(format_report(report))
-    print(f"wrote {report['path']}")
+    said_wrote(report['path'])
     for picture in report["pictures"]:
-        print(f"wrote {picture}")
+        said_wrote(picture)
 
 
 def run_kv(args: argparse.Namespace) -> None:
@@ -173,9 +182,9 @@ def run_kv(args: argparse.Namespace) -> None:
     settings = options_from(args, KVSettings)
     report = kv_curve(args.task, settings.pop("scores"), options, **settings)
     print(format_table(report))
-    print(f"wrote {report['path']}")
+    said_wrote(report['path'])
     for picture in report["pictures"]:
-        print(f"wrote {picture}")
+        said_wrote(picture)
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -225,10 +234,10 @@ def run_rescore(args: argparse.Namespace) -> None:
 
     report = rescore(args.run_dir, args.metric, args.threshold, args.task, args.metric_model, args.trust_remote_code)
     print(format_report(report))
-    print(f"wrote {os.path.join(args.run_dir, 'rescore', 'rescore.json')}")
+    said_wrote(os.path.join(args.run_dir, 'rescore', 'rescore.json'))
     if not args.no_plots:
         for picture in draw(report, Path(args.run_dir)):
-            print(f"wrote {picture}")
+            said_wrote(picture)
 
 
 def run_specificity(args: argparse.Namespace) -> None:
@@ -246,16 +255,16 @@ def run_specificity(args: argparse.Namespace) -> None:
                  if not excluded_by(task.options, k, set(given))} | given
     report = specificity(args.scores, args.tasks, Arms(args.top, args.random, args.repeats, args.mode), **given)
     print(format_matrix(report))
-    print(f"wrote {report['path']}")
+    said_wrote(report['path'])
     if given.get("plots", True):
-        print(f"wrote {draw(report)}")
+        said_wrote(draw(report))
 
 
 def run_merge(args: argparse.Namespace) -> None:
     from .store import merge
 
     for path in merge(args.dirs, args.out):
-        print(f"wrote {path}")
+        said_wrote(path)
 
 
 def run_organism_train(args: argparse.Namespace, rest: list[str]) -> None:
@@ -463,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "organism":
             run_organism_train(args, rest)
             return 0
-        with command_threads(args):
+        with command_threads(args), contextlib.redirect_stdout(EscapedStream(sys.stdout)):
             return args.handler(args) or 0
     except KeyboardInterrupt:
         print("headscope: interrupted", file=sys.stderr)
@@ -475,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         line = user_error(error)
         if line is None:
             raise
-        print(f"headscope: error: {' '.join(line.splitlines())}", file=sys.stderr)
+        print(f"headscope: error: {printable(' '.join(line.splitlines()))}", file=sys.stderr)
         return 2
 
 

@@ -98,9 +98,9 @@ def add_report(report) -> None:
     report.add_argument("--compare", metavar="OTHER",
                         help="another run: its folder, or one of its files (e.g. NAME_TASK_r2_heads.json): top-K "
                              "overlap, Jaccard, Spearman and a scatter of the two")
-    report.add_argument("--bootstrap", type=integer(0, MOST_RESAMPLES), default=1000, metavar="N",
+    report.add_argument("--bootstrap", type=integer(maximum=MOST_RESAMPLES), default=1000, metavar="N",
                         help="resamples behind each head's 95%% interval and P(top K) (default 1000; 0: none)")
-    report.add_argument("--k", type=integer(1), help="the K of P(top K) (default 10 or all heads)")
+    report.add_argument("--k", type=integer(), help="the K of P(top K) (default 10 or all heads)")
     report.set_defaults(handler=run_report)
 
 
@@ -253,7 +253,10 @@ def wrote(path, detail: str = "") -> None:
     clean."""
     from .outputs import write_target
 
-    print(f"wrote {path}{detail}", file=sys.stderr if write_target(path, follow=True) is None else sys.stdout)
+    from .errors import printable
+
+    print(f"wrote {printable(str(path))}{detail}",
+          file=sys.stderr if write_target(path, follow=True) is None else sys.stdout)
 
 
 def run_report(args) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import check, loading, outputs, store
 from .decode import StopRule, eos_token_ids, greedy_decode, newline_token_ids, num_layers_and_heads
-from .errors import HeadscopeError, notify
+from .errors import HeadscopeError, notify, printable
 from .layout import attention_layout
 from .lock import writer_locks
 from .runstate import HEAD_COUNT, LAYER_COUNT, config_count
@@ -337,7 +337,7 @@ def decode_all(run: Run, encoded: dict, total: int, todo: list[int], stores: dic
     options, scorers = run.options, run.scorers
     primary = stores[scorers[0].name]
     running = RunningTop(run.keys, store.derive_heads(primary.rows, run.keys))
-    progress = tqdm(total=total, initial=total - len(todo), desc=f"{run.task.name} {run.loaded.name}",
+    progress = tqdm(total=total, initial=total - len(todo), desc=printable(f"{run.task.name} {run.loaded.name}"),
                     unit="sample", disable=options.quiet, file=sys.stderr)
     size = batch_size(run)
     for first in range(0, len(todo), size):

@@ -351,3 +351,45 @@ def test_a_huge_haystack_file_is_read_only_as_far_as_the_grid_needs(toy_dir, dat
     read = retrieval.load_haystack(haystack, 260 * retrieval.CHARS_PER_TOKEN)
     assert read.startswith(text) and len(read) <= 260 * retrieval.CHARS_PER_TOKEN + 1
     assert retrieval.load_haystack(data_dir / "haystack", 10**9) == text  # a small folder is read whole
+
+
+def test_a_shard_with_no_sample_of_the_grid_exits_0_saying_so_and_merges(toy_dir, data_dir, tmp_path, capsys):
+    """Finding 9: --shard 3/4 of a 3-sample grid holds nothing; an array job must not read that as a failure."""
+    from toy_runs import detect_args
+
+    for index in range(4):
+        assert main(detect_args(toy_dir, data_dir, tmp_path, "--shard", f"{index}/4", "--no-check")) == 0
+        out = capsys.readouterr().out
+        assert ("holds no sample of this grid" in out) == (index >= 3), (index, out)
+    assert main(["merge", str(tmp_path)]) == 0
+    rows = (tmp_path / f"{PREFIX}_samples.jsonl").read_text().splitlines()
+    assert [json.loads(row)["index"] for row in rows] == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------- what reaches the console
+
+HOSTILE_TEXT = "\x1b]0;PWNED\x07\x1b[2J\u202eevil\nline"
+
+
+def test_control_and_bidi_characters_of_an_id_reach_no_console_raw(run_folder, capsys):
+    """Finding 8: the duplicate-id error quoted the id raw (a terminal title set, the screen cleared)."""
+    samples = run_folder / f"{PREFIX}_samples.jsonl"
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    for row in rows[:2]:
+        row["id"] = HOSTILE_TEXT
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["report", str(run_folder), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds sample \\x1b]0;PWNED\\x07\\x1b[2J\\u202eevil line twice" in err
+    assert not any(char in err.strip() for char in "\x1b\x07\u202e\n")
+
+
+def test_a_model_folder_named_with_control_characters_is_printed_escaped(toy_dir, data_dir, tmp_path, capsys):
+    """Finding 8: the `wrote` lines named the model folder raw (its name held ESC and a newline)."""
+    from toy_runs import detect_args
+
+    model = tmp_path / "toy\x1b[2J\nx"
+    shutil.copytree(toy_dir, model)
+    assert main(detect_args(model, data_dir, tmp_path / "out", "--no-check")) == 0
+    out = capsys.readouterr().out
+    assert "toy\\x1b[2J\\nx_retrieval_heads.json" in out and "\x1b" not in out
