@@ -393,3 +393,55 @@ def test_a_model_folder_named_with_control_characters_is_printed_escaped(toy_dir
     assert main(detect_args(model, data_dir, tmp_path / "out", "--no-check")) == 0
     out = capsys.readouterr().out
     assert "toy\\x1b[2J\\nx_retrieval_heads.json" in out and "\x1b" not in out
+
+
+# ------------------------------------------------------------------------------------- report on many runs
+
+def copies_of_the_run(folder: Path, count: int) -> None:
+    """`count` more runs in the folder: the run's samples and manifest under other model names."""
+    for index in range(1, count + 1):
+        for kind in ("samples.jsonl", "manifest.json"):
+            shutil.copy(folder / f"{PREFIX}_{kind}", folder / f"toy{index}_retrieval_{kind}")
+
+
+def test_report_on_more_runs_than_it_makes_at_once_asks_for_run(run_folder, tmp_path, capsys):
+    from headscope import report
+
+    copies_of_the_run(run_folder, report.MOST_PAGES)
+    capsys.readouterr()
+    refused(capsys, ["report", str(run_folder)], f"holds {report.MOST_PAGES + 1} runs", tmp_path)
+
+
+def test_report_on_several_runs_shows_its_progress(run_folder, capsys):
+    from headscope import report
+
+    copies_of_the_run(run_folder, report.SHOWN_PROGRESS - 1)
+    assert main(["report", str(run_folder), "--bootstrap", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "report: reading runs" in err and "report: writing pages" in err
+    assert len(list(run_folder.glob("*_report.html"))) == report.SHOWN_PROGRESS
+
+
+def test_a_page_made_while_its_run_is_written_says_so(run_folder, capsys):
+    """Finding 9: the page of a run in progress said "unfinished", as if it had been killed."""
+    import subprocess
+    import sys
+
+    manifest = run_folder / f"{PREFIX}_manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(dict(data, finished=None, runs={r: dict(v, finished=None)
+                                                                    for r, v in data["runs"].items()})))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from headscope.lock import writer_lock\n"
+                               f"with writer_lock({str(run_folder)!r}, {PREFIX!r}):\n print('held', flush=True); "
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["report", str(run_folder), "--bootstrap", "0"]) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    page = (run_folder / "report.html").read_text()
+    assert f"in progress when this page was made (pid {holder.pid})" in page
+    assert f"{PREFIX} is being written (pid {holder.pid})" in capsys.readouterr().err
+    assert main(["report", str(run_folder), "--bootstrap", "0"]) == 0  # the writer is gone: a run left unfinished
+    assert "in progress" not in (run_folder / "report.html").read_text()
