@@ -80,7 +80,7 @@ def test_every_numeric_flag_refuses_what_is_not_a_number_it_can_take_in_one_line
     headscope's limits (the command's own checks then run: see the end-to-end cases below)."""
     for words, flag, parser in numeric_flags():
         try:
-            args, _ = parser.parse_known_args([*required_filler(parser), flag, value])
+            args, _ = parser.parse_known_args([*required_filler(parser), f"{flag}={value}"])  # "-inf" as a value
         except SystemExit as stop:
             assert stop.code == 2, (words, flag, value)
             lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
@@ -102,12 +102,16 @@ def analysis_argv(words, flag, value, folder: Path, tmp: Path) -> list[str]:
                                                          ["--sparsity", "0.5"])
         target = duo if flag in ("--threshold", "--sparsity", "--sink-size", "--recent-size", "--num-kv-heads") \
             else ["--to", "headkv"]
-        return ["export", heads, *target, "--out", str(tmp / "exported"), flag, value]
+        return ["export", heads, *target, "--out", str(exported(tmp, flag)), f"{flag}={value}"]
     if command == "compare":
-        return ["compare", heads, heads, "--plot", str(tmp / "scatter.png"), flag, value]
+        return ["compare", heads, heads, "--plot", str(tmp / "scatter.png"), f"{flag}={value}"]
     if command == "report":
-        return ["report", str(folder), "--bootstrap", "5", "--out", str(tmp / "page.html"), flag, value]
-    return [command, heads, flag, value]
+        return ["report", str(folder), "--bootstrap", "5", "--out", str(tmp / "page.html"), f"{flag}={value}"]
+    return [command, heads, f"{flag}={value}"]
+
+
+def exported(tmp: Path, flag: str) -> Path:
+    return tmp / f"exported{flag}"
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -129,9 +133,8 @@ def test_the_analysis_commands_take_every_hostile_number_as_a_refusal_or_a_corre
         assert after == before if code == 2 else {name: after[name] for name in before} == before, argv
         if code == 2:
             assert len(err) == 1, (argv, err)
-        budgets = tmp_path / "exported"
-        if code == 0 and flag in ("--budget", "--beta", "--temperature"):
-            assert all(budget >= 1 for budget in json.loads(budgets.read_text()).values()), argv
+        if code == 0 and flag in ("--budget", "--beta", "--temperature"):  # HeadKV's budgets: never negative
+            assert all(budget >= 1 for budget in json.loads(exported(tmp_path, flag).read_text()).values()), argv
 
 
 # ------------------------------------------------------------------------------------- merge checks first
@@ -445,3 +448,29 @@ def test_a_page_made_while_its_run_is_written_says_so(run_folder, capsys):
     assert f"{PREFIX} is being written (pid {holder.pid})" in capsys.readouterr().err
     assert main(["report", str(run_folder), "--bootstrap", "0"]) == 0  # the writer is gone: a run left unfinished
     assert "in progress" not in (run_folder / "report.html").read_text()
+
+
+# ------------------------------------------------------------------------------------- numbers from files
+
+def uniform_heads(path: Path, score) -> str:
+    path.write_text(json.dumps({f"{layer}-{head}": [score] for layer in range(3) for head in range(4)}))
+    return str(path)
+
+
+@pytest.mark.parametrize("score, flags, expected", [
+    (0.5, ["--temperature", "1e9"], "--temperature 1e+09: the score shares to that power are all 0"),
+    (1e308, [], "1e+308 is too large (at most 1e15 in magnitude)"),
+    (0.5, ["--temperature", "nan"], "argument --temperature: nan is not a finite number"),
+])
+def test_headkv_budgets_are_never_negative(score, flags, expected, tmp_path, capsys):
+    """Finding 4: a temperature that underflows every share, or scores of 1e308, gave every head a budget of
+    -9223372036854775785 with exit 0."""
+    heads = uniform_heads(tmp_path / "heads.json", score)
+    before = snapshot(tmp_path)
+    try:
+        code = main(["export", heads, "--to", "headkv", "--budget", "128", "--out", str(tmp_path / "b.json"), *flags])
+    except SystemExit as stop:
+        code = stop.code
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert snapshot(tmp_path) == before
