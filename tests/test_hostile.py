@@ -474,3 +474,38 @@ def test_headkv_budgets_are_never_negative(score, flags, expected, tmp_path, cap
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert code == 2 and len(err) == 1 and expected in err[0], err
     assert snapshot(tmp_path) == before
+
+
+def numeric_fields():
+    """(options class, field) for every number (or list of numbers) an options dataclass takes."""
+    from dataclasses import fields
+
+    from headscope.ablation import AblationSettings
+    from headscope.kv_curve import KVSettings
+    from headscope.tasks import TASKS
+
+    classes = {task.options for task in TASKS.values()} | {AblationSettings, KVSettings}
+    return sorted({(cls, spec.name) for cls in classes for spec in fields(cls)
+                   if any(kind in str(spec.type) for kind in ("int", "float")) and "help" in spec.metadata},
+                  key=lambda pair: (pair[0].__name__, pair[1]))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 10**20, 1e20])
+def test_the_python_api_refuses_the_same_numbers(value):
+    """An options object built in Python is checked by the same validator as the flags (options.validate)."""
+    from dataclasses import fields
+
+    from headscope.errors import HeadscopeError
+    from headscope.options import validate as validate_options
+
+    checked = 0
+    for cls, name in numeric_fields():
+        spec = next(spec for spec in fields(cls) if spec.name == name)
+        given = [value] if "list" in str(spec.type) else value
+        if "int" in str(spec.type) and isinstance(value, float) and "float" not in str(spec.type):
+            continue  # a float where an int is wanted: argparse's int() refuses it; Python callers get a TypeError
+        required = {other.name: "x" for other in fields(cls) if other.metadata.get("required") and other.name != name}
+        with pytest.raises(HeadscopeError, match=spec.metadata.get("flag", "--" + name.replace("_", "-"))):
+            validate_options(cls(**required, **{name: given}))
+        checked += 1
+    assert checked >= 10
