@@ -170,24 +170,20 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
     that read the decode, on the run's first prompts)."""
     if options.threads is not None:  # the command line sets its default (cli.command_threads); a library call
         use_threads(options.threads)  # keeps torch's own setting unless given `threads`
+    prepared = None
     if loaded is None:
+        prepared = prepared_before_loading(task, options)
         with quiet_loading(options.quiet):
             loaded = loading.load(options.model, options.dtype, options.device, options.attn, options.trust_remote_code)
     needs = {"ablate": "mask its heads", "kv": "replay a KV cache policy on it"}.get(command)
     if needs and loaded.eager_fallback:  # masking and KV policies live in headscope's attention function
         raise HeadscopeError(f"{type(loaded.model).__name__} does not use transformers' attention interface, so "
                              f"headscope cannot {needs}")
-    chat = use_chat(options, loaded.tokenizer)
-    # The builder sees the model actually loaded (a Python-API `loaded` model too), e.g. to pick default data.
-    # chat: False, True, or the chat template's keyword arguments (a non-empty dict is "on, with these").
-    built_with = dataclasses.replace(options, chat=(options.chat_template_kwargs or True) if chat else False,
-                                     model=loaded.path)
-    samples = TASKS[task].build(built_with, loaded.tokenizer, loaded.max_context)
-    if not samples:
-        raise HeadscopeError("the task produced no samples: check the data and the grid options")
+    chat, samples, encoded = prepared or (*built_samples(task, options, loaded.tokenizer, loaded.path,
+                                                         loaded.max_context), {})
     stop = StopRule(eos_token_ids(loaded.model, loaded.tokenizer),
                     newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
-    run = Run(TASKS[task], options, loaded, chat, samples, list(scorers), stop)
+    run = Run(TASKS[task], options, loaded, chat, samples, list(scorers), stop, encoded)
     if options.batch_size > 1 and batch_size(run) == 1:
         notify(f"{type(loaded.model).__name__} gives a left-padded prompt other logits than the prompt alone (it "
                "ignores position_ids): its prompts are decoded one at a time, whatever --batch-size")
@@ -198,13 +194,48 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
     return run
 
 
+def built_samples(task: str, options, tokenizer, path: str, max_context: int | None) -> tuple[bool, list]:
+    """(chat, the task's samples) for the model at `path`: the builder sees the model actually loaded (a Python-API
+    `loaded` model too), e.g. to pick default data."""
+    chat = use_chat(options, tokenizer)
+    # chat: False, True, or the chat template's keyword arguments (a non-empty dict is "on, with these").
+    built_with = dataclasses.replace(options, chat=(options.chat_template_kwargs or True) if chat else False,
+                                     model=path)
+    samples = TASKS[task].build(built_with, tokenizer, max_context)
+    if not samples:
+        raise HeadscopeError("the task produced no samples: check the data and the grid options")
+    return chat, samples
+
+
+def prepared_before_loading(task: str, options) -> tuple[bool, list, dict] | None:
+    """(chat, samples, this shard's encoded prompts), built and sized with the model's tokenizer and config alone:
+    a prompt longer than the model is refused before its weights load (minutes, on a large model). None when
+    they cannot be read on their own (loading the model then says why)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = options.model or loading.default_model_path()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError, ImportError, KeyError):
+        return None
+    max_context = loading.max_context_of(config)
+    chat, samples = built_samples(task, options, tokenizer, path, max_context)
+    sizing = Sizing(tokenizer, max_context, options.max_new_tokens, TASKS[task].span_overlap_threshold)
+    return chat, samples, sizing.encode(samples, shard_indices(options, len(samples)), {})
+
+
+def shard_indices(options, count: int) -> list[int]:
+    """The indices of the sample grid this process decodes: its shard's, or all."""
+    shard = parse_shard(options.shard)
+    return [index for index in range(count) if shard is None or index % shard[1] == shard[0]]
+
+
 def fits_context(run: Run) -> None:
     """Every prompt this process will decode (its shard's) is encoded and sized before the check runs the model on
     any: a prompt longer than the model's context is refused in one line, not after the check has run on it
     (a 560K-token record took the check minutes and gigabytes first). The prompts are kept for the decode."""
-    shard = parse_shard(run.options.shard)
-    run.encoded.update(encode_samples(run, [index for index in range(len(run.samples))
-                                            if shard is None or index % shard[1] == shard[0]]))
+    run.encoded.update(encode_samples(run, shard_indices(run.options, len(run.samples))))
 
 
 def scorer_case(run: Run) -> check.ScorerCase | None:
@@ -311,19 +342,34 @@ def use_chat(options: DetectOptions, tokenizer) -> bool:
 def encode_samples(run: Run, indices) -> dict:
     """{index: encoded prompt} for the samples at `indices` (a shard's, still to do: never the whole grid on
     every rank); checks that each fits the model's context."""
-    encoded, tokenizer, max_context = {}, run.loaded.tokenizer, run.loaded.max_context
-    budget = run.options.max_new_tokens
-    for index in indices:
-        sample = run.samples[index]
-        prompt = run.encoded[index] if index in run.encoded else \
-            encode_with_span(tokenizer, sample, run.task.span_overlap_threshold)
-        if max_context and len(prompt.input_ids) + budget > max_context:
-            raise HeadscopeError(f"sample {sample.id}: {len(prompt.input_ids)} prompt tokens + {budget} new "
-                                 f"tokens exceed the model's maximum context of {max_context}")
-        if len(prompt.input_ids) == 0:
-            raise HeadscopeError(f"sample {sample.id}: the prompt is empty")
-        encoded[index] = prompt
-    return encoded
+    sizing = Sizing(run.loaded.tokenizer, run.loaded.max_context, run.options.max_new_tokens,
+                    run.task.span_overlap_threshold)
+    return sizing.encode(run.samples, indices, run.encoded)
+
+
+@dataclass
+class Sizing:
+    """What encoding and sizing a prompt needs: the tokenizer, the model's context, the decoding budget and the
+    task's span-overlap threshold."""
+
+    tokenizer: object
+    max_context: int | None
+    budget: int
+    threshold: float
+
+    def encode(self, samples: list, indices, known: dict) -> dict:
+        """{index: encoded prompt} (those in `known` reused), each checked to fit the model's context."""
+        encoded = {}
+        for index in indices:
+            sample = samples[index]
+            prompt = known[index] if index in known else encode_with_span(self.tokenizer, sample, self.threshold)
+            if self.max_context and len(prompt.input_ids) + self.budget > self.max_context:
+                raise HeadscopeError(f"sample {sample.id}: {len(prompt.input_ids)} prompt tokens + {self.budget} new "
+                                     f"tokens exceed the model's maximum context of {self.max_context}")
+            if len(prompt.input_ids) == 0:
+                raise HeadscopeError(f"sample {sample.id}: the prompt is empty")
+            encoded[index] = prompt
+        return encoded
 
 
 def all_items(run: Run) -> list[tuple]:

@@ -284,13 +284,16 @@ def reasoning_args(toy_dir, data, out, *extra) -> list[str]:
             "--max-new-tokens", "4", "--quiet", "--no-plots", *extra]
 
 
-def test_a_prompt_longer_than_the_model_is_refused_before_the_check_runs_on_it(toy_dir, tmp_path, capsys,
+def test_a_prompt_longer_than_the_model_is_refused_before_the_model_loads(toy_dir, tmp_path, capsys,
                                                                                monkeypatch):
     """Finding 1: the check must never run the model on a prompt it cannot take (here 6,000 words on a model of
-    4,096 positions); the refusal names the sample and comes before the check, and nothing is written."""
-    from headscope import check
+    4,096 positions); the tokenizer and config tell, so the refusal comes before the weights load, names the
+    sample, and nothing is written."""
+    from headscope import check, loading
 
     monkeypatch.setattr(check, "require", lambda *a, **k: pytest.fail("the check ran before the prompt was sized"))
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the weights loaded before the prompt was sized"))
     words = " ".join(["the red fish is blue ."] * 1000)
     (tmp_path / "long.json").write_text(json.dumps([{"id": "long", "context": words, "question": "what is red ?",
                                                      "answer": "fish"}]))
@@ -509,3 +512,20 @@ def test_the_python_api_refuses_the_same_numbers(value):
             validate_options(cls(**required, **{name: given}))
         checked += 1
     assert checked >= 10
+
+
+def test_a_loaded_model_sizes_every_prompt_before_the_check(toy_dir, tmp_path, monkeypatch):
+    """With the model already loaded (the Python API), the prompts are sized before the check runs on any."""
+    from headscope import check, engine, loading
+    from headscope.errors import HeadscopeError
+
+    loaded = loading.load(str(toy_dir))
+    monkeypatch.setattr(check, "require", lambda *a, **k: pytest.fail("the check ran before the prompt was sized"))
+    records = [{"id": f"r{i}", "context": "the red fish is blue .", "question": "what is red ?", "answer": "fish"}
+               for i in range(3)] + [{"id": "long", "context": " ".join(["the red fish is blue ."] * 1000),
+                                      "question": "what is red ?", "answer": "fish"}]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    with pytest.raises(HeadscopeError, match="sample long: .* exceed the model's maximum context"):
+        engine.detect("reasoning", loaded=loaded, data=str(tmp_path / "data.json"), out=str(tmp_path / "out"),
+                      max_new_tokens=4, quiet=True)
+    assert not (tmp_path / "out").exists()
