@@ -187,8 +187,8 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
     if options.batch_size > 1 and batch_size(run) == 1:
         notify(f"{type(loaded.model).__name__} gives a left-padded prompt other logits than the prompt alone (it "
                "ignores position_ids): its prompts are decoded one at a time, whatever --batch-size")
-    fits_context(run)
     if options.check and check_it:
+        fits_context(run)
         case = scorer_case(run) if run.scorers else None
         check.require(loaded, command, need_ablation=command == "ablate", cases=[case] if case else [])
     return run
