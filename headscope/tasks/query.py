@@ -9,7 +9,6 @@ scorer swaps them in for its calibration prompt). Every sample counts: no succes
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 from headscope.errors import HeadscopeError
 from headscope.spans import _span_from_offsets
