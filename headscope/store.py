@@ -407,12 +407,12 @@ def merge(dirs: list[str | Path], out: str | Path | None = None) -> list[Path]:
         for shards, rows, manifest in plans:
             refuse_inconsistent_merge(shards, rows, manifest)
         targets = [refuse_replacing_a_run(out, shards.prefix, rows) for shards, rows, _ in plans]
-        texts = [merged_texts(paths, rows, manifest) for (_, rows, manifest), paths in zip(plans, targets)
-                 if paths is not None]  # None: already merged, nothing to write
-        for files in texts:  # every file's text was built (and could be) before the first is written
+        writes = [(paths, merged_texts(paths, rows, manifest)) for (_, rows, manifest), paths in zip(plans, targets)
+                  if paths is not None]  # None: already merged, nothing to write
+        for _, files in writes:  # every file's text was built (and could be) before the first is written
             for path, text in files.items():
                 outputs.atomic_write_text(path, text)
-    return [path for files in texts for path in files if path.name.endswith("_heads.json")]
+    return [paths["heads"] for paths, _ in writes]
 
 
 def merged_texts(paths: dict, rows: list[dict], manifest: dict) -> dict[Path, str]:
