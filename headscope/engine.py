@@ -347,6 +347,9 @@ def encode_samples(run: Run, indices) -> dict:
     return sizing.encode(run.samples, indices, run.encoded)
 
 
+LONG_SEQUENCE_WARNING = "sequence-length-is-longer-than-the-specified-maximum"  # transformers' key for it
+
+
 @dataclass
 class Sizing:
     """What encoding and sizing a prompt needs: the tokenizer, the model's context, the decoding budget and the
@@ -359,6 +362,9 @@ class Sizing:
 
     def encode(self, samples: list, indices, known: dict) -> dict:
         """{index: encoded prompt} (those in `known` reused), each checked to fit the model's context."""
+        # A prompt too long is refused below in one line naming the sample: transformers' own warning about it (a
+        # second line, given once per tokenizer) is marked as given.
+        getattr(self.tokenizer, "deprecation_warnings", {})[LONG_SEQUENCE_WARNING] = True
         encoded = {}
         for index in indices:
             sample = samples[index]
