@@ -169,7 +169,7 @@ def run_ablate(args: argparse.Namespace) -> None:
     settings = options_from(args, AblationSettings)
     report = ablate(args.task, settings.pop("scores"), settings.pop("top"), options, **settings)
     print(format_report(report))
-    said_wrote(report['path'])
+    said_wrote(report["path"])
     for picture in report["pictures"]:
         said_wrote(picture)
 
@@ -182,7 +182,7 @@ def run_kv(args: argparse.Namespace) -> None:
     settings = options_from(args, KVSettings)
     report = kv_curve(args.task, settings.pop("scores"), options, **settings)
     print(format_table(report))
-    said_wrote(report['path'])
+    said_wrote(report["path"])
     for picture in report["pictures"]:
         said_wrote(picture)
 
@@ -234,7 +234,7 @@ def run_rescore(args: argparse.Namespace) -> None:
 
     report = rescore(args.run_dir, args.metric, args.threshold, args.task, args.metric_model, args.trust_remote_code)
     print(format_report(report))
-    said_wrote(os.path.join(args.run_dir, 'rescore', 'rescore.json'))
+    said_wrote(os.path.join(args.run_dir, "rescore", "rescore.json"))
     if not args.no_plots:
         for picture in draw(report, Path(args.run_dir)):
             said_wrote(picture)
@@ -255,7 +255,7 @@ def run_specificity(args: argparse.Namespace) -> None:
                  if not excluded_by(task.options, k, set(given))} | given
     report = specificity(args.scores, args.tasks, Arms(args.top, args.random, args.repeats, args.mode), **given)
     print(format_matrix(report))
-    said_wrote(report['path'])
+    said_wrote(report["path"])
     if given.get("plots", True):
         said_wrote(draw(report))
 
