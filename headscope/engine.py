@@ -165,14 +165,15 @@ def use_threads(threads: int | None) -> int:
 
 
 def start_run(task: str, options, loaded: loading.LoadedModel | None, command: str = "detect",
-              scorers: list = (), check_it: bool = True) -> Run:
+              scorers: list = (), check_it: bool = True, done: frozenset = frozenset()) -> Run:
     """Load the model (unless given), build the samples, run the exactness check (with `scorers`, the scorers
-    that read the decode, on the run's first prompts)."""
+    that read the decode, on the run's first prompts). The prompts still to decode (those of this shard not in
+    `done`, the ids every scorer's file holds) are sized before the weights load and before the check."""
     if options.threads is not None:  # the command line sets its default (cli.command_threads); a library call
         use_threads(options.threads)  # keeps torch's own setting unless given `threads`
     prepared = None
     if loaded is None:
-        prepared = prepared_before_loading(task, options)
+        prepared = prepared_before_loading(task, options, done)
         with quiet_loading(options.quiet):
             loaded = loading.load(options.model, options.dtype, options.device, options.attn, options.trust_remote_code)
     needs = {"ablate": "mask its heads", "kv": "replay a KV cache policy on it"}.get(command)
@@ -188,7 +189,7 @@ def start_run(task: str, options, loaded: loading.LoadedModel | None, command: s
         notify(f"{type(loaded.model).__name__} gives a left-padded prompt other logits than the prompt alone (it "
                "ignores position_ids): its prompts are decoded one at a time, whatever --batch-size")
     if options.check and check_it:
-        fits_context(run)
+        fits_context(run, done)
         case = scorer_case(run) if run.scorers else None
         check.require(loaded, command, need_ablation=command == "ablate", cases=[case] if case else [])
     return run
@@ -207,8 +208,8 @@ def built_samples(task: str, options, tokenizer, path: str, max_context: int | N
     return chat, samples
 
 
-def prepared_before_loading(task: str, options) -> tuple[bool, list, dict] | None:
-    """(chat, samples, this shard's encoded prompts), built and sized with the model's tokenizer and config alone:
+def prepared_before_loading(task: str, options, done: frozenset) -> tuple[bool, list, dict] | None:
+    """(chat, samples, the encoded prompts still to decode), built and sized with the model's tokenizer and config alone:
     a prompt longer than the model is refused before its weights load (minutes, on a large model). None when
     they cannot be read on their own (loading the model then says why)."""
     from transformers import AutoConfig, AutoTokenizer
@@ -222,20 +223,21 @@ def prepared_before_loading(task: str, options) -> tuple[bool, list, dict] | Non
     max_context = loading.max_context_of(config)
     chat, samples = built_samples(task, options, tokenizer, path, max_context)
     sizing = Sizing(tokenizer, max_context, options.max_new_tokens, TASKS[task].span_overlap_threshold)
-    return chat, samples, sizing.encode(samples, shard_indices(options, len(samples)), {})
+    return chat, samples, sizing.encode(samples, still_to_do(options, samples, done), {})
 
 
-def shard_indices(options, count: int) -> list[int]:
-    """The indices of the sample grid this process decodes: its shard's, or all."""
+def still_to_do(options, samples: list, done: frozenset) -> list[int]:
+    """The indices of the samples this process decodes: its shard's (or all), but those already `done`."""
     shard = parse_shard(options.shard)
-    return [index for index in range(count) if shard is None or index % shard[1] == shard[0]]
+    return [index for index, sample in enumerate(samples)
+            if (shard is None or index % shard[1] == shard[0]) and sample.id not in done]
 
 
-def fits_context(run: Run) -> None:
-    """Every prompt this process will decode (its shard's) is encoded and sized before the check runs the model on
-    any: a prompt longer than the model's context is refused in one line, not after the check has run on it
-    (a 560K-token record took the check minutes and gigabytes first). The prompts are kept for the decode."""
-    run.encoded.update(encode_samples(run, shard_indices(run.options, len(run.samples))))
+def fits_context(run: Run, done: frozenset) -> None:
+    """Every prompt this process will decode is encoded and sized before the check runs the model on any: a
+    prompt longer than the model's context is refused in one line, not after the check has run on it (a
+    560K-token record took the check minutes and gigabytes first). The prompts are kept for the decode."""
+    run.encoded.update(encode_samples(run, still_to_do(run.options, run.samples, done)))
 
 
 def scorer_case(run: Run) -> check.ScorerCase | None:
@@ -293,7 +295,8 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
             for scorer in scorers:
                 stores[scorer.name] = store.RunStore(paths[scorer.name], run_id, options.overwrite, options.append,
                                                      settings)
-            run = start_run(task, options, loaded, scorers=scorers)
+            done = frozenset.intersection(*(frozenset(runs.done) for runs in stores.values()))
+            run = start_run(task, options, loaded, scorers=scorers, done=done)
             return run_and_write(run, stores, shard, run_id, started)
         finally:
             for runs in stores.values():
