@@ -209,9 +209,9 @@ def built_samples(task: str, options, tokenizer, path: str, max_context: int | N
 
 
 def prepared_before_loading(task: str, options, done: frozenset) -> tuple[bool, list, dict] | None:
-    """(chat, samples, the encoded prompts still to decode), built and sized with the model's tokenizer and config alone:
-    a prompt longer than the model is refused before its weights load (minutes, on a large model). None when
-    they cannot be read on their own (loading the model then says why)."""
+    """(chat, samples, the encoded prompts still to decode), built and sized with the model's tokenizer and config
+    alone: a prompt longer than the model is refused before its weights load (minutes, on a large model). None
+    when they cannot be read on their own (loading the model then says why)."""
     from transformers import AutoConfig, AutoTokenizer
 
     path = options.model or loading.default_model_path()
