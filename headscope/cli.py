@@ -13,7 +13,7 @@ import pickle
 import sys
 from pathlib import Path
 
-from .errors import HeadscopeError
+from .errors import EscapedStream, HeadscopeError, printable
 
 
 def options_from(args: argparse.Namespace, options_class) -> dict:
@@ -63,11 +63,15 @@ def run_detect(args: argparse.Namespace) -> int:
     if not result.complete:
         for scorer_result in by_scorer.values():
             for kind in ("heads", "summary", "samples", "manifest"):
-                print(f"wrote {scorer_result.paths[kind]}")
+                said_wrote(scorer_result.paths[kind])
+    if options.shard is not None and not counts["run"]:  # more shards than samples: a finished, empty shard
+        print(f"shard {options.shard} holds no sample of this grid (it has fewer samples than shards): nothing to "
+              f"decode; when every shard has finished: headscope merge {options.out}")
+        return 0
     if not counts["passed"]:
         print(f"headscope: {counts['passed']} of {counts['run']} samples passed the success filter ({options.metric} > "
               f"{options.success_threshold:g}): no head has a value, so there is nothing to rank; re-judge the "
-              f"responses with `headscope rescore {options.out}`", file=sys.stderr)
+              f"responses with `headscope rescore {printable(options.out)}`", file=sys.stderr)
         return 1
     if options.plots and not result.complete:
         from .lock import writer_locks
@@ -76,12 +80,17 @@ def run_detect(args: argparse.Namespace) -> int:
         with writer_locks(options.out, result.locks):  # the pictures are of the heads file no writer is changing
             for scorer_result in by_scorer.values():
                 for picture in plot_run(scorer_result.paths["heads"]):
-                    print(f"wrote {picture}")
+                    said_wrote(picture)
     if options.shard is not None:
         print(f"when every shard has finished: headscope merge {options.out}")
     else:
         print(f"see it in the browser: headscope report {options.out}")
     return 0
+
+
+def said_wrote(path) -> None:
+    """'wrote PATH', the path escaped whole (a folder named with a newline cannot make it two lines)."""
+    print(f"wrote {printable(str(path))}")
 
 
 def scorer_table(name: str, result, titled: bool) -> str:
@@ -163,9 +172,9 @@ def run_ablate(args: argparse.Namespace) -> None:
     settings = options_from(args, AblationSettings)
     report = ablate(args.task, settings.pop("scores"), settings.pop("top"), options, **settings)
     print(format_report(report))
-    print(f"wrote {report['path']}")
+    said_wrote(report["path"])
     for picture in report["pictures"]:
-        print(f"wrote {picture}")
+        said_wrote(picture)
 
 
 def run_kv(args: argparse.Namespace) -> None:
@@ -176,9 +185,9 @@ def run_kv(args: argparse.Namespace) -> None:
     settings = options_from(args, KVSettings)
     report = kv_curve(args.task, settings.pop("scores"), options, **settings)
     print(format_table(report))
-    print(f"wrote {report['path']}")
+    said_wrote(report["path"])
     for picture in report["pictures"]:
-        print(f"wrote {picture}")
+        said_wrote(picture)
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -228,13 +237,13 @@ def run_rescore(args: argparse.Namespace) -> None:
 
     report = rescore(args.run_dir, args.metric, args.threshold, args.task, args.metric_model, args.trust_remote_code)
     print(format_report(report))
-    print(f"wrote {os.path.join(args.run_dir, 'rescore', 'rescore.json')}")
+    said_wrote(os.path.join(args.run_dir, "rescore", "rescore.json"))
     if not args.no_plots:
         from .lock import writer_lock
 
         with writer_lock(args.run_dir, "rescore"):  # rescore's own lock: no rescore rewrites rescore/ meanwhile
             for picture in draw(report, Path(args.run_dir)):
-                print(f"wrote {picture}")
+                said_wrote(picture)
 
 
 def run_specificity(args: argparse.Namespace) -> None:
@@ -252,20 +261,20 @@ def run_specificity(args: argparse.Namespace) -> None:
                  if not excluded_by(task.options, k, set(given))} | given
     report = specificity(args.scores, args.tasks, Arms(args.top, args.random, args.repeats, args.mode), **given)
     print(format_matrix(report))
-    print(f"wrote {report['path']}")
+    said_wrote(report["path"])
     if given.get("plots", True):
         from .lock import writer_lock
 
         path = Path(report["path"])
         with writer_lock(path.parent, path.stem):  # specificity's own lock (NAME_specificity)
-            print(f"wrote {draw(report)}")
+            said_wrote(draw(report))
 
 
 def run_merge(args: argparse.Namespace) -> None:
     from .store import merge
 
     for path in merge(args.dirs, args.out):
-        print(f"wrote {path}")
+        said_wrote(path)
 
 
 def run_organism_train(args: argparse.Namespace, rest: list[str]) -> None:
@@ -315,22 +324,25 @@ def add_kv(kv) -> None:
 
 def add_check(check) -> None:
     from .options import ModelOptions, add_arguments
+    from .validate import integer
 
     add_arguments(check, ModelOptions)
-    check.add_argument("--prompt-tokens", type=int, default=256, help="length of the test prompt (default 256)")
-    check.add_argument("--steps", type=int, default=8, help="decoding steps compared (default 8)")
+    check.add_argument("--prompt-tokens", type=integer(1, 1 << 20), default=256,
+                       help="length of the test prompt (default 256)")
+    check.add_argument("--steps", type=integer(1, 10_000), default=8, help="decoding steps compared (default 8)")
     check.set_defaults(handler=run_check)
 
 
 def add_rescore(rescore) -> None:
     from .options import parse_floats, parse_list
+    from .validate import checked
 
     rescore.add_argument("run_dir", help="a detect --out folder")
     rescore.add_argument("--task", help="only this task's runs in the folder (default: every run)")
     rescore.add_argument("--metric", type=parse_list(str), default=["rouge1", "f1", "bleu", "chrf"],
                          help="comma-separated metrics (default rouge1,f1,bleu,chrf; also rougeL, exact, contains, "
                               "bertscore, embedding)")
-    rescore.add_argument("--threshold", type=parse_floats, default=[40.0, 50.0, 60.0],
+    rescore.add_argument("--threshold", type=checked(parse_floats), default=[40.0, 50.0, 60.0],
                          help="comma-separated thresholds: a sample passes when metric > threshold (default 40,50,60)")
     rescore.add_argument("--metric-model", help="bertscore / embedding model: a hub id or a local folder")
     rescore.add_argument("--trust-remote-code", action="store_true",
@@ -342,13 +354,14 @@ def add_rescore(rescore) -> None:
 def add_specificity(specific) -> None:
     from .options import add_arguments, parse_list
     from .tasks import TASKS
+    from .validate import integer
 
     specific.add_argument("--scores", type=parse_list(str), required=True, help="comma-separated heads files")
     specific.add_argument("--tasks", type=parse_list(str), default=["retrieval", "reasoning"],
                           help="comma-separated tasks (default retrieval,reasoning)")
-    specific.add_argument("--top", type=int, required=True, help="K: the top-K heads of each file are masked")
-    specific.add_argument("--random", type=int, help="K random heads outside each file's top K (default: K)")
-    specific.add_argument("--repeats", type=int, default=3, help="random draws (default 3)")
+    specific.add_argument("--top", type=integer(1), required=True, help="K: the top-K heads of each file are masked")
+    specific.add_argument("--random", type=integer(0), help="K random heads outside each file's top K (default: K)")
+    specific.add_argument("--repeats", type=integer(1), default=3, help="random draws (default 3)")
     specific.add_argument("--mode", default="uniform", choices=["uniform", "zero", "mean"],
                           help="how heads are masked (default uniform)")
     taken: dict = {}
@@ -469,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "organism":
             run_organism_train(args, rest)
             return 0
-        with command_threads(args):
+        with command_threads(args), contextlib.redirect_stdout(EscapedStream(sys.stdout)):
             return args.handler(args) or 0
     except KeyboardInterrupt:
         print("headscope: interrupted", file=sys.stderr)
@@ -481,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         line = user_error(error)
         if line is None:
             raise
-        print(f"headscope: error: {' '.join(line.splitlines())}", file=sys.stderr)
+        print(f"headscope: error: {printable(' '.join(line.splitlines()))}", file=sys.stderr)
         return 2
 
 

@@ -8,10 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from .options import parse_ints
+from .validate import LARGEST_SEED, checked, integer, real, refuse_overwriting
+
+MOST_RESAMPLES = 100_000  # resamples x heads floats are held at once: 100,000 x 1,024 heads is 0.8 GB
 
 
 def add_kv_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-kv-heads", type=int, help="KV heads per layer (GQA); default: read from --model")
+    parser.add_argument("--num-kv-heads", type=integer(1), help="KV heads per layer (GQA); default: read from --model")
     parser.add_argument("--model", help="read num_key_value_heads from this model's config.json "
                                         "(default: the model in the run's manifest, if any)")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -31,20 +34,24 @@ HELP = {
 
 def add_show(show) -> None:
     show.add_argument("file", help="NAME_TASK_heads.json or NAME_TASK_summary.json")
-    show.add_argument("--top", type=int, default=30, help="rows to print (default 30)")
+    show.add_argument("--top", type=integer(1), default=30, help="rows to print (default 30)")
     show.add_argument("--kv-heads", choices=["max", "mean"], help="aggregate query heads onto their KV head (GQA)")
     add_kv_options(show)
     stability = show.add_argument_group("stability (needs NAME_TASK_samples.jsonl beside the file)")
-    stability.add_argument("--bootstrap", type=int, default=0, metavar="N", help="resample the samples N times")
-    stability.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
-    stability.add_argument("--k", type=int, help="the top K whose membership is tested (default 10 or all heads)")
+    stability.add_argument("--bootstrap", type=integer(0, MOST_RESAMPLES), default=0, metavar="N",
+                           help="resample the samples N times")
+    stability.add_argument("--seed", type=integer(0, LARGEST_SEED), default=0,
+                           help="seed of the resampling (default 0)")
+    stability.add_argument("--k", type=integer(1),
+                           help="the top K whose membership is tested (default 10 or all heads)")
     show.set_defaults(handler=run_show)
 
 
 def add_compare(compare) -> None:
     compare.add_argument("a", help="a heads or summary file (its scores are the x axis)")
     compare.add_argument("b", help="another heads or summary file of the same model (the y axis)")
-    compare.add_argument("--top", type=parse_ints, help="values of K (default 5,10,20,30, those up to the head count)")
+    compare.add_argument("--top", type=checked(parse_ints, 1),
+                         help="values of K (default 5,10,20,30, those up to the head count)")
     compare.add_argument("--plot", help="scatter plot path (default: A_vs_B.png next to A; a link is written "
                                         "through)")
     compare.add_argument("--no-plot", action="store_true", help="print the table only")
@@ -53,7 +60,7 @@ def add_compare(compare) -> None:
 
 def add_plot(plot) -> None:
     plot.add_argument("file", help="NAME_TASK_heads.json or NAME_TASK_summary.json")
-    plot.add_argument("--top", type=int, default=10, help="label this many best heads (default 10)")
+    plot.add_argument("--top", type=integer(0), default=10, help="label this many best heads (default 10)")
     plot.set_defaults(handler=run_plot)
 
 
@@ -62,21 +69,22 @@ def add_export(export) -> None:
     export.add_argument("--to", required=True, choices=["topk", "duo", "razor", "headkv"],
                         help="topk: [[layer, head, score], ...]; duo: DuoAttention; razor: RazorAttention; "
                              "headkv: HeadKV budgets")
-    export.add_argument("--top", type=int, help="topk, razor: how many heads (default 20, or the heads with a value)")
+    export.add_argument("--top", type=integer(1),
+                        help="topk, razor: how many heads (default 20, or the heads with a value)")
     export.add_argument("--out", help="output path (duo: a folder); default next to FILE; a link (or /dev/stdout) is "
                                       "written through")
     duo = export.add_argument_group("duo")
-    duo.add_argument("--threshold", type=float, help="1 where the KV head's score >= T")
-    duo.add_argument("--sparsity", type=float, help="keep the top (1 - S) fraction of KV heads")
+    duo.add_argument("--threshold", type=real(), help="1 where the KV head's score >= T")
+    duo.add_argument("--sparsity", type=real(0, 1), help="keep the top (1 - S) fraction of KV heads")
     duo.add_argument("--raw", action="store_true", help="scores / max, for DuoAttention to threshold itself")
-    duo.add_argument("--sink-size", type=int, default=64, help="written to config.json (default 64)")
-    duo.add_argument("--recent-size", type=int, default=256, help="written to config.json (default 256)")
+    duo.add_argument("--sink-size", type=integer(0), default=64, help="written to config.json (default 64)")
+    duo.add_argument("--recent-size", type=integer(0), default=256, help="written to config.json (default 256)")
     add_kv_options(duo)
     headkv = export.add_argument_group("headkv")
-    headkv.add_argument("--budget", type=int, default=128, help="average KV entries per head (default 128)")
-    headkv.add_argument("--beta", type=float, default=1.2,
+    headkv.add_argument("--budget", type=integer(1), default=128, help="average KV entries per head (default 128)")
+    headkv.add_argument("--beta", type=real(1), default=1.2,
                         help="floor(budget / beta) per head is pooled; larger beta, bigger floor (default 1.2)")
-    headkv.add_argument("--temperature", type=float, default=1.0, help="exponent on the score shares (default 1)")
+    headkv.add_argument("--temperature", type=real(0), default=1.0, help="exponent on the score shares (default 1)")
     headkv.add_argument("--layout", choices=["keys", "matrix"], default="keys",
                         help='{"L-H": budget} or a layers x heads list (default keys)')
     export.set_defaults(handler=run_export)
@@ -90,9 +98,9 @@ def add_report(report) -> None:
     report.add_argument("--compare", metavar="OTHER",
                         help="another run: its folder, or one of its files (e.g. NAME_TASK_r2_heads.json): top-K "
                              "overlap, Jaccard, Spearman and a scatter of the two")
-    report.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+    report.add_argument("--bootstrap", type=integer(maximum=MOST_RESAMPLES), default=1000, metavar="N",
                         help="resamples behind each head's 95%% interval and P(top K) (default 1000; 0: none)")
-    report.add_argument("--k", type=int, help="the K of P(top K) (default 10 or all heads)")
+    report.add_argument("--k", type=integer(), help="the K of P(top K) (default 10 or all heads)")
     report.set_defaults(handler=run_report)
 
 
@@ -183,6 +191,7 @@ def run_compare(args) -> None:
     from . import analysis, plots
     from .outputs import plain
 
+    refuse_overwriting(args.plot, "--plot", [args.a, args.b], [Path(args.a).parent, Path(args.b).parent])
     a, b = (plain(analysis.load_summary(path)) for path in (args.a, args.b))  # no value counts as 0 here
     ks = args.top if args.top is not None else [k for k in (5, 10, 20, 30) if k <= len(a)] or [len(a)]
     result = analysis.compare(a, b, ks)
@@ -211,6 +220,7 @@ def run_export(args) -> None:
     from .errors import HeadscopeError
     from .outputs import atomic_write_json
 
+    refuse_overwriting(args.out, "--out", [args.file], [Path(args.file).parent])
     summary = analysis.load_summary(args.file)
     analysis.checked_heads(args.file, summary)
     means = analysis.mean_matrix(summary)
@@ -243,7 +253,10 @@ def wrote(path, detail: str = "") -> None:
     clean."""
     from .outputs import write_target
 
-    print(f"wrote {path}{detail}", file=sys.stderr if write_target(path, follow=True) is None else sys.stdout)
+    from .errors import printable
+
+    print(f"wrote {printable(str(path))}{detail}",
+          file=sys.stderr if write_target(path, follow=True) is None else sys.stdout)
 
 
 def run_report(args) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import check, identity, loading, outputs, store
 from .decode import StopRule, eos_token_ids, greedy_decode, newline_token_ids, num_layers_and_heads
-from .errors import HeadscopeError, notify
+from .errors import HeadscopeError, notify, printable
 from .layout import attention_layout
 from .lock import writer_locks
 from .runstate import HEAD_COUNT, LAYER_COUNT, config_count
@@ -65,6 +65,7 @@ class Run:
     samples: list  # the task's Samples, not yet tokenised
     scorers: list
     stop: StopRule
+    encoded: dict = field(default_factory=dict)  # index -> encoded prompt, sized before the check (fits_context)
 
     @cached_property
     def keys(self) -> list[str]:
@@ -175,36 +176,79 @@ def use_threads(threads: int | None) -> int:
 
 
 def start_run(task: str, options, loaded: loading.LoadedModel | None, command: str = "detect",
-              scorers: list = (), check_it: bool = True) -> Run:
+              scorers: list = (), check_it: bool = True, done: frozenset = frozenset()) -> Run:
     """Load the model (unless given), build the samples, run the exactness check (with `scorers`, the scorers
-    that read the decode, on the run's first prompts)."""
+    that read the decode, on the run's first prompts). The prompts still to decode (those of this shard not in
+    `done`, the ids every scorer's file holds) are sized before the weights load and before the check."""
     if options.threads is not None:  # the command line sets its default (cli.command_threads); a library call
         use_threads(options.threads)  # keeps torch's own setting unless given `threads`
+    prepared = None
     if loaded is None:
+        prepared = prepared_before_loading(task, options, done)
         with quiet_loading(options.quiet):
             loaded = loading.load(options.model, options.dtype, options.device, options.attn, options.trust_remote_code)
     needs = {"ablate": "mask its heads", "kv": "replay a KV cache policy on it"}.get(command)
     if needs and loaded.eager_fallback:  # masking and KV policies live in headscope's attention function
         raise HeadscopeError(f"{type(loaded.model).__name__} does not use transformers' attention interface, so "
                              f"headscope cannot {needs}")
-    chat = use_chat(options, loaded.tokenizer)
-    # The builder sees the model actually loaded (a Python-API `loaded` model too), e.g. to pick default data.
-    # chat: False, True, or the chat template's keyword arguments (a non-empty dict is "on, with these").
-    built_with = dataclasses.replace(options, chat=(options.chat_template_kwargs or True) if chat else False,
-                                     model=loaded.path)
-    samples = TASKS[task].build(built_with, loaded.tokenizer, loaded.max_context)
-    if not samples:
-        raise HeadscopeError("the task produced no samples: check the data and the grid options")
+    chat, samples, encoded = prepared or (*built_samples(task, options, loaded.tokenizer, loaded.path,
+                                                         loaded.max_context), {})
     stop = StopRule(eos_token_ids(loaded.model, loaded.tokenizer),
                     newline_token_ids(loaded.tokenizer) if options.stop_at_newline else set())
-    run = Run(TASKS[task], options, loaded, chat, samples, list(scorers), stop)
+    run = Run(TASKS[task], options, loaded, chat, samples, list(scorers), stop, encoded)
     if options.batch_size > 1 and batch_size(run) == 1:
         notify(f"{type(loaded.model).__name__} gives a left-padded prompt other logits than the prompt alone (it "
                "ignores position_ids): its prompts are decoded one at a time, whatever --batch-size")
     if options.check and check_it:
+        fits_context(run, done)
         case = scorer_case(run) if run.scorers else None
         check.require(loaded, command, need_ablation=command == "ablate", cases=[case] if case else [])
     return run
+
+
+def built_samples(task: str, options, tokenizer, path: str, max_context: int | None) -> tuple[bool, list]:
+    """(chat, the task's samples) for the model at `path`: the builder sees the model actually loaded (a Python-API
+    `loaded` model too), e.g. to pick default data."""
+    chat = use_chat(options, tokenizer)
+    # chat: False, True, or the chat template's keyword arguments (a non-empty dict is "on, with these").
+    built_with = dataclasses.replace(options, chat=(options.chat_template_kwargs or True) if chat else False,
+                                     model=path)
+    samples = TASKS[task].build(built_with, tokenizer, max_context)
+    if not samples:
+        raise HeadscopeError("the task produced no samples: check the data and the grid options")
+    return chat, samples
+
+
+def prepared_before_loading(task: str, options, done: frozenset) -> tuple[bool, list, dict] | None:
+    """(chat, samples, the encoded prompts still to decode), built and sized with the model's tokenizer and config
+    alone: a prompt longer than the model is refused before its weights load (minutes, on a large model). None
+    when they cannot be read on their own (loading the model then says why)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = options.model or loading.default_model_path()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError, ImportError, KeyError):
+        return None
+    max_context = loading.max_context_of(config)
+    chat, samples = built_samples(task, options, tokenizer, path, max_context)
+    sizing = Sizing(tokenizer, max_context, options.max_new_tokens, TASKS[task].span_overlap_threshold)
+    return chat, samples, sizing.encode(samples, still_to_do(options, samples, done), {})
+
+
+def still_to_do(options, samples: list, done: frozenset) -> list[int]:
+    """The indices of the samples this process decodes: its shard's (or all), but those already `done`."""
+    shard = parse_shard(options.shard)
+    return [index for index, sample in enumerate(samples)
+            if (shard is None or index % shard[1] == shard[0]) and sample.id not in done]
+
+
+def fits_context(run: Run, done: frozenset) -> None:
+    """Every prompt this process will decode is encoded and sized before the check runs the model on any: a
+    prompt longer than the model's context is refused in one line, not after the check has run on it (a
+    560K-token record took the check minutes and gigabytes first). The prompts are kept for the decode."""
+    run.encoded.update(encode_samples(run, still_to_do(run.options, run.samples, done)))
 
 
 def scorer_case(run: Run) -> check.ScorerCase | None:
@@ -212,7 +256,7 @@ def scorer_case(run: Run) -> check.ScorerCase | None:
     when no prompt's span is found (the run would score nothing: its rows say why)."""
     first, index = [], 0
     while len(first) < 2 and index < len(run.samples):
-        prompt = encode_with_span(run.loaded.tokenizer, run.samples[index], run.task.span_overlap_threshold)
+        prompt = encode_samples(run, [index])[index]  # sized: the check never runs on a prompt too long
         if decodable(run, prompt):
             first.append((index, run.samples[index], prompt))
         index += 1
@@ -263,7 +307,8 @@ def detect(task: str, options: DetectOptions | None = None, loaded: loading.Load
             for scorer in scorers:
                 stores[scorer.name] = store.RunStore(paths[scorer.name], run_id, options.overwrite, options.append,
                                                      settings, made_of)
-            run = start_run(task, options, loaded, scorers=scorers)
+            done = frozenset.intersection(*(frozenset(runs.done) for runs in stores.values()))
+            run = start_run(task, options, loaded, scorers=scorers, done=done)
             result = run_and_write(run, stores, shard, (run_id, made_of), started)
             result.locks = [store.lock_name(prefix, shard) for prefix in prefixes.values()]
             return result
@@ -323,18 +368,40 @@ def use_chat(options: DetectOptions, tokenizer) -> bool:
 def encode_samples(run: Run, indices) -> dict:
     """{index: encoded prompt} for the samples at `indices` (a shard's, still to do: never the whole grid on
     every rank); checks that each fits the model's context."""
-    encoded, tokenizer, max_context = {}, run.loaded.tokenizer, run.loaded.max_context
-    budget = run.options.max_new_tokens
-    for index in indices:
-        sample = run.samples[index]
-        prompt = encode_with_span(tokenizer, sample, run.task.span_overlap_threshold)
-        if max_context and len(prompt.input_ids) + budget > max_context:
-            raise HeadscopeError(f"sample {sample.id}: {len(prompt.input_ids)} prompt tokens + {budget} new "
-                                 f"tokens exceed the model's maximum context of {max_context}")
-        if len(prompt.input_ids) == 0:
-            raise HeadscopeError(f"sample {sample.id}: the prompt is empty")
-        encoded[index] = prompt
-    return encoded
+    sizing = Sizing(run.loaded.tokenizer, run.loaded.max_context, run.options.max_new_tokens,
+                    run.task.span_overlap_threshold)
+    return sizing.encode(run.samples, indices, run.encoded)
+
+
+LONG_SEQUENCE_WARNING = "sequence-length-is-longer-than-the-specified-maximum"  # transformers' key for it
+
+
+@dataclass
+class Sizing:
+    """What encoding and sizing a prompt needs: the tokenizer, the model's context, the decoding budget and the
+    task's span-overlap threshold."""
+
+    tokenizer: object
+    max_context: int | None
+    budget: int
+    threshold: float
+
+    def encode(self, samples: list, indices, known: dict) -> dict:
+        """{index: encoded prompt} (those in `known` reused), each checked to fit the model's context."""
+        # A prompt too long is refused below in one line naming the sample: transformers' own warning about it (a
+        # second line, given once per tokenizer) is marked as given.
+        getattr(self.tokenizer, "deprecation_warnings", {})[LONG_SEQUENCE_WARNING] = True
+        encoded = {}
+        for index in indices:
+            sample = samples[index]
+            prompt = known[index] if index in known else encode_with_span(self.tokenizer, sample, self.threshold)
+            if self.max_context and len(prompt.input_ids) + self.budget > self.max_context:
+                raise HeadscopeError(f"sample {sample.id}: {len(prompt.input_ids)} prompt tokens + {self.budget} new "
+                                     f"tokens exceed the model's maximum context of {self.max_context}")
+            if len(prompt.input_ids) == 0:
+                raise HeadscopeError(f"sample {sample.id}: the prompt is empty")
+            encoded[index] = prompt
+        return encoded
 
 
 def all_items(run: Run) -> list[tuple]:
@@ -348,7 +415,7 @@ def decode_all(run: Run, encoded: dict, total: int, todo: list[int], stores: dic
     options, scorers = run.options, run.scorers
     primary = stores[scorers[0].name]
     running = RunningTop(run.keys, store.derive_heads(primary.rows, run.keys))
-    progress = tqdm(total=total, initial=total - len(todo), desc=f"{run.task.name} {run.loaded.name}",
+    progress = tqdm(total=total, initial=total - len(todo), desc=printable(f"{run.task.name} {run.loaded.name}"),
                     unit="sample", disable=options.quiet, file=sys.stderr)
     size = batch_size(run)
     for first in range(0, len(todo), size):

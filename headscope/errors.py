@@ -2,6 +2,7 @@
 
 
 import sys
+import unicodedata
 
 
 class HeadscopeError(Exception):
@@ -10,7 +11,33 @@ class HeadscopeError(Exception):
 
 def notify(message: str) -> None:
     """One line on stderr about something the user should know but that is not an error."""
-    print(f"headscope: note: {message}", file=sys.stderr)
+    print(f"headscope: note: {printable(message)}", file=sys.stderr)
+
+
+def printable(text: str, keep: str = "") -> str:
+    """`text` with every control or format character but those in `keep` shown as its escape (\\x1b, \\u202e): a
+    data file, a sample id or a model folder's name cannot move the cursor, clear the screen, set the terminal's
+    title, reorder the line (bidi overrides) or add a line to a message that is one line."""
+    return "".join(char if char in keep or not _hidden(char) else char.encode("unicode_escape").decode("ascii")
+                   for char in text)
+
+
+def _hidden(char: str) -> bool:
+    return unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp")
+
+
+class EscapedStream:
+    """A text stream that writes through `printable` (keeping newlines and tabs): what the commands print on
+    standard output (tables, `wrote PATH` lines) carries no raw control character from a name or a file."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(printable(text, keep="\n\t"))
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def loading_reason(error: Exception) -> str:

@@ -114,6 +114,9 @@ def headkv_budgets(means: np.ndarray, budget: int, beta: float = 1.2, temperatur
     if means.sum() <= 0:
         raise HeadscopeError("every head scores 0: there is nothing to allocate the pooled budget by")
     share = (means / means.sum()) ** temperature  # numpy's 0 ** 0 is 1: T = 0 shares equally, as HeadKV's torch.pow
+    if not np.isfinite(share).all() or share.sum() <= 0:  # a large T underflows every share to 0: 0 / 0 budgets
+        raise HeadscopeError(f"--temperature {temperature:g}: the score shares to that power are all 0 (or not "
+                             "finite), so there is nothing to allocate the pool by: give a smaller temperature")
     share = share / share.sum()
     pooled_per_head = int(budget // beta)
     pool = pooled_per_head * means.size

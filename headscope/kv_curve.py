@@ -76,11 +76,11 @@ class KVSettings:
                                                  "kept full) or headkv, snapkv (--budgets B: entries per head)",
                          group="kv cache", check=parse_policies)
     budgets: list[int] | None = option(None, "the curve's points: K values (duo, random, streaming) or B values "
-                                             "(headkv, snapkv), e.g. 0,2,4,8", group="kv cache")
+                                             "(headkv, snapkv), e.g. 0,2,4,8", group="kv cache", minimum=0)
     threshold: float | None = option(None, "duo instead of --budgets: the KV heads scoring at least T keep every "
                                            "key (as export --to duo)", group="duo")
     sparsity: float | None = option(None, "duo instead of --budgets: the best (1 - S) of the KV heads keep every "
-                                          "key (as export --to duo)", group="duo")
+                                          "key (as export --to duo)", group="duo", minimum=0, maximum=1)
     sink: int = option(64, "a streaming head keeps the first SINK tokens", group="duo", minimum=0)
     recent: int = option(256, "... and the last RECENT tokens (the query's own included)", group="duo", minimum=1)
     repeats: int = option(3, "random draws (mean and std are reported)", group="duo", minimum=1)
@@ -88,8 +88,10 @@ class KVSettings:
                          group="headkv", minimum=1)
     kernel: int = option(7, "pooling kernel of the votes (odd)", group="headkv", minimum=1)
     pooling: str = option("max", "pooling of the votes", group="headkv", choices=kv.POOLINGS)
-    beta: float = option(1.2, "HeadKV: floor(B / beta) per head is pooled and shared by score", group="headkv")
-    temperature: float = option(1.0, "HeadKV: exponent on the score shares", group="headkv")
+    beta: float = option(1.2, "HeadKV: floor(B / beta) per head is pooled and shared by score", group="headkv",
+                          minimum=1)
+    temperature: float = option(1.0, "HeadKV: exponent on the score shares", group="headkv",
+                                 minimum=0)
 
 
 # The settings every point of one curve shares: they are in the curve's id (other values: another curve).

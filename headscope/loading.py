@@ -28,8 +28,7 @@ class LoadedModel:
 
     @property
     def max_context(self) -> int | None:
-        config = self.model.config.get_text_config()
-        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return max_context_of(self.model.config)
 
     @property
     def pad_id(self) -> int:
@@ -42,6 +41,12 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
+
+
+def max_context_of(config) -> int | None:
+    """The longest sequence a model's config says it takes (None: it does not say)."""
+    config = config.get_text_config()
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def default_model_path() -> str:

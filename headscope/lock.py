@@ -75,3 +75,20 @@ def _still_at(path: Path, handle: int) -> bool:
         return False
     mine = os.fstat(handle)
     return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def holder(folder: str | Path, name: str) -> str | None:
+    """The pid of the process writing run `name` in `folder` now, None when no one is: a reader's probe (report),
+    which creates no lock file and holds no lock."""
+    path = Path(folder) / f".{name}.lock"
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # no lock file (no writer), or a link: nothing headscope holds
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(handle, 32).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(handle)  # closing drops the probe's shared lock, if it got one
+    return None

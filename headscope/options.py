@@ -12,14 +12,17 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import HeadscopeError
+from .validate import LARGEST_SEED, check_value, checked
 
 
 def option(default, help, **cli):
     """A dataclass field with its command-line metadata: help (text, or a function giving it when the help is
     shown), and optionally group, flag (the flag's name when not --field-name; for a True-default boolean the
-    --no-... flag), choices, minimum, parse (a function str -> value for types argparse cannot infer), required,
-    check (a function that raises on a bad value), excludes (fields that cannot be given with this one),
-    help_for (the help for another command: {"ablate": ...}), success_filter (a flag of the success filter)."""
+    --no-... flag), choices, minimum and maximum (of a number, or of each number of a list; every number is
+    also checked finite and not too large: validate.py), parse (a function str -> value for types argparse
+    cannot infer), required, check (a function that raises on a bad value), excludes (fields that cannot be
+    given with this one), help_for (the help for another command: {"ablate": ...}), success_filter (a flag of
+    the success filter)."""
     return field(default=default, metadata={"help": help, **cli})
 
 
@@ -66,6 +69,11 @@ def _below_100(threshold: float) -> None:
                              "threshold, and metrics are 0-100: give a value below 100")
 
 
+def _named(out: str) -> None:
+    if not out.strip():  # "" would be the current folder, which no one meant
+        raise HeadscopeError("--out is empty: name a folder")
+
+
 def _scorer_help() -> str:
     from .scorers import SCORERS  # imported only to show the help: the scorers import torch
 
@@ -87,7 +95,7 @@ class ModelOptions:
                                             "its config; without it such a model is refused", group="model")
     threads: int | None = option(None, "CPU threads of torch (default: the cores no other work keeps busy, at least "
                                        "1: on a busy machine more threads only wait for each other)", group="model",
-                                 minimum=1)
+                                 minimum=1, maximum=1024)
 
 
 @dataclass
@@ -95,7 +103,7 @@ class DetectOptions(ModelOptions):
     """What every task shares; the flags have the same names (`--max-new-tokens` sets max_new_tokens)."""
 
     max_new_tokens: int = option(50, "decoding budget", minimum=1)
-    out: str = option("head_scores", "output folder")
+    out: str = option("head_scores", "output folder", check=_named)
     overwrite: bool = option(False, "replace the folder's run instead of resuming it")
     append: bool = option(False, "add this run to an --out folder that holds another run measuring the same thing "
                                  "on other samples (other data or grid)", ablate=False, excludes=("overwrite",))
@@ -121,7 +129,7 @@ class DetectOptions(ModelOptions):
                                             "(default roberta-large / sentence-transformers/all-MiniLM-L6-v2)",
                                       group="success filter", success_filter=True)
     batch_size: int = option(1, "decode several prompts together (left padding)", minimum=1)
-    seed: int = option(0, "seed of any sampling of the data")
+    seed: int = option(0, "seed of any sampling of the data", minimum=0, maximum=LARGEST_SEED)
     quiet: bool = option(False, "no progress bar or running top-10")
     plots: bool = option(True, "draw the heatmap / NIAH grid", flag="--no-plots",
                          help_for={"ablate": "draw the arms' NIAH grids and the ablation curve",
@@ -166,7 +174,8 @@ def add_arguments(parser: argparse.ArgumentParser, options_class, defaults: dict
             parse = meta.get("parse") or SCALARS.get(kind)
             if parse is None:
                 raise TypeError(f"{options_class.__name__}.{spec.name}: give its type a parse= in option(...)")
-            action = group.add_argument(flag, type=_argument_type(parse), choices=meta.get("choices"),
+            typed = checked(_argument_type(parse), meta.get("minimum"), meta.get("maximum"))
+            action = group.add_argument(flag, type=typed, choices=meta.get("choices"),
                                         required=meta.get("required", False), **common)
         taken[spec.name] = (action, default if shown else None, label)
 
@@ -239,7 +248,8 @@ def given_fields(options) -> set[str]:
 
 
 def validate(options) -> None:
-    """The choices and minimums the fields declare: one clear line for the first that does not hold."""
+    """The choices and ranges the fields declare (and every number finite and not too large: validate.py): one
+    clear line for the first that does not hold."""
     for spec in dataclasses.fields(options):
         value, meta = getattr(options, spec.name), spec.metadata
         flag = meta.get("flag", "--" + spec.name.replace("_", "-"))
@@ -247,8 +257,7 @@ def validate(options) -> None:
             continue
         if "choices" in meta and value not in meta["choices"]:
             raise HeadscopeError(f"{flag} must be one of {', '.join(map(str, meta['choices']))}, not {value!r}")
-        if "minimum" in meta and value < meta["minimum"]:
-            raise HeadscopeError(f"{flag} must be at least {meta['minimum']}")
+        check_value(flag, value, meta.get("minimum"), meta.get("maximum"))
         if "check" in meta:
             meta["check"](value)
 

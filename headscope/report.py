@@ -21,21 +21,26 @@ from __future__ import annotations
 
 import base64
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from . import analysis, outputs, schema, store
+from . import analysis, lock, outputs, schema, store
 from .errors import HeadscopeError, notify
 from .outputs import parse_head_key
 from .scorers import keeps_zeros
 from .tasks import TASKS
+from .validate import refuse_overwriting
 
 # Row fields the sample browser shows in their own places; any other field is shown as a "key=value" chip.
 SHOWN_FIELDS = {"run", "index", "id", "task", "reference", "prompt_tokens", "span", "span_method", "response",
                 "score", "passed", "error", "duration_s", "scorer", "keep_zeros", "head_scores", "answer_text",
                 "excerpt", "prompt"}
 MAX_IMAGE_BYTES = 2_000_000  # a picture larger than this is left out of the page (it stays small)
+MOST_PAGES = 100  # runs of a folder report makes pages for at once; above, --run picks one
+SHOWN_PROGRESS = 5  # from this many runs on, a progress bar says how far report has come
 
 
 def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: int = 1000,
@@ -50,18 +55,25 @@ def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: i
     runs = [(prefix, manifest) for prefix, manifest in every_run if run in (None, prefix)]
     if not runs:
         raise HeadscopeError(f"no run {run!r} in {run_dir}: it holds " + ", ".join(p for p, _ in every_run))
+    if len(runs) > MOST_PAGES:
+        raise HeadscopeError(f"{run_dir} holds {len(runs):,} runs: a page each (about 1 MB a page) is more than report "
+                             f"makes at once ({MOST_PAGES}); pick one with --run NAME_TASK")
     if out is not None and len(runs) > 1:
         raise HeadscopeError(f"{run_dir} holds {len(runs)} runs ({', '.join(p for p, _ in runs)}): "
                              "pick one with --run to write it to --out")
     if out is not None:
+        compared = [] if compare is None else [Path(compare) if Path(compare).is_dir() else Path(compare).parent]
+        refuse_overwriting(out, "--out", [] if compare is None else [compare], [run_dir, *compared])
         outputs.write_target(out, follow=True)  # a folder or device named --out is refused before the work
     other = load_other(compare, runs) if compare is not None else None
     contexts = {}  # every run is read and checked before a page is rendered or written
-    for prefix, manifest in runs:
+    for prefix, manifest in tqdm(runs, desc="report: reading runs", unit="run", file=sys.stderr,
+                                 disable=len(runs) < SHOWN_PROGRESS):
         path = Path(out) if out else run_dir / ("report.html" if len(every_run) == 1 else f"{prefix}_report.html")
         contexts[path] = page_context(run_dir, prefix, manifest, other and other.get(prefix), bootstrap, k)
     bundle = vega_bundle()
-    for path, context in contexts.items():
+    for path, context in tqdm(contexts.items(), desc="report: writing pages", unit="page", file=sys.stderr,
+                              disable=len(contexts) < SHOWN_PROGRESS):
         outputs.atomic_write_text(path, render(context, bundle), follow=out is not None)  # a named path: via links
     return list(contexts)
 
@@ -97,7 +109,7 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
     context = {
         "title": f"{prefix} — headscope report",
         "prefix": prefix,
-        "card": run_card(manifest, run["rows"], layers, heads_per_layer),
+        "card": run_card(manifest, run["rows"], layers, heads_per_layer) | {"writing": writer_now(run_dir, prefix)},
         "heads": heads,
         "k": k,
         "stability": stability is not None and {"resamples": bootstrap, "samples": stability["num_samples"]},
@@ -115,6 +127,16 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
     context["data"] = finite({"heads": heads, "selected": best, "k": k, "charts": context["charts"]}) | {
         "contributions": contributions}
     return context
+
+
+def writer_now(run_dir: Path, prefix: str) -> str | None:
+    """The pid of a process writing the run while its page is made (its files are then a run in progress, and the
+    page says so, not "unfinished"), with a note."""
+    pid = lock.holder(run_dir, prefix)
+    if pid is not None:
+        notify(f"{prefix} is being written (pid {pid}): its page shows the samples finished so far; make the page "
+               "again when the run finishes")
+    return pid
 
 
 def run_card(manifest: dict, rows: list[dict], layers: list[int], heads_per_layer: int) -> dict:

@@ -1,9 +1,9 @@
 """What a run's files must hold, checked where they are read: one line naming the file, the line and the field.
 
 Everything headscope reads back (samples rows, ablation logs, manifests, heads and summary files, companion
-results) goes through `parse`: strict JSON, where NaN, Infinity, a number too large for a float and an
-integer of thousands of digits are refused instead of being carried into a mean. Rows and manifests are then
-checked against the fields below; a field not listed is kept as it is (a newer headscope may add fields).
+results) goes through `parse`: strict JSON, where NaN, Infinity, a number too large to compute with (above 1e15
+in magnitude: validate.py) and an integer of thousands of digits are refused instead of being carried into a
+mean. Rows and manifests are then checked against the fields below; a field not listed is kept as it is (a newer headscope may add fields).
 """
 from __future__ import annotations
 
@@ -12,29 +12,41 @@ import math
 from pathlib import Path
 
 from .errors import HeadscopeError
+from .validate import LARGEST_MAGNITUDE
 
 
-class _NotFinite(ValueError):
-    """A NaN or an infinity in a JSON text: not a score."""
+class _NotANumber(ValueError):
+    """A NaN, an infinity or a number too large to compute with in a JSON text (its message says which)."""
 
 
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e999 parses to inf
-        raise _NotFinite(text)
+        raise _NotANumber(f"{text} is not a finite number (NaN and infinities are refused)")
+    return _not_too_large(value, text)
+
+
+def _checked_int(text: str) -> int:
+    return _not_too_large(int(text), text)  # int() refuses thousands of digits: "too many digits" below
+
+
+def _not_too_large(value, text: str):
+    if abs(value) > LARGEST_MAGNITUDE:  # summed and squared over many samples it would overflow to infinity
+        raise _NotANumber(f"{text if len(text) < 30 else text[:12] + '...'} is too large (at most "
+                          "1e15 in magnitude)")
     return value
 
 
 def _no_constant(name: str):
-    raise _NotFinite(name)
+    raise _NotANumber(f"{name} is not a finite number (NaN and infinities are refused)")
 
 
 def parse(text: str, where: str):
     """A JSON value from `text`; `where` ("FILE" or "FILE line N") starts the one-line error."""
     try:
-        return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
-    except _NotFinite as error:
-        raise HeadscopeError(f"{where}: {error} is not a finite number (NaN and infinities are refused)") from None
+        return json.loads(text, parse_float=_finite_float, parse_int=_checked_int, parse_constant=_no_constant)
+    except _NotANumber as error:
+        raise HeadscopeError(f"{where}: {error}") from None
     except json.JSONDecodeError as error:
         raise HeadscopeError(f"{where} is not valid JSON ({error.msg} at line {error.lineno} column "
                              f"{error.colno})") from None

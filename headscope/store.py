@@ -37,6 +37,7 @@ from pathlib import Path
 from . import identity, outputs, schema
 from .errors import HeadscopeError, notify
 from .lock import writer_lock
+from .mergecheck import refuse_inconsistent_merge
 
 # Options that do not change any score: left out of the run id.
 NOT_IN_RUN_ID = {"scorer", "out", "overwrite", "append", "quiet", "batch_size", "save_prompts", "device", "shard",
@@ -430,16 +431,24 @@ def merge(dirs: list[str | Path], out: str | Path | None = None) -> list[Path]:
             for index, path in shards.paths.items():
                 locks.enter_context(writer_lock(path.parent, lock_name(shards.prefix, (index, shards.count))))
         plans = [(shards, *merged_run(shards)) for shards in found]
+        for shards, rows, manifest in plans:
+            refuse_inconsistent_merge(shards, rows, manifest)
         targets = [refuse_replacing_a_run(out, shards.prefix, rows) for shards, rows, _ in plans]
-        written = []
-        for (shards, rows, manifest), paths in zip(plans, targets):
-            if paths is None:  # already merged: nothing to write
-                continue
-            outputs.atomic_write_text(paths["samples"], "".join(row_line(row, paths["samples"]) for row in rows))
-            write_derived(paths, rows, manifest["heads"])
-            outputs.atomic_write_json(paths["manifest"], manifest)
-            written.append(paths["heads"])
-    return written
+        writes = [(paths, merged_texts(paths, rows, manifest)) for (_, rows, manifest), paths in zip(plans, targets)
+                  if paths is not None]  # None: already merged, nothing to write
+        for _, files in writes:  # every file's text was built (and could be) before the first is written
+            for path, text in files.items():
+                outputs.atomic_write_text(path, text)
+    return [paths["heads"] for paths, _ in writes]
+
+
+def merged_texts(paths: dict, rows: list[dict], manifest: dict) -> dict[Path, str]:
+    """The merged run's files and their text, in the order they are written (the manifest last)."""
+    heads, summary = derive_heads_and_summary(paths, rows, manifest["heads"])
+    return {paths["samples"]: "".join(row_line(row, paths["samples"]) for row in rows),
+            paths["heads"]: outputs.json_text(heads, paths["heads"]),
+            paths["summary"]: outputs.json_text(summary, paths["summary"]),
+            paths["manifest"]: outputs.json_text(manifest, paths["manifest"])}
 
 
 def merged_run(shards: Shards) -> tuple[list[dict], dict]:

@@ -69,7 +69,7 @@ class ContextOptions(DetectOptions):
     """Tasks whose prompts are cut to context lengths."""
 
     context_lengths: list[int] | None = option(None, "context lengths in tokens, e.g. 1000,2000,4000",
-                                               group="context lengths", parse=parse_ints)
+                                               group="context lengths", parse=parse_ints, minimum=1)
     length_buffer: int = option(200, "tokens kept free for the question and the answer", group="context lengths",
                                 minimum=0)
 

@@ -9,7 +9,6 @@ scorer swaps them in for its calibration prompt). Every sample counts: no succes
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 from headscope.errors import HeadscopeError
 from headscope.spans import _span_from_offsets
@@ -17,15 +16,14 @@ from headscope.tasks import reasoning
 from dataclasses import dataclass
 
 from headscope.options import DetectOptions, option
+from headscope.validate import data_file
 from headscope.tasks.base import DATA_DIR, Sample, Task, register_task
 
 NULL_QUESTION = "N/A"
 
 
 def load_query_data(path, num_samples: int | None = None, seed: int = 0) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise HeadscopeError(f"query data file not found: {path}")
+    path = data_file(path, "query data file")
     records = []
     for where, record in reasoning._read_records(path):
         if not isinstance(record, dict):

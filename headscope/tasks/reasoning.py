@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 from headscope.errors import HeadscopeError
+from headscope.validate import data_file
 from headscope.spans import chat_prompt
 from dataclasses import dataclass
 
@@ -45,6 +46,8 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise HeadscopeError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from e
+        except RecursionError:
+            raise HeadscopeError(f"{path} is nested too deeply to be a data file") from None
         return [(f"{path} record {i}", record) for i, record in enumerate(data)]
     records = []
     for line_no, line in enumerate(text.splitlines(), start=1):
@@ -54,6 +57,8 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
             records.append((f"{path} line {line_no}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise HeadscopeError(f"{path} line {line_no}: not valid JSON ({e.msg})") from e
+        except RecursionError:
+            raise HeadscopeError(f"{path} line {line_no} is nested too deeply to be a record") from None
     return records
 
 
@@ -72,9 +77,7 @@ def load_reasoning_data(path, fields: dict | None = None, num_samples: int | Non
     `fields` maps our names to the file's keys. With `num_samples`, N records are drawn with
     random.Random(seed).sample and returned in file order.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise HeadscopeError(f"reasoning data file not found: {path}")
+    path = data_file(path, "reasoning data file")
     fields = dict(fields or {})
     for ours in fields:
         if ours not in RECORD_FIELDS:

@@ -14,6 +14,7 @@ import numpy as np
 
 from headscope.errors import HeadscopeError, notify
 from headscope.spans import chat_prompt
+from headscope.validate import data_file
 from dataclasses import dataclass
 
 from headscope.options import option, parse_floats
@@ -28,24 +29,34 @@ CHAT_BOOK_SUFFIX = "</book>\nBased on the content of the book, Question: {questi
 # ----------------------------------------------------------------------------- loading
 
 
-def load_haystack(haystack_dir) -> str:
-    """All .txt files directly inside `haystack_dir`, in name order, concatenated."""
+# A haystack is read only as far as the grid needs: its longest context, at this many characters a token (English
+# prose runs about 4), so a 1 GB .txt is neither read nor tokenized whole. Only the first tokens are used.
+CHARS_PER_TOKEN = 32
+
+
+def load_haystack(haystack_dir, max_chars: int | None = None) -> str:
+    """The .txt files directly inside `haystack_dir`, in name order, concatenated: at most `max_chars`
+    characters of them."""
     folder = Path(haystack_dir)
     if not folder.is_dir():
         raise HeadscopeError(f"haystack folder not found: {folder}")
     files = sorted(p for p in folder.glob("*.txt") if p.is_file())
     if not files:
         raise HeadscopeError(f"haystack folder {folder} has no .txt files")
-    parts = []
+    parts, left = [], max_chars
     for path in files:
+        if left is not None and left <= 0:
+            break
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, encoding="utf-8") as file:
+                text = file.read(-1 if left is None else left)
         except UnicodeDecodeError as e:
             raise HeadscopeError(f"haystack file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
         # Keep the last word of one file from gluing onto the first word of the next.
         if parts and parts[-1] and not parts[-1][-1].isspace():
             parts.append("\n")
         parts.append(text)
+        left = None if left is None else left - len(text) - 1
     haystack = "".join(parts)
     if not haystack.strip():
         raise HeadscopeError(f"haystack folder {folder} holds only empty .txt files")
@@ -64,9 +75,7 @@ def load_needles(path) -> list[dict]:
     An optional "answer" (HeadKV's retrieval-reasoning needles) is the expected response when it is not
     the real_needle itself: the span stays real_needle, the success metric compares against the answer.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise HeadscopeError(f"needles file not found: {path}")
+    path = data_file(path, "needles file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -79,6 +88,8 @@ def load_needles(path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise HeadscopeError(f"{path} line {line_no}: not valid JSON ({e.msg})") from e
+        except RecursionError:
+            raise HeadscopeError(f"{path} line {line_no} is nested too deeply to be a needle") from None
         if not isinstance(record, dict):
             raise HeadscopeError(f"{path} line {line_no}: expected a JSON object, got {type(record).__name__}")
         for name in NEEDLE_FIELDS:
@@ -317,7 +328,7 @@ class RetrievalOptions(ContextOptions):
     needles: str | None = option(None, "JSON Lines of {needle, question, real_needle} (default: needles written "
                                        "for the default haystack)", group="data")
     depths: list[float] | None = option(None, "needle depths in percent, e.g. 0,50,100", group="data",
-                                        parse=parse_floats)
+                                        parse=parse_floats, minimum=0, maximum=100)
     num_depths: int = option(10, "needle depths from 0 to 100%", group="data", minimum=1, excludes=("depths",))
     depth_spacing: str = option("linear", "how the depths are spaced", group="data", choices=("linear", "sigmoid"),
                                 excludes=("depths",))
@@ -351,10 +362,11 @@ def default_data(model: str | None) -> tuple[Path, Path]:
 
 def build(options: RetrievalOptions, tokenizer, max_context: int | None) -> list[Sample]:
     haystack_dir, needles_file = default_data(options.model)
-    haystack = load_haystack(options.haystack or haystack_dir)
+    lengths = grid_lengths(options, max_context)
+    haystack = load_haystack(options.haystack or haystack_dir, max(lengths) * CHARS_PER_TOKEN)
     needles = load_needles(options.needles or needles_file)
     depths = options.depths if options.depths else depth_percents(options.num_depths, options.depth_spacing)
-    return build_retrieval_samples(tokenizer, haystack, needles, grid_lengths(options, max_context), depths,
+    return build_retrieval_samples(tokenizer, haystack, needles, lengths, depths,
                                    length_buffer=options.length_buffer, chat=options.chat)
 
 
