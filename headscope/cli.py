@@ -422,21 +422,16 @@ TORCH_COMMANDS = {"detect", "ablate", "kv", "specificity", "check", "rescore"}  
 @contextlib.contextmanager
 def command_threads(args: argparse.Namespace):
     """torch's CPU threads while a command runs: --threads, else the cores no other work keeps busy
-    (engine.use_threads); put back after it, so that a program calling main() keeps its own setting (and a library
-    call of headscope leaves torch's setting alone unless given `threads`)."""
+    (engine.use_threads, as the Python API picks them); put back after it, so that a program calling main() keeps
+    its own setting."""
     if args.command not in TORCH_COMMANDS:
         yield
         return
-    import torch
+    from .engine import kept_threads, use_threads
 
-    from .engine import use_threads
-
-    before = torch.get_num_threads()
-    use_threads(getattr(args, "threads", None))
-    try:
+    with kept_threads():
+        use_threads(getattr(args, "threads", None))
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def quiet_libraries() -> None:

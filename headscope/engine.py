@@ -163,12 +163,23 @@ def use_threads(threads: int | None) -> int:
     return threads
 
 
+@contextlib.contextmanager
+def kept_threads():
+    """Put torch's CPU threads back as they were when a command or an API call returns (start_run changes them): a
+    program calling headscope keeps its own setting. Also a decorator (`@kept_threads()`)."""
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def start_run(task: str, options, loaded: loading.LoadedModel | None, command: str = "detect",
               scorers: list = (), check_it: bool = True) -> Run:
     """Load the model (unless given), build the samples, run the exactness check (with `scorers`, the scorers
     that read the decode, on the run's first prompts)."""
-    if options.threads is not None:  # the command line sets its default (cli.command_threads); a library call
-        use_threads(options.threads)  # keeps torch's own setting unless given `threads`
+    use_threads(options.threads)  # the API picks as the command line does (given, else the idle cores); the
+    # public functions calling this are @kept_threads(), so the caller's setting comes back on return
     if loaded is None:
         with quiet_loading(options.quiet):
             loaded = loading.load(options.model, options.dtype, options.device, options.attn, options.trust_remote_code)
@@ -228,6 +239,7 @@ def make_scorers(task: Task, options) -> list:
     return scorers
 
 
+@kept_threads()
 def detect(task: str, options: DetectOptions | None = None, loaded: loading.LoadedModel | None = None,
            **overrides) -> DetectResult:
     """Run one detection and write its files. `overrides` set the task's options fields by name.
