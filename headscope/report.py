@@ -370,7 +370,7 @@ def specificity_cell(cell: dict | None) -> dict | None:
 def rescore_section(result: dict, run_dir: Path, prefix: str) -> dict | None:
     """rescore/rescore.json: how this run's head set moves under other success filters."""
     run = result["runs"].get(prefix)
-    if not run:
+    if not run or run.get("success_filter") is False:  # a task without a filter (an older rescore.json listed it)
         return None
     settings = [{"metric": setting["metric"], "threshold": setting["threshold"], "passing": setting["passing"],
                  "samples": setting["samples"], "mean_metric": setting["mean_metric"],

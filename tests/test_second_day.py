@@ -1,7 +1,9 @@
 """Issue 29, a new user's second day: the Python API as fast as the command line, every task's --num-samples
 refused beyond its data, one line per argparse mistake, messages that say what is true. On the toy model (conftest)
 and the organism."""
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -48,3 +50,66 @@ def test_the_api_picks_the_cli_threads_and_puts_them_back(toy_dir, data_dir, tmp
     finally:
         torch.set_num_threads(before)
     assert seen == [2, 2, 3]  # the CLI's choice, the API's default (the same), the API's threads=3
+
+
+# ---------------------------------------------------------------------------- 3. --num-samples beyond the data
+
+def one_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("headscope: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("task", ["query", "reasoning"])
+def test_every_task_refuses_more_samples_than_its_data(task, tmp_path, capsys):
+    from headscope.tasks.base import DATA_DIR
+
+    data = DATA_DIR / f"{task}.jsonl" if task == "query" else tmp_path / "reasoning.json"
+    if task == "reasoning":
+        data.write_text(json.dumps([{"id": f"r{i}", "context": "the key is in the box .", "question":
+                                     "where is the key ?", "answer": "box"} for i in range(3)]))
+    records = len(data.read_text().splitlines()) if task == "query" else 3
+    err = one_error(capsys, ["detect", task, "--data", str(data), "--num-samples", "1000", "--out", str(tmp_path),
+                             "--quiet", "--no-check"])
+    assert err == f"headscope: error: asked for 1000 samples but {data} has only {records} records"
+    assert not list(tmp_path.glob("organism_*"))  # nothing written
+
+
+# ---------------------------------------------------------------------------- 4. no success filter, no rescore
+
+@pytest.fixture(scope="module")
+def query_and_retrieval(tmp_path_factory):
+    """A folder holding a query run (no success filter) and a retrieval run, on the organism."""
+    folder = tmp_path_factory.mktemp("filters") / "runs"
+    headscope.detect("query", out=str(folder), quiet=True, num_samples=2, plots=False)
+    headscope.detect("retrieval", out=str(folder), quiet=True, context_lengths=[300], depths=[50], plots=False)
+    return folder
+
+
+def test_a_task_without_a_filter_has_nothing_to_rescore(query_and_retrieval, tmp_path, capsys):
+    alone = tmp_path / "query"
+    alone.mkdir()
+    for file in query_and_retrieval.glob("organism_query_*"):
+        shutil.copy(file, alone)
+    err = one_error(capsys, ["rescore", str(alone), "--metric", "f1", "--threshold", "50"])
+    assert err == (f"headscope: error: nothing to rescore in {alone}: its runs are of tasks without a success "
+                   "filter (query: every sample counts)")
+    assert not (alone / "rescore").exists()
+
+    folder = tmp_path / "both"
+    shutil.copytree(query_and_retrieval, folder)
+    assert main(["rescore", str(folder), "--metric", "f1,rouge1", "--threshold", "40,60"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "organism_query: its task has no success filter (every sample counts): nothing to rescore"
+    assert out[1] == "organism_retrieval: against the run's own filter (rouge1 > 50.0)"
+    assert sum("organism_query" in line for line in out) == 1
+    assert out[-1] == f"wrote {folder / 'rescore' / 'organism_retrieval_rescore.png'}"
+    assert sorted(path.name for path in (folder / "rescore").rglob("organism_query*")) == []
+    report = json.loads((folder / "rescore" / "rescore.json").read_text())
+    assert list(report["runs"]) == ["organism_retrieval"] and report["unfiltered"] == ["organism_query"]
+
+    assert main(["report", str(folder)]) == 0  # the query run's page: "every sample counts", and no rescore section
+    page = (folder / "organism_query_report.html").read_text()
+    assert "every sample counts" in page and 'id="rescore"' not in page and "run's own filter" not in page
+    assert 'id="rescore"' in (folder / "organism_retrieval_report.html").read_text()

@@ -101,14 +101,20 @@ def load_reasoning_data(path, fields: dict | None = None, num_samples: int | Non
     if not records:
         raise HeadscopeError(f"reasoning data file {path} has no records")
 
-    if num_samples is not None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise HeadscopeError(f"number of samples must be a positive integer, got {num_samples!r}")
-        if num_samples > len(records):
-            raise HeadscopeError(f"asked for {num_samples} samples but {path} has only {len(records)} records")
-        picked = sorted(random.Random(seed).sample(range(len(records)), num_samples))
-        records = [records[i] for i in picked]
-    return records
+    return pick_records(records, num_samples, seed, path)
+
+
+def pick_records(records: list[dict], num_samples: int | None, seed: int, path) -> list[dict]:
+    """`num_samples` records drawn with `seed` (in file order), or all of them; more than the file holds is
+    refused, never silently capped (every task that samples its data file draws here)."""
+    if num_samples is None:
+        return records
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise HeadscopeError(f"number of samples must be a positive integer, got {num_samples!r}")
+    if num_samples > len(records):
+        raise HeadscopeError(f"asked for {num_samples} samples but {path} has only {len(records)} records")
+    picked = sorted(random.Random(seed).sample(range(len(records)), num_samples))
+    return [records[i] for i in picked]
 
 
 def _prompt(tokenizer, context: str, question: str, chat: bool) -> tuple[str, int]:
