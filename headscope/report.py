@@ -20,6 +20,7 @@ into one script that is inlined with everything else: the page opens offline. Wh
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: i
     run_dir = Path(run_dir)
     if bootstrap < 0:
         raise HeadscopeError(f"--bootstrap must be 0 (none) or a number of resamples, not {bootstrap}")
-    every_run = store.find_runs(run_dir)
+    every_run, folder_of = page_runs(run_dir)
     runs = [(prefix, manifest) for prefix, manifest in every_run if run in (None, prefix)]
     if not runs:
         raise HeadscopeError(f"no run {run!r} in {run_dir}: it holds " + ", ".join(p for p, _ in every_run))
@@ -59,11 +60,41 @@ def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: i
     contexts = {}  # every run is read and checked before a page is rendered or written
     for prefix, manifest in runs:
         path = Path(out) if out else run_dir / ("report.html" if len(every_run) == 1 else f"{prefix}_report.html")
-        contexts[path] = page_context(run_dir, prefix, manifest, other and other.get(prefix), bootstrap, k)
+        contexts[path] = page_context(folder_of[prefix], prefix, manifest, other and other.get(prefix), bootstrap, k,
+                                      companions=run_dir)
     bundle = vega_bundle()
     for path, context in contexts.items():
         outputs.atomic_write_text(path, render(context, bundle), follow=out is not None)  # a named path: via links
     return list(contexts)
+
+
+def page_runs(run_dir: Path) -> tuple[list[tuple[str, dict]], dict[str, Path]]:
+    """The runs whose pages `report RUN_DIR` writes (prefix, manifest), and the folder of each one's files: the
+    folder's own detect runs; or, in a folder holding ablations only (`ablate --out elsewhere`, as the README's
+    sweep), the detect runs their heads files came from, each page with this folder's ablation."""
+    try:
+        runs = store.find_runs(run_dir)
+        return runs, {prefix: run_dir for prefix, _ in runs}
+    except HeadscopeError:
+        ablations = sorted(run_dir.glob("*_ablation.json")) if run_dir.is_dir() else []
+        if not ablations:
+            raise
+    runs, folders = [], {}
+    for path in ablations:
+        prefix = path.name.removesuffix("_ablation.json")
+        ablation = schema.read_json(path)
+        scores = Path(ablation["scores"]) if isinstance(ablation, dict) and isinstance(ablation.get("scores"), str) \
+            else None
+        found = []
+        if scores is not None:
+            with contextlib.suppress(HeadscopeError):  # no run beside the heads file: said below
+                found = [(other, manifest) for other, manifest in store.find_runs(scores.parent) if other == prefix]
+        if not found:
+            raise HeadscopeError(f"no detect run in {run_dir}, and the run of its ablation's heads file ({scores}) "
+                                 f"is not beside that file: give the folder of the detect run {prefix}")
+        runs += found
+        folders[prefix] = scores.parent
+    return runs, folders
 
 
 # -------------------------------------------------------------------------------------------- a run
@@ -79,8 +110,9 @@ def read_run(run_dir: Path, prefix: str, manifest: dict) -> dict:
 
 
 def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None, bootstrap: int,
-                 k: int | None) -> dict:
-    """Everything the template needs, as plain data."""
+                 k: int | None, companions: Path | None = None) -> dict:
+    """Everything the template needs, as plain data; the ablation, kv, specificity and rescore sections from the
+    files in `companions` (default: the run's folder)."""
     run = read_run(run_dir, prefix, manifest)
     keys, summary = run["keys"], run["summary"]
     layers, heads_per_layer = analysis.grid_layers(keys)
@@ -107,7 +139,7 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
         "samples": samples,
         "counts": outcome_counts(samples),
         "compare": compare_section(run, other) if other else None,
-    } | companion_sections(run_dir, prefix, manifest)
+    } | companion_sections(companions or run_dir, prefix, manifest)
     context["charts"] = {"heatmap": None if context["all_zero"] else heatmap_spec(heads, signed, heads_per_layer, best, k),
                          "niah": niah_spec(samples),
                          "scatter": context["compare"].pop("spec") if context["compare"] else None}

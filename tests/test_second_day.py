@@ -143,3 +143,30 @@ def test_the_rescore_recipe_runs_after_its_setup_command():
     folder = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, check=True).stdout.strip()
     assert (Path(folder) / "config.json").is_file()
     assert '--metric-model "$MINILM"' in lines[-1]
+
+
+# ---------------------------------------------------------------------------- 6. report opens an ablation folder
+
+def test_report_opens_an_ablation_sweep_folder(toy_run, toy_dir, data_dir, tmp_path, capsys):
+    from toy_runs import PREFIX
+
+    sweep = tmp_path / "sweep"
+    heads = toy_run / f"{PREFIX}_heads.json"
+    ablate = ["ablate", *detect_args(toy_dir, data_dir, sweep)[1:], "--scores", str(heads), "--top", "1,2",
+              "--repeats", "1"]
+    ablate.remove("--no-plots")
+    assert main(ablate) == 0
+    capsys.readouterr()
+    assert main(["report", str(sweep)]) == 0
+    page = sweep / "report.html"
+    assert capsys.readouterr().out.startswith(f"wrote {page} (")
+    html = page.read_text()
+    assert 'id="ablation"' in html and f"{PREFIX} — headscope report" in html
+    assert html.count("data:image/png;base64,") >= 2  # the curve and the arms' NIAH grids
+
+    (sweep / f"{PREFIX}_ablation.json").write_text(json.dumps(
+        json.loads((sweep / f"{PREFIX}_ablation.json").read_text()) | {"scores": str(tmp_path / "gone" / "x.json")}))
+    err = one_error(capsys, ["report", str(sweep)])
+    assert err == (f"headscope: error: no detect run in {sweep}, and the run of its ablation's heads file "
+                   f"({tmp_path / 'gone' / 'x.json'}) is not beside that file: give the folder of the detect run "
+                   f"{PREFIX}")
