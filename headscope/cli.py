@@ -386,8 +386,9 @@ COMMANDS = {  # name: (help, what builds its arguments)
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """headscope's parser, with the arguments of `command` only (every command is listed in the help)."""
     from . import cli_analysis
+    from .parser import HeadscopeParser
 
-    parser = argparse.ArgumentParser(prog="headscope", description="Find the retrieval and reasoning heads of any "
+    parser = HeadscopeParser(prog="headscope", description="Find the retrieval and reasoning heads of any "
                                      "Hugging Face causal LM, and prove that they matter.")
     commands = parser.add_subparsers(dest="command", required=True)
     builders = {name: (text, add) for name, (text, add) in COMMANDS.items()}
@@ -448,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(next((word for word in argv if not word.startswith("-")), None))
     args, rest = parser.parse_known_args(argv)
     if rest and not (args.command == "organism"):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from .parser import unrecognized
+
+        unrecognized(parser, args, rest)
     try:
         quiet_libraries()
         if args.command == "organism":

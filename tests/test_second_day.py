@@ -170,3 +170,30 @@ def test_report_opens_an_ablation_sweep_folder(toy_run, toy_dir, data_dir, tmp_p
     assert err == (f"headscope: error: no detect run in {sweep}, and the run of its ablation's heads file "
                    f"({tmp_path / 'gone' / 'x.json'}) is not beside that file: give the folder of the detect run "
                    f"{PREFIX}")
+
+
+# ---------------------------------------------------------------------------- 7. one line per argparse mistake
+
+@pytest.mark.parametrize("argv, line", [
+    (["detect", "retrieval", "--dtype", "bf16"],
+     "detect retrieval: argument --dtype: invalid choice: 'bf16' (choose from 'auto', 'float32', 'bfloat16', "
+     "'float16') (see `headscope detect retrieval --help`)"),
+    (["detect", "retrieval", "--answer-from", "regex:"],
+     "detect retrieval: argument --answer-from: --answer-from regex: needs a pattern after the colon, e.g. "
+     r"regex:answer: (\w+) (see `headscope detect retrieval --help`)"),
+    (["detect", "reasoning", "--models", "gpt2"],
+     "detect reasoning: unrecognized arguments: --models gpt2: did you mean --model? (see `headscope detect "
+     "reasoning --help`)"),
+    (["ablate", "retrieval", "--scores", "h.json", "--top", "2", "--repaets", "3", "--min-scores", "0.2"],
+     "ablate retrieval: unrecognized arguments: --repaets 3 --min-scores 0.2: --repaets: did you mean --repeats?; "
+     "--min-scores: did you mean --min-score? (see `headscope ablate retrieval --help`)"),
+    (["rescore", "head_scores", "--metric-model"],
+     "rescore: argument --metric-model: expected one argument (see `headscope rescore --help`)"),
+    (["detect"], "detect: the following arguments are required: task (see `headscope detect --help`)"),
+    (["--verbose"], "the following arguments are required: command (see `headscope --help`)"),
+])
+def test_an_argparse_mistake_is_one_line_naming_the_subcommand(argv, line, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"headscope: error: {line}\n"
