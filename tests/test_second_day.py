@@ -197,3 +197,41 @@ def test_an_argparse_mistake_is_one_line_naming_the_subcommand(argv, line, capsy
         main(argv)
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"headscope: error: {line}\n"
+
+
+# ---------------------------------------------------------------------------- 8. messages that say what is true
+
+def test_another_models_heads_file_says_both_shapes(tmp_path, capsys):
+    heads = tmp_path / "other_heads.json"
+    heads.write_text(json.dumps({f"{layer}-{head}": [0.1 * head] for layer in range(4) for head in range(8)}))
+    for command in (["ablate", "retrieval", "--top", "2"], ["kv", "retrieval", "--budgets", "2"]):
+        err = one_error(capsys, [*command, "--scores", str(heads), "--out", str(tmp_path / "out"), "--quiet"])
+        assert err == (f"headscope: error: {heads} scores 4 layers x 8 heads, and the model being run has 6 layers "
+                       "x 8 heads (it lacks head 4-0): the score file is for another model")
+
+
+def test_a_json_object_is_not_called_invalid_json(tmp_path, capsys):
+    data = tmp_path / "wrapped.json"
+    data.write_text(json.dumps({"data": [{"id": "a", "context": "c .", "question": "q ?", "answer": "x"}]}, indent=2))
+    err = one_error(capsys, ["detect", "reasoning", "--data", str(data), "--out", str(tmp_path / "out"), "--quiet"])
+    assert err == (f"headscope: error: {data} is one JSON object, not records: give a JSON list of records or JSON "
+                   "Lines, one record per line; its 'data' holds a list: give that list")
+
+
+def test_append_is_offered_only_where_it_is_accepted(run_folder, toy_dir, data_dir, capsys):
+    from toy_runs import PREFIX
+
+    samples = run_folder / f"{PREFIX}_samples.jsonl"
+    run = json.loads(samples.read_text().splitlines()[0])["run"]
+    other = detect_args(toy_dir, data_dir, run_folder, "--max-new-tokens", "5")  # another measure: no --append
+    err = one_error(capsys, other)
+    assert err == (f"headscope: error: {samples} holds a run with other settings: run {run} measures something "
+                   "else (--max-new-tokens is 5 in one and 24 in the other); --overwrite to replace it, or use "
+                   "another --out")
+    assert "--append" not in err
+    more = detect_args(toy_dir, data_dir, run_folder)  # the same measure on other samples: --append, and it works
+    more[more.index("--depths") + 1] = "25"
+    err = one_error(capsys, more)
+    assert err == (f"headscope: error: {samples} holds a run with other settings (run {run}): add --append to add "
+                   "this run to it, --overwrite to replace it, or use another --out")
+    assert main([*more, "--append"]) == 0

@@ -53,8 +53,23 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
         try:
             records.append((f"{path} line {line_no}", json.loads(line)))
         except json.JSONDecodeError as e:
+            whole_object(path, text)
             raise HeadscopeError(f"{path} line {line_no}: not valid JSON ({e.msg})") from e
     return records
+
+
+def whole_object(path: Path, text: str) -> None:
+    """A file that is one JSON object over several lines (`{"data": [...]}`, pretty-printed) is valid JSON, but
+    neither a list of records nor JSON Lines: say so (with the list it holds), not "not valid JSON"."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if isinstance(data, dict):
+        lists = [key for key, value in data.items() if isinstance(value, list)]
+        held = f"; its {lists[0]!r} holds a list: give that list" if lists else ""
+        raise HeadscopeError(f"{path} is one JSON object, not records: give a JSON list of records or JSON Lines, "
+                             f"one record per line{held}")
 
 
 def _text_field(record: dict, key: str, where: str, ours: str) -> str:
