@@ -181,6 +181,7 @@ def run_kv(args: argparse.Namespace) -> None:
 def run_check(args: argparse.Namespace) -> int:
     from .check import run_check as check_model
     from .engine import scorer_case, start_run
+    from .errors import quiet_notes
     from .layout import attention_layout
     from .loading import load
     from .options import ModelOptions
@@ -192,7 +193,8 @@ def run_check(args: argparse.Namespace) -> int:
     for task in ("retrieval", "reasoning"):  # each task's default scorer on its first two prompts
         defaults = TASKS[task].organism_defaults if model.model is None else {}
         options = TASKS[task].options(**(defaults | dataclasses.asdict(model)))
-        case = scorer_case(start_run(task, options, loaded, check_it=False))
+        with quiet_notes():  # notes on the task's grid name flags that check does not have
+            case = scorer_case(start_run(task, options, loaded, check_it=False))
         if case is None:
             print(f"headscope: note: no {task} prompt's span is found with this tokenizer: its scorer is not checked",
                   file=sys.stderr)

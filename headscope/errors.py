@@ -1,6 +1,6 @@
 """The one exception type the CLI turns into a single clear line and a non-zero exit."""
 
-
+import contextlib
 import sys
 
 
@@ -8,9 +8,24 @@ class HeadscopeError(Exception):
     """Bad input or an impossible request. The message is one line a user can act on."""
 
 
+_QUIET = []  # non-empty while quiet_notes() runs
+
+
 def notify(message: str) -> None:
     """One line on stderr about something the user should know but that is not an error."""
-    print(f"headscope: note: {message}", file=sys.stderr)
+    if not _QUIET:
+        print(f"headscope: note: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def quiet_notes():
+    """No notes while work the user did not ask for runs (`check` builds each task's first prompts with the task's
+    default grid: a note on that grid's --max-length would name a flag `check` does not have)."""
+    _QUIET.append(True)
+    try:
+        yield
+    finally:
+        _QUIET.pop()
 
 
 def loading_reason(error: Exception) -> str:

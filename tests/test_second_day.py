@@ -235,3 +235,10 @@ def test_append_is_offered_only_where_it_is_accepted(run_folder, toy_dir, data_d
     assert err == (f"headscope: error: {samples} holds a run with other settings (run {run}): add --append to add "
                    "this run to it, --overwrite to replace it, or use another --out")
     assert main([*more, "--append"]) == 0
+
+
+def test_check_notes_no_flag_it_does_not_have(toy_dir, capsys):
+    code = main(["check", "--model", str(toy_dir), "--prompt-tokens", "40", "--steps", "2"])
+    captured = capsys.readouterr()
+    assert code in (0, 1) and "verdict:" in captured.out
+    assert captured.err == ""  # before: "note: --max-length 50000 is beyond the model's maximum context"
