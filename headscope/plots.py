@@ -241,6 +241,8 @@ def plot_run(heads_path, top: int = 10) -> list[Path]:
     written = []
     if any(stats["mean"] for stats in summary.values()):
         written.append(heatmap(summary, companion(heads_path, "heatmap"), title=f"{name}: mean head score", top=top))
+    elif all(stats["mean"] is None for stats in summary.values()):  # no passing sample has a score
+        notify(f"{name}: no head has a value (no passing sample has a score), no heatmap drawn")
     else:  # a flat map would look like a result
         notify(f"{name}: every head's mean is 0, no heatmap drawn")
     samples = companion(heads_path, "samples")

@@ -119,7 +119,7 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
     k = min(10, len(keys)) if k is None else k
     if bootstrap and not 1 <= k <= len(keys):
         raise HeadscopeError(f"--k must be between 1 and the number of heads ({len(keys)}), not {k}")
-    stability = head_stability(run["rows"], keys, bootstrap, k)
+    stability, no_bootstrap = head_stability(run["rows"], keys, bootstrap, k)
     heads = head_entries(keys, summary, stability)
     means = [head["mean"] for head in heads if head["mean"] is not None]
     signed = bool(means) and min(means) < 0 < max(means)
@@ -133,9 +133,11 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
         "heads": heads,
         "k": k,
         "stability": stability is not None and {"resamples": bootstrap, "samples": stability["num_samples"]},
+        "no_bootstrap": no_bootstrap,
         "legacy": legacy.name if legacy.exists() else None,  # lists of a Retrieval_Head heads file, in the means
         "signed": signed,
         "all_zero": not any(means),
+        "no_value": not means,  # every head null: no passing sample has a score (the rows' `unscored` say why)
         "samples": samples,
         "counts": outcome_counts(samples),
         "compare": compare_section(run, other) if other else None,
@@ -180,18 +182,20 @@ def run_card(manifest: dict, rows: list[dict], layers: list[int], heads_per_laye
     }
 
 
-def head_stability(rows: list[dict], keys: list[str], resamples: int, k: int) -> dict | None:
-    """The bootstrap of `analysis.bootstrap` (95% interval, P(top K)), or None with fewer than 2 passing samples."""
+def head_stability(rows: list[dict], keys: list[str], resamples: int, k: int) -> tuple[dict | None, str | None]:
+    """The bootstrap of `analysis.bootstrap` (95% interval, P(top K)) and None; or None and why there is none."""
     if resamples < 1:
-        return None
+        return None, "No bootstrap (--bootstrap 0)."
     try:
         contributions = analysis.sample_contributions(rows, keys)
         rule = keeps_zeros(rows)
     except HeadscopeError:  # rows of an older headscope (no accumulation rule recorded): no intervals
-        return None
+        return None, "No bootstrap (the rows of an older headscope do not record how they accumulate)."
     if contributions.shape[0] < 2:
-        return None
-    return analysis.bootstrap(contributions, rule, resamples, k)
+        passing = sum(bool(row.get("passed")) for row in rows)
+        return None, (f"No bootstrap: it needs 2 passing samples with head scores, and of the {passing} passing "
+                      f"samples {contributions.shape[0]} {'has' if contributions.shape[0] == 1 else 'have'} them.")
+    return analysis.bootstrap(contributions, rule, resamples, k), None
 
 
 def head_entries(keys: list[str], summary: dict, stability: dict | None) -> list[dict]:

@@ -242,3 +242,20 @@ def test_check_notes_no_flag_it_does_not_have(toy_dir, capsys):
     captured = capsys.readouterr()
     assert code in (0, 1) and "verdict:" in captured.out
     assert captured.err == ""  # before: "note: --max-length 50000 is beyond the model's maximum context"
+
+
+def test_a_run_with_no_head_value_says_so(tmp_path, capsys):
+    """The receiver scorer on the organism's short chains scores no sample (fewer sentences than it needs)."""
+    out = tmp_path / "receiver"
+    assert main(["detect", "reasoning", "--scorer", "receiver", "--think-end", "so the answer is", "--num-samples",
+                 "4", "--out", str(out), "--quiet", "--no-check"]) == 0
+    err = capsys.readouterr().err
+    assert "headscope: note: organism_reasoning_receiver: no head has a value (no passing sample has a score), no " \
+           "heatmap drawn\n" in err and "mean is 0" not in err
+    passing = sum(json.loads(line)["passed"] for line in (out / "organism_reasoning_receiver_samples.jsonl").open())
+    assert passing >= 2
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "No head has a value: no passing sample has a score" in page and "mean is 0" not in page
+    assert (f"No bootstrap: it needs 2 passing samples with head scores, and of the {passing} passing samples 0 "
+            "have them.") in page
