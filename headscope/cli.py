@@ -279,9 +279,9 @@ def add_detect(detect) -> None:
         task_parser.set_defaults(task_spec=task, handler=run_detect)
 
 
-def add_rerun(parser, settings_class, handler, what: str) -> None:
+def add_rerun(parser, settings_class, handler, what: str, command: str) -> None:
     """A command that re-runs a task with a success filter under settings of its own (`ablate`, `kv`): one
-    subcommand per task, the settings' flags and the task's (those `ablate` uses)."""
+    subcommand per task, the settings' flags and the task's (those `ablate` uses; the help of `command`)."""
     from .options import add_arguments
     from .tasks import TASKS
 
@@ -289,20 +289,20 @@ def add_rerun(parser, settings_class, handler, what: str) -> None:
     for task in (task for task in TASKS.values() if task.success_filter):
         task_parser = tasks.add_parser(task.name, help=f"{what} on the {task.name} task")
         add_arguments(task_parser, settings_class)
-        add_arguments(task_parser, task.options, task.organism_defaults, command="ablate")
+        add_arguments(task_parser, task.options, task.organism_defaults, command=command)
         task_parser.set_defaults(task_spec=task, handler=handler)
 
 
 def add_ablate(ablate) -> None:
     from .ablation import AblationSettings
 
-    add_rerun(ablate, AblationSettings, run_ablate, "ablation")
+    add_rerun(ablate, AblationSettings, run_ablate, "ablation", "ablate")
 
 
 def add_kv(kv) -> None:
     from .kv_curve import KVSettings
 
-    add_rerun(kv, KVSettings, run_kv, "KV cache policies")
+    add_rerun(kv, KVSettings, run_kv, "KV cache policies", "kv")
 
 
 def add_check(check) -> None:

@@ -295,7 +295,9 @@ def run_and_write(run: Run, stores: dict, shard, run_id: str, started: float) ->
             heads, summary = runs.finish(run.keys, info | {"scorer": scorer.name,
                                                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         this_run = [row for row in runs.rows if row.get("run") == run_id]
-        results[scorer.name] = DetectResult(heads, summary, this_run, runs.paths, complete=complete)
+        files = {kind: path for kind, path in runs.paths.items()  # the legacy base heads only where there are any
+                 if kind != "base_heads" or path.exists()}
+        results[scorer.name] = DetectResult(heads, summary, this_run, files, complete=complete)
     first = results[run.scorers[0].name]
     first.by_scorer = results
     return first

@@ -340,7 +340,7 @@ def companion_sections(run_dir: Path, prefix: str, manifest: dict) -> dict:
     name = prefix.removesuffix("_" + outputs.file_label(task, manifest.get("scorer") or task))  # NAME of NAME_TASK
     files = {"ablation": (run_dir / f"{prefix}_ablation.json", lambda data: ablation_section(data, run_dir, prefix)),
              "specificity": (run_dir / f"{name}_specificity.json",
-                             lambda data: specificity_section(data, run_dir / f"{name}_specificity.png")),
+                             lambda data: specificity_section(data, run_dir / f"{name}_specificity.png", prefix)),
              "rescore": (run_dir / "rescore" / "rescore.json", lambda data: rescore_section(data, run_dir, prefix)),
              "kv": (run_dir / f"{prefix}_kv.json", lambda data: kv_section(data, run_dir, prefix))}
     sections, notes = {}, []
@@ -388,10 +388,13 @@ def kv_section(result: dict, run_dir: Path, prefix: str) -> dict:
     return section(result) | {"image": image(run_dir / f"{prefix}_kv.png")}
 
 
-def specificity_section(result: dict, picture: Path) -> dict | None:
-    """NAME_specificity.json (model NAME of this run): each score file's top-K masked on each task."""
+def specificity_section(result: dict, picture: Path, prefix: str) -> dict | None:
+    """NAME_specificity.json (model NAME of this run): each score file's top-K masked on each task; on the pages of
+    the runs whose heads (or summary) file it tested only (by file name: the paths are as the user typed them)."""
     from .specificity import label
 
+    if not {Path(str(path)).name for path in result["files"]} & {f"{prefix}_heads.json", f"{prefix}_summary.json"}:
+        return None
     tasks = [str(task) for task in result["tasks"]]
     rows = [{"scores": label(path), "cells": [specificity_cell(row.get(task)) for task in tasks]}
             for path, row in result["matrix"].items()]

@@ -259,3 +259,50 @@ def test_a_run_with_no_head_value_says_so(tmp_path, capsys):
     assert "No head has a value: no passing sample has a score" in page and "mean is 0" not in page
     assert (f"No bootstrap: it needs 2 passing samples with head scores, and of the {passing} passing samples 0 "
             "have them.") in page
+
+
+# ---------------------------------------------------------------------------- 8. (the small inaccuracies)
+
+def help_text(argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_says_what_kv_draws_and_what_report_shows(capsys):
+    assert "--no-plots do not draw the success against the share of the KV cache kept" in help_text(
+        ["kv", "retrieval"], capsys)
+    assert "NIAH grid, samples, ablation/KV cache/rescore/specificity, comparison" in help_text([], capsys)
+
+
+def test_export_duo_reports_both_files(tmp_path, capsys):
+    heads = tmp_path / "m_retrieval_heads.json"
+    heads.write_text(json.dumps({f"{layer}-{head}": [0.1 * (layer + head)] for layer in range(3) for head in range(4)}))
+    assert main(["export", str(heads), "--to", "duo", "--num-kv-heads", "2", "--sparsity", "0.5"]) == 0
+    folder = tmp_path / "m_retrieval_duo"
+    assert capsys.readouterr().out.splitlines()[-2:] == [f"wrote {folder / 'full_attention_heads.tsv'}",
+                                                         f"wrote {folder / 'config.json'}"]
+
+
+def test_result_paths_name_files_that_exist(toy_dir, data_dir, tmp_path):
+    result = headscope.detect("retrieval", model=str(toy_dir), out=str(tmp_path), haystack=str(data_dir / "haystack"),
+                              needles=str(data_dir / "needles.jsonl"), context_lengths=[260], depths=[0],
+                              success_threshold=-1, max_new_tokens=4, quiet=True, plots=False)
+    assert sorted(result.paths) == ["heads", "manifest", "samples", "summary"]
+    assert all(path.is_file() for path in result.paths.values())
+
+
+def test_the_specificity_section_is_on_the_pages_of_the_runs_it_tested(toy_run, toy_dir, data_dir, tmp_path):
+    from toy_runs import PREFIX
+
+    folder = tmp_path / "runs"
+    shutil.copytree(toy_run, folder)
+    assert main(["detect", "reasoning", "--model", str(toy_dir), "--out", str(folder), "--data",
+                 str(data_dir / "reasoning.json"), "--success-threshold", "-1", "--max-new-tokens", "4", "--quiet",
+                 "--no-plots"]) == 0
+    assert main(["specificity", "--model", str(toy_dir), "--scores", str(folder / f"{PREFIX}_heads.json"), "--tasks",
+                 "reasoning", "--data", str(data_dir / "reasoning.json"), "--top", "1", "--repeats", "1",
+                 "--max-new-tokens", "4", "--success-threshold", "-1", "--out", str(folder), "--quiet"]) == 0
+    assert main(["report", str(folder)]) == 0
+    assert 'id="specificity"' in (folder / f"{PREFIX}_report.html").read_text()
+    assert 'id="specificity"' not in (folder / "toy0_reasoning_report.html").read_text()
