@@ -95,6 +95,23 @@ def query_against_retrieval(work: Path) -> str:
             "heads")
 
 
+def comparing_the_sets(work: Path) -> str:
+    """The "Comparing the sets" table: `headscope compare` of retrieval with induction and with r2, K = 4, 8, 16."""
+    from headscope.analysis import compare
+
+    both = retrieval_run(work)
+    pattern = detect(work, "pattern", "pattern", "--scorer", "induction,previous_token")
+    retrieval = summary(both, "retrieval")
+    cells = []
+    for other, first_label in ((summary(pattern, "pattern_induction"), "Jaccard "), (summary(both, "retrieval_r2"), "")):
+        result = compare(retrieval, other, [4, 8, 16])
+        per_k = [f"top-{entry['k']} {'overlap ' if index == 0 else ''}{entry['overlap']} "
+                 f"({first_label if index == 0 else ''}{entry['jaccard']:.2f})"
+                 for index, entry in enumerate(result["per_k"])]
+        cells.append(f"{', '.join(per_k)}; Spearman {result['spearman']:.2f}")
+    return f"| {cells[0]} | {cells[1]} |"
+
+
 def reasoning_with_and_without_current(work: Path) -> str:
     published = detect(work, "reasoning", "reasoning")
     sharper = detect(work, "no_current", "reasoning", "--exclude-current-token")
@@ -156,6 +173,7 @@ CLAIMS = [
     Claim("the first command's table", first_command_table),
     Claim("the top-5 heads on the organism (retrieval, r2, induction, previous_token, query)", top5_table),
     Claim("query against retrieval", query_against_retrieval),
+    Claim("comparing the sets", comparing_the_sets),
     Claim("reasoning with and without --exclude-current-token", reasoning_with_and_without_current),
     Claim("ablation, --top auto", ablation_auto, slow=True),
     Claim("ablation sweep", ablation_sweep, slow=True),
