@@ -391,7 +391,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from .parser import HeadscopeParser
 
     parser = HeadscopeParser(prog="headscope", description="Find the retrieval and reasoning heads of any "
-                                     "Hugging Face causal LM, and prove that they matter.")
+                             "Hugging Face causal LM, and prove that they matter.")
     commands = parser.add_subparsers(dest="command", required=True)
     builders = {name: (text, add) for name, (text, add) in COMMANDS.items()}
     builders |= {name: (cli_analysis.HELP[name], add) for name, add in cli_analysis.COMMANDS.items()}
