@@ -1,9 +1,14 @@
 """Issue 29, a new user's second day: the Python API as fast as the command line, every task's --num-samples
 refused beyond its data, one line per argparse mistake, messages that say what is true. On the toy model (conftest)
 and the organism."""
+import importlib.metadata
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +16,8 @@ import torch
 import headscope
 from headscope import engine
 from headscope.cli import main
-from toy_runs import detect_args
+from headscope.tasks.base import DATA_DIR
+from toy_runs import PREFIX, detect_args
 
 
 # ---------------------------------------------------------------------------- 1. the API's threads are the CLI's
@@ -63,8 +69,6 @@ def one_error(capsys, argv) -> str:
 
 @pytest.mark.parametrize("task", ["query", "reasoning"])
 def test_every_task_refuses_more_samples_than_its_data(task, tmp_path, capsys):
-    from headscope.tasks.base import DATA_DIR
-
     data = DATA_DIR / f"{task}.jsonl" if task == "query" else tmp_path / "reasoning.json"
     if task == "reasoning":
         data.write_text(json.dumps([{"id": f"r{i}", "context": "the key is in the box .", "question":
@@ -120,12 +124,6 @@ def test_a_task_without_a_filter_has_nothing_to_rescore(query_and_retrieval, tmp
 def test_the_rescore_recipe_runs_after_its_setup_command():
     """The README's rescore recipe installs the [metrics] extra, which holds every package its commands import, and
     its MINILM line names the packaged model's folder."""
-    import importlib.metadata
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
     tomllib = pytest.importorskip("tomllib")
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()
@@ -148,8 +146,6 @@ def test_the_rescore_recipe_runs_after_its_setup_command():
 # ---------------------------------------------------------------------------- 6. report opens an ablation folder
 
 def test_report_opens_an_ablation_sweep_folder(toy_run, toy_dir, data_dir, tmp_path, capsys):
-    from toy_runs import PREFIX
-
     sweep = tmp_path / "sweep"
     heads = toy_run / f"{PREFIX}_heads.json"
     ablate = ["ablate", *detect_args(toy_dir, data_dir, sweep)[1:], "--scores", str(heads), "--top", "1,2",
@@ -219,8 +215,6 @@ def test_a_json_object_is_not_called_invalid_json(tmp_path, capsys):
 
 
 def test_append_is_offered_only_where_it_is_accepted(run_folder, toy_dir, data_dir, capsys):
-    from toy_runs import PREFIX
-
     samples = run_folder / f"{PREFIX}_samples.jsonl"
     run = json.loads(samples.read_text().splitlines()[0])["run"]
     other = detect_args(toy_dir, data_dir, run_folder, "--max-new-tokens", "5")  # another measure: no --append
@@ -293,8 +287,6 @@ def test_result_paths_name_files_that_exist(toy_dir, data_dir, tmp_path):
 
 
 def test_the_specificity_section_is_on_the_pages_of_the_runs_it_tested(toy_run, toy_dir, data_dir, tmp_path):
-    from toy_runs import PREFIX
-
     folder = tmp_path / "runs"
     shutil.copytree(toy_run, folder)
     assert main(["detect", "reasoning", "--model", str(toy_dir), "--out", str(folder), "--data",
