@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import math
 from pathlib import Path
 
@@ -154,8 +155,10 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
 def run_card(manifest: dict, rows: list[dict], layers: list[int], heads_per_layer: int) -> dict:
     options = manifest.get("options", {})
     task = TASKS.get(manifest.get("task"))
-    if task is not None and not task.success_filter:
+    filtered = task is None or task.success_filter
+    if not filtered:  # the filter's settings mean nothing here: the card says so once, and lists none of them
         success = "none: every sample counts"
+        options = {key: value for key, value in options.items() if key not in filter_fields(task)}
     else:
         success = f"{options.get('metric', 'rouge1')} > {options.get('success_threshold')}"
         if options.get("answer_marker") or options.get("answer_from", "full") != "full":
@@ -171,6 +174,7 @@ def run_card(manifest: dict, rows: list[dict], layers: list[int], heads_per_laye
         "grid": (analysis.layers_line(layers, manifest.get("layers")) or f"{len(layers)} layers") +
                 f" × {heads_per_layer} heads ({len(layers) * heads_per_layer} heads)",
         "success": success,
+        "filtered": filtered,  # a sample's metric is shown only where a filter judged it
         "run": len(rows),
         "passed": sum(1 for row in rows if row.get("passed")),
         "errors": sum(1 for row in rows if row.get("error")),
@@ -180,6 +184,11 @@ def run_card(manifest: dict, rows: list[dict], layers: list[int], heads_per_laye
         "prompt_template": manifest.get("prompt_template"),
         "options": {key: value for key, value in options.items() if value is not None},
     }
+
+
+def filter_fields(task) -> set[str]:
+    """The option fields of the success filter (--metric, --success-threshold, ...) of a task's options."""
+    return {spec.name for spec in dataclasses.fields(task.options) if spec.metadata.get("success_filter")}
 
 
 def head_stability(rows: list[dict], keys: list[str], resamples: int, k: int) -> tuple[dict | None, str | None]:

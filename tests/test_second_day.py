@@ -116,6 +116,7 @@ def test_a_task_without_a_filter_has_nothing_to_rescore(query_and_retrieval, tmp
     assert main(["report", str(folder)]) == 0  # the query run's page: "every sample counts", and no rescore section
     page = (folder / "organism_query_report.html").read_text()
     assert "every sample counts" in page and 'id="rescore"' not in page and "run's own filter" not in page
+    assert "success_threshold" not in page and "rouge1" not in page and "<span>metric " not in page
     assert 'id="rescore"' in (folder / "organism_retrieval_report.html").read_text()
 
 
