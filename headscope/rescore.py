@@ -64,8 +64,8 @@ def rescore(run_dir, metrics: list[str], thresholds: list[float], task: str | No
             rows = rows_to_judge(outputs.prefix_paths(run_dir, prefix), manifest)
             scores = {metric: judge(rows, metric, metric_model, trust_remote_code) for metric in metrics}
             runs[prefix] = rescore_run(run_dir, prefix, manifest, rows, scores, thresholds, files)
-        earlier = read_earlier(run_dir / "rescore" / "rescore.json")  # less what an older headscope wrote for a
-        earlier = {prefix: run for prefix, run in earlier.items() if prefix not in unfiltered}  # run without a filter
+        earlier = {prefix: run for prefix, run in read_earlier(run_dir / "rescore" / "rescore.json").items()
+                   if prefix not in unfiltered}  # an older headscope rescored runs without a filter too: dropped
         report = {"metrics": metrics, "thresholds": thresholds, "runs": with_earlier(earlier, runs),
                   "unfiltered": unfiltered, "seconds": round(time.time() - started, 2)}
         folder = outputs.own_folder(run_dir / "rescore")  # a link there is refused: nothing leaves the folder
