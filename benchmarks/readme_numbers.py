@@ -6,7 +6,7 @@ of default cannot leave a stale table: tests/test_readme_numbers.py runs the che
 (marker `readme`) and the expensive ones under the marker `slow`.
 
     python benchmarks/readme_numbers.py                  # the cheap claims (about a minute on 2 cores)
-    python benchmarks/readme_numbers.py --slow           # and ablation and kv (about 10 minutes)
+    python benchmarks/readme_numbers.py --slow           # and ablation and kv (7 CPU minutes more)
     python benchmarks/readme_numbers.py --work runs      # keep the runs: a second call reuses them
 """
 from __future__ import annotations
