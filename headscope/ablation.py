@@ -21,7 +21,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import analysis, identity, masking, outputs, schema, store
-from .engine import (Run, all_items, batch_size, head_ids_before_loading, model_name_of, run_batch, run_identity,
+from .engine import (Run, all_items, batch_size, head_ids_before_loading, kept_threads, model_name_of, run_batch,
+                     run_identity,
                      start_run, task_options)
 from .errors import HeadscopeError
 from .lock import writer_lock
@@ -183,6 +184,7 @@ def plan_arms(summary: dict, keys: list[str], ks: list[int], settings: AblationS
     return arms
 
 
+@kept_threads()
 def ablate(task: str, scores: str, top: list[int] | str, options=None, loaded=None, **overrides) -> dict:
     """Run the arms and write NAME_TASK_ablation.json (and pictures) in options.out. Returns that object.
 

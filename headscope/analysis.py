@@ -141,12 +141,20 @@ def checked_heads(path, summary: dict[str, dict]) -> list[str]:
 def refuse_other_model(summary: dict[str, dict], keys: list[str], path) -> None:
     """A score file must score exactly the model's heads: a file of another model (another shape) is refused."""
     if set(summary) != set(keys):
-        layers, heads = grid_shape(keys)
         extra = sorted(set(summary) - set(keys), key=parse_head_key)
         missing = sorted(set(keys) - set(summary), key=parse_head_key)
         detail = f"it has head {extra[0]}, which the model does not have" if extra else f"it lacks head {missing[0]}"
-        raise HeadscopeError(f"{path} does not score this model's {layers} layers x {heads} heads ({detail}): the "
-                             "score file is for another model")
+        raise HeadscopeError(f"{path} scores {shape_of(summary)}, and the model being run has {shape_of(keys)} "
+                             f"({detail}): the score file is for another model")
+
+
+def shape_of(keys) -> str:
+    """"6 layers x 8 heads" (each side of a mismatch says its own), or "N heads" when they are not a full grid."""
+    try:
+        layers, heads = grid_shape(keys)
+    except HeadscopeError:
+        return f"{len(keys)} heads"
+    return f"{layers} layers x {heads} heads"
 
 
 # The NIAH grid's context length is the setting (the haystack is cut to it minus --length-buffer); the prompts the

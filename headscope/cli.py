@@ -193,6 +193,7 @@ def run_kv(args: argparse.Namespace) -> None:
 def run_check(args: argparse.Namespace) -> int:
     from .check import run_check as check_model
     from .engine import scorer_case, start_run
+    from .errors import quiet_notes
     from .layout import attention_layout
     from .loading import load
     from .options import ModelOptions
@@ -204,7 +205,8 @@ def run_check(args: argparse.Namespace) -> int:
     for task in ("retrieval", "reasoning"):  # each task's default scorer on its first two prompts
         defaults = TASKS[task].organism_defaults if model.model is None else {}
         options = TASKS[task].options(**(defaults | dataclasses.asdict(model)))
-        case = scorer_case(start_run(task, options, loaded, check_it=False))
+        with quiet_notes():  # notes on the task's grid name flags that check does not have
+            case = scorer_case(start_run(task, options, loaded, check_it=False))
         if case is None:
             print(f"headscope: note: no {task} prompt's span is found with this tokenizer: its scorer is not checked",
                   file=sys.stderr)
@@ -296,9 +298,9 @@ def add_detect(detect) -> None:
         task_parser.set_defaults(task_spec=task, handler=run_detect)
 
 
-def add_rerun(parser, settings_class, handler, what: str) -> None:
+def add_rerun(parser, settings_class, handler, what: str, command: str) -> None:
     """A command that re-runs a task with a success filter under settings of its own (`ablate`, `kv`): one
-    subcommand per task, the settings' flags and the task's (those `ablate` uses)."""
+    subcommand per task, the settings' flags and the task's (those `ablate` uses; the help of `command`)."""
     from .options import add_arguments
     from .tasks import TASKS
 
@@ -306,20 +308,20 @@ def add_rerun(parser, settings_class, handler, what: str) -> None:
     for task in (task for task in TASKS.values() if task.success_filter):
         task_parser = tasks.add_parser(task.name, help=f"{what} on the {task.name} task")
         add_arguments(task_parser, settings_class)
-        add_arguments(task_parser, task.options, task.organism_defaults, command="ablate")
+        add_arguments(task_parser, task.options, task.organism_defaults, command=command)
         task_parser.set_defaults(task_spec=task, handler=handler)
 
 
 def add_ablate(ablate) -> None:
     from .ablation import AblationSettings
 
-    add_rerun(ablate, AblationSettings, run_ablate, "ablation")
+    add_rerun(ablate, AblationSettings, run_ablate, "ablation", "ablate")
 
 
 def add_kv(kv) -> None:
     from .kv_curve import KVSettings
 
-    add_rerun(kv, KVSettings, run_kv, "KV cache policies")
+    add_rerun(kv, KVSettings, run_kv, "KV cache policies", "kv")
 
 
 def add_check(check) -> None:
@@ -409,9 +411,10 @@ COMMANDS = {  # name: (help, what builds its arguments)
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """headscope's parser, with the arguments of `command` only (every command is listed in the help)."""
     from . import cli_analysis
+    from .parser import HeadscopeParser
 
-    parser = argparse.ArgumentParser(prog="headscope", description="Find the retrieval and reasoning heads of any "
-                                     "Hugging Face causal LM, and prove that they matter.")
+    parser = HeadscopeParser(prog="headscope", description="Find the retrieval and reasoning heads of any "
+                             "Hugging Face causal LM, and prove that they matter.")
     commands = parser.add_subparsers(dest="command", required=True)
     builders = {name: (text, add) for name, (text, add) in COMMANDS.items()}
     builders |= {name: (cli_analysis.HELP[name], add) for name, add in cli_analysis.COMMANDS.items()}
@@ -445,21 +448,16 @@ TORCH_COMMANDS = {"detect", "ablate", "kv", "specificity", "check", "rescore"}  
 @contextlib.contextmanager
 def command_threads(args: argparse.Namespace):
     """torch's CPU threads while a command runs: --threads, else the cores no other work keeps busy
-    (engine.use_threads); put back after it, so that a program calling main() keeps its own setting (and a library
-    call of headscope leaves torch's setting alone unless given `threads`)."""
+    (engine.use_threads, as the Python API picks them); put back after it, so that a program calling main() keeps
+    its own setting."""
     if args.command not in TORCH_COMMANDS:
         yield
         return
-    import torch
+    from .engine import kept_threads, use_threads
 
-    from .engine import use_threads
-
-    before = torch.get_num_threads()
-    use_threads(getattr(args, "threads", None))
-    try:
+    with kept_threads():
+        use_threads(getattr(args, "threads", None))
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def quiet_libraries() -> None:
@@ -476,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(next((word for word in argv if not word.startswith("-")), None))
     args, rest = parser.parse_known_args(argv)
     if rest and not (args.command == "organism"):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from .parser import unrecognized
+
+        unrecognized(parser, args, rest)
     try:
         quiet_libraries()
         if args.command == "organism":

@@ -28,7 +28,7 @@ HELP = {
     "plot": "heatmap (and NIAH grid) PNGs next to a score file",
     "export": "scores in the format of a KV-cache method",
     "report": "one self-contained HTML page per run: heatmap, ranked table, NIAH grid, samples, "
-              "ablation/rescore/specificity, comparison",
+              "ablation/KV cache/rescore/specificity, comparison",
 }
 
 
@@ -91,7 +91,8 @@ def add_export(export) -> None:
 
 
 def add_report(report) -> None:
-    report.add_argument("run_dir", help="a detect --out folder (e.g. head_scores)")
+    report.add_argument("run_dir", help="a detect --out folder (e.g. head_scores), or an ablate --out folder holding "
+                                        "ablations only (the page of the ablated heads file's run)")
     report.add_argument("--out", help="the page's path (default RUN_DIR/report.html; RUN_DIR/NAME_TASK_report.html "
                                       "each when the folder holds several runs); a link is written through")
     report.add_argument("--run", metavar="NAME_TASK", help="only this run of the folder (e.g. organism_retrieval)")
@@ -232,7 +233,7 @@ def run_export(args) -> None:
         pattern = exports.duo_pattern(means, num_kv, args.threshold, args.sparsity, args.raw or None)
         if args.sink_size < 0 or args.recent_size < 0:
             raise HeadscopeError("--sink-size and --recent-size must not be negative")
-        out = exports.write_duo(pattern, args.out or default.with_suffix(""), args.sink_size, args.recent_size)
+        written = exports.write_duo(pattern, args.out or default.with_suffix(""), args.sink_size, args.recent_size)
         print(f"{int((pattern > 0).sum())} of {pattern.size} KV heads marked full attention" if not args.raw else
               f"{pattern.size} KV heads, scores scaled to [0, 1]")
     else:
@@ -245,7 +246,9 @@ def run_export(args) -> None:
                                           args.layout, analysis.grid_layers(summary)[0])
         out = Path(args.out or default.with_suffix(".json"))
         atomic_write_json(out, content, follow=args.out is not None)  # a path the user named: through links
-    wrote(out)
+        written = [out]
+    for path in written:
+        wrote(path)
 
 
 def wrote(path, detail: str = "") -> None:

@@ -175,13 +175,24 @@ def use_threads(threads: int | None) -> int:
     return threads
 
 
+@contextlib.contextmanager
+def kept_threads():
+    """Put torch's CPU threads back as they were when a command or an API call returns (start_run changes them): a
+    program calling headscope keeps its own setting. Also a decorator (`@kept_threads()`)."""
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def start_run(task: str, options, loaded: loading.LoadedModel | None, command: str = "detect",
               scorers: list = (), check_it: bool = True, done: frozenset = frozenset()) -> Run:
     """Load the model (unless given), build the samples, run the exactness check (with `scorers`, the scorers
     that read the decode, on the run's first prompts). The prompts still to decode (those of this shard not in
     `done`, the ids every scorer's file holds) are sized before the weights load and before the check."""
-    if options.threads is not None:  # the command line sets its default (cli.command_threads); a library call
-        use_threads(options.threads)  # keeps torch's own setting unless given `threads`
+    use_threads(options.threads)  # the API picks as the command line does (given, else the idle cores); the
+    # public functions calling this are @kept_threads(), so the caller's setting comes back on return
     prepared = None
     if loaded is None:
         prepared = prepared_before_loading(task, options, done)
@@ -283,6 +294,7 @@ def make_scorers(task: Task, options) -> list:
     return scorers
 
 
+@kept_threads()
 def detect(task: str, options: DetectOptions | None = None, loaded: loading.LoadedModel | None = None,
            **overrides) -> DetectResult:
     """Run one detection and write its files. `overrides` set the task's options fields by name.
@@ -344,7 +356,9 @@ def run_and_write(run: Run, stores: dict, shard, made: tuple[str, dict], started
                                                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
                                          | tie_totals(runs.rows, run_id))
         this_run = [row for row in runs.rows if row.get("run") == run_id]
-        results[scorer.name] = DetectResult(heads, summary, this_run, runs.paths, complete=complete)
+        files = {kind: path for kind, path in runs.paths.items()  # the legacy base heads only where there are any
+                 if kind != "base_heads" or path.exists()}
+        results[scorer.name] = DetectResult(heads, summary, this_run, files, complete=complete)
     first = results[run.scorers[0].name]
     first.by_scorer = results
     return first

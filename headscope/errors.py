@@ -1,6 +1,6 @@
 """The one exception type the CLI turns into a single clear line and a non-zero exit."""
 
-
+import contextlib
 import sys
 import unicodedata
 
@@ -9,9 +9,13 @@ class HeadscopeError(Exception):
     """Bad input or an impossible request. The message is one line a user can act on."""
 
 
+_QUIET = []  # non-empty while quiet_notes() runs
+
+
 def notify(message: str) -> None:
     """One line on stderr about something the user should know but that is not an error."""
-    print(f"headscope: note: {printable(message)}", file=sys.stderr)
+    if not _QUIET:
+        print(f"headscope: note: {printable(message)}", file=sys.stderr)
 
 
 def printable(text: str, keep: str = "") -> str:
@@ -38,6 +42,17 @@ class EscapedStream:
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def quiet_notes():
+    """No notes while work the user did not ask for runs (`check` builds each task's first prompts with the task's
+    default grid: a note on that grid's --max-length would name a flag `check` does not have)."""
+    _QUIET.append(True)
+    try:
+        yield
+    finally:
+        _QUIET.pop()
 
 
 def loading_reason(error: Exception) -> str:

@@ -65,16 +65,16 @@ def keep_best(scores: np.ndarray, keep: int) -> np.ndarray:
     return pattern.reshape(scores.shape)
 
 
-def write_duo(pattern: np.ndarray, folder: str | Path, sink_size: int, recent_size: int) -> Path:
+def write_duo(pattern: np.ndarray, folder: str | Path, sink_size: int, recent_size: int) -> list[Path]:
     """A folder DuoAttention's `load_attn_pattern(folder)` reads: full_attention_heads.tsv (one line per
-    layer, one tab-separated value per KV head) and config.json ({"sink_size", "recent_size"})."""
+    layer, one tab-separated value per KV head) and config.json ({"sink_size", "recent_size"}); returns both."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise HeadscopeError(f"--to duo writes a folder, but {folder} is a file")
     lines = ["\t".join(f"{value:.6f}" for value in row) for row in pattern]
     atomic_write_text(folder / "full_attention_heads.tsv", "\n".join(lines) + "\n")
     atomic_write_json(folder / "config.json", {"sink_size": sink_size, "recent_size": recent_size})
-    return folder / "full_attention_heads.tsv"
+    return [folder / "full_attention_heads.tsv", folder / "config.json"]
 
 
 def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:

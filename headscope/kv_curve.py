@@ -44,7 +44,8 @@ from tqdm import tqdm
 from . import analysis, exports, identity, kv, outputs, schema, store
 from .ablation import ArmLog, arm_result, random_heads, settings_and_options, unlogged_batches
 from .decode import num_layers_and_heads
-from .engine import (Run, all_items, decodable, head_ids_before_loading, model_name_of, run_batch, run_identity,
+from .engine import (Run, all_items, decodable, head_ids_before_loading, kept_threads, model_name_of, run_batch,
+                     run_identity,
                      start_run)
 from .errors import HeadscopeError, notify
 from .lock import writer_lock
@@ -198,6 +199,7 @@ class Planner:
         return [key for key, kept in zip(self.kv_keys, pattern) if kept]
 
 
+@kept_threads()
 def kv_curve(task: str, scores: str, options=None, loaded=None, **overrides) -> dict:
     """Run every point and write NAME_TASK_kv.json (and its picture) in options.out. Returns that object.
     ``overrides`` set KVSettings fields (policy, budgets, sink, ...) and the task's options by name. What can be

@@ -133,6 +133,7 @@ class DetectOptions(ModelOptions):
     quiet: bool = option(False, "no progress bar or running top-10")
     plots: bool = option(True, "draw the heatmap / NIAH grid", flag="--no-plots",
                          help_for={"ablate": "draw the arms' NIAH grids and the ablation curve",
+                                   "kv": "draw the success against the share of the KV cache kept",
                                    "specificity": "draw the specificity matrix"})
     scorer: str | None = option(None, _scorer_help, ablate=False)
     shard: str | None = option(None, "I/N: run every N-th sample from the I-th; join shards with `headscope merge`",

@@ -109,18 +109,27 @@ def niah_grid(rows: list[dict], path, title: str = "needle in a haystack") -> Pa
     return save(figure, path)
 
 
+NIAH_COLUMNS = 3  # arms per row of the ablation's NIAH pictures: each panel a third of a page, whatever the K count
+
+
 def niah_grids_side_by_side(arms: dict[str, list[dict]], path) -> Path:
-    """One NIAH grid per ablation arm ({name: samples rows}), sharing one colour scale."""
+    """One NIAH grid per ablation arm ({name: samples rows}), sharing one colour scale: small multiples that wrap
+    after NIAH_COLUMNS panels (a sweep of 5 K values is 11 arms), so the picture stays readable at page width."""
     if not arms:
         raise HeadscopeError("no arms to draw")
-    figure, axes = plt.subplots(1, len(arms), figsize=(NIAH_SIZE[0] * len(arms) * 0.6, NIAH_SIZE[1]), squeeze=False,
-                                sharey=True, layout="constrained")
-    for index, (ax, (name, rows)) in enumerate(zip(axes[0], arms.items())):
-        image = _draw_niah(ax, rows, name)
-        if index:  # one depth axis for the row: labels do not run into the next panel
+    columns = min(len(arms), NIAH_COLUMNS)
+    rows = -(-len(arms) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(NIAH_SIZE[0] * columns * 0.6, NIAH_SIZE[1] * rows),
+                                squeeze=False, sharey=True, layout="constrained")
+    panels = list(axes.flat)
+    for index, (ax, (name, rows_of_arm)) in enumerate(zip(panels, arms.items())):
+        image = _draw_niah(ax, rows_of_arm, name)
+        if index % columns:  # one depth axis per row: labels do not run into the next panel
             ax.set_ylabel("")
             ax.tick_params(labelleft=False)
-    figure.colorbar(image, ax=list(axes[0]), label="score")
+    for ax in panels[len(arms):]:  # the last row's empty places
+        ax.set_visible(False)
+    figure.colorbar(image, ax=panels[:len(arms)], label="score")
     return save(figure, path)
 
 
@@ -232,6 +241,8 @@ def plot_run(heads_path, top: int = 10) -> list[Path]:
     written = []
     if any(stats["mean"] for stats in summary.values()):
         written.append(heatmap(summary, companion(heads_path, "heatmap"), title=f"{name}: mean head score", top=top))
+    elif all(stats["mean"] is None for stats in summary.values()):  # no passing sample has a score
+        notify(f"{name}: no head has a value (no passing sample has a score), no heatmap drawn")
     else:  # a flat map would look like a result
         notify(f"{name}: every head's mean is 0, no heatmap drawn")
     samples = companion(heads_path, "samples")

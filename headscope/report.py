@@ -20,6 +20,8 @@ into one script that is inlined with everything else: the page opens offline. Wh
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -51,7 +53,7 @@ def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: i
     run_dir = Path(run_dir)
     if bootstrap < 0:
         raise HeadscopeError(f"--bootstrap must be 0 (none) or a number of resamples, not {bootstrap}")
-    every_run = store.find_runs(run_dir)
+    every_run, folder_of = page_runs(run_dir)
     runs = [(prefix, manifest) for prefix, manifest in every_run if run in (None, prefix)]
     if not runs:
         raise HeadscopeError(f"no run {run!r} in {run_dir}: it holds " + ", ".join(p for p, _ in every_run))
@@ -70,12 +72,42 @@ def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: i
     for prefix, manifest in tqdm(runs, desc="report: reading runs", unit="run", file=sys.stderr,
                                  disable=len(runs) < SHOWN_PROGRESS):
         path = Path(out) if out else run_dir / ("report.html" if len(every_run) == 1 else f"{prefix}_report.html")
-        contexts[path] = page_context(run_dir, prefix, manifest, other and other.get(prefix), bootstrap, k)
+        contexts[path] = page_context(folder_of[prefix], prefix, manifest, other and other.get(prefix), bootstrap, k,
+                                      companions=run_dir)
     bundle = vega_bundle()
     for path, context in tqdm(contexts.items(), desc="report: writing pages", unit="page", file=sys.stderr,
                               disable=len(contexts) < SHOWN_PROGRESS):
         outputs.atomic_write_text(path, render(context, bundle), follow=out is not None)  # a named path: via links
     return list(contexts)
+
+
+def page_runs(run_dir: Path) -> tuple[list[tuple[str, dict]], dict[str, Path]]:
+    """The runs whose pages `report RUN_DIR` writes (prefix, manifest), and the folder of each one's files: the
+    folder's own detect runs; or, in a folder holding ablations only (`ablate --out elsewhere`, as the README's
+    sweep), the detect runs their heads files came from, each page with this folder's ablation."""
+    try:
+        runs = store.find_runs(run_dir)
+        return runs, {prefix: run_dir for prefix, _ in runs}
+    except HeadscopeError:
+        ablations = sorted(run_dir.glob("*_ablation.json")) if run_dir.is_dir() else []
+        if not ablations:
+            raise
+    runs, folders = [], {}
+    for path in ablations:
+        prefix = path.name.removesuffix("_ablation.json")
+        ablation = schema.read_json(path)
+        scores = Path(ablation["scores"]) if isinstance(ablation, dict) and isinstance(ablation.get("scores"), str) \
+            else None
+        found = []
+        if scores is not None:
+            with contextlib.suppress(HeadscopeError):  # no run beside the heads file: said below
+                found = [(other, manifest) for other, manifest in store.find_runs(scores.parent) if other == prefix]
+        if not found:
+            raise HeadscopeError(f"no detect run in {run_dir}, and the run of its ablation's heads file ({scores}) "
+                                 f"is not beside that file: give the folder of the detect run {prefix}")
+        runs += found
+        folders[prefix] = scores.parent
+    return runs, folders
 
 
 # -------------------------------------------------------------------------------------------- a run
@@ -91,15 +123,16 @@ def read_run(run_dir: Path, prefix: str, manifest: dict) -> dict:
 
 
 def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None, bootstrap: int,
-                 k: int | None) -> dict:
-    """Everything the template needs, as plain data."""
+                 k: int | None, companions: Path | None = None) -> dict:
+    """Everything the template needs, as plain data; the ablation, kv, specificity and rescore sections from the
+    files in `companions` (default: the run's folder)."""
     run = read_run(run_dir, prefix, manifest)
     keys, summary = run["keys"], run["summary"]
     layers, heads_per_layer = analysis.grid_layers(keys)
     k = min(10, len(keys)) if k is None else k
     if bootstrap and not 1 <= k <= len(keys):
         raise HeadscopeError(f"--k must be between 1 and the number of heads ({len(keys)}), not {k}")
-    stability = head_stability(run["rows"], keys, bootstrap, k)
+    stability, no_bootstrap = head_stability(run["rows"], keys, bootstrap, k)
     heads = head_entries(keys, summary, stability)
     means = [head["mean"] for head in heads if head["mean"] is not None]
     signed = bool(means) and min(means) < 0 < max(means)
@@ -113,13 +146,15 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
         "heads": heads,
         "k": k,
         "stability": stability is not None and {"resamples": bootstrap, "samples": stability["num_samples"]},
+        "no_bootstrap": no_bootstrap,
         "legacy": legacy.name if legacy.exists() else None,  # lists of a Retrieval_Head heads file, in the means
         "signed": signed,
         "all_zero": not any(means),
+        "no_value": not means,  # every head null: no passing sample has a score (the rows' `unscored` say why)
         "samples": samples,
         "counts": outcome_counts(samples),
         "compare": compare_section(run, other) if other else None,
-    } | companion_sections(run_dir, prefix, manifest)
+    } | companion_sections(companions or run_dir, prefix, manifest)
     context["charts"] = {"heatmap": None if context["all_zero"] else heatmap_spec(heads, signed, heads_per_layer, best, k),
                          "niah": niah_spec(samples),
                          "scatter": context["compare"].pop("spec") if context["compare"] else None}
@@ -142,8 +177,10 @@ def writer_now(run_dir: Path, prefix: str) -> str | None:
 def run_card(manifest: dict, rows: list[dict], layers: list[int], heads_per_layer: int) -> dict:
     options = manifest.get("options", {})
     task = TASKS.get(manifest.get("task"))
-    if task is not None and not task.success_filter:
+    filtered = task is None or task.success_filter
+    if not filtered:  # the filter's settings mean nothing here: the card says so once, and lists none of them
         success = "none: every sample counts"
+        options = {key: value for key, value in options.items() if key not in filter_fields(task)}
     else:
         success = f"{options.get('metric', 'rouge1')} > {options.get('success_threshold')}"
         if options.get("answer_marker") or options.get("answer_from", "full") != "full":
@@ -159,6 +196,7 @@ def run_card(manifest: dict, rows: list[dict], layers: list[int], heads_per_laye
         "grid": (analysis.layers_line(layers, manifest.get("layers")) or f"{len(layers)} layers") +
                 f" × {heads_per_layer} heads ({len(layers) * heads_per_layer} heads)",
         "success": success,
+        "filtered": filtered,  # a sample's metric is shown only where a filter judged it
         "run": len(rows),
         "passed": sum(1 for row in rows if row.get("passed")),
         "errors": sum(1 for row in rows if row.get("error")),
@@ -170,18 +208,25 @@ def run_card(manifest: dict, rows: list[dict], layers: list[int], heads_per_laye
     }
 
 
-def head_stability(rows: list[dict], keys: list[str], resamples: int, k: int) -> dict | None:
-    """The bootstrap of `analysis.bootstrap` (95% interval, P(top K)), or None with fewer than 2 passing samples."""
+def filter_fields(task) -> set[str]:
+    """The option fields of the success filter (--metric, --success-threshold, ...) of a task's options."""
+    return {spec.name for spec in dataclasses.fields(task.options) if spec.metadata.get("success_filter")}
+
+
+def head_stability(rows: list[dict], keys: list[str], resamples: int, k: int) -> tuple[dict | None, str | None]:
+    """The bootstrap of `analysis.bootstrap` (95% interval, P(top K)) and None; or None and why there is none."""
     if resamples < 1:
-        return None
+        return None, "No bootstrap (--bootstrap 0)."
     try:
         contributions = analysis.sample_contributions(rows, keys)
         rule = keeps_zeros(rows)
     except HeadscopeError:  # rows of an older headscope (no accumulation rule recorded): no intervals
-        return None
+        return None, "No bootstrap (the rows of an older headscope do not record how they accumulate)."
     if contributions.shape[0] < 2:
-        return None
-    return analysis.bootstrap(contributions, rule, resamples, k)
+        passing = sum(bool(row.get("passed")) for row in rows)
+        return None, (f"No bootstrap: it needs 2 passing samples with head scores, and of the {passing} passing "
+                      f"samples {contributions.shape[0]} {'has' if contributions.shape[0] == 1 else 'have'} them.")
+    return analysis.bootstrap(contributions, rule, resamples, k), None
 
 
 def head_entries(keys: list[str], summary: dict, stability: dict | None) -> list[dict]:
@@ -326,7 +371,7 @@ def companion_sections(run_dir: Path, prefix: str, manifest: dict) -> dict:
     name = prefix.removesuffix("_" + outputs.file_label(task, manifest.get("scorer") or task))  # NAME of NAME_TASK
     files = {"ablation": (run_dir / f"{prefix}_ablation.json", lambda data: ablation_section(data, run_dir, prefix)),
              "specificity": (run_dir / f"{name}_specificity.json",
-                             lambda data: specificity_section(data, run_dir / f"{name}_specificity.png")),
+                             lambda data: specificity_section(data, run_dir / f"{name}_specificity.png", prefix)),
              "rescore": (run_dir / "rescore" / "rescore.json", lambda data: rescore_section(data, run_dir, prefix)),
              "kv": (run_dir / f"{prefix}_kv.json", lambda data: kv_section(data, run_dir, prefix))}
     sections, notes = {}, []
@@ -374,10 +419,13 @@ def kv_section(result: dict, run_dir: Path, prefix: str) -> dict:
     return section(result) | {"image": image(run_dir / f"{prefix}_kv.png")}
 
 
-def specificity_section(result: dict, picture: Path) -> dict | None:
-    """NAME_specificity.json (model NAME of this run): each score file's top-K masked on each task."""
+def specificity_section(result: dict, picture: Path, prefix: str) -> dict | None:
+    """NAME_specificity.json (model NAME of this run): each score file's top-K masked on each task; on the pages of
+    the runs whose heads (or summary) file it tested only (by file name: the paths are as the user typed them)."""
     from .specificity import label
 
+    if not {Path(str(path)).name for path in result["files"]} & {f"{prefix}_heads.json", f"{prefix}_summary.json"}:
+        return None
     tasks = [str(task) for task in result["tasks"]]
     rows = [{"scores": label(path), "cells": [specificity_cell(row.get(task)) for task in tasks]}
             for path, row in result["matrix"].items()]
@@ -392,7 +440,7 @@ def specificity_cell(cell: dict | None) -> dict | None:
 def rescore_section(result: dict, run_dir: Path, prefix: str) -> dict | None:
     """rescore/rescore.json: how this run's head set moves under other success filters."""
     run = result["runs"].get(prefix)
-    if not run:
+    if not run or run.get("success_filter") is False:  # a task without a filter (an older rescore.json listed it)
         return None
     settings = [{"metric": setting["metric"], "threshold": setting["threshold"], "passing": setting["passing"],
                  "samples": setting["samples"], "mean_metric": setting["mean_metric"],

@@ -6,9 +6,9 @@ when metric(reference, response) > threshold, and heads and summary are rebuilt 
 accumulation rule (the rows' keep_zeros) -- exactly what `detect --metric M --success-threshold T` writes.
 Files go to RUN_DIR/rescore/METRIC-THRESHOLD/; the run's own files are never touched.
 
-A task with no success filter (pattern, query: every sample counts, whatever the model answers) keeps every
-sample under every setting -- as `detect` does whatever its --metric and --success-threshold -- so its rescored
-files equal its own; the report says so for that run.
+A task with no success filter (pattern, query: every sample counts, whatever the model answers) has nothing to
+rescore: its runs get no settings, files or picture, one line says so, and a folder holding only such runs is
+refused.
 """
 from __future__ import annotations
 
@@ -57,16 +57,17 @@ def rescore(run_dir, metrics: list[str], thresholds: list[float], task: str | No
     if not metrics or not thresholds:
         raise HeadscopeError("give at least one --metric and one --threshold")
     started = time.time()
-    found = store.find_runs(run_dir, task)
+    found, unfiltered = filtered_runs(run_dir, task)
     with writer_locks(run_dir, [prefix for prefix, _ in found] + ["rescore"]):  # no detect writes them meanwhile
         runs, files = {}, {}
         for prefix, manifest in found:  # everything is judged and computed before anything is written
             rows = rows_to_judge(outputs.prefix_paths(run_dir, prefix), manifest)
             scores = {metric: judge(rows, metric, metric_model, trust_remote_code) for metric in metrics}
             runs[prefix] = rescore_run(run_dir, prefix, manifest, rows, scores, thresholds, files)
-        report = {"metrics": metrics, "thresholds": thresholds,
-                  "runs": with_earlier(read_earlier(run_dir / "rescore" / "rescore.json"), runs),
-                  "seconds": round(time.time() - started, 2)}
+        earlier = {prefix: run for prefix, run in read_earlier(run_dir / "rescore" / "rescore.json").items()
+                   if prefix not in unfiltered}  # an older headscope rescored runs without a filter too: dropped
+        report = {"metrics": metrics, "thresholds": thresholds, "runs": with_earlier(earlier, runs),
+                  "unfiltered": unfiltered, "seconds": round(time.time() - started, 2)}
         folder = outputs.own_folder(run_dir / "rescore")  # a link there is refused: nothing leaves the folder
         for path, content in files.items():
             outputs.atomic_write_json(outputs.own_folder(path.parent) / path.name, content)
@@ -74,29 +75,36 @@ def rescore(run_dir, metrics: list[str], thresholds: list[float], task: str | No
     return report
 
 
+def filtered_runs(run_dir: Path, task: str | None) -> tuple[list[tuple[str, dict]], list[str]]:
+    """The folder's runs whose task has a success filter (prefix, manifest), and the prefixes of those whose task
+    has none (every sample counts whatever a filter would say: nothing to rescore); refused when every run is of
+    the second kind."""
+    from .tasks import TASKS
+
+    found = store.find_runs(run_dir, task)
+    unfiltered = [prefix for prefix, manifest in found
+                  if manifest.get("task") in TASKS and not TASKS[manifest["task"]].success_filter]
+    if len(unfiltered) == len(found):
+        tasks = sorted({manifest["task"] for _, manifest in found})
+        raise HeadscopeError(f"nothing to rescore in {run_dir}: its runs are of tasks without a success filter "
+                             f"({', '.join(tasks)}: every sample counts)")
+    return [(prefix, manifest) for prefix, manifest in found if prefix not in unfiltered], unfiltered
+
+
 def rescore_run(run_dir: Path, prefix: str, manifest: dict, rows: list[dict], scores: dict,
                 thresholds: list[float], files: dict) -> dict:
     """One run's settings, each against the run's own; their heads and summary files go into `files`
-    (path -> content) for rescore/METRIC-THRESHOLD/. A task without a success filter (pattern, query) keeps
-    every sample, as detect does: its files equal the run's own whatever the threshold."""
-    from .tasks import TASKS
-
+    (path -> content) for rescore/METRIC-THRESHOLD/ (a run whose task has a success filter: filtered_runs)."""
     keys, paths = manifest["heads"], outputs.prefix_paths(run_dir, prefix)
-    task = TASKS.get(manifest.get("task"))
-    filtered = task is None or task.success_filter  # no filter: every sample counts, as in detect
     base = outputs.read_heads(paths["base_heads"]) if paths["base_heads"].exists() else None  # read once
-    own_heads = store.derive_heads(rows, keys, base)
-    own = outputs.summarize(own_heads)
+    own = outputs.summarize(store.derive_heads(rows, keys, base))
     options = manifest.get("options", {})
     settings = []
     for metric, values in scores.items():
         for threshold in thresholds:
-            if filtered:
-                judged = [row | {"passed": value is not None and value > threshold} for row, value in zip(rows, values)]
-                heads = store.derive_heads(judged, keys, base)
-                summary = outputs.summarize(heads)
-            else:  # every sample counts whatever the threshold: the run's own heads
-                judged, heads, summary = rows, own_heads, own
+            judged = [row | {"passed": value is not None and value > threshold} for row, value in zip(rows, values)]
+            heads = store.derive_heads(judged, keys, base)
+            summary = outputs.summarize(heads)
             folder = run_dir / "rescore" / f"{metric}-{threshold:g}"
             written = outputs.prefix_paths(folder, prefix)
             files[written["heads"]], files[written["summary"]] = heads, summary
@@ -112,7 +120,6 @@ def rescore_run(run_dir: Path, prefix: str, manifest: dict, rows: list[dict], sc
                              "top10": analysis.top_keys(outputs.plain(summary), min(10, len(keys))) if passing else None,
                              "path": str(folder)})
     return {"own": {"metric": options.get("metric"), "threshold": options.get("success_threshold")},
-            "success_filter": filtered,
             "run_ids": sorted(manifest.get("runs") or [manifest.get("run")], key=str), "settings": settings}
 
 
@@ -148,14 +155,11 @@ def with_earlier(earlier: dict, runs: dict) -> dict:
 
 
 def format_report(report: dict) -> str:
-    lines = []
+    lines = [f"{prefix}: its task has no success filter (every sample counts): nothing to rescore"
+             for prefix in report.get("unfiltered", [])]
     for prefix, run in report["runs"].items():
         own = run["own"]
-        if not run.get("success_filter", True):
-            lines.append(f"{prefix}: its task has no success filter: every sample counts under every setting, "
-                         "the files equal the run's own")
-        else:
-            lines.append(f"{prefix}: against the run's own filter ({own['metric']} > {own['threshold']})")
+        lines.append(f"{prefix}: against the run's own filter ({own['metric']} > {own['threshold']})")
         lines.append(f"{'metric':<10} {'thresh':>6} {'passing':>9} {'metric':>7} " +
                      " ".join(f"{'J@' + str(p['k']):>6}" for p in run["settings"][0]["top_k"]) + f" {'spearman':>9}")
         for s in run["settings"]:

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from . import analysis, identity, outputs
 from .ablation import ArmLog, ablation_id, random_heads, run_arm
-from .engine import all_items, head_ids_before_loading, model_name_of, run_identity, start_run, task_options
+from .engine import (all_items, head_ids_before_loading, kept_threads, model_name_of, run_identity, start_run,
+                     task_options)
 from .errors import HeadscopeError
 from .lock import writer_lock
 from .tasks import TASKS
@@ -37,6 +38,7 @@ def success_rate(rows: list[dict]) -> float:
     return sum(row["passed"] for row in measured) / max(len(measured), 1)
 
 
+@kept_threads()
 def specificity(files: list[str], tasks: list[str], arms: Arms, loaded=None, **overrides) -> dict:
     """Run the matrix and write NAME_specificity.json (and its picture) in the output folder. The score files,
     K and every log are checked before a model loads; nothing is written before the first task's prompts are

@@ -276,18 +276,30 @@ class RunStore:
                 raise HeadscopeError(f"{self.paths['samples']} holds run {other}, made with other {changed} than "
                                      "this run: its samples cannot be resumed or joined; use another --out, or "
                                      "--overwrite to replace it")
+        unpoolable = self._unpoolable(others)
+        if append and unpoolable:
+            raise HeadscopeError(f"--append cannot add this run to {self.paths['samples']}: {unpoolable}; use "
+                                 "another --out")
+        if not append and unpoolable:  # --append is offered only where it would be accepted
+            raise HeadscopeError(f"{self.paths['samples']} holds a run with other settings: {unpoolable}; "
+                                 "--overwrite to replace it, or use another --out")
         if not append:
             raise HeadscopeError(f"{self.paths['samples']} holds a run with other settings (run {others[0]}): add "
                                  "--append to add this run to it, --overwrite to replace it, or use another --out")
+
+    def _unpoolable(self, others: list[str]) -> str | None:
+        """Why this run cannot be pooled with the folder's other runs (--append), or None when it can: a run the
+        manifest has no record of, or one that measures something else."""
+        records = (self.manifest or {}).get("runs", {})
         task, mine = self.settings
         for other in others:
             if other not in records:
-                raise HeadscopeError(f"{self.paths['manifest']} has no record of run {other}: --append cannot tell "
-                                     "whether the runs measure the same thing; use another --out")
+                return f"{self.paths['manifest']} has no record of run {other}, so whether the runs measure the " \
+                       "same thing cannot be told"
             difference = measure_difference(task, mine, records[other].get("options", {}))
             if difference:
-                raise HeadscopeError(f"--append would pool this run with run {other} of {self.paths['samples']}, "
-                                     f"which measures something else ({difference}): use another --out")
+                return f"run {other} measures something else ({difference})"
+        return None
 
     def refuse_repeated_samples(self, ids) -> None:
         """--append adds samples: one the file already holds from another run would be counted twice."""

@@ -47,6 +47,9 @@ def test_niah_grid_and_arms(tmp_path):
     arms = {"full": rows, "top-10 ablated": rows, "random-10 ablated": rows}
     width, height = size(plots.NIAH_SIZE)
     assert pixels(plots.niah_grids_side_by_side(arms, tmp_path / "arms.png")) == (round(width * 3 * 0.6), height)
+    sweep = {"none": rows} | {f"{arm}-{k}": rows for k in (1, 2, 4, 8, 16) for arm in ("top", "random")}  # 11 arms
+    assert pixels(plots.niah_grids_side_by_side(sweep, tmp_path / "sweep.png")) == (round(width * 3 * 0.6),
+                                                                                     height * 4)  # 3 a row
     with pytest.raises(HeadscopeError, match="no retrieval samples"):
         plots.niah_grid([{"id": "q", "task": "reasoning", "score": 1.0}], tmp_path / "bad.png")
 

@@ -143,14 +143,15 @@ def test_export_and_ablate_never_take_a_head_with_no_value(tmp_path, toy_dir, da
     assert "only 0 of the 12 heads have a value" in err and not (tmp_path / "out").exists()
     other = no_value_file(tmp_path / "other_heads.json", layers=2, valued={"0-0": 1.0, "0-1": 1.0})
     err = one_error(capsys, ["ablate", "retrieval", "--model", str(toy_dir), "--scores", other, "--top", "2"])
-    assert "does not score this model's 3 layers x 4 heads (it lacks head 2-0)" in err
+    assert "scores 2 layers x 4 heads, and the model being run has 3 layers x 4 heads (it lacks head 2-0)" in err
 
 
 # ---------------------------------------------------------------------------- 5. refusals before the work
 
 def test_refusals_come_before_the_model_loads(run_folder, toy_dir, data_dir, tmp_path, capsys, monkeypatch):
     no_model_load(monkeypatch)
-    assert "--append" in one_error(capsys, detect_args(toy_dir, data_dir, run_folder, "--max-new-tokens", "5"))
+    assert "holds a run with other settings" in one_error(capsys, detect_args(toy_dir, data_dir, run_folder,
+                                                                             "--max-new-tokens", "5"))
     heads = str(run_folder / f"{PREFIX}_heads.json")
     err = one_error(capsys, ["specificity", "--model", str(toy_dir), "--scores", heads, "--tasks", "retrieval",
                              "--top", "100", "--out", str(tmp_path / "spec")])

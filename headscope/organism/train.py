@@ -14,7 +14,6 @@ probability 0.2 (head dropout, below), so that no single head is critical.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -465,8 +464,9 @@ def _reasoning_records() -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="headscope organism train",
-                                 description="Train or evaluate the bundled model organism.")
+    from ..parser import HeadscopeParser  # a mistake is one line, as in every other command
+
+    ap = HeadscopeParser(prog="headscope organism train", description="Train or evaluate the bundled model organism.")
     ap.add_argument("--out", help="output checkpoint directory")
     add_arguments(ap, Recipe)
     ap.add_argument("--evaluate", metavar="MODEL_DIR", help="evaluate a checkpoint instead")

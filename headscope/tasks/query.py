@@ -8,7 +8,6 @@ scorer swaps them in for its calibration prompt). Every sample counts: no succes
 """
 from __future__ import annotations
 
-import random
 
 from headscope.errors import HeadscopeError
 from headscope.spans import _span_from_offsets
@@ -40,10 +39,7 @@ def load_query_data(path, num_samples: int | None = None, seed: int = 0) -> list
                 raise HeadscopeError(f"{where}: field {name!r} must be a non-empty string")
         records.append({"id": record["id"], "documents": documents, "gold": gold, "question": record["question"],
                         "answer": record["answer"]})
-    if num_samples is not None:
-        picked = sorted(random.Random(seed).sample(range(len(records)), min(num_samples, len(records))))
-        records = [records[i] for i in picked]
-    return records
+    return reasoning.pick_records(records, num_samples, seed, path)
 
 
 def _offsets(tokenizer, prompt: str, chat: bool):

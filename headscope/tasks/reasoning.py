@@ -56,10 +56,25 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
         try:
             records.append((f"{path} line {line_no}", json.loads(line)))
         except json.JSONDecodeError as e:
+            whole_object(path, text)
             raise HeadscopeError(f"{path} line {line_no}: not valid JSON ({e.msg})") from e
         except RecursionError:
             raise HeadscopeError(f"{path} line {line_no} is nested too deeply to be a record") from None
     return records
+
+
+def whole_object(path: Path, text: str) -> None:
+    """A file that is one JSON object over several lines (`{"data": [...]}`, pretty-printed) is valid JSON, but
+    neither a list of records nor JSON Lines: say so (with the list it holds), not "not valid JSON"."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if isinstance(data, dict):
+        lists = [key for key, value in data.items() if isinstance(value, list)]
+        held = f"; its {lists[0]!r} holds a list: give that list" if lists else ""
+        raise HeadscopeError(f"{path} is one JSON object, not records: give a JSON list of records or JSON Lines, "
+                             f"one record per line{held}")
 
 
 def _text_field(record: dict, key: str, where: str, ours: str) -> str:
@@ -104,14 +119,20 @@ def load_reasoning_data(path, fields: dict | None = None, num_samples: int | Non
     if not records:
         raise HeadscopeError(f"reasoning data file {path} has no records")
 
-    if num_samples is not None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise HeadscopeError(f"number of samples must be a positive integer, got {num_samples!r}")
-        if num_samples > len(records):
-            raise HeadscopeError(f"asked for {num_samples} samples but {path} has only {len(records)} records")
-        picked = sorted(random.Random(seed).sample(range(len(records)), num_samples))
-        records = [records[i] for i in picked]
-    return records
+    return pick_records(records, num_samples, seed, path)
+
+
+def pick_records(records: list[dict], num_samples: int | None, seed: int, path) -> list[dict]:
+    """`num_samples` records drawn with `seed` (in file order), or all of them; more than the file holds is
+    refused, never silently capped (every task that samples its data file draws here)."""
+    if num_samples is None:
+        return records
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise HeadscopeError(f"number of samples must be a positive integer, got {num_samples!r}")
+    if num_samples > len(records):
+        raise HeadscopeError(f"asked for {num_samples} samples but {path} has only {len(records)} records")
+    picked = sorted(random.Random(seed).sample(range(len(records)), num_samples))
+    return [records[i] for i in picked]
 
 
 def _prompt(tokenizer, context: str, question: str, chat: bool) -> tuple[str, int]:

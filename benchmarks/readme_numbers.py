@@ -1,0 +1,209 @@
+"""The organism numbers the README prints, recomputed by the README's own commands, and checked against its text.
+
+Each claim below runs (or reuses) the detect / ablate / kv runs it needs in a work folder and writes the passage
+as the README prints it; the passage must appear in README.md (white space aside, as prose wraps it). So a change
+of default cannot leave a stale table: tests/test_readme_numbers.py runs the cheap claims in the default suite
+(marker `readme`) and the expensive ones under the marker `slow`.
+
+    python benchmarks/readme_numbers.py                  # the cheap claims (about a minute on 2 cores)
+    python benchmarks/readme_numbers.py --slow           # and ablation and kv (7 CPU minutes more)
+    python benchmarks/readme_numbers.py --work runs      # keep the runs: a second call reuses them
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+FAST = ["--quiet", "--no-plots", "--no-check"]  # what a run shows and checks, never what it measures
+NEEDLE_GRID = ["--context-lengths", "300,700,1200", "--num-depths", "3"]  # the ablation and kv sections' grid
+
+
+def headscope(*argv: str) -> None:
+    """One headscope command, in this process, its console output swallowed (a finished run's "already complete"
+    note too); a failure stops the script with what the command said."""
+    from headscope.cli import main
+
+    said = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(said):
+        code = main(list(argv))
+    if code != 0:
+        raise SystemExit(f"headscope {' '.join(argv)}: exit {code}: {said.getvalue().strip()}")
+
+
+def detect(work: Path, name: str, task: str, *flags: str) -> Path:
+    """`headscope detect TASK FLAGS` into work/name (a finished run there is read back, not run again)."""
+    out = work / name
+    headscope("detect", task, "--out", str(out), *FAST, *flags)
+    return out
+
+
+def summary(folder: Path, label: str) -> dict:
+    return json.loads((folder / f"organism_{label}_summary.json").read_text())
+
+
+def top(summary_: dict, k: int, form: str) -> str:
+    """The top-K heads as the README lists them: "1-1 (0.93), 1-4 (0.91)" (form "{key} ({mean:.2f})")."""
+    from headscope.outputs import ranked
+
+    return ", ".join(form.format(key=key, mean=stats["mean"]) for key, stats in ranked(summary_)[:k])
+
+
+# ------------------------------------------------------------------------------------------ the claims
+
+def retrieval_run(work: Path) -> Path:
+    """The README's first command with r2 beside it (one generation scores both: the retrieval files are those of
+    `headscope detect retrieval`)."""
+    return detect(work, "both", "retrieval", "--scorer", "retrieval,r2")
+
+
+def first_command_table(work: Path) -> str:
+    from headscope.outputs import format_table
+
+    return "\n".join(format_table(summary(retrieval_run(work), "retrieval"), 9).splitlines())
+
+
+def top5_table(work: Path) -> list[str]:
+    """The rows of the "On the organism" table (the pattern rows beside them come from one pattern run)."""
+    both, query = retrieval_run(work), detect(work, "query", "query")
+    pattern = detect(work, "pattern", "pattern", "--scorer", "induction,previous_token")
+    row = "{key} ({mean:.2f})"
+    return [f"| retrieval | {top(summary(both, 'retrieval'), 5, row)} |\n"
+            f"| r2 (standard needles, same pass; HeadKV's steps) | {top(summary(both, 'retrieval_r2'), 5, row)} |\n"
+            f"| induction | {top(summary(pattern, 'pattern_induction'), 5, row)} |\n"
+            f"| previous_token | {top(summary(pattern, 'pattern_previous_token'), 5, row)} |",
+            f"| query (QRHead) | {top(summary(query, 'query'), 5, row)} |"]
+
+
+def query_against_retrieval(work: Path) -> str:
+    from headscope.analysis import compare
+    from headscope.outputs import ranked
+
+    query = summary(detect(work, "query", "query"), "query")
+    retrieval = summary(retrieval_run(work), "retrieval")
+    leading = next(i for i, (key, _) in enumerate(ranked(query) + [("end-", None)]) if not key.startswith("1-"))
+    result = compare(query, retrieval, [8])
+    return (f"The QRHead score puts {leading} layer-1 heads in its top {leading} (top-8 overlap with retrieval "
+            f"{result['per_k'][0]['overlap']}/8, Spearman {result['spearman']:.2f} over all {result['num_heads']} "
+            "heads")
+
+
+def comparing_the_sets(work: Path) -> str:
+    """The "Comparing the sets" table: `headscope compare` of retrieval with induction and with r2, K = 4, 8, 16."""
+    from headscope.analysis import compare
+
+    both = retrieval_run(work)
+    pattern = detect(work, "pattern", "pattern", "--scorer", "induction,previous_token")
+    retrieval = summary(both, "retrieval")
+    cells = []
+    for other, first_label in ((summary(pattern, "pattern_induction"), "Jaccard "), (summary(both, "retrieval_r2"), "")):
+        result = compare(retrieval, other, [4, 8, 16])
+        per_k = [f"top-{entry['k']} {'overlap ' if index == 0 else ''}{entry['overlap']} "
+                 f"({first_label if index == 0 else ''}{entry['jaccard']:.2f})"
+                 for index, entry in enumerate(result["per_k"])]
+        cells.append(f"{', '.join(per_k)}; Spearman {result['spearman']:.2f}")
+    return f"| {cells[0]} | {cells[1]} |"
+
+
+def reasoning_with_and_without_current(work: Path) -> str:
+    published = detect(work, "reasoning", "reasoning")
+    sharper = detect(work, "no_current", "reasoning", "--exclude-current-token")
+    counts = [json.loads(line)["passed"] for line in (published / "organism_reasoning_samples.jsonl").open()]
+    return (f"(`headscope detect reasoning` with and without it, {sum(counts)} passing of {len(counts)}) the "
+            f"published score's top 7 are seven of the eight layer-0 heads "
+            f"({top(summary(published, 'reasoning'), 7, '{key} {mean:.1f}')}); without the current token, five of "
+            f"them fall away and the top 8 are {top(summary(sharper, 'reasoning'), 8, '{key} {mean:.1f}')}")
+
+
+def ablation_auto(work: Path) -> str:
+    from headscope.ablation import format_report
+
+    out = work / "ablate_auto"
+    heads = retrieval_run(work) / "organism_retrieval_heads.json"
+    headscope("ablate", "retrieval", "--scores", str(heads), "--top", "auto", "--repeats", "6", "--out", str(out),
+              *NEEDLE_GRID, *FAST)
+    report = json.loads((out / "organism_retrieval_ablation.json").read_text())
+    return "\n".join(format_report(report).splitlines()[:4])
+
+
+def ablation_sweep(work: Path) -> str:
+    out = work / "sweep"
+    heads = retrieval_run(work) / "organism_retrieval_heads.json"
+    headscope("ablate", "retrieval", "--scores", str(heads), "--top", "1,2,4,8,16", "--repeats", "3", "--out",
+              str(out), *NEEDLE_GRID, *FAST)
+    sweep = json.loads((out / "organism_retrieval_ablation.json").read_text())["sweep"]
+    tops = " | ".join(f"{point['top']['success_rate']:.3f}" for point in sweep)
+    randoms = " | ".join(f"{point['random']['success_rate']:.3f} ± {point['random']['success_rate_std']:.3f}"
+                         for point in sweep)
+    return (f"| top-K success | {tops} |\n"
+            f"| random-K success (mean ± std, 3 draws) | {randoms} |")
+
+
+def kv_table(work: Path) -> str:
+    from headscope.kv_output import format_table
+
+    out = work / "kv"
+    heads = retrieval_run(work) / "organism_retrieval_heads.json"
+    common = ["--sink", "4", "--recent", "64", "--out", str(out), *NEEDLE_GRID, *FAST]
+    headscope("kv", "retrieval", "--scores", str(heads), "--budgets", "0,2,4,8,16", *common)
+    headscope("kv", "retrieval", "--scores", str(heads), "--policy", "headkv,snapkv", "--budgets", "8,16,32,64,128",
+              *common)
+    return format_table(json.loads((out / "organism_retrieval_kv.json").read_text()))
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    produce: Callable[[Path], str | list[str]]  # the passage, or passages that each appear (not together)
+    slow: bool = False
+
+    def passages(self, work: Path) -> list[str]:
+        produced = self.produce(work)
+        return [produced] if isinstance(produced, str) else produced
+
+
+CLAIMS = [
+    Claim("the first command's table", first_command_table),
+    Claim("the top-5 heads on the organism (retrieval, r2, induction, previous_token, query)", top5_table),
+    Claim("query against retrieval", query_against_retrieval),
+    Claim("comparing the sets", comparing_the_sets),
+    Claim("reasoning with and without --exclude-current-token", reasoning_with_and_without_current),
+    Claim("ablation, --top auto", ablation_auto, slow=True),
+    Claim("ablation sweep", ablation_sweep, slow=True),
+    Claim("kv on the organism", kv_table, slow=True),
+]
+
+
+def in_readme(passage: str, readme: str | None = None) -> bool:
+    """Whether the README holds the passage, white space aside (prose wraps lines anywhere)."""
+    readme = README.read_text() if readme is None else readme
+    return " ".join(passage.split()) in " ".join(readme.split())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slow", action="store_true", help="the ablation and kv claims too (minutes)")
+    parser.add_argument("--work", help="folder of the runs (default: a temporary one); a second call reuses them")
+    args = parser.parse_args()
+    stale = 0
+    with tempfile.TemporaryDirectory() as temporary:
+        work = Path(args.work or temporary)
+        for claim in (claim for claim in CLAIMS if args.slow or not claim.slow):
+            for passage in claim.passages(work):
+                fresh = in_readme(passage)
+                stale += not fresh
+                print(f"{'ok' if fresh else 'STALE'}: {claim.name}\n{passage}\n")
+    print(f"{stale} stale passage(s): replace them in README.md with the text above" if stale else
+          "every passage is in README.md")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
