@@ -41,6 +41,7 @@ import torch
 
 from .recorder import (PREFILL_BLOCK, PREFILL_ELEMENTS, Rule, attention_logits, attention_output, capped, row_blocks,
                        rule_softmax)
+from .errors import HeadscopeError
 from .runstate import state_of
 
 POOLINGS = ("max", "avg")
@@ -69,6 +70,7 @@ class AttentionCall:
     attention_mask: torch.Tensor | None
     rule: Rule
     first: int  # padded position of the pass's first query
+    repeat: bool = False  # the layer's second call in this pass on the same query and key (DiffLlama)
 
     @property
     def end(self) -> int:  # one past the last query's position
@@ -89,9 +91,13 @@ def replaying(model, policy: "Policy", layout: Layout):
     state = state_of(model)
     policy.begin(layout)
     state.kv_policy = policy
+    # Passes are counted at the model's forward, not at attention calls: a layer may call attention twice in one
+    # pass on the same query and key (DiffLlama's two maps), and both calls see the same positions.
+    hook = model.register_forward_pre_hook(lambda module, args: policy.next_pass())
     try:
         yield policy
     finally:
+        hook.remove()
         state.kv_policy = None
 
 
@@ -100,7 +106,9 @@ class Policy:
 
     def begin(self, layout: Layout) -> None:
         self.layout = layout
-        self.seen: dict[int, int] = {}  # layer -> tokens fed so far
+        self.passes = 0  # forward passes begun
+        self.seen: dict[int, int] = {}  # layer -> tokens fed so far, its current pass included
+        self.last_pass: dict[int, tuple[int, int]] = {}  # layer -> (its last pass, that pass's first position)
         self.counted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (kept, full) entries, (batch,)
         self.constants: dict[tuple, torch.Tensor] = {}
 
@@ -115,11 +123,18 @@ class Policy:
     def apply(self, layer, output, query, key, value, attention_mask, rule: Rule) -> torch.Tensor:
         """The attention function's hook. output: (batch, q_len, q_heads, dim), the backend's; returns the output
         with every replayed head's rows recomputed over its kept entries."""
-        first = self.seen.get(layer, 0)
-        if first == 0 and key.shape[2] != query.shape[2]:
-            raise RuntimeError("a KV cache policy must see its batch from the first forward pass (an empty cache)")
-        self.seen[layer] = first + query.shape[2]
-        return self.replay(AttentionCall(layer, query, key, value, attention_mask, rule, first), output)
+        seen_pass, first = self.last_pass.get(layer, (None, 0))
+        repeat = seen_pass == self.passes
+        if not repeat:
+            first = self.seen.get(layer, 0)
+            if first == 0 and key.shape[2] != query.shape[2]:
+                raise RuntimeError("a KV cache policy must see its batch from the first forward pass (an empty cache)")
+            self.seen[layer] = first + query.shape[2]
+            self.last_pass[layer] = self.passes, first
+        return self.replay(AttentionCall(layer, query, key, value, attention_mask, rule, first, repeat), output)
+
+    def next_pass(self) -> None:
+        self.passes += 1
 
     def replay(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -149,21 +164,44 @@ def prompt_store(layout: Layout, pad: torch.Tensor, rule: Rule) -> torch.Tensor:
     return stored
 
 
-def model_visible(query_pos: torch.Tensor, key_pos: torch.Tensor, pad: torch.Tensor, rule: Rule) -> torch.Tensor:
-    """(batch, X, q, m): key j visible from query i as the model sees it: j <= i, i - j < the sliding window, j a
-    real token. query_pos (q,), key_pos (batch, X, m) padded positions, pad (batch,)."""
-    distance = query_pos[None, None, :, None] - key_pos[:, :, None, :]
-    visible = (distance >= 0) & (key_pos >= pad[:, None, None])[:, :, None, :]
-    if rule.sliding_window is not None:
-        visible = visible & (distance < rule.sliding_window)
-    return visible
+def call_visible(call: AttentionCall, rows: slice, positions: torch.Tensor):
+    """Which keys the model lets each query of the call see, and the bias its mask adds, at the keys at padded
+    `positions` (batch, X, m) from the pass's query rows `rows`: (visible (batch, X, q, m), bias or None).
+
+    The keys the call's cache holds, causal order and the sliding window, then the model's own mask -- padding,
+    chunked attention (Llama 4), token selection (Qwen4-Exp) -- read at those rows and keys, as the recorder
+    reads it (recorder.hide): never rebuilt from the layout. An additive float mask hides where it is at its
+    minimum and adds its other values to the logits."""
+    device, kv_len, q_len = positions.device, call.key.shape[2], call.query.shape[2]
+    query_pos = torch.arange(call.first + rows.start, call.first + rows.stop, device=device)
+    index = positions - call.key_start  # (batch, X, m) key indices; outside [0, kv_len): not in the cache
+    distance = query_pos[None, None, :, None] - positions[:, :, None, :]
+    visible = (distance >= 0) & ((index >= 0) & (index < kv_len))[:, :, None, :]
+    if call.rule.sliding_window is not None:
+        visible = visible & (distance < call.rule.sliding_window)
+    mask, bias = call.attention_mask, None
+    if mask is None:
+        return visible, bias
+    mask = mask.to(device)
+    columns = (index - kv_len + mask.shape[-1]).clamp(0, mask.shape[-1] - 1)  # the mask's last kv_len columns
+    samples = torch.arange(positions.shape[0], device=device)[:, None, None] % mask.shape[0]  # a batch of 1 broadcasts
+    if mask.dim() == 2:  # flash-style padding mask (batch, kv_len)
+        return visible & mask[samples, columns].bool()[:, :, None, :], bias
+    if mask.shape[1] != 1:
+        raise HeadscopeError(f"a per-head attention mask ({tuple(mask.shape)}) is not implemented by the KV cache replay")
+    mask_rows = torch.arange(rows.start, rows.stop, device=device) - q_len + mask.shape[-2]
+    seen = mask[:, 0][samples[..., None], mask_rows.clamp(min=0)[None, None, :, None], columns[:, :, None, :]]
+    if seen.dtype == torch.bool:
+        return visible & seen, bias
+    hidden = seen <= torch.finfo(seen.dtype).min / 2
+    return visible & ~hidden, seen.float().masked_fill(hidden, 0.0)
 
 
 def attend(call: AttentionCall, heads: torch.Tensor, rows: slice, positions: torch.Tensor,
-           visible: torch.Tensor) -> torch.Tensor:
+           visible: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The output (batch, q, len(heads), dim) of query heads `heads` at the pass's query rows `rows`, over the keys
     at padded `positions` (batch, 1 or len(heads), m) only -- a reduced cache, gathered -- of which each query sees
-    those `visible` (batch, 1 or len(heads), q, m). The model's own maths on those keys: q.k in float32 times the
+    those `visible` (batch, 1 or len(heads), q, m), `bias` added to their logits. The model's own maths on those keys: q.k in float32 times the
     model's scaling, soft-capping, sinks, softmax in float32, probabilities cast to the values' dtype."""
     rule, batch = call.rule, call.query.shape[0]
     index = (positions - call.key_start).clamp(0, call.key.shape[2] - 1)  # key indices; hidden ones clamped
@@ -171,6 +209,8 @@ def attend(call: AttentionCall, heads: torch.Tensor, rows: slice, positions: tor
     kv_heads = (heads // call.group)[None, :, None]
     keys, values = call.key[samples, kv_heads, index], call.value[samples, kv_heads, index]  # (batch, heads, m, dim)
     logits = capped(attention_logits(call.query[:, heads, rows], keys, rule.scaling), rule)  # (batch, heads, q, m)
+    if bias is not None:
+        logits = logits + bias
     probs = rule_softmax(logits.masked_fill(~visible, float("-inf")), rule, heads)
     return attention_output(probs.nan_to_num(0.0), values)  # a query that sees nothing (padding) gets 0
 
@@ -224,15 +264,16 @@ class StreamingHeads(Policy):
             sinks = pad[:, None] + torch.arange(self.sink, device=device)[None]  # (batch, sink)
             local = torch.arange(first - reach + 1, end, device=device).expand(len(pad), -1)  # (batch, m_local)
             positions = torch.cat([sinks, local], dim=1)
-            candidate = torch.cat([(sinks < first - reach + 1) & (sinks >= call.key_start),  # each key once,
-                                   local >= call.key_start], dim=1)  # and only what the cache holds
+            candidate = torch.cat([sinks < first - reach + 1, torch.ones_like(local, dtype=torch.bool)],
+                                  dim=1)  # each key once
             positions = positions[:, None]  # (batch, 1, m): the same keys for every streaming head
             query_pos = torch.arange(first, end, device=device)
             distance = query_pos[None, None, :, None] - positions[:, :, None, :]
             allowed = ((positions - pad[:, None, None] < self.sink)[:, :, None, :]
                        | (distance < recent[:, None, None, None]))
-            visible = candidate[:, None, None, :] & model_visible(query_pos, positions, pad, call.rule) & allowed
-            output[:, rows, head_index] = attend(call, head_index, rows, positions, visible).to(output.dtype)
+            visible, bias = call_visible(call, rows, positions)
+            visible = visible & candidate[:, None, None, :] & allowed
+            output[:, rows, head_index] = attend(call, head_index, rows, positions, visible, bias).to(output.dtype)
         return output
 
     def kept_after_prompt(self, streaming_kv: list[int], kv_heads: int, pad, recent) -> torch.Tensor:
@@ -275,7 +316,7 @@ class SnapSelection(Policy):
     def replay(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
         prompt_len = self.layout.prompt_len
         observed = max(prompt_len - self.window, call.first), min(prompt_len, call.end)
-        if observed[0] < observed[1]:
+        if observed[0] < observed[1] and not call.repeat:  # a repeated call's rows are the first call's
             self.observe(call, *observed)
         if call.layer not in self.kept and call.end >= prompt_len:
             self.select(call)
@@ -330,14 +371,11 @@ class SnapSelection(Policy):
         """The generated queries' outputs over each replayed head's kept prefix, the window and every generated key."""
         positions, kept, heads = self.kept[call.layer]
         device, prompt_len = call.query.device, self.layout.prompt_len
-        pad = self.constant("pad", self.layout.pad, device)
         since = torch.arange(max(prompt_len - self.window, 0), call.end, device=device)  # window + generated
         batch, count = positions.shape[:2]
         positions = torch.cat([positions, since.expand(batch, count, -1)], dim=2)  # (batch, heads, m + since)
         kept = torch.cat([kept, torch.ones(batch, count, len(since), dtype=torch.bool, device=device)], 2)
-        query_pos = torch.arange(call.first + rows.start, call.first + rows.stop, device=device)
-        in_cache = kept & (positions >= call.key_start)  # a sliding-window cache holds only its last keys
-        visible = in_cache[:, :, None] & model_visible(query_pos, positions, pad, call.rule)
+        visible, bias = call_visible(call, rows, positions)
         output = output.clone()
-        output[:, rows, heads] = attend(call, heads, rows, positions, visible).to(output.dtype)
+        output[:, rows, heads] = attend(call, heads, rows, positions, kept[:, :, None] & visible, bias).to(output.dtype)
         return output

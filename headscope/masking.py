@@ -7,7 +7,10 @@ Modes, for each masked head h of a layer (its output o_h at query position i, ke
   mean     the head's output is its mean over the prompt:     o_h[i] = mean_{t in prompt} o_h[t]
            (the mean is taken on the prefill and reused on every decoding step)
 
-Uniform outputs come from prefix sums over the keys: O(context) time and memory per masked head.
+Visible keys are those the model's own attention sees: causal order, its sliding window, and its mask (padding,
+Llama 4's chunks, Qwen4-Exp's token selection). Uniform outputs come from prefix sums over the keys, O(context)
+time and memory per masked head, where the mask is at most padding (none, or flash's 2D one); from the 4D mask's
+rows, block by block, where it may hide more.
 """
 from __future__ import annotations
 
@@ -64,13 +67,15 @@ def apply(ablation: Ablation, layer: int, output: torch.Tensor, value: torch.Ten
 def uniform_output(value, heads, q_heads, q_len, attention_mask, sliding_window) -> torch.Tensor:
     """(batch, q_len, len(heads), dim): each masked head's mean of the values visible from each query.
 
-    The keys a query at key index i sees are the real (non-padding) ones among [max(0, i - window + 1), i], so
+    With a 4D mask: `masked_uniform_output`. Otherwise the keys a query at key index i sees are the real (non-padding) ones among [max(0, i - window + 1), i], so
     with prefix sums S[j] = sum_{t < j} valid[t] v[t] and N[j] = sum_{t < j} valid[t] the mean is
     (S[i + 1] - S[lo]) / (N[i + 1] - N[lo]): O(kv_len) per head whatever the number of queries.
     Sums are float64: a difference of two long prefix sums keeps its precision.
     """
     batch, kv_heads, kv_len, dim = value.shape
     kv_of_head = torch.tensor(heads, device=value.device) // (q_heads // kv_heads)  # repeat_kv order
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return masked_uniform_output(value[:, kv_of_head], q_len, attention_mask, sliding_window)
     valid = _key_validity(attention_mask, batch, kv_len, value.device)  # (batch, kv_len) float64
     head_values = value[:, kv_of_head].double() * valid[:, None, :, None]  # (batch, masked heads, kv_len, dim)
     sums = torch.nn.functional.pad(head_values.cumsum(2), (0, 0, 1, 0))  # (batch, masked heads, kv_len + 1, dim)
@@ -80,6 +85,23 @@ def uniform_output(value, heads, q_heads, q_len, attention_mask, sliding_window)
     totals = sums[:, :, end] - sums[:, :, start]  # (batch, masked heads, q_len, dim)
     count = (counts[:, end] - counts[:, start]).clamp(min=1)  # (batch, q_len); a padding query sees nothing: 0
     return (totals / count[:, None, :, None]).transpose(1, 2)
+
+
+def masked_uniform_output(head_values, q_len, attention_mask, sliding_window) -> torch.Tensor:
+    """(batch, q_len, heads, dim): the mean of `head_values` (batch, heads, kv_len, dim) over the keys each query
+    sees as the recorder's rows see them (recorder.hide: causal, window, the 4D mask), a block of rows at a time."""
+    from .recorder import PREFILL_BLOCK, Rule, hide  # the recorder applies ablations: imported here, not at the top
+
+    batch, heads, kv_len, dim = head_values.shape
+    rule = Rule(scaling=1.0, sliding_window=sliding_window)
+    blocks = []
+    for start in range(kv_len - q_len, kv_len, PREFILL_BLOCK):
+        query_index = torch.arange(start, min(start + PREFILL_BLOCK, kv_len), device=head_values.device)
+        zeros = head_values.new_zeros(batch, 1, len(query_index), kv_len, dtype=torch.float32)
+        visible = (hide(zeros, query_index, attention_mask, rule) > float("-inf")).float()  # a bias is not a weight
+        weights = visible / visible.sum(-1, keepdim=True).clamp(min=1)  # a query that sees nothing: 0
+        blocks.append(torch.matmul(weights, head_values.float()))  # (batch, heads, block, dim)
+    return torch.cat(blocks, dim=2).transpose(1, 2)
 
 
 def _key_validity(attention_mask, batch, kv_len, device) -> torch.Tensor:

@@ -6,6 +6,8 @@ their own positions), so the reduced cache has the same positions as the full on
 every token alone (a streaming head's cache is trimmed before every query); SnapKV's prefills the prompt with full
 attention, selects each head's entries from the observation window's attention, then decodes one token at a time.
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,15 +212,16 @@ def test_budgets_covering_the_prompt_and_every_head_full_change_nothing():
 
 
 def padded_logits(model, policy, prompts, steps=4):
-    """The engine's decode of left-padded prompts under `policy`; each step feeds the same token to every sample.
-    Returns (batch, steps, vocab) logits."""
+    """The engine's decode of left-padded prompts under `policy` (None: none); each step feeds the same token to
+    every sample. Returns (batch, steps, vocab) logits."""
     width = max(len(prompt) for prompt in prompts)
     pad = tuple(width - len(prompt) for prompt in prompts)
     ids = torch.tensor([[1] * p + prompt for p, prompt in zip(pad, prompts)])
     mask = (torch.arange(width)[None] >= torch.tensor(pad)[:, None]).long()
     padded = any(pad)
     positions, past, logits = positions_of(mask), fresh_cache(model), []
-    with torch.no_grad(), kv.replaying(model, policy, kv.Layout(width, pad)):
+    replay = kv.replaying(model, policy, kv.Layout(width, pad)) if policy else contextlib.nullcontext()
+    with torch.no_grad(), replay:
         model(ids[:, :-1], attention_mask=mask[:, :-1] if padded else None, position_ids=positions[:, :-1], **past)
         token, position = ids[:, -1:], positions[:, -1:]
         for step in range(steps):
@@ -271,8 +274,8 @@ def test_entries_are_chosen_once_per_prompt_and_a_step_gathers_only_the_kept_one
     select, attend = kv.SnapSelection.select, kv.attend
     monkeypatch.setattr(kv.SnapSelection, "select", lambda self, call: selections.append(call.layer) or
                         select(self, call))
-    monkeypatch.setattr(kv, "attend", lambda call, heads, rows, positions, visible: gathered.append(
-        (call.key.shape[2], positions.shape[-1])) or attend(call, heads, rows, positions, visible))
+    monkeypatch.setattr(kv, "attend", lambda call, heads, rows, positions, *rest: gathered.append(
+        (call.key.shape[2], positions.shape[-1])) or attend(call, heads, rows, positions, *rest))
     model = tiny_model("llama", num_layers=2)
     recorder.install(model)
     for length in (50, 120):
