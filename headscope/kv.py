@@ -11,6 +11,9 @@ a pass's queries sit at padded positions [first, first + q_len) and its keys at 
 first + q_len) (a sliding-window cache holds only its last kv_len keys). Key j is visible from query i as the
 model sees it -- j <= i, i - j < the layer's sliding window, j not padding -- and then as the policy allows.
 
+Share kept: the prompt's entries every cache keeps over the model's own cache (KV heads x tokens, per layer),
+for every policy: a cache kept per query head counts group times.
+
 Policies:
   StreamingHeads   DuoAttention (Xiao et al. 2024): the KV heads of `full` keep every key; every other KV head
                    is a StreamingLLM cache of the first `sink` real tokens and the `recent` last ones, the query's
@@ -18,11 +21,13 @@ Policies:
                    the prompt's queries (DuoAttention's streaming-attention mask) and every decoding step.
                    `recent` may depend on the prompt length (the uniform window at another policy's memory).
   SnapSelection    SnapKV (Li et al. 2024) with HeadKV's per-head budgets (Fu et al. 2025): the prompt is read
-                   with full attention; then query head h keeps, of the prompt's prefix [0, P - window), the
-                   budget[h] keys with the highest pooled votes, plus the observation window itself, where
-                     votes[j]  = sum over the window's queries i of A[i, j]    (the softmax rows, as recorded)
-                     pooled    = maxpool or avgpool of votes, kernel k, padding k // 2, stride 1
-                   (ties: the earlier position first). A sample whose real prefix T - window is shorter than the
+                   with full attention; then KV head g keeps, of the prompt's prefix [0, P - window), the
+                   budget[g] keys with the highest pooled votes, plus the observation window itself, where
+                     votes_h[j] = sum over the window's queries i of A_h[i, j]  (the softmax rows, as recorded)
+                     pooled_h   = maxpool or avgpool of votes_h, kernel k, padding k // 2, stride 1
+                     pooled_g   = mean of pooled_h over the query heads h that read g (kvpress's SnapKVPress)
+                   (ties: the earlier position first); `per_query_head`: each query head h keeps its own
+                   budget[h] (HeadKV's code, one cache per query head). A sample whose real prefix T - window is shorter than the
                    average budget B keeps everything (SnapKV's and HeadKV's rule). Every generated token is kept.
 
 Cost. A policy's kept entries are fixed arithmetic (streaming) or chosen once per prompt per layer and head
@@ -140,7 +145,8 @@ class Policy:
         raise NotImplementedError
 
     def shares(self) -> list[float]:
-        """Per sample: the prompt's KV cache entries kept over all layers and heads / the entries of the full cache."""
+        """Per sample: the prompt's KV cache entries kept over all layers / the entries of the model's full cache
+        (KV heads x prompt tokens per layer): one unit for every policy."""
         if not self.counted:
             raise RuntimeError("no layer has read the whole prompt yet: nothing is counted")
         kept = sum(counts[0].double().cpu() for counts in self.counted.values())
@@ -148,11 +154,12 @@ class Policy:
         return (kept / full.clamp(min=1)).tolist()
 
     def count(self, call: AttentionCall, kept: torch.Tensor) -> None:
-        """Count, once per layer, the prompt entries kept: `kept` (batch, heads, P) marks the prompt positions each
-        head's cache holds once the prompt is read (heads in the policy's unit). Both counts are taken within
-        what the layer's own cache holds then: the real tokens, and only the last `sliding_window` of them."""
+        """Count, once per layer, the prompt entries kept: `kept` (batch, caches, P) marks the prompt positions each
+        cache holds once the prompt is read -- one cache per KV head, or per query head where a policy keeps one
+        per query head (HeadKV's repeated KV) -- over the model's own cache, one per KV head. Both counts are taken
+        within what the layer's own cache holds then: the real tokens, and only the last `sliding_window` of them."""
         stored = prompt_store(self.layout, self.constant("pad", self.layout.pad, kept.device), call.rule)  # (batch, P)
-        self.counted[call.layer] = ((kept & stored[:, None]).sum((1, 2)), stored.sum(1) * kept.shape[1])
+        self.counted[call.layer] = ((kept & stored[:, None]).sum((1, 2)), stored.sum(1) * call.key.shape[1])
 
 
 def prompt_store(layout: Layout, pad: torch.Tensor, rule: Rule) -> torch.Tensor:
@@ -299,14 +306,19 @@ def matched_recent(total_kv_heads: int, full_heads: int, sink: int, recent: int)
 
 
 class SnapSelection(Policy):
-    """SnapKV's selection with a budget per query head (HeadKV): budgets (layers, q_heads) entries of the prefix,
-    `average` the budget B that decides whether a prompt is compressed at all."""
+    """SnapKV's selection with a budget per cache (HeadKV): budgets (layers, units) entries of the prefix, a unit
+    being a KV head (default: one set per KV head, its query heads' pooled votes averaged, as kvpress's SnapKVPress
+    and a GQA deployment keep one cache per KV head) or a query head (`per_query_head`: HeadKV's code, which
+    repeats the KV heads and keeps one cache per query head, group times the entries). `average` is the budget B
+    that decides whether a prompt is compressed at all."""
 
-    def __init__(self, budgets: torch.Tensor, average: int, window: int, kernel: int, pooling: str = "max"):
+    def __init__(self, budgets: torch.Tensor, average: int, window: int, kernel: int, pooling: str = "max",
+                 per_query_head: bool = False):
         if kernel % 2 == 0:
             raise ValueError("the pooling kernel must be odd (SnapKV pads it by kernel // 2 on each side)")
         self.budgets, self.average = torch.as_tensor(budgets), average
         self.window, self.kernel, self.pooling = window, kernel, pooling
+        self.per_query_head = per_query_head
 
     def begin(self, layout: Layout) -> None:
         super().begin(layout)
@@ -338,31 +350,39 @@ class SnapSelection(Policy):
             votes[:, :, call.key_start:call.key_start + keys] += probs[..., :keys].sum(2)
 
     def select(self, call: AttentionCall) -> None:
-        """Choose each head's kept prefix keys, once per prompt: the top budget[h] pooled votes (SnapKV)."""
+        """Choose each unit's kept prefix keys, once per prompt: the top budget[u] pooled votes (SnapKV)."""
         prompt_len, device = self.layout.prompt_len, call.query.device
         prefix = max(prompt_len - self.window, 0)
         votes = self.votes.pop(call.layer, None)
         pad = self.constant("pad", self.layout.pad, device)
-        heads = call.query.shape[1]
+        group = 1 if self.per_query_head else call.group
+        units = call.query.shape[1] // group
         real_prefix = (prompt_len - pad - self.window).clamp(min=0)  # (batch,)
-        budgets = self.budgets[call.layer].to(device)[None]  # (1, heads)
+        if self.budgets.shape[-1] != units:
+            raise ValueError(f"{self.budgets.shape[-1]} budgets per layer for {units} caches "
+                             f"({'query' if self.per_query_head else 'KV'} heads)")
+        budgets = self.budgets[call.layer].to(device)[None]  # (1, units)
         count = torch.where(real_prefix[:, None] >= self.average, budgets.clamp(max=real_prefix[:, None]),
-                            real_prefix[:, None].expand(-1, heads))  # (batch, heads) keys kept of the prefix
+                            real_prefix[:, None].expand(-1, units))  # (batch, units) keys kept of the prefix
         if prefix and votes is not None:
             pool = torch.nn.functional.max_pool1d if self.pooling == "max" else torch.nn.functional.avg_pool1d
             pooled = pool(votes[:, :, :prefix], kernel_size=self.kernel, padding=self.kernel // 2, stride=1)
+            pooled = pooled.view(len(pad), units, group, prefix).mean(2)  # a KV head's: its query heads' mean
             padding = torch.arange(prefix, device=device)[None] < pad[:, None]  # (batch, prefix)
             pooled = pooled.masked_fill(padding[:, None], float("-inf"))
             order = pooled.sort(dim=-1, descending=True, stable=True).indices  # ties: the earlier position first
         else:
-            order = torch.zeros(len(pad), heads, 0, dtype=torch.long, device=device)
+            order = torch.zeros(len(pad), units, 0, dtype=torch.long, device=device)
         most = int(count.max()) if count.numel() else 0
-        chosen = torch.arange(most, device=device)[None, None] < count[..., None]  # (batch, heads, m)
+        chosen = torch.arange(most, device=device)[None, None] < count[..., None]  # (batch, units, m)
         positions = torch.where(chosen, order[..., :most], prefix).sort(dim=-1).values  # position order
-        replayed = (count < real_prefix[:, None]).any(0).nonzero().flatten()  # heads that drop a key of some prompt
-        # the replayed heads' kept prefix positions and which are real (not the filler `prefix`): (batch, n, m)
-        self.kept[call.layer] = (positions[:, replayed], (positions < prefix)[:, replayed], replayed)
-        kept = torch.zeros(len(pad), heads, prompt_len + 1, dtype=torch.bool, device=device)
+        replayed = (count < real_prefix[:, None]).any(0).nonzero().flatten()  # units that drop a key of some prompt
+        # the query heads of the replayed units, their kept prefix positions and which are real (not the filler
+        # `prefix`): (batch, n, m)
+        heads = (replayed[:, None] * group + torch.arange(group, device=device)[None]).flatten()
+        unit_of_head = replayed.repeat_interleave(group)
+        self.kept[call.layer] = (positions[:, unit_of_head], (positions < prefix)[:, unit_of_head], heads)
+        kept = torch.zeros(len(pad), units, prompt_len + 1, dtype=torch.bool, device=device)
         kept.scatter_(2, positions, True)  # unchosen slots land in column `prefix` ...
         kept[:, :, prefix:] = True  # ... which is the window's first: the window is kept whole
         self.count(call, kept[:, :, :prompt_len])

@@ -11,17 +11,20 @@ the mean metric and the share of the KV cache kept. What --budgets means depends
                 seed + r, as `ablate` draws its random heads; mean and std over the draws)
   streaming  K  every head streams, its window as large as gives duo-K's memory on each prompt (the uniform
                 StreamingLLM baseline at the same memory)
-  headkv     B  `export --to headkv`'s per-head budgets (--beta, --temperature), each head's entries chosen by
-                SnapKV (--window, --kernel, --pooling)
-  snapkv     B  the same selection with B entries for every head (HeadKV's uniform baseline)
+  headkv     B  `export --to headkv`'s budgets (--beta, --temperature), B entries per KV head on average, each KV
+                head's entries chosen by SnapKV (--window, --kernel, --pooling) from its query heads' mean votes
+                (kvpress's SnapKVPress; a KV head's score for the budgets: the mean of its query heads')
+  snapkv     B  the same selection with B entries for every KV head (HeadKV's uniform baseline)
+  (--selection query-head: one selection and budget per query head instead, as HeadKV's code does, repeating
+  each KV head's cache for every query head that reads it: group times the entries)
 
 and `full`, the unrestricted cache. Policies of the two families (K or B) are run by separate commands; into the
 same --out, one curve holds both.
 
-Share of the KV cache kept: per sample, the prompt's entries every layer and head keeps once the prompt is read
-over those of the full cache, in the policy's unit (KV heads for duo, random and streaming; query heads for
-headkv and snapkv, which keep one cache per query head, as HeadKV does); a point's share is the mean over its
-samples. Generated tokens are not counted.
+Share of the KV cache kept: per sample, the prompt's entries every layer's caches keep once the prompt is read
+over those of the model's full cache (KV heads x prompt tokens per layer), one unit for every policy (a cache per
+query head counts once per query head); a point's share is the mean over its samples. Generated tokens are not
+counted.
 
 Files in --out: NAME_TASK_kv_samples.jsonl (every finished sample of every point and draw, appended and flushed:
 a run resumes where it stopped, and a later run with the same settings adds its points), NAME_TASK_kv.json
@@ -52,6 +55,7 @@ from .options import option
 BY_HEADS = ("duo", "random", "streaming")  # --budgets: K, KV heads kept full
 BY_ENTRIES = ("headkv", "snapkv")  # --budgets: B, entries per head
 POLICIES = BY_HEADS + BY_ENTRIES
+SELECTIONS = ("kv-head", "query-head")  # SnapKV's unit: one set of entries per KV head, or per query head
 
 
 def parse_policies(text: str) -> list[str]:
@@ -87,12 +91,16 @@ class KVSettings:
                          group="headkv", minimum=1)
     kernel: int = option(7, "pooling kernel of the votes (odd)", group="headkv", minimum=1)
     pooling: str = option("max", "pooling of the votes", group="headkv", choices=kv.POOLINGS)
+    selection: str = option("kv-head", "kv-head: one set of entries per KV head, its query heads' votes averaged "
+                                       "(kvpress, a GQA deployment); query-head: one per query head, the cache "
+                                       "repeated for each (HeadKV's code: group times the entries)",
+                            group="headkv", choices=SELECTIONS)
     beta: float = option(1.2, "HeadKV: floor(B / beta) per head is pooled and shared by score", group="headkv")
     temperature: float = option(1.0, "HeadKV: exponent on the score shares", group="headkv")
 
 
 # The settings every point of one curve shares: they are in the curve's id (other values: another curve).
-SHARED = ("sink", "recent", "window", "kernel", "pooling", "beta", "temperature")
+SHARED = ("sink", "recent", "window", "kernel", "pooling", "selection", "beta", "temperature")
 
 
 def check_settings(settings: KVSettings) -> None:
@@ -178,16 +186,21 @@ class Planner:
         if policy == "streaming":
             recent = kv.matched_recent(self.kv_scores.size, budget, settings.sink, settings.recent)
             return Point(policy, budget, 0, None, lambda: kv.StreamingHeads({}, settings.sink, recent))
+        per_query_head = settings.selection == "query-head"
+        # each cache's score: a query head's own, or a KV head's mean of its query heads' (their share of the pool)
+        unit_scores = self.means if per_query_head else analysis.kv_head_scores(self.means, self.kv_scores.shape[1],
+                                                                                "mean")
         if policy == "headkv":
-            budgets = exports.headkv_budgets(self.means, budget, settings.beta, settings.temperature)
+            budgets = exports.headkv_budgets(unit_scores, budget, settings.beta, settings.temperature)
         else:
             if budget < 1:
                 raise HeadscopeError(f"B must be at least 1, not {budget}")
-            budgets = np.full(self.means.shape, budget)
+            budgets = np.full(unit_scores.shape, budget)
         per_layer = np.zeros((self.layers[-1] + 1, budgets.shape[1]), dtype=budgets.dtype)  # row: the real layer
         per_layer[self.layers] = budgets
         return Point(policy, budget, 0, None, lambda: kv.SnapSelection(torch.tensor(per_layer), budget, settings.window,
-                                                                       settings.kernel, settings.pooling))
+                                                                       settings.kernel, settings.pooling,
+                                                                       per_query_head))
 
     def top(self, k: int) -> list[str]:
         """The K KV heads export --to duo keeps full, in layer order."""

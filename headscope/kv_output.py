@@ -1,5 +1,5 @@
-"""What `headscope kv` shows: the console table, the picture (success against the share of the KV cache kept,
-one line per policy) and the rows of its section in `headscope report`, all from NAME_TASK_kv.json."""
+"""What `headscope kv` shows: the console table, the picture (success against the share of the KV cache kept --
+the model's own cache, KV heads x entries, for every policy -- one line per policy) and the rows of its section in `headscope report`, all from NAME_TASK_kv.json."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,6 +30,7 @@ def format_table(report: dict) -> str:
         kept = f"{row['kv_kept']:.3f}" if row["kv_kept"] is not None else "-"
         lines.append(f"{row['policy']:<10} {budget:>10} {kept:>8} {row['success']:>8.3f} {std:>7} "
                      f"{row['metric']:>7.1f}")
+    lines.append("KV kept: the share of the model's KV cache (KV heads x prompt entries) kept, for every policy")
     return "\n".join(lines)
 
 
@@ -47,7 +48,7 @@ def draw(report: dict, path) -> Path:
                           yerr=[p.get("success_rate_std", 0.0) for p in points], fmt=style, color=color, capsize=3,
                           label=f"{policy} ({UNITS[policy]})")
     axes.plot([1.0], [report["full"]["success_rate"]], "*", color="black", markersize=12, label="full cache")
-    axes.set(xlabel="share of the KV cache kept", ylabel="success rate", xlim=(0, 1.03), ylim=(-0.03, 1.03),
+    axes.set(xlabel="share of the KV cache kept (KV heads × entries)", ylabel="success rate", xlim=(0, 1.03), ylim=(-0.03, 1.03),
              title=f"{report['task']}: success as the KV cache shrinks")
     axes.legend(fontsize="small")
     figure.tight_layout()
