@@ -20,37 +20,85 @@ REFERENCE = {}  # the reference attention's current cache (tests only)
 VOCAB = 256
 
 
-class StreamingCache:
-    """DuoAttention's cache: a streaming KV head keeps its first `sink` and last `recent` positions, a full one
-    (`full`: {layer: KV heads}) all. `now`: the position of the token the current pass feeds (set by the driver)."""
+class ReducedCache:
+    """Per layer and KV head the positions kept; `now`: the position of the last token the current pass feeds (set
+    by the driver). Every call attends over the positions its KV head keeps, with the call's own values, masked by
+    the model's own mask -- the chunk, the indexer's selection."""
 
-    def __init__(self, full, sink, recent):
-        self.full, self.sink, self.recent = full, sink, recent
+    def __init__(self):
         self.held = {}  # (layer, KV head) -> kept positions
         self.fed = {}  # layer -> the position its cache last took
         self.now = 0
 
-    def forward(self, module, query, key, value, attention_mask, rule):
+    def attend(self, module, query, key, value, attention_mask, rule):
         layer, kv_heads, kv_len = module.layer_idx, key.shape[1], key.shape[2]
-        assert query.shape[2] == 1  # one token per pass
         first_key = self.now + 1 - kv_len  # the model's own cache may hold only its last keys (a chunked layer)
-        if self.fed.get(layer) != self.now:  # the layer's first call in this pass: the cache takes the token
-            self.fed[layer] = self.now
-            for head in range(kv_heads):
-                held = self.held.setdefault((layer, head), [])
-                held.append(self.now)
-                if head not in self.full.get(layer, ()):
-                    held[:] = [p for p in held if p < self.sink or self.now - p < self.recent]
         group = query.shape[1] // kv_heads
         output = torch.zeros(1, 1, query.shape[1], value.shape[-1], dtype=value.dtype)
         for head in range(query.shape[1]):
             index = torch.tensor([p - first_key for p in self.held[(layer, head // group)] if p >= first_key])
-            logits = query[0, head, 0].float() @ key[0, head // group, index].float().T * rule["scaling"]
-            if attention_mask is not None:  # the model's own mask for this token: the chunk, the selection
+            logits = query[0, head, -1].float() @ key[0, head // group, index].float().T * rule["scaling"]
+            if attention_mask is not None:
                 logits = logits.masked_fill(~attention_mask[0, 0, -1, index - kv_len + attention_mask.shape[-1]],
                                             float("-inf"))
             output[0, 0, head] = torch.softmax(logits, -1).to(value.dtype) @ value[0, head // group, index]
         return output
+
+
+class StreamingCache(ReducedCache):
+    """DuoAttention's cache, fed one token per pass: a streaming KV head keeps its first `sink` and last `recent`
+    positions, a full one (`full`: {layer: KV heads}) all."""
+
+    def __init__(self, full, sink, recent):
+        super().__init__()
+        self.full, self.sink, self.recent = full, sink, recent
+
+    def forward(self, module, query, key, value, attention_mask, rule):
+        layer = module.layer_idx
+        assert query.shape[2] == 1  # one token per pass
+        if self.fed.get(layer) != self.now:  # the layer's first call in this pass: the cache takes the token
+            self.fed[layer] = self.now
+            for head in range(key.shape[1]):
+                held = self.held.setdefault((layer, head), [])
+                held.append(self.now)
+                if head not in self.full.get(layer, ()):
+                    held[:] = [p for p in held if p < self.sink or self.now - p < self.recent]
+        return self.attend(module, query, key, value, attention_mask, rule)
+
+
+class SnapCache(ReducedCache):
+    """SnapKV's cache: the prompt read in one pass with full attention (the model's mask); then each KV head keeps
+    the `budget` prefix positions with the most max-pooled votes of the last `window` queries (each query head's,
+    averaged over the KV head's query heads; ties: the earlier position), the window, and every later token."""
+
+    def __init__(self, budget, window, kernel):
+        super().__init__()
+        self.budget, self.window, self.kernel = budget, window, kernel
+
+    def forward(self, module, query, key, value, attention_mask, rule):
+        layer, length = module.layer_idx, query.shape[2]
+        if length == 1:
+            if self.fed.get(layer) != self.now:
+                self.fed[layer] = self.now
+                for head in range(key.shape[1]):
+                    self.held[(layer, head)].append(self.now)
+            return self.attend(module, query, key, value, attention_mask, rule)
+        group = query.shape[1] // key.shape[1]
+        keys, values = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        logits = query.float() @ keys.float().transpose(-1, -2) * rule["scaling"]
+        visible = torch.ones(length, length, dtype=torch.bool).tril()
+        if attention_mask is not None:
+            visible = visible & attention_mask[0, 0]
+        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)
+        if layer not in self.fed:  # DiffLlama's second call: the same rows, selected already
+            self.fed[layer] = length - 1
+            prefix = length - self.window
+            votes = probs[0, :, -self.window:, :prefix].sum(1)  # (query heads, prefix)
+            pooled = torch.nn.functional.max_pool1d(votes[None], self.kernel, padding=self.kernel // 2, stride=1)[0]
+            for head, scores in enumerate(pooled.view(key.shape[1], group, prefix).mean(1)):
+                order = sorted(range(prefix), key=lambda p: (-float(scores[p]), p))
+                self.held[(layer, head)] = sorted(order[:self.budget]) + list(range(prefix, length))
+        return (probs.to(values.dtype) @ values).transpose(1, 2)
 
 
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -75,13 +123,16 @@ def tokens():
     return torch.randint(4, VOCAB, (1, PROMPT + STEPS))
 
 
-def reference_logits(model_type, cache, ids):
-    """Every position's logits from the reduced cache, fed one token per pass."""
+def reference_logits(model_type, cache, ids, prompt=1):
+    """The reduced cache's logits: the first `prompt` tokens in one pass, then one token per pass; from the
+    prompt's last position on."""
     model = model_of(model_type)
     model.set_attn_implementation("test_kv_families")
-    REFERENCE["cache"], past, logits = cache, fresh_cache(model), []
+    REFERENCE["cache"], past = cache, fresh_cache(model)
     with torch.no_grad():
-        for t in range(ids.shape[1]):
+        cache.now = prompt - 1
+        logits = [model(ids[:, :prompt], **past).logits[0, -1]]
+        for t in range(prompt, ids.shape[1]):
             cache.now = t
             logits.append(model(ids[:, t:t + 1], position_ids=torch.tensor([[t]]), **past).logits[0, -1])
     return torch.stack(logits)
@@ -89,7 +140,8 @@ def reference_logits(model_type, cache, ids):
 
 def replayed_logits(model_type, policy, ids, steps=True):
     """headscope's: the whole sequence in one pass (steps False), or the engine's way -- the prompt but its last
-    token in one pass, then one token at a time -- from the last prompt token on."""
+    token in one pass, then one token at a time -- from the last prompt token on (the prompt's last token then
+    reads the full cache, as SnapKV's selection has not happened yet)."""
     model = model_of(model_type)
     assert recorder.install(model)
     past = fresh_cache(model)
@@ -117,6 +169,18 @@ def test_streaming_equals_a_cache_that_holds_only_sinks_and_recent(model_type, m
     stepped = replayed_logits(model_type, kv.StreamingHeads({}, sink, recent), ids)
     assert (stepped - expected[PROMPT - 1:]).abs().max() < 1e-4
     assert (expected - plain_logits(model_type, ids)).abs().max() > 1e-2  # the policy changes the model
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_snapkv_equals_a_cache_compressed_after_the_prompt(model_type):
+    """One selection per KV head from the window's rows as the model's mask shows them, and decoding steps over
+    the kept entries as the mask shows them (Llama 4: past the prompt's last chunk)."""
+    ids = tokens()
+    expected = reference_logits(model_type, SnapCache(6, 8, 5), ids, PROMPT)
+    policy = kv.SnapSelection(torch.full((recipes.LAYERS, 2), 6), 6, 8, 5)
+    replayed = replayed_logits(model_type, policy, ids)
+    assert (replayed - expected).abs().max() < 1e-4
+    assert (replayed - plain_logits(model_type, ids)[PROMPT - 1:]).abs().max() > 1e-2  # the policy changes the model
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
