@@ -9,8 +9,8 @@ Modes, for each masked head h of a layer (its output o_h at query position i, ke
 
 Visible keys are those the model's own attention sees: causal order, its sliding window, and its mask (padding,
 Llama 4's chunks, Qwen4-Exp's token selection). Uniform outputs come from prefix sums over the keys, O(context)
-time and memory per masked head, where the mask is at most padding (none, or flash's 2D one); from the 4D mask's
-rows, block by block, where it may hide more.
+time and memory per masked head, where the call has no mask or flash's 2D padding mask; from the 4D mask's rows,
+block by block (the cost of one attention pass), where it has one: such a mask may hide any key.
 """
 from __future__ import annotations
 
