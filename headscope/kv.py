@@ -58,10 +58,21 @@ class Layout:
 
     prompt_len: int
     pad: tuple[int, ...]
+    context: tuple[int, ...] | None = None  # kvpress's convention: each prompt's real tokens before its question
 
     @property
     def real_lengths(self) -> list[int]:
         return [self.prompt_len - pad for pad in self.pad]
+
+    @property
+    def context_lengths(self) -> list[int]:
+        """Each prompt's real tokens compressed: its context (kvpress), or the whole prompt (headscope)."""
+        return list(self.context) if self.context is not None else self.real_lengths
+
+    @property
+    def cuts(self) -> list[int]:
+        """Each prompt's padded position where compression happens: every query before it reads the full cache."""
+        return [pad + length for pad, length in zip(self.pad, self.context_lengths)]
 
 
 @dataclass
@@ -294,6 +305,61 @@ class StreamingHeads(Policy):
         return window[:, None] | ~streams[None, :, None]
 
 
+class ContextWindow(StreamingHeads):
+    """kvpress's DuoAttentionPress and StreamingLLMPress: each prompt is read with the full cache up to its cut
+    (Layout.cuts: the end of its context); then a streaming KV head keeps the context's first `sink` tokens and its
+    last `recent` -- a window fixed at the cut, not sliding -- and every token from the cut on; the KV heads of
+    `full` keep every key. `recent` may depend on the context's length C (StreamingLLMPress at a compression
+    ratio: int(C * (1 - ratio)) - sink)."""
+
+    def begin(self, layout: Layout) -> None:
+        super().begin(layout)
+        lengths = layout.context_lengths
+        self.recent_of = [self.recent(length) if callable(self.recent) else self.recent for length in lengths]
+        self.reach = max(self.recent_of)
+        self.first_cut = min(layout.cuts)
+
+    def replay(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
+        device = call.query.device
+        pad, recent = self.constant("pad", self.layout.pad, device), self.constant("recent", self.recent_of, device)
+        cut = self.constant("cut", self.layout.cuts, device)
+        streaming_kv, heads = self.streaming(call)
+        if call.layer not in self.counted and call.end >= self.layout.prompt_len:
+            self.count(call, self.kept_after_prompt(streaming_kv, call.key.shape[1], pad, recent))
+        first = max(self.first_cut, call.first)
+        if not heads or first >= call.end:
+            return output  # queries before the cut read the full cache
+        output = output.clone()
+        head_index = self.constant(f"heads {call.layer}", heads, device)
+        for rows in query_blocks(call, self.sink + self.reach, len(heads)):
+            if call.first + rows.stop <= first:
+                continue
+            # Candidate keys: the sinks, the window before each cut, and every key from the first cut on.
+            sinks = pad[:, None] + torch.arange(self.sink, device=device)[None]  # (batch, sink)
+            tail = cut[:, None] - self.reach + torch.arange(self.reach, device=device)[None]  # (batch, reach)
+            since = torch.arange(self.first_cut, call.first + rows.stop, device=device).expand(len(pad), -1)
+            positions = torch.cat([sinks, tail, since], dim=1)
+            candidate = torch.cat([sinks < cut[:, None],
+                                   (tail >= cut[:, None] - recent[:, None]) & (tail - pad[:, None] >= self.sink),
+                                   since >= cut[:, None]], dim=1)  # (batch, m): each key once
+            visible, bias = call_visible(call, rows, positions[:, None])
+            replayed = attend(call, head_index, rows, positions[:, None], visible & candidate[:, None, None, :], bias)
+            query_pos = torch.arange(call.first + rows.start, call.first + rows.stop, device=device)
+            past_cut = (query_pos[None] >= cut[:, None])[:, :, None, None]  # (batch, q, 1, 1)
+            output[:, rows, head_index] = torch.where(past_cut, replayed.to(output.dtype), output[:, rows, head_index])
+        return output
+
+    def kept_after_prompt(self, streaming_kv: list[int], kv_heads: int, pad, recent) -> torch.Tensor:
+        """(batch, KV heads, P): full heads hold the whole prompt; streaming heads the context's sinks and last
+        `recent`, and everything from the cut on."""
+        positions = torch.arange(self.layout.prompt_len, device=pad.device)[None]
+        cut = self.constant("cut", self.layout.cuts, pad.device)[:, None]
+        window = (positions - pad[:, None] < self.sink) | (positions >= cut - recent[:, None])  # (batch, P)
+        streams = torch.zeros(kv_heads, dtype=torch.bool, device=pad.device)
+        streams[streaming_kv] = True
+        return window[:, None] | ~streams[None, :, None]
+
+
 def matched_recent(total_kv_heads: int, full_heads: int, sink: int, recent: int) -> Callable[[int], int]:
     """The uniform window at DuoAttention's memory: for a prompt of T tokens, duo with `full_heads` of the
     `total_kv_heads` KV heads full keeps E = full_heads * T + (total - full_heads) * min(T, sink + recent) entries;
@@ -310,13 +376,20 @@ class SnapSelection(Policy):
     being a KV head (default: one set per KV head, its query heads' pooled votes averaged, as kvpress's SnapKVPress
     and a GQA deployment keep one cache per KV head) or a query head (`per_query_head`: HeadKV's code, which
     repeats the KV heads and keeps one cache per query head, group times the entries). `average` is the budget B
-    that decides whether a prompt is compressed at all."""
+    that decides whether a prompt is compressed at all. `ratio` instead of budgets: kvpress's ScorerPress, which
+    keeps int(C * (1 - ratio)) entries of a context of C tokens, the window included (and keeps the window whole
+    where that is fewer).
 
-    def __init__(self, budgets: torch.Tensor, average: int, window: int, kernel: int, pooling: str = "max",
-                 per_query_head: bool = False):
+    Each prompt is compressed at its cut (Layout.cuts): the end of the prompt, or of its context (kvpress's
+    convention, the question fed after it). The window is the cut's last `window` tokens; every query at or past
+    the cut reads the kept prefix, the window and every key from the cut on."""
+
+    def __init__(self, budgets: torch.Tensor | None, average: int, window: int, kernel: int, pooling: str = "max",
+                 per_query_head: bool = False, ratio: float | None = None):
         if kernel % 2 == 0:
             raise ValueError("the pooling kernel must be odd (SnapKV pads it by kernel // 2 on each side)")
-        self.budgets, self.average = torch.as_tensor(budgets), average
+        self.budgets = None if budgets is None else torch.as_tensor(budgets)
+        self.average, self.ratio = average, ratio
         self.window, self.kernel, self.pooling = window, kernel, pooling
         self.per_query_head = per_query_head
 
@@ -324,52 +397,72 @@ class SnapSelection(Policy):
         super().begin(layout)
         self.votes: dict[int, torch.Tensor] = {}  # layer -> (batch, q_heads, P) attention mass, until selection
         self.kept: dict[int, tuple] = {}  # layer -> (positions, kept: (batch, n, m) of the n heads replayed, (n,))
+        self.first_cut, self.last_cut = min(layout.cuts), max(layout.cuts)
 
     def replay(self, call: AttentionCall, output: torch.Tensor) -> torch.Tensor:
-        prompt_len = self.layout.prompt_len
-        observed = max(prompt_len - self.window, call.first), min(prompt_len, call.end)
+        observed = max(self.first_cut - self.window, call.first), min(self.last_cut, call.end)
         if observed[0] < observed[1] and not call.repeat:  # a repeated call's rows are the first call's
             self.observe(call, *observed)
-        if call.layer not in self.kept and call.end >= prompt_len:
+        if call.layer not in self.kept and call.end >= self.last_cut:
             self.select(call)
-        first = max(prompt_len, call.first)
-        if first >= call.end or not len(self.kept[call.layer][2]):
-            return output  # prompt queries read the full cache; no head dropped anything
-        return self.generated(call, output, slice(first - call.first, call.query.shape[2]))
+        first = max(self.first_cut, call.first)
+        if first >= call.end:
+            return output  # queries before the cut read the full cache
+        if call.layer not in self.kept:
+            raise RuntimeError("a query past one prompt's cut came before the batch's last cut was read: the batch's "
+                               "contexts must be read in one pass")
+        if not len(self.kept[call.layer][2]):
+            return output  # no head dropped anything
+        return self.compressed(call, output, slice(first - call.first, call.query.shape[2]))
 
     def observe(self, call: AttentionCall, first: int, end: int) -> None:
-        """Add the observation window's rows in this pass (the recorder's rows: the model's own maths) to the votes."""
-        prompt_len = self.layout.prompt_len
+        """Add the observation window's rows in this pass (the recorder's rows: the model's own maths) to the votes:
+        each prompt's rows in [cut - window, cut)."""
         if call.layer not in self.votes:
-            self.votes[call.layer] = call.query.new_zeros(call.query.shape[0], call.query.shape[1], prompt_len,
-                                                          dtype=torch.float32)
-        votes = self.votes[call.layer]
-        keys = min(call.key.shape[2], prompt_len - call.key_start)  # prompt keys in this pass
-        for _, probs in row_blocks(call.query, call.key, call.attention_mask, call.rule,
-                                   first - call.key_start, end - call.key_start):
-            votes[:, :, call.key_start:call.key_start + keys] += probs[..., :keys].sum(2)
+            self.votes[call.layer] = call.query.new_zeros(call.query.shape[0], call.query.shape[1],
+                                                          self.layout.prompt_len, dtype=torch.float32)
+        votes, cut = self.votes[call.layer], self.constant("cut", self.layout.cuts, call.query.device)
+        keys = min(call.key.shape[2], self.layout.prompt_len - call.key_start)  # prompt keys in this pass
+        for start, probs in row_blocks(call.query, call.key, call.attention_mask, call.rule,
+                                       first - call.key_start, end - call.key_start):
+            rows = call.key_start + start + torch.arange(probs.shape[2], device=cut.device)  # their positions
+            voting = ((rows[None] >= cut[:, None] - self.window) & (rows[None] < cut[:, None])).float()
+            votes[:, :, call.key_start:call.key_start + keys] += (probs[..., :keys] * voting[:, None, :, None]).sum(2)
+
+    def prefix_counts(self, real_prefix: torch.Tensor, units: int, layer: int) -> torch.Tensor:
+        """(batch, units) the prefix keys each cache keeps, for prefixes of `real_prefix` (batch,) real tokens."""
+        if self.ratio is not None:  # kvpress: int(C * (1 - ratio)) entries of the context, its window included
+            kept = [int(length * (1 - self.ratio)) - self.window for length in self.layout.context_lengths]
+            kept = self.constant("kept by ratio", kept, real_prefix.device)  # in Python's float64, as kvpress
+            return torch.minimum(kept.clamp(min=0), real_prefix)[:, None].expand(-1, units)
+        if self.budgets.shape[-1] != units:
+            raise ValueError(f"{self.budgets.shape[-1]} budgets per layer for {units} caches "
+                             f"({'query' if self.per_query_head else 'KV'} heads)")
+        budgets = self.budgets[layer].to(real_prefix.device)[None]  # (1, units)
+        return torch.where(real_prefix[:, None] >= self.average, budgets.clamp(max=real_prefix[:, None]),
+                           real_prefix[:, None].expand(-1, units))
 
     def select(self, call: AttentionCall) -> None:
         """Choose each unit's kept prefix keys, once per prompt: the top budget[u] pooled votes (SnapKV)."""
         prompt_len, device = self.layout.prompt_len, call.query.device
-        prefix = max(prompt_len - self.window, 0)
+        pad, cut = self.constant("pad", self.layout.pad, device), self.constant("cut", self.layout.cuts, device)
+        prefix_end = (cut - self.window).clamp(min=0)  # (batch,) padded position of each window's first token
+        prefix = max(self.last_cut - self.window, 0)  # the widest prefix of the batch
         votes = self.votes.pop(call.layer, None)
-        pad = self.constant("pad", self.layout.pad, device)
         group = 1 if self.per_query_head else call.group
         units = call.query.shape[1] // group
-        real_prefix = (prompt_len - pad - self.window).clamp(min=0)  # (batch,)
-        if self.budgets.shape[-1] != units:
-            raise ValueError(f"{self.budgets.shape[-1]} budgets per layer for {units} caches "
-                             f"({'query' if self.per_query_head else 'KV'} heads)")
-        budgets = self.budgets[call.layer].to(device)[None]  # (1, units)
-        count = torch.where(real_prefix[:, None] >= self.average, budgets.clamp(max=real_prefix[:, None]),
-                            real_prefix[:, None].expand(-1, units))  # (batch, units) keys kept of the prefix
+        real_prefix = (prefix_end - pad).clamp(min=0)  # (batch,)
+        count = self.prefix_counts(real_prefix, units, call.layer)  # (batch, units) keys kept of the prefix
         if prefix and votes is not None:
-            pool = torch.nn.functional.max_pool1d if self.pooling == "max" else torch.nn.functional.avg_pool1d
-            pooled = pool(votes[:, :, :prefix], kernel_size=self.kernel, padding=self.kernel // 2, stride=1)
+            positions = torch.arange(prefix, device=device)[None]
+            outside = (positions < pad[:, None]) | (positions >= prefix_end[:, None])  # padding, past its prefix
+            # outside a prompt's own prefix the pooling sees what it pads with, as for that prompt alone
+            max_pooling = self.pooling == "max"
+            votes = votes[:, :, :prefix].masked_fill(outside[:, None], float("-inf") if max_pooling else 0.0)
+            pool = torch.nn.functional.max_pool1d if max_pooling else torch.nn.functional.avg_pool1d
+            pooled = pool(votes, kernel_size=self.kernel, padding=self.kernel // 2, stride=1)
             pooled = pooled.view(len(pad), units, group, prefix).mean(2)  # a KV head's: its query heads' mean
-            padding = torch.arange(prefix, device=device)[None] < pad[:, None]  # (batch, prefix)
-            pooled = pooled.masked_fill(padding[:, None], float("-inf"))
+            pooled = pooled.masked_fill(outside[:, None], float("-inf"))
             order = pooled.sort(dim=-1, descending=True, stable=True).indices  # ties: the earlier position first
         else:
             order = torch.zeros(len(pad), units, 0, dtype=torch.long, device=device)
@@ -383,19 +476,25 @@ class SnapSelection(Policy):
         unit_of_head = replayed.repeat_interleave(group)
         self.kept[call.layer] = (positions[:, unit_of_head], (positions < prefix)[:, unit_of_head], heads)
         kept = torch.zeros(len(pad), units, prompt_len + 1, dtype=torch.bool, device=device)
-        kept.scatter_(2, positions, True)  # unchosen slots land in column `prefix` ...
-        kept[:, :, prefix:] = True  # ... which is the window's first: the window is kept whole
+        kept.scatter_(2, positions, True)  # unchosen slots land in column `prefix`, at or past every window's start:
+        kept |= (torch.arange(prompt_len + 1, device=device)[None] >= prefix_end[:, None])[:, None]  # kept whole
         self.count(call, kept[:, :, :prompt_len])
 
-    def generated(self, call: AttentionCall, output: torch.Tensor, rows: slice) -> torch.Tensor:
-        """The generated queries' outputs over each replayed head's kept prefix, the window and every generated key."""
+    def compressed(self, call: AttentionCall, output: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The outputs of the queries at `rows` (at or past the first cut) over each replayed head's kept prefix, the
+        window and every key since; a query before its own prompt's cut keeps the backend's output."""
         positions, kept, heads = self.kept[call.layer]
-        device, prompt_len = call.query.device, self.layout.prompt_len
-        since = torch.arange(max(prompt_len - self.window, 0), call.end, device=device)  # window + generated
+        device = call.query.device
+        cut = self.constant("cut", self.layout.cuts, device)
+        prefix_end = (cut - self.window).clamp(min=0)
+        since = torch.arange(max(self.first_cut - self.window, 0), call.end, device=device)  # windows + later keys
         batch, count = positions.shape[:2]
         positions = torch.cat([positions, since.expand(batch, count, -1)], dim=2)  # (batch, heads, m + since)
-        kept = torch.cat([kept, torch.ones(batch, count, len(since), dtype=torch.bool, device=device)], 2)
+        kept = torch.cat([kept, (since[None] >= prefix_end[:, None])[:, None].expand(-1, count, -1)], 2)
         visible, bias = call_visible(call, rows, positions)
+        replayed = attend(call, heads, rows, positions, kept[:, :, None] & visible, bias).to(output.dtype)
+        query_pos = torch.arange(call.first + rows.start, call.first + rows.stop, device=device)
+        past_cut = (query_pos[None] >= cut[:, None])[:, :, None, None]  # (batch, q, 1, 1)
         output = output.clone()
-        output[:, rows, heads] = attend(call, heads, rows, positions, kept[:, :, None] & visible, bias).to(output.dtype)
+        output[:, rows, heads] = torch.where(past_cut, replayed, output[:, rows, heads])
         return output

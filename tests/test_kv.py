@@ -226,16 +226,17 @@ def test_budgets_covering_the_prompt_and_every_head_full_change_nothing():
     assert torch.equal(replayed_logits("llama", window, ids, PROMPT), plain)
 
 
-def padded_logits(model, policy, prompts, steps=4):
-    """The engine's decode of left-padded prompts under `policy` (None: none); each step feeds the same token to
-    every sample. Returns (batch, steps, vocab) logits."""
+def padded_logits(model, policy, prompts, steps=4, context=None):
+    """The engine's decode of left-padded prompts under `policy` (None: none; `context`: each prompt's context
+    length, kvpress's convention); each step feeds the same token to every sample. Returns (batch, steps, vocab)
+    logits."""
     width = max(len(prompt) for prompt in prompts)
     pad = tuple(width - len(prompt) for prompt in prompts)
     ids = torch.tensor([[1] * p + prompt for p, prompt in zip(pad, prompts)])
     mask = (torch.arange(width)[None] >= torch.tensor(pad)[:, None]).long()
     padded = any(pad)
     positions, past, logits = positions_of(mask), fresh_cache(model), []
-    replay = kv.replaying(model, policy, kv.Layout(width, pad)) if policy else contextlib.nullcontext()
+    replay = kv.replaying(model, policy, kv.Layout(width, pad, context)) if policy else contextlib.nullcontext()
     with torch.no_grad(), replay:
         model(ids[:, :-1], attention_mask=mask[:, :-1] if padded else None, position_ids=positions[:, :-1], **past)
         token, position = ids[:, -1:], positions[:, -1:]
