@@ -15,7 +15,8 @@ def rows(report: dict) -> list[dict]:
     """One row per point, the full cache first: policy, budget, unit, kv_kept, success (± std, draws), metric."""
     table = []
     for point in [report["full"], *report["points"]]:
-        table.append({"policy": point["policy"], "budget": point["budget"], "unit": UNITS.get(point["policy"], ""),
+        unit = "ratio" if isinstance(point["budget"], float) else UNITS.get(point["policy"], "")  # kvpress's ratios
+        table.append({"policy": point["policy"], "budget": point["budget"], "unit": unit,
                       "kv_kept": point["kv_kept"], "success": point["success_rate"],
                       "std": point.get("success_rate_std"), "draws": point.get("repeats"),
                       "metric": point["mean_metric"]})
@@ -46,10 +47,11 @@ def draw(report: dict, path) -> Path:
         if points:
             axes.errorbar([p["kv_kept"] for p in points], [p["success_rate"] for p in points],
                           yerr=[p.get("success_rate_std", 0.0) for p in points], fmt=style, color=color, capsize=3,
-                          label=f"{policy} ({UNITS[policy]})")
+                          label=f"{policy} ({'ratio' if isinstance(points[0]['budget'], float) else UNITS[policy]})")
     axes.plot([1.0], [report["full"]["success_rate"]], "*", color="black", markersize=12, label="full cache")
-    axes.set(xlabel="share of the KV cache kept (KV heads × entries)", ylabel="success rate", xlim=(0, 1.03), ylim=(-0.03, 1.03),
-             title=f"{report['task']}: success as the KV cache shrinks")
+    convention = report["settings"].get("convention", "headscope")
+    axes.set(xlabel="share of the KV cache kept (KV heads × entries)", ylabel="success rate", xlim=(0, 1.03),
+             ylim=(-0.03, 1.03), title=f"{report['task']}: success as the KV cache shrinks ({convention}'s convention)")
     axes.legend(fontsize="small")
     figure.tight_layout()
     return save(figure, path)
