@@ -6,13 +6,19 @@ them. transformers' own cache keeps every entry; a policy reads it, never edits 
 
 Positions. A batch is laid out as the engine lays it out (`Layout`): every prompt left-padded to the padded
 prompt length P, sample b by pad[b] tokens, so it has T[b] = P - pad[b] real prompt tokens and the real position
-of padded position p is p - pad[b]. Each layer counts the tokens its passes have fed since the batch began, so
-a pass's queries sit at padded positions [first, first + q_len) and its keys at [first + q_len - kv_len,
-first + q_len) (a sliding-window cache holds only its last kv_len keys). Key j is visible from query i as the
-model sees it -- j <= i, i - j < the layer's sliding window, j not padding -- and then as the policy allows.
+of padded position p is p - pad[b]. Positions count forward passes, not attention calls (a layer may call
+attention twice in a pass on the same query and key: DiffLlama): a pass's queries sit at padded positions
+[first, first + q_len) and its keys at [first + q_len - kv_len, first + q_len) (a sliding-window cache holds only
+its last kv_len keys). Key j is visible from query i as the model sees it -- j <= i, i - j < the layer's sliding
+window, and the mask the call receives (padding, Llama 4's chunks, Qwen4-Exp's token selection) -- and then as
+the policy allows.
 
 Share kept: the prompt's entries every cache keeps over the model's own cache (KV heads x tokens, per layer),
 for every policy: a cache kept per query head counts group times.
+
+Cut: where each prompt is compressed (Layout.cuts). headscope's convention: the prompt's end. kvpress's: the end
+of its context (Layout.context), the question fed after it uncompressed; every query before the cut reads the
+full cache.
 
 Policies:
   StreamingHeads   DuoAttention (Xiao et al. 2024): the KV heads of `full` keep every key; every other KV head
@@ -20,15 +26,18 @@ Policies:
                    own key included: query i sees key j iff real(j) < sink or i - j < recent. On every pass:
                    the prompt's queries (DuoAttention's streaming-attention mask) and every decoding step.
                    `recent` may depend on the prompt length (the uniform window at another policy's memory).
+  ContextWindow    kvpress's DuoAttentionPress and StreamingLLMPress: the window fixed at the cut -- a streaming
+                   KV head keeps the context's first `sink` and last `recent` tokens and everything after.
   SnapSelection    SnapKV (Li et al. 2024) with HeadKV's per-head budgets (Fu et al. 2025): the prompt is read
-                   with full attention; then KV head g keeps, of the prompt's prefix [0, P - window), the
+                   with full attention up to the cut; then KV head g keeps, of the prefix [0, cut - window), the
                    budget[g] keys with the highest pooled votes, plus the observation window itself, where
                      votes_h[j] = sum over the window's queries i of A_h[i, j]  (the softmax rows, as recorded)
                      pooled_h   = maxpool or avgpool of votes_h, kernel k, padding k // 2, stride 1
                      pooled_g   = mean of pooled_h over the query heads h that read g (kvpress's SnapKVPress)
                    (ties: the earlier position first); `per_query_head`: each query head h keeps its own
-                   budget[h] (HeadKV's code, one cache per query head). A sample whose real prefix T - window is shorter than the
-                   average budget B keeps everything (SnapKV's and HeadKV's rule). Every generated token is kept.
+                   budget[h] (HeadKV's code, one cache per query head). A sample whose real prefix is shorter
+                   than the average budget B keeps everything (SnapKV's and HeadKV's rule); `ratio` instead of
+                   budgets: kvpress's int(C * (1 - ratio)) entries of the context. Every later token is kept.
 
 Cost. A policy's kept entries are fixed arithmetic (streaming) or chosen once per prompt per layer and head
 (SnapKV: kept key indices), never rebuilt per step from the full row. A replayed head gathers only the entries
@@ -44,9 +53,9 @@ from typing import Callable
 
 import torch
 
+from .errors import HeadscopeError
 from .recorder import (PREFILL_BLOCK, PREFILL_ELEMENTS, Rule, attention_logits, attention_output, capped, row_blocks,
                        rule_softmax)
-from .errors import HeadscopeError
 from .runstate import state_of
 
 POOLINGS = ("max", "avg")
@@ -206,7 +215,8 @@ def call_visible(call: AttentionCall, rows: slice, positions: torch.Tensor):
     if mask.dim() == 2:  # flash-style padding mask (batch, kv_len)
         return visible & mask[samples, columns].bool()[:, :, None, :], bias
     if mask.shape[1] != 1:
-        raise HeadscopeError(f"a per-head attention mask ({tuple(mask.shape)}) is not implemented by the KV cache replay")
+        raise HeadscopeError(f"a per-head attention mask ({tuple(mask.shape)}) is not implemented by the KV cache "
+                             "replay")
     mask_rows = torch.arange(rows.start, rows.stop, device=device) - q_len + mask.shape[-2]
     seen = mask[:, 0][samples[..., None], mask_rows.clamp(min=0)[None, None, :, None], columns[:, :, None, :]]
     if seen.dtype == torch.bool:
@@ -219,8 +229,9 @@ def attend(call: AttentionCall, heads: torch.Tensor, rows: slice, positions: tor
            visible: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The output (batch, q, len(heads), dim) of query heads `heads` at the pass's query rows `rows`, over the keys
     at padded `positions` (batch, 1 or len(heads), m) only -- a reduced cache, gathered -- of which each query sees
-    those `visible` (batch, 1 or len(heads), q, m), `bias` added to their logits. The model's own maths on those keys: q.k in float32 times the
-    model's scaling, soft-capping, sinks, softmax in float32, probabilities cast to the values' dtype."""
+    those `visible` (batch, 1 or len(heads), q, m), `bias` added to their logits. The model's own maths on those
+    keys: q.k in float32 times the model's scaling, soft-capping, sinks, softmax in float32, probabilities cast to
+    the values' dtype."""
     rule, batch = call.rule, call.query.shape[0]
     index = (positions - call.key_start).clamp(0, call.key.shape[2] - 1)  # key indices; hidden ones clamped
     samples = torch.arange(batch, device=index.device)[:, None, None]

@@ -18,7 +18,8 @@ the mean metric and the share of the KV cache kept. What --budgets means depends
   (--selection query-head: one selection and budget per query head instead, as HeadKV's code does, repeating
   each KV head's cache for every query head that reads it: group times the entries)
 
-and `full`, the unrestricted cache.
+and `full`, the unrestricted cache. Policies of the two families (K or B) are run by separate commands; into the
+same --out, one curve holds both (with --ratios, every policy but headkv takes a ratio: one command).
 
 Conventions (--convention). headscope's: each prompt is compressed whole, its question with it; streaming heads
 apply their window to every query, the prompt's own included (DuoAttention's streaming mask: a sliding window);
@@ -29,8 +30,7 @@ from the question on is kept; a streaming head's window is fixed at the context'
 StreamingLLMPress); SnapKV as SnapKVPress (--window 64, --kernel 5, --pooling avg, the votes' mean); and
 --ratios instead of --budgets, kvpress's compression ratios: for duo and random the share of KV heads streaming
 (round(heads x ratio), DuoAttentionPress's head_compression_ratio), for streaming and snapkv the share of each
-context's entries pruned (int(C x (1 - ratio)) kept, the sinks or the window included). Policies of the two families (K or B) are run by separate commands; into the
-same --out, one curve holds both.
+context's entries pruned (int(C x (1 - ratio)) kept, the sinks or the window included).
 
 Share of the KV cache kept: per sample, the prompt's entries every layer's caches keep once the prompt is read
 over those of the model's full cache (KV heads x prompt tokens per layer), one unit for every policy (a cache per

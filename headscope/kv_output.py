@@ -1,5 +1,6 @@
 """What `headscope kv` shows: the console table, the picture (success against the share of the KV cache kept --
-the model's own cache, KV heads x entries, for every policy -- one line per policy) and the rows of its section in `headscope report`, all from NAME_TASK_kv.json."""
+the model's own cache, KV heads x entries, for every policy -- one line per policy) and the rows of its section
+in `headscope report`, all from NAME_TASK_kv.json."""
 from __future__ import annotations
 
 from pathlib import Path

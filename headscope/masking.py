@@ -67,7 +67,8 @@ def apply(ablation: Ablation, layer: int, output: torch.Tensor, value: torch.Ten
 def uniform_output(value, heads, q_heads, q_len, attention_mask, sliding_window) -> torch.Tensor:
     """(batch, q_len, len(heads), dim): each masked head's mean of the values visible from each query.
 
-    With a 4D mask: `masked_uniform_output`. Otherwise the keys a query at key index i sees are the real (non-padding) ones among [max(0, i - window + 1), i], so
+    With a 4D mask: `masked_uniform_output`. Otherwise the keys a query at key index i sees are the real
+    (non-padding) ones among [max(0, i - window + 1), i], so
     with prefix sums S[j] = sum_{t < j} valid[t] v[t] and N[j] = sum_{t < j} valid[t] the mean is
     (S[i + 1] - S[lo]) / (N[i + 1] - N[lo]): O(kv_len) per head whatever the number of queries.
     Sums are float64: a difference of two long prefix sums keeps its precision.
@@ -105,13 +106,11 @@ def masked_uniform_output(head_values, q_len, attention_mask, sliding_window) ->
 
 
 def _key_validity(attention_mask, batch, kv_len, device) -> torch.Tensor:
-    """(batch, kv_len) 1.0 for real keys, 0.0 for padding, from a 2D padding mask or a 4D mask (any row sees it)."""
+    """(batch, kv_len) 1.0 for real keys, 0.0 for padding, from no mask or a 2D padding mask (a 4D one is read
+    row by row: `masked_uniform_output`)."""
     if attention_mask is None:
         return torch.ones(batch, kv_len, dtype=torch.float64, device=device)
-    if attention_mask.dim() == 2:
-        return attention_mask[:, -kv_len:].to(device, torch.float64)
-    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    return mask[:, 0, :, -kv_len:].any(-2).to(device, torch.float64).expand(batch, kv_len)
+    return attention_mask[:, -kv_len:].to(device, torch.float64)
 
 
 def _query_validity(attention_mask, output, kv_len) -> torch.Tensor:
