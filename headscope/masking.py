@@ -19,8 +19,10 @@ import contextlib
 import torch
 
 from .runstate import state_of
+from .visibility import visible_keys
 
 MODES = ("uniform", "zero", "mean")
+ROWS = 256  # query rows whose uniform weights over the keys are built at once (a 4D mask)
 
 
 class Ablation:
@@ -90,18 +92,16 @@ def uniform_output(value, heads, q_heads, q_len, attention_mask, sliding_window)
 
 def masked_uniform_output(head_values, q_len, attention_mask, sliding_window) -> torch.Tensor:
     """(batch, q_len, heads, dim): the mean of `head_values` (batch, heads, kv_len, dim) over the keys each query
-    sees as the recorder's rows see them (recorder.hide: causal, window, the 4D mask), a block of rows at a time."""
-    from .recorder import PREFILL_BLOCK, Rule, hide  # the recorder applies ablations: imported here, not at the top
-
+    sees as the recorder's rows see them (visibility.visible_keys: causal, window, the 4D mask), a block of rows at
+    a time."""
     batch, heads, kv_len, dim = head_values.shape
-    rule = Rule(scaling=1.0, sliding_window=sliding_window)
     blocks = []
-    for start in range(kv_len - q_len, kv_len, PREFILL_BLOCK):
-        query_index = torch.arange(start, min(start + PREFILL_BLOCK, kv_len), device=head_values.device)
-        zeros = head_values.new_zeros(batch, 1, len(query_index), kv_len, dtype=torch.float32)
-        visible = (hide(zeros, query_index, attention_mask, rule) > float("-inf")).float()  # a bias is not a weight
-        weights = visible / visible.sum(-1, keepdim=True).clamp(min=1)  # a query that sees nothing: 0
-        blocks.append(torch.matmul(weights, head_values.float()))  # (batch, heads, block, dim)
+    for start in range(kv_len - q_len, kv_len, ROWS):
+        query_index = torch.arange(start, min(start + ROWS, kv_len), device=head_values.device)
+        visible, _ = visible_keys(query_index, kv_len, attention_mask, sliding_window, head_values.device)
+        weights = visible.float()  # a bias is not a weight
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=1)  # a query that sees nothing: 0
+        blocks.append(torch.matmul(weights.expand(batch, -1, -1, -1), head_values.float()))  # (batch, heads, q, dim)
     return torch.cat(blocks, dim=2).transpose(1, 2)
 
 
