@@ -198,3 +198,15 @@ def test_a_policy_that_keeps_everything_equals_the_model(model_type):
     assert recorder.install(model)
     padded = padded_logits(model, kv.StreamingHeads({}, 2, PROMPT + STEPS), prompts)
     assert (padded - padded_logits(model, None, prompts)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("model_type", ["diffllama", "llama4_text"])
+def test_the_family_sweeps_kv_check(model_type, tmp_path):
+    """The sweep's step 4 (sweep.kv_replay_check) on the saved type: the replay against the model's own eager
+    attention with the keys outside the window masked out."""
+    from headscope import sweep
+
+    tokenizer = sweep.sweep_tokenizer()
+    model, why = sweep.build(model_type, len(tokenizer))
+    assert model is not None, why
+    assert sweep.kv_replay_check(sweep.save(model, model_type, tokenizer, tmp_path)).startswith("exact")
