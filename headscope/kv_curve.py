@@ -431,7 +431,7 @@ def curve(run: Run, planner: Planner, done: dict, scores: str) -> dict:
         if finished:
             points.append(point_result(planner, arm, finished))
     points.sort(key=lambda p: (p["policy"] != "full", POLICIES.index(p["policy"]) if p["policy"] in POLICIES else 0,
-                               p["budget"] or 0))
+                               isinstance(p["budget"], float), p["budget"] or 0))  # a policy's ratios after its K or B
     if not points or points[0]["policy"] != "full":
         raise RuntimeError("the full cache's point is missing from the log")
     settings = planner.settings

@@ -37,18 +37,20 @@ def format_table(report: dict) -> str:
 
 
 def draw(report: dict, path) -> Path:
-    """Success rate against the share of the KV cache kept: one line per policy (random: mean ± std over the
-    draws), the full cache a star at share 1."""
+    """Success rate against the share of the KV cache kept: one line per policy and kind of budget (K or B, or
+    kvpress's ratios: hollow markers; random: mean ± std over the draws), the full cache a star at share 1."""
     from .plots import CURVE_SIZE, plt, save
 
     figure, axes = plt.subplots(figsize=CURVE_SIZE)
     for policy, (style, color) in STYLES.items():
-        points = sorted((p for p in report["points"] if p["policy"] == policy and p["kv_kept"] is not None),
-                        key=lambda p: p["kv_kept"])
-        if points:
-            axes.errorbar([p["kv_kept"] for p in points], [p["success_rate"] for p in points],
-                          yerr=[p.get("success_rate_std", 0.0) for p in points], fmt=style, color=color, capsize=3,
-                          label=f"{policy} ({'ratio' if isinstance(points[0]['budget'], float) else UNITS[policy]})")
+        for by_ratio in (False, True):
+            points = sorted((p for p in report["points"] if p["policy"] == policy and p["kv_kept"] is not None
+                             and isinstance(p["budget"], float) == by_ratio), key=lambda p: p["kv_kept"])
+            if points:
+                axes.errorbar([p["kv_kept"] for p in points], [p["success_rate"] for p in points],
+                              yerr=[p.get("success_rate_std", 0.0) for p in points], fmt=style, color=color,
+                              capsize=3, mfc="none" if by_ratio else color,
+                              label=f"{policy} ({'ratio' if by_ratio else UNITS[policy]})")
     axes.plot([1.0], [report["full"]["success_rate"]], "*", color="black", markersize=12, label="full cache")
     convention = report["settings"].get("convention", "headscope")
     axes.set(xlabel="share of the KV cache kept (KV heads × entries)", ylabel="success rate", xlim=(0, 1.03),
