@@ -11,7 +11,8 @@ the mean metric and the share of the KV cache kept. What --budgets means depends
                 seed + r, as `ablate` draws its random heads; mean and std over the draws)
   streaming  K  every head streams, its window as large as gives duo-K's memory on each prompt (the uniform
                 StreamingLLM baseline at the same memory)
-  headkv     B  `export --to headkv`'s budgets (--beta, --temperature), B entries per KV head on average, each KV
+  headkv     B  `export --to headkv`'s allocation (--beta, --temperature) over the KV heads, B entries per KV
+                head on average (--selection query-head: export's own per-query-head budgets), each KV
                 head's entries chosen by SnapKV (--window, --kernel, --pooling) from its query heads' mean votes
                 (kvpress's SnapKVPress; a KV head's score for the budgets: the mean of its query heads')
   snapkv     B  the same selection with B entries for every KV head (HeadKV's uniform baseline)
