@@ -54,7 +54,7 @@ def draw(report: dict, path) -> Path:
     axes.plot([1.0], [report["full"]["success_rate"]], "*", color="black", markersize=12, label="full cache")
     convention = report["settings"].get("convention", "headscope")
     axes.set(xlabel="share of the KV cache kept (KV heads × entries)", ylabel="success rate", xlim=(0, 1.03),
-             ylim=(-0.03, 1.03), title=f"{report['task']}: success as the KV cache shrinks ({convention}'s convention)")
+             ylim=(-0.03, 1.03), title=f"{report['task']}: success as the KV cache shrinks ({convention})")
     axes.legend(fontsize="small")
     figure.tight_layout()
     return save(figure, path)
