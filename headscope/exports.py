@@ -35,7 +35,8 @@ def duo_pattern(means: np.ndarray, num_kv_heads: int, threshold: float | None = 
       threshold T:  1 where s >= T else 0;
       sparsity S:   the round((1 - S) * n) best of the n KV heads are 1, the rest 0 (ties by layer, head;
                     DuoAttention's own `sparsify_attention_heads` breaks ties with random noise instead);
-      raw:          s / max(s), so DuoAttention's loader can apply its own --sparsity or threshold.
+      raw:          s / max(s), so DuoAttention's loader can apply its own --sparsity or threshold -- ties broken
+                    (`untied`) so that a consumer's own sort ranks the heads as `keep_best` does.
     """
     if sum(option is not None and option is not False for option in (threshold, sparsity, raw)) != 1:
         raise HeadscopeError("--to duo needs exactly one of --threshold T, --sparsity S or --raw")
@@ -43,7 +44,7 @@ def duo_pattern(means: np.ndarray, num_kv_heads: int, threshold: float | None = 
     if raw:
         if scores.min() < 0:
             raise HeadscopeError("--raw needs non-negative scores")
-        return scores / scores.max() if scores.max() > 0 else np.zeros_like(scores)
+        return untied(scores / scores.max() if scores.max() > 0 else np.zeros_like(scores))
     if threshold is not None:
         return (scores >= threshold).astype(float)
     if not 0 <= sparsity <= 1:
@@ -65,13 +66,33 @@ def keep_best(scores: np.ndarray, keep: int) -> np.ndarray:
     return pattern.reshape(scores.shape)
 
 
+def untied(values: np.ndarray) -> np.ndarray:
+    """`values` in [0, 1] with every tie broken in keep_best's order (the earlier layer, head ranks higher), by less
+    than half the smallest gap between distinct values: kvpress's DuoAttentionPress sorts the exported scores with
+    np.argsort, whose order among equal values is unspecified, so untied scores make it stream exactly the heads
+    headscope streams at every ratio. A tie at v > 0 steps down from v, a tie at 0 up from 0 (kvpress clips to
+    [0, 1]); distinct values and the order between them are unchanged."""
+    flat = values.astype(float).ravel()
+    distinct = np.unique(flat)
+    gaps = list(np.diff(distinct)) + ([distinct[0]] if distinct[0] > 0 else [])  # ... and no tie steps below 0
+    step = float(min(gaps, default=1.0)) / (2 * flat.size)
+    order = np.argsort(-flat, kind="stable")
+    result = flat.copy()
+    for value in distinct:
+        tied = order[flat[order] == value]  # keep_best's order
+        if len(tied) > 1:
+            rank = np.arange(len(tied))
+            result[tied] = value - step * rank if value > 0 else step * (len(tied) - 1 - rank)
+    return result.reshape(values.shape)
+
+
 def write_duo(pattern: np.ndarray, folder: str | Path, sink_size: int, recent_size: int) -> list[Path]:
     """A folder DuoAttention's `load_attn_pattern(folder)` reads: full_attention_heads.tsv (one line per
     layer, one tab-separated value per KV head) and config.json ({"sink_size", "recent_size"}); returns both."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise HeadscopeError(f"--to duo writes a folder, but {folder} is a file")
-    lines = ["\t".join(f"{value:.6f}" for value in row) for row in pattern]
+    lines = ["\t".join(repr(float(value)) for value in row) for row in pattern]  # exact: raw ties stay broken
     atomic_write_text(folder / "full_attention_heads.tsv", "\n".join(lines) + "\n")
     atomic_write_json(folder / "config.json", {"sink_size": sink_size, "recent_size": recent_size})
     return [folder / "full_attention_heads.tsv", folder / "config.json"]

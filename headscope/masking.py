@@ -7,7 +7,10 @@ Modes, for each masked head h of a layer (its output o_h at query position i, ke
   mean     the head's output is its mean over the prompt:     o_h[i] = mean_{t in prompt} o_h[t]
            (the mean is taken on the prefill and reused on every decoding step)
 
-Uniform outputs come from prefix sums over the keys: O(context) time and memory per masked head.
+Visible keys are those the model's own attention sees: causal order, its sliding window, and its mask (padding,
+Llama 4's chunks, Qwen4-Exp's token selection). Uniform outputs come from prefix sums over the keys, O(context)
+time and memory per masked head, where the call has no mask or flash's 2D padding mask; from the 4D mask's rows,
+block by block (the cost of one attention pass), where it has one: such a mask may hide any key.
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ import contextlib
 import torch
 
 from .runstate import state_of
+from .visibility import visible_keys
 
 MODES = ("uniform", "zero", "mean")
+ROWS = 256  # query rows whose uniform weights over the keys are built at once (a 4D mask)
 
 
 class Ablation:
@@ -64,13 +69,16 @@ def apply(ablation: Ablation, layer: int, output: torch.Tensor, value: torch.Ten
 def uniform_output(value, heads, q_heads, q_len, attention_mask, sliding_window) -> torch.Tensor:
     """(batch, q_len, len(heads), dim): each masked head's mean of the values visible from each query.
 
-    The keys a query at key index i sees are the real (non-padding) ones among [max(0, i - window + 1), i], so
+    With a 4D mask: `masked_uniform_output`. Otherwise the keys a query at key index i sees are the real
+    (non-padding) ones among [max(0, i - window + 1), i], so
     with prefix sums S[j] = sum_{t < j} valid[t] v[t] and N[j] = sum_{t < j} valid[t] the mean is
     (S[i + 1] - S[lo]) / (N[i + 1] - N[lo]): O(kv_len) per head whatever the number of queries.
     Sums are float64: a difference of two long prefix sums keeps its precision.
     """
     batch, kv_heads, kv_len, dim = value.shape
     kv_of_head = torch.tensor(heads, device=value.device) // (q_heads // kv_heads)  # repeat_kv order
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return masked_uniform_output(value[:, kv_of_head], q_len, attention_mask, sliding_window)
     valid = _key_validity(attention_mask, batch, kv_len, value.device)  # (batch, kv_len) float64
     head_values = value[:, kv_of_head].double() * valid[:, None, :, None]  # (batch, masked heads, kv_len, dim)
     sums = torch.nn.functional.pad(head_values.cumsum(2), (0, 0, 1, 0))  # (batch, masked heads, kv_len + 1, dim)
@@ -82,14 +90,27 @@ def uniform_output(value, heads, q_heads, q_len, attention_mask, sliding_window)
     return (totals / count[:, None, :, None]).transpose(1, 2)
 
 
+def masked_uniform_output(head_values, q_len, attention_mask, sliding_window) -> torch.Tensor:
+    """(batch, q_len, heads, dim): the mean of `head_values` (batch, heads, kv_len, dim) over the keys each query
+    sees as the recorder's rows see them (visibility.visible_keys: causal, window, the 4D mask), a block of rows at
+    a time."""
+    batch, heads, kv_len, dim = head_values.shape
+    blocks = []
+    for start in range(kv_len - q_len, kv_len, ROWS):
+        query_index = torch.arange(start, min(start + ROWS, kv_len), device=head_values.device)
+        visible, _ = visible_keys(query_index, kv_len, attention_mask, sliding_window, head_values.device)
+        weights = visible.float()  # a bias is not a weight
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=1)  # a query that sees nothing: 0
+        blocks.append(torch.matmul(weights.expand(batch, -1, -1, -1), head_values.float()))  # (batch, heads, q, dim)
+    return torch.cat(blocks, dim=2).transpose(1, 2)
+
+
 def _key_validity(attention_mask, batch, kv_len, device) -> torch.Tensor:
-    """(batch, kv_len) 1.0 for real keys, 0.0 for padding, from a 2D padding mask or a 4D mask (any row sees it)."""
+    """(batch, kv_len) 1.0 for real keys, 0.0 for padding, from no mask or a 2D padding mask (a 4D one is read
+    row by row: `masked_uniform_output`)."""
     if attention_mask is None:
         return torch.ones(batch, kv_len, dtype=torch.float64, device=device)
-    if attention_mask.dim() == 2:
-        return attention_mask[:, -kv_len:].to(device, torch.float64)
-    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    return mask[:, 0, :, -kv_len:].any(-2).to(device, torch.float64).expand(batch, kv_len)
+    return attention_mask[:, -kv_len:].to(device, torch.float64)
 
 
 def _query_validity(attention_mask, output, kv_len) -> torch.Tensor:

@@ -44,6 +44,7 @@ from . import masking
 from .errors import HeadscopeError
 from .runstate import calling_layer, module_state, state_of
 from .ties import top_k
+from .visibility import visible_keys
 
 ATTN_SDPA = "headscope"  # no "sdpa" in the name: transformers would then check SDPA support
 ATTN_FLASH = "headscope-fa"
@@ -262,25 +263,8 @@ def query_probs(
 def hide(logits, query_index, attention_mask, rule: Rule) -> torch.Tensor:
     """-inf where key j is not visible from the query at key index i: j > i (causal), i - j >= window, or the
     model's mask hides it (padding); an additive float mask's other values are added as a bias."""
-    kv_len = logits.shape[-1]
-    keys = torch.arange(kv_len, device=logits.device)
-    distance = query_index.to(logits.device)[:, None] - keys[None, :]  # (q, kv_len): i - j
-    visible = distance >= 0
-    if rule.sliding_window is not None:
-        visible = visible & (distance < rule.sliding_window)
-    visible = visible[None, None]  # (1, 1, q, kv_len)
-    if attention_mask is not None and attention_mask.dim() == 4:  # (batch, 1, rows of this pass, >= kv_len)
-        rows = query_index.to(attention_mask.device) - kv_len + attention_mask.shape[-2]
-        mask_rows = attention_mask[:, :, rows, -kv_len:].to(logits.device)
-        if mask_rows.dtype == torch.bool:
-            visible = visible & mask_rows
-        else:  # an additive float mask: its minimum means "hidden", anything else is a bias
-            hidden = mask_rows <= torch.finfo(mask_rows.dtype).min / 2
-            visible = visible & ~hidden
-            logits = logits + mask_rows.float().masked_fill(hidden, 0.0)
-    elif attention_mask is not None:  # flash-style 2D padding mask (batch, kv_len)
-        visible = visible & attention_mask[:, None, None, -kv_len:].bool().to(logits.device)
-    return logits.masked_fill(~visible, float("-inf"))
+    visible, bias = visible_keys(query_index, logits.shape[-1], attention_mask, rule.sliding_window, logits.device)
+    return (logits if bias is None else logits + bias).masked_fill(~visible, float("-inf"))
 
 
 def row_blocks(query, key, attention_mask, rule: Rule, start: int, end: int):

@@ -9,6 +9,10 @@ For one model type (`sweep_type`):
      recompute both heads files from the eager model's own rows -- the whole sequence at every step, no cache,
      a Python loop over layers and heads, the top k under the README's tie rule -- and compare each sample's
      scores (<= 1e-4 relative; same responses), counting the head-steps with a tie in their top k + 1.
+  4. (exact types) replay `headscope kv`'s policies on it (`kv_replay_check`, the outcome's `kv`): a window as
+     long as the sequence must give the model's own logits, and every head streaming must give the logits of the
+     model's own eager attention with every key outside the sinks and the window masked out (a cache holding only
+     those entries), at every step.
 A command that exits 2 with one `headscope: error:` line and leaves no output file is a refusal; any other
 ending -- a traceback, a failing check, a difference from eager -- is a crash or a mismatch, which the sweep
 exists to drive to zero.
@@ -46,6 +50,7 @@ class Outcome:
     verdict: str  # exact | refused | cannot-build | mismatch | crash
     reason: str  # the refusal's line, why it cannot be built, or what differs; for exact, what was compared
     layers: str = ""  # "4 attention layers", "attention layers 1, 3 of 4"
+    kv: str = ""  # exact types: `headscope kv`'s replay against a reduced cache ("exact ...", or what differs)
 
 
 def example_checkpoint(model_type: str) -> str:
@@ -268,8 +273,95 @@ def sweep_type(model_type: str, workdir: Path) -> Outcome:
     from .layout import attention_layout
 
     outcome.layers = attention_layout(model).describe()
+    outcome.kv = kv_replay_check(model_dir)
     outcome.verdict, outcome.reason = EXACT, f"check passes; {' and '.join(compared)} equal eager ({outcome.layers})"
     return outcome
+
+
+KV_SINK, KV_RECENT, KV_STEPS = 2, 8, 4  # a streaming window far shorter than the prompt (and than recipes.WINDOW)
+KV_REFERENCE = "headscope-kv-reference"
+
+
+class StreamingReference:
+    """Every head streaming, computed by the module's own eager attention: the model's mask plus -inf on every key
+    that is not among the first KV_SINK tokens or the last KV_RECENT before the query. Positions count forward
+    passes (a hook on the model), so a layer's second call in a pass (DiffLlama) sees the same ones."""
+
+    def __init__(self, model):
+        self.passes, self.seen, self.first = 0, {}, {}
+        model.register_forward_pre_hook(lambda module, args: setattr(self, "passes", self.passes + 1))
+        for module in model.modules():
+            module.headscope_kv_reference = self
+
+    def positions(self, layer, q_len: int) -> int:
+        """The padded position of this call's first query."""
+        seen_pass, first = self.first.get(layer, (None, 0))
+        if seen_pass != self.passes:
+            first = self.seen.get(layer, 0)
+            self.seen[layer], self.first[layer] = first + q_len, (self.passes, first)
+        return first
+
+    def attend(self, module, query, key, value, attention_mask, **kwargs):
+        from .reference import float_mask, model_eager_attention
+        from .runstate import calling_layer, module_state
+
+        q_len, kv_len = query.shape[2], key.shape[2]
+        first = self.positions(calling_layer(module, module_state(module)), q_len)
+        query_pos = torch.arange(first, first + q_len)[:, None]
+        key_pos = torch.arange(first + q_len - kv_len, first + q_len)[None]
+        kept = (key_pos < KV_SINK) | (query_pos - key_pos < KV_RECENT)
+        mask = float_mask(attention_mask, query.device)
+        mask = torch.zeros(1, 1, q_len, kv_len) if mask is None else mask[..., -kv_len:]
+        return model_eager_attention(module)(module, query, key, value,
+                                             mask.masked_fill(~kept.to(mask.device), float("-inf")), **kwargs)
+
+
+def kv_replay_check(model_dir: Path) -> str:
+    """Step 4 of the module docstring, on a prompt of 3 windows and KV_STEPS decoding steps: "exact (...)" with the
+    largest differences, or what differs."""
+    from transformers import AutoModelForCausalLM
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from . import kv, recipes, recorder
+    from .reference import model_eager_attention
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    if not recorder.install(model):
+        return "off the interface: kv refuses it"
+    if any(model_eager_attention(module) is None for module in model.modules() if hasattr(module, "layer_idx")):
+        return "no eager attention to compare with"
+    ids = torch.randint(4, model.config.get_text_config().vocab_size, (1, 3 * recipes.WINDOW + KV_STEPS),
+                        generator=torch.Generator().manual_seed(1))
+    plain = replayed(model, None, ids)
+    everything = replayed(model, kv.StreamingHeads({}, KV_SINK, ids.shape[1]), ids)
+    streaming = replayed(model, kv.StreamingHeads({}, KV_SINK, KV_RECENT), ids)
+    ALL_ATTENTION_FUNCTIONS.register(KV_REFERENCE, lambda module, *args, **kwargs:
+                                     module.headscope_kv_reference.attend(module, *args, **kwargs))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(KV_REFERENCE, ALL_MASK_ATTENTION_FUNCTIONS.get("eager", sdpa_mask))
+    model.set_attn_implementation(KV_REFERENCE)
+    StreamingReference(model)
+    reference = replayed(model, None, ids)
+    kept_all, streamed = float((everything - plain).abs().max()), float((streaming - reference).abs().max())
+    if kept_all > LIMIT or streamed > LIMIT:
+        return f"differs: keeping everything by {kept_all:.1e}, streaming from a reduced cache by {streamed:.1e}"
+    return (f"exact (a window over everything {kept_all:.1e}; streaming sink {KV_SINK} + recent {KV_RECENT} vs a "
+            f"reduced cache {streamed:.1e}; the window moves the logits by {float((streaming - plain).abs().max()):.2f})")
+
+
+def replayed(model, policy, ids) -> torch.Tensor:
+    """The engine's way under `policy` (None: none): all but the last KV_STEPS + 1 tokens in one pass, then one token
+    at a time; the logits of those steps."""
+    from . import kv
+    from .caches import fresh_cache
+
+    prompt = ids.shape[1] - KV_STEPS
+    past = fresh_cache(model)
+    replay = kv.replaying(model, policy, kv.Layout(prompt, (0,))) if policy else contextlib.nullcontext()
+    with torch.no_grad(), replay:
+        model(ids[:, :prompt - 1], **past)
+        return torch.stack([model(ids[:, t:t + 1], position_ids=torch.tensor([[t]]), **past).logits[0, -1]
+                            for t in range(prompt - 1, ids.shape[1])])
 
 
 def main(argv: list[str]) -> int:

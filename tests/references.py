@@ -18,6 +18,10 @@ original is numpy, with loops where the original loops. They are slow and only f
 - QRHead (Wuwei Zhang et al. 2025), `princeton-pli/QRHead` at 7a668e7: `src/qrretriever/attn_retriever.py`
   (`score_docs_per_head_for_detection`, `score_per_token_attention_to_query`) and
   `exp_scripts/detection/detect_qrhead_lme.py` (`lme_eval`).
+- kvpress (NVIDIA), `NVIDIA/kvpress` 0.5.4 at 8bb29b9: `kvpress/presses/scorer_press.py` (`ScorerPress.compress`:
+  the kept indices), `snapkv_press.py` (`SnapKVPress.compute_window_attention`, `SnapKVPress.score`),
+  `streaming_llm_press.py` (`StreamingLLMPress.score`), `duo_attention_press.py`
+  (`DuoAttentionPress.post_init_from_model`: the streaming mask, `DuoAttentionPress.compress`: the masked keys).
 
 Where an original takes a top-k (`torch.topk`, an argmax) the references apply headscope's documented tie rule
 instead (`rule_top_k`, written here on its own in numpy): the same picks wherever the row has no tie at the rule's
@@ -328,6 +332,67 @@ def qrhead_detection_score(model, prompt_ids, query_span, null_ids, null_span, d
             doc = doc.masked_fill(~(doc > threshold.unsqueeze(-1)), 0.0)
         total += doc.sum(dim=-1)
     return total.numpy()
+
+
+# ----------------------------------------------------------------------------------- kvpress
+
+def kvpress_window_attention(query, keys, window_size, head_dim):  # SnapKVPress.compute_window_attention
+    """query (bsz, heads, window, d): the last window queries, RoPE applied; keys (bsz, kv_heads, k_len, d)."""
+    import math
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    k_len = keys.shape[2]
+    key_states = repeat_kv(keys, query.shape[1] // keys.shape[1])
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) / math.sqrt(head_dim)
+    attention_mask = torch.ones_like(attn_weights) * float("-inf")
+    attention_mask = torch.triu(attention_mask, diagonal=k_len - window_size + 1)
+    attn_weights += attention_mask
+    attn_weights = torch.nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    return attn_weights[..., :-window_size]
+
+
+def kvpress_snapkv_scores(attn_weights, num_key_value_heads, window_size, kernel_size):  # SnapKVPress.score
+    bsz, num_heads, _, prefix = attn_weights.shape
+    scores = attn_weights.mean(dim=-2)
+    scores = torch.nn.functional.avg_pool1d(scores, kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
+    scores = scores.view(bsz, num_key_value_heads, num_heads // num_key_value_heads, prefix)
+    scores = scores.mean(2)
+    return torch.nn.functional.pad(scores, (0, window_size), value=scores.max().item() + 1)
+
+
+def kvpress_streaming_scores(keys, n_sink, compression_ratio):  # StreamingLLMPress.score
+    k_len = keys.shape[2]
+    n_pruned = k_len - int(k_len * (1 - compression_ratio))
+    scores = torch.ones_like(keys[..., 0])
+    scores[:, :, n_sink:n_sink + n_pruned] = 0
+    return scores
+
+
+def kvpress_kept_indices(scores, compression_ratio):  # ScorerPress.compress: the indices gathered
+    """(bsz, kv_heads, n_kept) the context positions each KV head keeps (all of them at ratio 0)."""
+    k_len = scores.shape[-1]
+    if compression_ratio == 0:
+        return torch.arange(k_len).expand(*scores.shape[:2], k_len)
+    n_kept = int(k_len * (1 - compression_ratio))
+    return scores.topk(n_kept, dim=-1).indices
+
+
+def kvpress_duo_streaming_mask(head_scores: np.ndarray, head_compression_ratio):  # post_init_from_model
+    n_pruned = round(head_scores.size * head_compression_ratio)
+    streaming_mask = torch.zeros(head_scores.shape, dtype=bool)
+    if n_pruned > 0:
+        indices = np.argsort(head_scores, axis=None)[:n_pruned]
+        streaming_mask[np.unravel_index(indices, head_scores.shape)] = True
+    return streaming_mask
+
+
+def kvpress_duo_masked_keys(keys, layer_streaming_mask, sink_size, recent_size, head_compression_ratio):
+    """DuoAttentionPress.compress: (bsz, kv_heads, k_len) True where a streaming head's context key is masked."""
+    k_len = keys.shape[2]
+    masked_keys = torch.zeros_like(keys[..., 0], dtype=torch.bool)
+    if (head_compression_ratio > 0) or (k_len > (sink_size + recent_size)):
+        masked_keys[:, layer_streaming_mask, sink_size:-recent_size] = True
+    return masked_keys
 
 
 class _quiet:

@@ -116,3 +116,27 @@ def test_default_top_fits_a_small_model(tmp_path):
     path = write_heads(tmp_path / "m_retrieval_heads.json", [[0.3, 0.1], [0.2, 0.4]])
     assert main(["export", str(path), "--to", "topk"]) == 0  # 4 heads: all of them, not 20
     assert len(json.loads((tmp_path / "m_retrieval_topk.json").read_text())) == 4
+
+
+def test_kvpress_streams_the_heads_headscope_streams_at_every_ratio(tmp_path):
+    """README's kvpress snippet: DuoAttentionPress reads `export --to duo`'s folder (np.loadtxt, clipped to [0, 1])
+    and streams the round(N x ratio) lowest-scoring KV heads by np.argsort, whose order among equal scores is
+    unspecified. With ties -- a tie at the top, and half the heads at 0 -- the raw export still gives, at every
+    ratio, exactly the heads `headscope kv`'s duo (keep_best) keeps full; a binary export at its own ratio too."""
+    import references
+
+    means = np.zeros((6, 8))  # 48 KV heads (no GQA): argsort sorts more than 16 values (not insertion sort)
+    means[1, :4] = 0.9  # four tied at the top
+    means[2, 2:6], means[4, ::3] = 0.3, 0.3  # ties in the middle
+    means[5, 1:3] = 0.05
+    raw = tmp_path / "raw"
+    exports.write_duo(exports.duo_pattern(means, 8, raw=True), raw, 4, 64)
+    loaded = np.clip(np.loadtxt(raw / "full_attention_heads.tsv", dtype=float, delimiter="\t"), 0, 1)
+    for full in range(49):
+        streaming = references.kvpress_duo_streaming_mask(loaded, 1 - full / 48).numpy()
+        assert np.array_equal(~streaming, exports.keep_best(means, full).astype(bool)), full
+    binary = tmp_path / "binary"
+    exports.write_duo(exports.duo_pattern(means, 8, sparsity=0.75), binary, 4, 64)
+    pattern = np.loadtxt(binary / "full_attention_heads.tsv", dtype=float, delimiter="\t")
+    streaming = references.kvpress_duo_streaming_mask(pattern, 1 - pattern.mean()).numpy()
+    assert np.array_equal(~streaming, pattern == 1) and pattern.sum() == 12

@@ -6,6 +6,8 @@ their own positions), so the reduced cache has the same positions as the full on
 every token alone (a streaming head's cache is trimmed before every query); SnapKV's prefills the prompt with full
 attention, selects each head's entries from the observation window's attention, then decodes one token at a time.
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,11 +79,16 @@ class StreamingReference(ReducedCache):
 
 
 class SnapReference(ReducedCache):
-    """SnapKV / HeadKV: the prompt with full attention, then per query head the top-budget prefix keys + window."""
+    """SnapKV / HeadKV: the prompt with full attention, then per cache the top-budget prefix keys + window; a cache
+    per KV head (its query heads' pooled votes averaged, as kvpress's SnapKVPress) or, `per_query_head`, one per
+    query head (HeadKV repeats the KV heads)."""
 
-    def __init__(self, budgets, average, window, kernel, pooling):
-        super().__init__(lambda head, group: head)  # HeadKV repeats the KV heads: one cache per query head
+    def __init__(self, budgets, average, window, kernel, pooling, per_query_head=False):
+        super().__init__((lambda head, group: head) if per_query_head else (lambda head, group: head // group))
         self.budgets, self.average, self.window, self.kernel, self.pooling = budgets, average, window, kernel, pooling
+        self.per_query_head = per_query_head
+        self.after_prompt = 0  # entries held once the prompt is read, every layer (within the model's window)
+        self.model_cache = 0  # ... and the entries the model's own cache holds then: KV heads x the prompt's window
 
     def forward(self, module, query, key, value, rule):
         layer = module.layer_idx
@@ -92,9 +99,10 @@ class SnapReference(ReducedCache):
             return self.prefill(module, query, key, value, rule), None
         now = self.position[layer]
         self.position[layer] = now + 1
-        for head in range(heads):
-            entries = self.entries[(layer, head)]
-            entries.append((now, key[0, head // group, -1], value[0, head // group, -1]))
+        for unit in range(heads if self.per_query_head else key.shape[1]):
+            kv_head = unit // group if self.per_query_head else unit
+            entries = self.entries[(layer, unit)]
+            entries.append((now, key[0, kv_head, -1], value[0, kv_head, -1]))
             if rule.get("sliding_window"):
                 entries[:] = [e for e in entries if now - e[0] < rule["sliding_window"]]
         return self.attend(module, query, group, rule), None
@@ -118,11 +126,17 @@ class SnapReference(ReducedCache):
         votes = probs[0, :, -self.window:, :prefix].sum(1)  # (heads, prefix)
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         pooled = pool(votes[None], self.kernel, padding=self.kernel // 2, stride=1)[0]
-        for head in range(heads):
-            order = sorted(range(prefix), key=lambda p: (-float(pooled[head, p]), p))  # ties: earlier first
-            kept = order[:self.budgets[module.layer_idx][head]] if prefix >= self.average else order
-            self.entries[(module.layer_idx, head)] = [(p, keys[0, head, p], values[0, head, p])
+        if not self.per_query_head:  # one score per KV head: the mean over the query heads that read it
+            pooled = pooled.view(key.shape[1], group, prefix).mean(1)
+        for unit in range(len(pooled)):
+            kv_head = unit // group if self.per_query_head else unit
+            order = sorted(range(prefix), key=lambda p: (-float(pooled[unit, p]), p))  # ties: earlier first
+            kept = order[:self.budgets[module.layer_idx][unit]] if prefix >= self.average else order
+            self.entries[(module.layer_idx, unit)] = [(p, key[0, kv_head, p], value[0, kv_head, p])
                                                       for p in sorted(kept) + list(range(prefix, length))]
+            window = rule.get("sliding_window") or length
+            self.after_prompt += sum(length - 1 - p < window for p, _, _ in self.entries[(module.layer_idx, unit)])
+        self.model_cache += key.shape[1] * min(length, rule.get("sliding_window") or length)
         return (probs.to(values.dtype) @ values).transpose(1, 2)
 
 
@@ -185,40 +199,45 @@ def test_streaming_heads_equal_a_cache_that_holds_only_sinks_and_recent(family, 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("pooling,kernel", [("max", 3), ("avg", 5)])
-def test_snapkv_selection_equals_a_cache_compressed_after_the_prompt(family, pooling, kernel):
+@pytest.mark.parametrize("pooling,kernel,per_query_head", [("max", 3, False), ("avg", 5, False), ("max", 3, True)])
+def test_snapkv_selection_equals_a_cache_compressed_after_the_prompt(family, pooling, kernel, per_query_head):
     ids = tokens(1)
-    budgets = [[3, 9, 0, 17], [5, 5, 12, 1]]  # (layers, query heads); HeadKV's budgets differ per head
-    reference = SnapReference(budgets, 6, 8, kernel, pooling)
+    # (layers, caches): per KV head (2) or per query head (4); HeadKV's budgets differ per cache
+    budgets = [[3, 9, 0, 17], [5, 5, 12, 1]] if per_query_head else [[3, 17], [12, 1]]
+    reference = SnapReference(budgets, 6, 8, kernel, pooling, per_query_head)
     expected = reference_logits(family, reference, ids, PROMPT)
-    policy = kv.SnapSelection(torch.tensor(budgets), 6, 8, kernel, pooling)
+    policy = kv.SnapSelection(torch.tensor(budgets), 6, 8, kernel, pooling, per_query_head)
     replayed = replayed_logits(family, policy, ids, PROMPT)
     assert (replayed - expected).abs().max() < 1e-5
-    unrestricted = replayed_logits(family, kv.SnapSelection(torch.full((2, 4), PROMPT), 6, 8, kernel), ids, PROMPT)
+    unrestricted = replayed_logits(family, kv.SnapSelection(torch.full((2, 4), PROMPT), 6, 8, kernel,
+                                                            per_query_head=True), ids, PROMPT)
     assert (unrestricted - replayed).abs().max() > 1e-3  # the policy changes the model
-    assert policy.shares()[0] < 1.0
+    # the share kept is of the model's own cache: KV heads x the prompt (or its window), every layer
+    assert policy.shares()[0] * reference.model_cache == pytest.approx(reference.after_prompt)
 
 
 def test_budgets_covering_the_prompt_and_every_head_full_change_nothing():
     ids = tokens(2)
     plain = replayed_logits("llama", kv.StreamingHeads({0: {0, 1}, 1: {0, 1}}, 0, 1), ids, PROMPT)
-    snap = kv.SnapSelection(torch.full((2, 4), PROMPT), PROMPT, 8, 7)
+    snap = kv.SnapSelection(torch.full((2, 2), PROMPT), PROMPT, 8, 7)
     assert torch.equal(replayed_logits("llama", snap, ids, PROMPT), plain)
     assert snap.shares() == [1.0]
     window = kv.StreamingHeads({}, 4, PROMPT + len(CONTINUATION))
     assert torch.equal(replayed_logits("llama", window, ids, PROMPT), plain)
 
 
-def padded_logits(model, policy, prompts, steps=4):
-    """The engine's decode of left-padded prompts under `policy`; each step feeds the same token to every sample.
-    Returns (batch, steps, vocab) logits."""
+def padded_logits(model, policy, prompts, steps=4, context=None):
+    """The engine's decode of left-padded prompts under `policy` (None: none; `context`: each prompt's context
+    length, kvpress's convention); each step feeds the same token to every sample. Returns (batch, steps, vocab)
+    logits."""
     width = max(len(prompt) for prompt in prompts)
     pad = tuple(width - len(prompt) for prompt in prompts)
     ids = torch.tensor([[1] * p + prompt for p, prompt in zip(pad, prompts)])
     mask = (torch.arange(width)[None] >= torch.tensor(pad)[:, None]).long()
     padded = any(pad)
     positions, past, logits = positions_of(mask), fresh_cache(model), []
-    with torch.no_grad(), kv.replaying(model, policy, kv.Layout(width, pad)):
+    replay = kv.replaying(model, policy, kv.Layout(width, pad, context)) if policy else contextlib.nullcontext()
+    with torch.no_grad(), replay:
         model(ids[:, :-1], attention_mask=mask[:, :-1] if padded else None, position_ids=positions[:, :-1], **past)
         token, position = ids[:, -1:], positions[:, -1:]
         for step in range(steps):
@@ -232,7 +251,9 @@ def padded_logits(model, policy, prompts, steps=4):
 POLICIES = {
     "duo": lambda: kv.StreamingHeads({0: {1}}, 3, 10),
     "window at duo's memory": lambda: kv.StreamingHeads({}, 3, kv.matched_recent(4, 1, 3, 10)),
-    "snapkv": lambda: kv.SnapSelection(torch.tensor([[3, 9, 0, 17], [5, 5, 12, 1]]), 6, 8, 3),
+    "snapkv": lambda: kv.SnapSelection(torch.tensor([[3, 17], [12, 1]]), 6, 8, 3),
+    "snapkv per query head": lambda: kv.SnapSelection(torch.tensor([[3, 9, 0, 17], [5, 5, 12, 1]]), 6, 8, 3,
+                                                      per_query_head=True),
 }
 
 
@@ -250,7 +271,8 @@ def test_a_left_padded_batch_gives_each_prompt_what_it_gets_alone(family, name):
         alone = POLICIES[name]()
         assert (padded_logits(model, alone, [prompt]) - batched[index:index + 1]).abs().max() < 1e-5
         assert together.shares()[index] == pytest.approx(alone.shares()[0])
-    assert 0 < min(together.shares()) < 1
+    # of the model's cache (a KV head's entries): a cache per query head may hold more than it (2 per KV head here)
+    assert 0 < min(together.shares()) < (2 if "per query head" in name else 1)
 
 
 def test_the_window_at_duos_memory_keeps_as_many_entries_as_duo():
@@ -271,15 +293,38 @@ def test_entries_are_chosen_once_per_prompt_and_a_step_gathers_only_the_kept_one
     select, attend = kv.SnapSelection.select, kv.attend
     monkeypatch.setattr(kv.SnapSelection, "select", lambda self, call: selections.append(call.layer) or
                         select(self, call))
-    monkeypatch.setattr(kv, "attend", lambda call, heads, rows, positions, visible: gathered.append(
-        (call.key.shape[2], positions.shape[-1])) or attend(call, heads, rows, positions, visible))
+    monkeypatch.setattr(kv, "attend", lambda call, heads, rows, positions, *rest: gathered.append(
+        (call.key.shape[2], positions.shape[-1])) or attend(call, heads, rows, positions, *rest))
     model = tiny_model("llama", num_layers=2)
     recorder.install(model)
     for length in (50, 120):
         selections.clear(), gathered.clear()
         prompt = [torch.randint(4, 256, (length,)).tolist()]
-        padded_logits(model, kv.SnapSelection(torch.full((2, 4), 5), 5, 8, 3), prompt, steps=4)
+        padded_logits(model, kv.SnapSelection(torch.full((2, 2), 5), 5, 8, 3), prompt, steps=4)
         assert selections == [0, 1]
         # steps 1-3 (step 0 is the prompt's last query, read in full): 5 kept + 8 window + the generated keys
         assert [m for _, m in gathered] == [5 + 8 + g for g in (1, 2, 3) for _ in range(2)]
         assert [kv_len for kv_len, _ in gathered] == [length + g for g in (1, 2, 3) for _ in range(2)]
+
+
+def test_on_gqa_duo_and_snapkv_at_the_same_share_hold_the_same_number_of_entries():
+    """One unit for every policy: the share of the model's own cache (KV heads x tokens). On a 4-query / 2-KV-head
+    Llama (2 layers, 200 entries after a 50-token prompt), duo with one KV head full (50 + 3 x (3 + 11)) and SnapKV
+    with 15 entries + a window of 8 per KV head (4 x 23) both report 92 / 200 and both references hold 92 entries;
+    SnapKV per query head, 8 caches of 23, reports 184 / 200."""
+    ids = tokens(4)
+    duo_reference = StreamingReference({0: {1}}, 3, 11)
+    reference_logits("llama", duo_reference, ids[:, :PROMPT])
+    duo = kv.StreamingHeads({0: {1}}, 3, 11)
+    replayed_logits("llama", duo, ids, PROMPT)
+    held = {"duo": sum(len(entries) for entries in duo_reference.entries.values())}
+    shares = {"duo": duo.shares()[0]}
+    for name, per_query_head in (("snapkv", False), ("snapkv per query head", True)):
+        budgets = torch.full((2, 4 if per_query_head else 2), 15)
+        reference = SnapReference(budgets.tolist(), 15, 8, 7, "max", per_query_head)
+        reference_logits("llama", reference, ids, PROMPT)
+        snap = kv.SnapSelection(budgets, 15, 8, 7, per_query_head=per_query_head)
+        replayed_logits("llama", snap, ids, PROMPT)
+        held[name], shares[name] = reference.after_prompt, snap.shares()[0]
+    assert held == {"duo": 92, "snapkv": 92, "snapkv per query head": 184}
+    assert shares == {"duo": 92 / 200, "snapkv": 92 / 200, "snapkv per query head": 184 / 200}

@@ -137,7 +137,8 @@ def test_batches_give_the_rows_batch_size_one_gives(toy_dir, data_dir, scores, t
 
 
 @pytest.mark.parametrize("case", ["mixed families", "budgets and threshold", "even kernel", "k too large",
-                                  "other model", "negative scores", "unknown policy", "no budgets"])
+                                  "other model", "negative scores", "unknown policy", "no budgets",
+                                  "ratios without kvpress", "ratio of 1", "headkv at a ratio", "ratios and budgets"])
 def test_bad_input_is_one_line_and_writes_nothing(case, toy_dir, data_dir, scores, tmp_path, capsys):
     extra = []
     if case == "mixed families":
@@ -158,9 +159,72 @@ def test_bad_input_is_one_line_and_writes_nothing(case, toy_dir, data_dir, score
         extra, expected = ["--policy", "headkv", "--budgets", "8"], "non-negative scores"
     elif case == "unknown policy":
         extra, expected = ["--policy", "duo,pyramid", "--budgets", "2"], "pyramid"
+    elif case == "ratios without kvpress":
+        extra, expected = ["--ratios", "0.5"], "give --convention kvpress"
+    elif case == "ratio of 1":
+        extra, expected = ["--convention", "kvpress", "--ratios", "0.5,1"], "1.0 is not a compression ratio"
+    elif case == "headkv at a ratio":
+        extra, expected = ["--convention", "kvpress", "--policy", "headkv", "--ratios", "0.5"], "no HeadKV press"
+    elif case == "ratios and budgets":
+        extra, expected = ["--convention", "kvpress", "--ratios", "0.5", "--budgets", "2"], "cannot be combined"
     else:
         expected = "exactly one of --budgets"
     assert cli(toy_dir, data_dir, tmp_path / "out", scores, "--no-check", *extra) == 2
     err = capsys.readouterr().err
     assert expected in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_kvpress_convention_at_ratio_0_is_the_full_cache_and_its_settings_are_the_curves(toy_dir, data_dir,
+                                                                                           detected, scores, tmp_path):
+    """kvpress's presses at ratio 0 keep everything: every policy gives the unmasked run's responses, sample for
+    sample, and keeps the whole cache. The convention and SnapKVPress's defaults are the curve's settings (and so in
+    its id: headscope's convention in the same folder is another curve)."""
+    report = kv_curve("retrieval", scores, out=str(tmp_path), convention="kvpress", ratios=[0.0],
+                      policy="duo,random,streaming,snapkv", sink=2, recent=8, **arguments(toy_dir, data_dir))
+    unmasked = {row["id"]: row["response"] for row in detected.samples}
+    assert [(p["policy"], p["budget"]) for p in report["points"]] == [("duo", 0.0), ("streaming", 0.0),
+                                                                      ("snapkv", 0.0)]  # no random at K = all
+    for arm in ("full", "duo-0.0", "streaming-0.0", "snapkv-0.0"):
+        assert {row["id"]: row["response"] for row in log_rows(tmp_path) if row["arm"] == arm} == unmasked, arm
+    assert all(p["kv_kept"] == 1.0 for p in report["points"])
+    assert report["settings"] | {"kv_heads": None} == {
+        "convention": "kvpress", "sink": 2, "recent": 8, "window": 64, "kernel": 5, "pooling": "avg",
+        "selection": "kv-head", "beta": 1.2, "temperature": 1.0, "kv_heads": None}
+    with pytest.raises(headscope.HeadscopeError, match="holds a run with other settings"):
+        kv_curve("retrieval", scores, out=str(tmp_path), budgets=[1], sink=2, recent=8,
+                 **arguments(toy_dir, data_dir, plots=False))
+
+
+def test_the_context_is_the_prompt_before_its_question(toy_dir, data_dir, scores, tmp_path):
+    """Retrieval's context ends where "Based on the content of the book, Question: ..." begins; a context cut
+    there compresses the haystack alone, and a smaller ratio keeps more of it."""
+    from headscope.engine import all_items, start_run, task_options
+
+    options = task_options("retrieval", None, **arguments(toy_dir, data_dir, out=str(tmp_path)))
+    run = start_run("retrieval", options, None, command="kv")
+    items = all_items(run)
+    contexts = curve_module.context_lengths(run, items)
+    tokenizer = run.loaded.tokenizer
+    for _, sample, prompt in items:
+        cut = contexts[sample.id]
+        question = sample.prompt[sample.question_char:]
+        assert question.startswith("\nBased on the content of the book")
+        assert prompt.input_ids[cut:] == tokenizer(question, add_special_tokens=False)["input_ids"]
+        assert prompt.input_ids[:cut] == tokenizer(sample.prompt[:sample.question_char])["input_ids"]
+    report = kv_curve("retrieval", scores, out=str(tmp_path), convention="kvpress", ratios=[0.25, 0.75],
+                      policy="snapkv", **arguments(toy_dir, data_dir, plots=False))
+    kept = [p["kv_kept"] for p in report["points"]]
+    assert 0 < kept[1] < kept[0] < 1
+
+
+def test_reasoning_marks_where_its_question_starts(toy_dir):
+    from transformers import AutoTokenizer
+
+    from headscope.tasks.reasoning import PROMPT_MIDDLE, build_reasoning_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(toy_dir)
+    record = {"id": "r", "context": "the red fish is gold .", "question": "what is the fish ?", "answer": "gold"}
+    sample = build_reasoning_samples(tokenizer, [record])[0]
+    assert sample.prompt[:sample.question_char].endswith(record["context"])
+    assert sample.prompt[sample.question_char:].startswith(PROMPT_MIDDLE + record["question"])

@@ -4,11 +4,11 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from headscope import masking, recorder
+from headscope import masking, recipes, recorder
 from headscope.decode import StopRule, greedy_decode
 from headscope.toy import tiny_model
 
-MASKED = {0: [1], 1: [0, 3]}
+MASKED = {0: [1], 1: [0, 3], 3: [2]}  # layer 3: the 4-layer models of `recipes` only
 
 
 def uniform_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -46,6 +46,22 @@ def test_uniform_mode_equals_eager_with_uniform_probabilities(family):
         generated = greedy_decode(model, input_ids, None, [], 1, StopRule(set(), set()))
     assert (prefill_logits - expected).abs().max() <= 1e-4
     assert generated[0][0] == int(expected.argmax())  # decoding steps are masked the same way
+
+
+@pytest.mark.parametrize("model_type,config", [("llama4_text", {"attention_chunk_size": 8}), ("qwen4_exp_text", {})])
+def test_uniform_mode_averages_over_the_keys_the_models_own_mask_shows(model_type, config):
+    """Llama 4's chunked layers (layer 0, a prompt of 6 chunks) and Qwen4-Exp's token selection: the keys a query
+    sees are the mask's, not every earlier one."""
+    torch.manual_seed(0)
+    input_ids = torch.randint(4, 256, (1, 50))
+    reference = recipes.tiny_model(model_type, 256, **config)
+    reference.set_attn_implementation("test_uniform_eager")
+    with torch.no_grad():
+        expected = reference(input_ids).logits[0]
+    model = recipes.tiny_model(model_type, 256, attn="sdpa", **config)
+    assert recorder.install(model)
+    with torch.no_grad(), masking.ablating(model, MASKED, "uniform"):
+        assert (model(input_ids).logits[0] - expected).abs().max() <= 1e-4
 
 
 def test_zero_and_mean_modes_change_only_what_they_should():

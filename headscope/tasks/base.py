@@ -28,6 +28,9 @@ class Sample:
     span_text: str | None  # text to locate in the prompt: the needle answer or the question
     span_char: tuple[int, int] | None  # its [start, end) character offsets in `prompt`, when the builder knows them
     meta: dict = field(default_factory=dict)  # context_length, depth_percent, ...: copied into samples.jsonl
+    # where the part after the context starts in `prompt` (the question, its instructions, the template's tail):
+    # `kv --convention kvpress` compresses only what comes before, as kvpress's pipeline does; None: not marked
+    question_char: int | None = None
 
 
 @dataclass(frozen=True)

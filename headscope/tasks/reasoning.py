@@ -156,6 +156,7 @@ def _sample(tokenizer, record: dict, context: str, length: int | None, chat: boo
         span_text=record["question"],
         span_char=(question_at, question_at + len(record["question"])),
         meta={"context_length": length},
+        question_char=question_at - len(PROMPT_MIDDLE),  # the context ends where PROMPT_MIDDLE begins
     )
 
 

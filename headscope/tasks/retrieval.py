@@ -307,6 +307,7 @@ def build_retrieval_samples(
                         span_char=(span_start, span_end),
                         meta={"context_length": length, "depth_percent": depth, "needle_index": i,
                               "answer_tokens": answer_tokens[i]},
+                        question_char=context_at + len(context),
                     )
                 )
     return samples
