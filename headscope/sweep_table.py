@@ -65,12 +65,15 @@ def table(sweep: Sweep) -> str:
              "`headscope detect retrieval` / `reasoning`, whose per-sample scores are recomputed from the model's own "
              "eager rows (the whole sequence at every step, a loop over layers and heads, the top k under the "
              "README's tie rule) and must be equal (<= 1e-4 relative; same responses): *exact*, with the head-steps "
-             "whose top k + 1 held a tie, settled by the rule, counted. *refused*: headscope said no in one `headscope: error:` line, exit 2, no output "
-             "file; the reason is that line.", "",
-             "| family | example checkpoint | class | verdict | reason |", "|---|---|---|---|---|"]
+             "whose top k + 1 held a tie, settled by the rule, counted. *refused*: headscope said no in one "
+             "`headscope: error:` line, exit 2, no output file; the reason is that line. *kv* (exact types): "
+             "`headscope kv`'s replay on the same model -- a window as long as the sequence gives the model's own "
+             "logits, and every head streaming gives those of the model's eager attention over a cache holding only "
+             "the sinks and the window (the largest logit difference; the verdict does not depend on it).", "",
+             "| family | example checkpoint | class | verdict | reason | kv |", "|---|---|---|---|---|---|"]
     for model_type, row in sorted(rows.items(), key=lambda item: (ORDER.index(item[1]["verdict"]), item[0])):
         lines.append(f"| {model_type} | {cell(row['checkpoint']) or '-'} | {row['model_class']} | {row['verdict']} | "
-                     f"{cell(row['reason'])} |")
+                     f"{cell(row['reason'])} | {cell(row.get('kv') or '-')} |")
     return "\n".join(lines) + "\n"
 
 
