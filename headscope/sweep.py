@@ -326,7 +326,8 @@ def kv_replay_check(model_dir: Path) -> str:
     from . import kv, recipes, recorder
     from .reference import model_eager_attention
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
+                                                 trust_remote_code=False).eval()  # the sweep's own tiny model
     if not recorder.install(model):
         return "off the interface: kv refuses it"
     if any(model_eager_attention(module) is None for module in model.modules() if hasattr(module, "layer_idx")):
