@@ -78,7 +78,10 @@ def uniform_output(value, heads, q_heads, q_len, attention_mask, sliding_window)
     batch, kv_heads, kv_len, dim = value.shape
     kv_of_head = torch.tensor(heads, device=value.device) // (q_heads // kv_heads)  # repeat_kv order
     if attention_mask is not None and attention_mask.dim() == 4:
-        return masked_uniform_output(value[:, kv_of_head], q_len, attention_mask, sliding_window)
+        per_head = attention_mask.shape[1]  # 1, or a mask per query head (Doge) or per KV head
+        mask_heads = None if per_head == 1 else (torch.tensor(heads) if per_head == q_heads else kv_of_head.cpu())
+        mask = attention_mask if mask_heads is None else attention_mask[:, mask_heads.to(attention_mask.device)]
+        return masked_uniform_output(value[:, kv_of_head], q_len, mask, sliding_window)
     valid = _key_validity(attention_mask, batch, kv_len, value.device)  # (batch, kv_len) float64
     head_values = value[:, kv_of_head].double() * valid[:, None, :, None]  # (batch, masked heads, kv_len, dim)
     sums = torch.nn.functional.pad(head_values.cumsum(2), (0, 0, 1, 0))  # (batch, masked heads, kv_len + 1, dim)

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import HeadscopeError
+
 EXACT, REFUSED, CANNOT_BUILD, MISMATCH, CRASH = "exact", "refused", "cannot-build", "mismatch", "crash"
 WORDS = "red blue green gold fish bird tree stone river code key is the of what".split()
 TASK_WORDS = ["book", "based", "on", "content", "question", "answer", "context"]
@@ -273,7 +275,10 @@ def sweep_type(model_type: str, workdir: Path) -> Outcome:
     from .layout import attention_layout
 
     outcome.layers = attention_layout(model).describe()
-    outcome.kv = kv_replay_check(model_dir)
+    try:
+        outcome.kv = kv_replay_check(model_dir)
+    except HeadscopeError as error:  # kv refuses it by name (a per-head mask, ...): detection stays exact
+        outcome.kv = f"refused: {error}"
     outcome.verdict, outcome.reason = EXACT, f"check passes; {' and '.join(compared)} equal eager ({outcome.layers})"
     return outcome
 
