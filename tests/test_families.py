@@ -1,6 +1,6 @@
 """The family sweep (headscope/sweep.py): each causal-LM type ends as docs/families.md says -- exact, refused
 in one line, or cannot-build. CI runs a subset (a hybrid with linear attention, one with its own cache class,
-a Mamba hybrid, latent attention, a pure state-space model); the whole sweep is behind the `families` marker
+a Mamba hybrid, latent attention, a mask per head, a pure state-space model; each with its kv column); the whole sweep is behind the `families` marker
 (`pytest -m families`, about 40 minutes on 2 cores; `python benchmarks/families.py` writes the table)."""
 import pytest
 import transformers
@@ -9,7 +9,7 @@ from headscope import sweep, sweep_table
 
 SWEEP = sweep_table.load()
 ROWS = SWEEP.rows
-CI_SUBSET = ["qwen3_next", "minimax", "jamba", "deepseek_v3", "mamba"]
+CI_SUBSET = ["qwen3_next", "minimax", "jamba", "deepseek_v3", "doge", "mamba"]  # doge: a mask per head
 
 
 @pytest.mark.parametrize("installed", [None, "99.0.0"])
@@ -45,13 +45,14 @@ def test_a_type_the_sweep_never_ran_is_said_not_swept(toy_dir, monkeypatch, caps
 
 
 def test_the_ci_subset_is_exact_or_refused_as_the_table_says():
-    assert [ROWS[t]["verdict"] for t in CI_SUBSET] == ["exact"] * 4 + ["refused"]
+    assert [ROWS[t]["verdict"] for t in CI_SUBSET] == ["exact"] * 5 + ["refused"]
 
 
 def sweep_one(model_type, tmp_path):
     outcome = sweep.sweep_type(model_type, tmp_path)
     expected = ROWS[model_type]
-    assert (outcome.verdict, outcome.reason) == (expected["verdict"], expected["reason"]), outcome
+    assert (outcome.verdict, outcome.reason, outcome.kv) == (expected["verdict"], expected["reason"],
+                                                             expected.get("kv", "")), outcome
 
 
 @pytest.mark.parametrize("model_type", CI_SUBSET)
