@@ -90,7 +90,9 @@ def run_detect(args: argparse.Namespace) -> int:
 
 def said_wrote(path) -> None:
     """'wrote PATH', the path escaped whole (a folder named with a newline cannot make it two lines)."""
-    print(f"wrote {printable(str(path))}")
+    from .cli_analysis import wrote
+
+    wrote(path)
 
 
 def scorer_table(name: str, result, titled: bool) -> str:

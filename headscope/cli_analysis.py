@@ -213,7 +213,7 @@ def run_plot(args) -> None:
     from . import plots
 
     for path in plots.plot_run(args.file, top=args.top):
-        print(f"wrote {path}")
+        wrote(path)
 
 
 def run_export(args) -> None:
@@ -231,8 +231,6 @@ def run_export(args) -> None:
         num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model,
                                                args.trust_remote_code)
         pattern = exports.duo_pattern(means, num_kv, args.threshold, args.sparsity, args.raw or None)
-        if args.sink_size < 0 or args.recent_size < 0:
-            raise HeadscopeError("--sink-size and --recent-size must not be negative")
         written = exports.write_duo(pattern, args.out or default.with_suffix(""), args.sink_size, args.recent_size)
         print(f"{int((pattern > 0).sum())} of {pattern.size} KV heads marked full attention" if not args.raw else
               f"{pattern.size} KV heads, scores scaled to [0, 1]")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import math
 import os
@@ -84,11 +85,17 @@ def model_name_of(options, loaded: loading.LoadedModel | None) -> str:
     return loaded.name if loaded is not None else loading.model_name(options.model or loading.default_model_path())
 
 
-def run_identity(task: str, options, loaded: loading.LoadedModel | None) -> dict:
+def run_identity(task: str, options, loaded: loading.LoadedModel | None, model: dict | None = None) -> dict:
     """What makes the run's numbers besides its options (identity.py): the model's and tokenizer's fingerprints
-    and the contents of every data file the task reads; known before the model loads."""
+    (`model`: model_identity's, when already taken) and the contents of every data file the task reads; known
+    before the model loads."""
+    model = model or model_identity(options, loaded)
+    return model | {"data": identity.of_data(data_files(TASKS[task], options))}
+
+
+def model_identity(options, loaded: loading.LoadedModel | None) -> dict:
     path = loaded.path if loaded is not None else (options.model or loading.default_model_path())
-    return identity.of_model(path, loaded) | {"data": identity.of_data(data_files(TASKS[task], options))}
+    return identity.of_model(path, loaded)
 
 
 def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_files: dict) -> list[str] | None:
@@ -168,11 +175,17 @@ def use_threads(threads: int | None) -> int:
     """Set torch's CPU threads: --threads, else the cores no other work keeps busy (at least 1). On a busy
     machine torch's default (every core) is several times slower: its threads wait for each other while other
     processes hold the cores (benchmarks/threads.py)."""
-    if threads is None:
-        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        threads = max(1, min(TORCH_THREADS, round(TORCH_THREADS - busy)))
+    threads = threads if threads is not None else idle_cores()
     torch.set_num_threads(threads)
     return threads
+
+
+@functools.lru_cache(maxsize=1)
+def idle_cores() -> int:
+    """The cores no other work keeps busy, read once per process: later runs of the same process (specificity's
+    tasks, an API program's calls) would count headscope's own threads in the load as other work."""
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(TORCH_THREADS, round(TORCH_THREADS - busy)))
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json")
 MODEL_FILES = ("config.json", "generation_config.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+HUB_FILES = ["*.json", "*.safetensors", "*.py", "*.model", "*.txt", "*.jinja"]  # what from_pretrained reads
 SAMPLE_BYTES = 64
 CHUNKS, CHUNK_BYTES = 16, 65536
 READ_BLOCK = 1 << 20
@@ -105,9 +106,13 @@ def model_folder(path: str) -> Path | None:
         from transformers.utils import cached_file
 
         found = cached_file(path, "config.json", local_files_only=True, _raise_exceptions_for_missing_entries=False)
+        if not found:  # not cached yet: fetch what loading would (so a first run and its resume agree)
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(path, allow_patterns=HUB_FILES))
     except Exception:  # any failure to resolve it here: loading the model says why, in its own words
         return None
-    return Path(found).parent if found else None
+    return Path(found).parent
 
 
 def of_model(path: str, loaded=None) -> dict:
@@ -151,7 +156,7 @@ def of_data(paths) -> dict:
         path = Path(given)
         if path.is_dir():
             files[str(given)] = {str(inner.relative_to(path)): file_hash(inner)
-                                 for inner in sorted(path.rglob("*")) if inner.is_file() and not inner.is_symlink()}
+                                 for inner in sorted(path.rglob("*")) if inner.is_file()}  # links followed, as read
         elif path.is_file():
             files[str(given)] = file_hash(path)
         else:

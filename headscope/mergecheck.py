@@ -95,11 +95,23 @@ def grid_problem(task: str, options: dict, grid_size: int | None, rows: list[dic
         return None
     if task == "pattern" and isinstance(options.get("num_samples"), int) and grid_size != options["num_samples"]:
         return f"is not its --num-samples {options['num_samples']}"
+    lengths = len(options.get("context_lengths") or [None])  # reasoning: each record at each context length
     if task in ("reasoning", "query") and isinstance(options.get("num_samples"), int) \
-            and grid_size > options["num_samples"]:
-        return f"is more than its --num-samples {options['num_samples']}"
+            and grid_size > options["num_samples"] * lengths:
+        return f"is more than its --num-samples {options['num_samples']} x {lengths} context length(s)"
     if task == "retrieval":
         return retrieval_grid_problem(options, grid_size, rows)
+    return None
+
+
+def depth_count(options: dict) -> int | None:
+    """How many depths a retrieval grid has: --depths as given, or --num-depths as spaced (equal ones merged)."""
+    from .tasks.retrieval import depth_percents
+
+    if options.get("depths"):
+        return len(options["depths"])
+    if isinstance(options.get("num_depths"), int) and options["num_depths"] > 0:
+        return len(depth_percents(options["num_depths"], options.get("depth_spacing") or "linear"))
     return None
 
 
@@ -110,7 +122,7 @@ def retrieval_grid_problem(options: dict, grid_size: int, rows: list[dict]) -> s
     places = [found.groupdict() for found in map(RETRIEVAL_ID.match, (row["id"] for row in rows)) if found]
     if len(places) != len(rows):
         return None  # ids of another form: nothing to compare
-    depths = len(options["depths"]) if options.get("depths") else options.get("num_depths")
+    depths = depth_count(options)
     lengths = len(set(options["context_lengths"])) if options.get("context_lengths") else None
     seen = [len({place[part] for place in places}) for part in ("needle", "length", "depth")]
     least = seen[0] * max(seen[1], lengths or 0) * max(seen[2], depths or 0)

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from . import analysis, identity, outputs
 from .ablation import ArmLog, ablation_id, random_heads, run_arm
-from .engine import (all_items, head_ids_before_loading, kept_threads, model_name_of, run_identity, start_run,
-                     task_options)
+from .engine import (all_items, head_ids_before_loading, kept_threads, model_identity, model_name_of, run_identity,
+                     start_run, task_options)
 from .errors import HeadscopeError
 from .lock import writer_lock
 from .tasks import TASKS
@@ -54,7 +54,8 @@ def specificity(files: list[str], tasks: list[str], arms: Arms, loaded=None, **o
     if keys is not None:
         check_files(summaries, keys, arms)
     with writer_lock(out, f"{name}_specificity"):
-        made_of = {task: identity.digests(run_identity(task, options_of[task], loaded)) for task in tasks}
+        model = model_identity(first, loaded)  # the model's files fingerprinted once, each task's data on its own
+        made_of = {task: identity.digests(run_identity(task, options_of[task], loaded, model)) for task in tasks}
         logs = {task: ArmLog(out / f"{name}_specificity_{task}_samples.jsonl",
                              ablation_id(task, options_of[task], made_of[task], arms, summaries),
                              options_of[task].overwrite, made_of=made_of[task])

@@ -270,12 +270,17 @@ class RunStore:
             return
         records = (self.manifest or {}).get("runs", {})
         for other in others:  # another model or tokenizer is never joined; other data only as --append's new samples
-            parts = ("model", "tokenizer") if append else ("model", "tokenizer", "data")
-            changed = identity.difference(self.made_of, records.get(other, {}).get("identity"), parts)
+            record = records.get(other, {})
+            changed = identity.difference(self.made_of, record.get("identity"), ("model", "tokenizer"))
             if changed:
                 raise HeadscopeError(f"{self.paths['samples']} holds run {other}, made with other {changed} than "
                                      "this run: its samples cannot be resumed or joined; use another --out, or "
                                      "--overwrite to replace it")
+            if record and "identity" not in record and not measure_difference(self.settings[0], self.settings[1],
+                                                                              record.get("options", {})):
+                raise HeadscopeError(f"{self.paths['samples']} holds run {other}, written by an earlier headscope "
+                                     "whose run ids did not cover the model, tokenizer and data: it cannot be "
+                                     "resumed; --overwrite to replace it, or use another --out")
         unpoolable = self._unpoolable(others)
         if append and unpoolable:
             raise HeadscopeError(f"--append cannot add this run to {self.paths['samples']}: {unpoolable}; use "
@@ -283,6 +288,11 @@ class RunStore:
         if not append and unpoolable:  # --append is offered only where it would be accepted
             raise HeadscopeError(f"{self.paths['samples']} holds a run with other settings: {unpoolable}; "
                                  "--overwrite to replace it, or use another --out")
+        data = identity.difference(self.made_of, records.get(others[0], {}).get("identity"), ("data",))
+        if not append and data:
+            raise HeadscopeError(f"{self.paths['samples']} holds run {others[0]}, made with other {data} than this "
+                                 "run: --append adds this run beside it when its samples are new ones, --overwrite "
+                                 "replaces it, or use another --out")
         if not append:
             raise HeadscopeError(f"{self.paths['samples']} holds a run with other settings (run {others[0]}): add "
                                  "--append to add this run to it, --overwrite to replace it, or use another --out")
@@ -381,8 +391,9 @@ def versions_seen(record: dict | None, versions: dict | None, run: str) -> list[
         return [versions]
     seen = record.get("versions_seen") or [record.get("versions")]
     if versions not in seen:
-        changed = ", ".join(f"{name} {seen[-1].get(name)} -> {version}" for name, version in versions.items()
-                            if (seen[-1] or {}).get(name) != version)
+        last = seen[-1] or {}
+        changed = ", ".join(f"{name} {last.get(name)} -> {version}" for name, version in versions.items()
+                            if last.get(name) != version)
         notify(f"run {run} resumes with other library versions ({changed}): its samples now come from both "
                "(the manifest's versions_seen lists them)")
         seen = seen + [versions]
@@ -494,12 +505,15 @@ def merged_run(shards: Shards) -> tuple[list[dict], dict]:
     merged = dict(manifests[0], shard=None, runs=whole, merged_from=merged_from)
     seen = []
     for manifest in manifests.values():
-        if manifest.get("versions") not in seen:
-            seen.append(manifest.get("versions"))
-    if len(seen) > 1:  # shards made on other library versions: merged, said, recorded
+        for versions in manifest.get("versions_seen") or [manifest.get("versions")]:
+            if versions not in seen:
+                seen.append(versions)
+    if len(seen) > 1:  # shards made on other library versions: merged, said, recorded (as a resumed run's are)
         notify(f"{shards.prefix}: the shards were made with {len(seen)} sets of library versions (the merged "
                "manifest's versions_seen lists them)")
         merged["versions_seen"] = seen
+        for record in whole.values():
+            record["versions_seen"] = seen
     return rows, merged
 
 

@@ -160,7 +160,8 @@ def test_an_edited_data_file_is_not_resumed_into_the_run_it_made(two_checkpoints
     edit_needles(data)
     capsys.readouterr()
     assert main(retrieval_args(two_checkpoints[0], data, out)) == 2
-    assert "made with other data (needles.jsonl) than this run" in capsys.readouterr().err
+    assert "made with other data (needles.jsonl) than this run: --append adds this run beside it when its samples" \
+           " are new ones" in capsys.readouterr().err
 
 
 def test_an_edited_data_file_between_two_kv_arms_is_refused(two_checkpoints, data_dir, tmp_path, capsys):
@@ -188,7 +189,7 @@ def test_the_manifest_records_what_made_the_numbers(two_checkpoints, data_dir, t
     made = manifest["identity"]
     assert set(made["model"]["files"]) == {"config.json", "generation_config.json", "model.safetensors"}
     assert set(made["tokenizer"]["files"]) >= {"tokenizer.json", "tokenizer_config.json"}
-    assert set(made["data"]["files"]) == {str(data_dir / "haystack"), str(data_dir / "needles.jsonl")}
+    assert set(made["data"]["files"]) == {str(data_dir / "haystack" / "a.txt"), str(data_dir / "needles.jsonl")}
     assert set(manifest["versions"]) >= {"torch", "transformers", "tokenizers", "headscope"}
     assert manifest["device"].startswith("cpu") and manifest["dtype"] == "float32"
 
@@ -243,3 +244,36 @@ def test_shards_made_on_other_library_versions_merge_with_a_note_and_both_record
     assert "the shards were made with 2 sets of library versions" in capsys.readouterr().err
     merged = json.loads(next(tmp_path.glob("*_manifest.json")).read_text())
     assert [versions["torch"] for versions in merged["versions_seen"]] == [manifest["versions"]["torch"], "2.4.0"]
+
+
+def test_the_data_fingerprint_is_of_the_files_the_haystack_is_read_from(tmp_path):
+    """Its .txt files, links followed (a linked file's new text is new data); a file it never reads changes
+    nothing."""
+    from headscope.engine import run_identity
+    from headscope.tasks import TASKS
+
+    (tmp_path / "elsewhere.txt").write_text("the red fish .")
+    haystack = tmp_path / "haystack"
+    haystack.mkdir()
+    (haystack / "a.txt").symlink_to(tmp_path / "elsewhere.txt")
+    options = TASKS["retrieval"].options(haystack=str(haystack), check=False)
+    digest = lambda: run_identity("retrieval", options, None)["data"]["digest"]  # noqa: E731
+    before = digest()
+    (haystack / "notes.md").write_text("not read")
+    assert digest() == before
+    (tmp_path / "elsewhere.txt").write_text("the blue fish .")
+    assert digest() != before
+
+
+def test_a_run_of_an_earlier_headscope_is_named_as_such(toy_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(retrieval_args(toy_dir, data_dir, out)) == 0
+    manifest_path, samples = next(out.glob("*_manifest.json")), next(out.glob("*_samples.jsonl"))
+    manifest = json.loads(manifest_path.read_text())
+    old = "0123456789ab"  # its id, made without the identity; its record has none
+    record = {key: value for key, value in manifest["runs"][manifest["run"]].items() if key != "identity"}
+    manifest_path.write_text(json.dumps(manifest | {"run": old, "runs": {old: record}}))
+    samples.write_text(samples.read_text().replace(f'"run": "{manifest["run"]}"', f'"run": "{old}"'))
+    capsys.readouterr()
+    assert main(retrieval_args(toy_dir, data_dir, out)) == 2
+    assert "written by an earlier headscope whose run ids did not cover the model" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Issue 29, a new user's second day: the Python API as fast as the command line, every task's --num-samples
 refused beyond its data, one line per argparse mistake, messages that say what is true. On the toy model (conftest)
 and the organism."""
+import functools
 import importlib.metadata
 import json
 import os
@@ -34,6 +35,8 @@ def threads_during_runs(monkeypatch) -> list[int]:
     monkeypatch.setattr(engine, "run_and_write", recording)
     monkeypatch.setattr(engine, "TORCH_THREADS", 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    # the idle cores are read once per process: a fresh reading for this test, the process's own after it
+    monkeypatch.setattr(engine, "idle_cores", functools.lru_cache(maxsize=1)(engine.idle_cores.__wrapped__))
     return seen
 
 

@@ -1,5 +1,6 @@
 """Issue 23, a new user's second hour: runs never pooled by accident, empty results said plainly, refusals before
 the work, links written through where the user named them, threads and help. On the toy model (conftest)."""
+import functools
 import json
 import logging
 import os
@@ -249,10 +250,13 @@ def test_threads_given_or_the_idle_cores(monkeypatch):
     try:
         assert engine.use_threads(1) == 1 and torch.get_num_threads() == 1
         monkeypatch.setattr(engine, "TORCH_THREADS", 8)
+        monkeypatch.setattr(engine, "idle_cores", functools.lru_cache(maxsize=1)(engine.idle_cores.__wrapped__))
         monkeypatch.setattr(os, "getloadavg", lambda: (5.2, 0.0, 0.0))
         assert engine.use_threads(None) == 3  # 8 cores, 5 kept busy by other work
         monkeypatch.setattr(os, "getloadavg", lambda: (11.0, 0.0, 0.0))
-        assert engine.use_threads(None) == 1
+        assert engine.idle_cores.__wrapped__() == 1
+        # read once per process: a later run does not count headscope's own threads in the load as other work
+        assert engine.use_threads(None) == 3
     finally:
         torch.set_num_threads(before)
 

@@ -34,13 +34,18 @@ CHAT_BOOK_SUFFIX = "</book>\nBased on the content of the book, Question: {questi
 CHARS_PER_TOKEN = 32
 
 
+def haystack_files(folder: Path) -> list[Path]:
+    """The files a haystack is read from: the .txt files directly inside `folder` (links followed), in name order."""
+    return sorted(path for path in Path(folder).glob("*.txt") if path.is_file())
+
+
 def load_haystack(haystack_dir, max_chars: int | None = None) -> str:
     """The .txt files directly inside `haystack_dir`, in name order, concatenated: at most `max_chars`
     characters of them."""
     folder = Path(haystack_dir)
     if not folder.is_dir():
         raise HeadscopeError(f"haystack folder not found: {folder}")
-    files = sorted(p for p in folder.glob("*.txt") if p.is_file())
+    files = haystack_files(folder)
     if not files:
         raise HeadscopeError(f"haystack folder {folder} has no .txt files")
     parts, left = [], max_chars
@@ -380,5 +385,5 @@ def prompt_template(chat: bool) -> str:
 register_task(Task("retrieval", "needle-in-a-haystack retrieval heads (Wu et al. 2024)", RetrievalOptions, build,
                    "retrieval", prompt_template, span_overlap_threshold=0.9, span_required=True,
                    organism_defaults={"min_length": 300, "max_length": 1200, "num_lengths": 4, "num_depths": 5},
-                   data_files=lambda options: [options.haystack or default_data(options.model)[0],
+                   data_files=lambda options: [*haystack_files(options.haystack or default_data(options.model)[0]),
                                                options.needles or default_data(options.model)[1]]))
