@@ -79,8 +79,9 @@ def uniform_output(value, heads, q_heads, q_len, attention_mask, sliding_window)
     kv_of_head = torch.tensor(heads, device=value.device) // (q_heads // kv_heads)  # repeat_kv order
     if attention_mask is not None and attention_mask.dim() == 4:
         per_head = attention_mask.shape[1]  # 1, or a mask per query head (Doge) or per KV head
-        mask_heads = None if per_head == 1 else (torch.tensor(heads) if per_head == q_heads else kv_of_head.cpu())
-        mask = attention_mask if mask_heads is None else attention_mask[:, mask_heads.to(attention_mask.device)]
+        group = q_heads // kv_heads
+        mask_heads = None if per_head == 1 else list(heads) if per_head == q_heads else [h // group for h in heads]
+        mask = attention_mask if mask_heads is None else attention_mask[:, mask_heads]
         return masked_uniform_output(value[:, kv_of_head], q_len, mask, sliding_window)
     valid = _key_validity(attention_mask, batch, kv_len, value.device)  # (batch, kv_len) float64
     head_values = value[:, kv_of_head].double() * valid[:, None, :, None]  # (batch, masked heads, kv_len, dim)
@@ -123,5 +124,8 @@ def _query_validity(attention_mask, output, kv_len) -> torch.Tensor:
         return torch.ones(batch, q_len, device=output.device)
     if attention_mask.dim() == 2:
         return attention_mask[:, -q_len:].float()
-    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    return mask[:, 0, -q_len:, -kv_len:].any(-1).float()  # a padded query sees nothing (or only itself)
+    if attention_mask.dtype == torch.bool:
+        seen = attention_mask
+    else:  # an additive mask hides at its minimum; elsewhere it may add a bias (Doge's dynamic mask)
+        seen = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    return seen[:, :, -q_len:, -kv_len:].any(-1).any(1).float()  # a padded query sees nothing (or only itself)

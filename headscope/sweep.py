@@ -317,8 +317,13 @@ class StreamingReference:
         kept = (key_pos < KV_SINK) | (query_pos - key_pos < KV_RECENT)
         mask = float_mask(attention_mask, query.device)
         mask = torch.zeros(1, 1, q_len, kv_len) if mask is None else mask[..., -kv_len:]
-        return model_eager_attention(module)(module, query, key, value,
-                                             mask.masked_fill(~kept.to(mask.device), float("-inf")), **kwargs)
+        # A key the model hides with its dtype's minimum is hidden, as headscope reads the mask: a query left no key
+        # (Qwen4-Exp's selection outside the window) gets 0, not the model's even average over hidden keys.
+        mask = mask.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+        output, weights = model_eager_attention(module)(module, query, key, value,
+                                                        mask.masked_fill(~kept.to(mask.device), float("-inf")),
+                                                        **kwargs)
+        return output.nan_to_num(0.0), weights
 
 
 def kv_replay_check(model_dir: Path) -> str:
@@ -329,11 +334,12 @@ def kv_replay_check(model_dir: Path) -> str:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from . import kv, recipes, recorder
+    from .layout import attention_layout
     from .reference import model_eager_attention
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
                                                  trust_remote_code=False).eval()  # the sweep's own tiny model
-    if not recorder.install(model):
+    if not recorder.install(model) or not attention_layout(model).via_interface:  # as `headscope kv` decides
         return "off the interface: kv refuses it"
     if any(model_eager_attention(module) is None for module in model.modules() if hasattr(module, "layer_idx")):
         return "no eager attention to compare with"
@@ -349,6 +355,9 @@ def kv_replay_check(model_dir: Path) -> str:
     StreamingReference(model)
     reference = replayed(model, None, ids)
     kept_all, streamed = float((everything - plain).abs().max()), float((streaming - reference).abs().max())
+    if float((streaming - plain).abs().max()) == 0:  # nothing was compared: not "exact"
+        return (f"no effect: streaming every head to sink {KV_SINK} + recent {KV_RECENT} left the logits exactly as "
+                "they were")
     if kept_all > LIMIT or streamed > LIMIT:
         return f"differs: keeping everything by {kept_all:.1e}, streaming from a reduced cache by {streamed:.1e}"
     return (f"exact (a window over everything {kept_all:.1e}; streaming sink {KV_SINK} + recent {KV_RECENT} vs a "

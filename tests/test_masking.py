@@ -79,3 +79,16 @@ def test_zero_and_mean_modes_change_only_what_they_should():
             meaned = model(input_ids).logits
     assert not torch.allclose(zeroed, plain) and not torch.allclose(meaned, plain)
     assert not torch.allclose(zeroed, meaned)
+
+
+def test_a_float_mask_with_a_bias_per_head_counts_its_queries_as_real():
+    """Doge's dynamic mask adds a bias to the keys it shows (no entry is 0) and has one row set per head: mean
+    ablation must still take every real query's output into its mean."""
+    from headscope.masking import _query_validity
+
+    bias = torch.rand(1, 4, 5, 5) + 0.1
+    hidden = torch.ones(5, 5).triu(1).bool()
+    mask = bias.masked_fill(hidden, torch.finfo(torch.float32).min)
+    mask[:, 1:, 0] = torch.finfo(torch.float32).min  # query 0 hidden in heads 1-3 only: still a real query
+    output = torch.zeros(1, 5, 4, 2)
+    assert _query_validity(mask, output, 5).tolist() == [[1.0] * 5]
