@@ -160,17 +160,18 @@ def refusal_or_problem(code: int, out: str, err: str, out_dir: Path | None) -> t
 
 
 def rule_top_k(row: torch.Tensor, k: int) -> tuple[list[tuple[int, float]], bool]:
-    """The row's top k under the README's tie rule, written out on its own (numpy): entries rounded to 2^-16 of
-    their size (float32 bits to the nearest multiple of 2^7), equal ones earliest position first. Returns the
-    (position, value) pairs and whether two of the top k + 1 tie there (a tie the rule settled; headscope's
-    `tied_head_steps` counts the same)."""
+    """The row's top k under the README's tie rule, written out on its own (numpy): sorted by value, an entry
+    within 2^-16 of its size of the entry above it is on that entry's level, and within a level the earliest
+    position ranks first. Returns the (position, value) pairs and whether two of the top k + 1 share a level (a
+    tie the rule settled; headscope's `tied_head_steps` counts the same)."""
     import numpy as np
 
-    values = row.float().numpy()
-    levels = (np.maximum(values, 0).view(np.int32).astype(np.int64) + 64) >> 7
-    order = np.lexsort((np.arange(len(values)), -levels))
-    top = levels[order[:k + 1]]
-    tied = bool((top[1:] == top[:-1]).any())
+    values = np.maximum(row.float().numpy(), np.float32(0))
+    by_value = np.lexsort((np.arange(len(values)), -values))  # value descending, then position
+    ranked = values[by_value]
+    level = np.concatenate([[0], np.cumsum(ranked[:-1] - ranked[1:] > np.float32(2.0 ** -16) * ranked[:-1])])
+    order = by_value[np.lexsort((by_value, level))]  # by level, then position
+    tied = bool((np.diff(level[:k + 1]) == 0).any())
     return [(int(p), float(values[p])) for p in order[:k]], tied
 
 

@@ -3,13 +3,14 @@
 The top-k rule (`top_k`, every top-k score on every backend: the recorder's rows, the sweep's reference and the
 tests' references). The published scores take the top k entries of an attention row; when the k-th and (k+1)-th
 entries tie, which one counts is up to the backend (its rounding, its topk kernel), and the score with it. So
-entries are ranked by their value rounded to 2^-16 of its size (float32 with its last 7 mantissa bits rounded
-off), and among entries equal there the EARLIEST position ranks first. That resolution is coarser than the
-rounding by which two correct backends' float32 rows differ (about 1e-7 of an entry; the same key at two
-positions gives values an ulp apart): both see the same ties and settle them alike. Where no two of a row's
-top k + 1 entries are equal at that resolution the rule's top k is torch.topk's, in the same order: the papers'
-scores are unchanged on rows without ties. Cost: one topk(k + 1) per row, and only on rows with a tie a pass
-over the row (a sortable key of rounded value and position).
+entries are ranked by value in LEVELS: sorted by value, an entry within 2^-16 of its size (RESOLUTION) of the
+entry above it is on that entry's level (a run of such gaps is one level), and within a level the EARLIEST
+position ranks first. The resolution is far coarser than the rounding by which two correct backends' float32
+rows differ (about 1e-7 of an entry; the same key at two positions gives values an ulp apart), and a gap, unlike
+a value rounded to a fixed grid, does not flip at a grid line: both backends see the same ties and settle them
+alike unless a gap lies within an ulp of 2^-16 of its entry. Where no two neighbours of a row's top k + 1 are
+that close the rule's top k is torch.topk's, in the same order: the papers' scores are unchanged on rows without
+ties. Cost: one topk(k + 1) per row, and only on rows with a tie a sort of the row.
 
 Greedy-token divergences (`check`'s token figure):
 
@@ -31,8 +32,7 @@ import torch
 
 from .scorers.base import Scorer, StepView
 
-DROPPED_BITS = 7  # of float32's 23 mantissa bits: entries are ranked at a resolution of 2^-16 of their size
-POSITION_BITS = 32  # the rule's sort key: rounded value in the high bits, (2^32 - 1 - position) in the low
+RESOLUTION = 2.0 ** -16  # a gap within this share of an entry is a tie
 
 
 def top_k(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,25 +50,19 @@ def top_k(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch
     return values, positions, tied
 
 
-def rounded(entries: torch.Tensor) -> torch.Tensor:
-    """int64 of the float32 entries (>= 0) rounded to the rule's resolution, in their order: a non-negative
-    float's bit pattern sorts as the float, and rounding it to the nearest multiple of 2^DROPPED_BITS rounds the
-    mantissa."""
-    bits = entries.float().clamp(min=0).contiguous().view(torch.int32).to(torch.int64)
-    return (bits + (1 << (DROPPED_BITS - 1))) >> DROPPED_BITS
-
-
 def tied_rows(ranked: torch.Tensor) -> torch.Tensor:
-    """(...) True where two neighbours of the descending (..., n) entries are equal at the rule's resolution."""
-    levels = rounded(ranked)
-    return (levels[..., 1:] == levels[..., :-1]).any(-1)
+    """(...) True where two neighbours of the descending (..., n) entries are on one level (a tie)."""
+    return (ranked[..., :-1] - ranked[..., 1:] <= RESOLUTION * ranked[..., :-1]).any(-1)
 
 
 def rule_order(rows: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the rule's top k of (n, length) rows: by rounded value, then by earliest position."""
-    later = torch.arange(rows.shape[-1], device=rows.device)
-    key = (rounded(rows) << POSITION_BITS) + ((1 << POSITION_BITS) - 1 - later)
-    return key.topk(k, dim=-1).indices
+    """Positions of the rule's top k of (n, length) rows: by level (sorted by value, a new level where the gap to
+    the entry above exceeds RESOLUTION of it), then by earliest position."""
+    length = rows.shape[-1]
+    values, order = rows.float().clamp(min=0).sort(dim=-1, descending=True, stable=True)
+    new_level = values[..., :-1] - values[..., 1:] > RESOLUTION * values[..., :-1]
+    level = torch.nn.functional.pad(new_level.cumsum(-1), (1, 0))
+    return (level * length + order).topk(k, dim=-1, largest=False).values % length
 
 
 # A tie: a gap within ROUNDING[dtype] x the dtype's epsilon x the largest logit. In bf16/fp16 the logits are the

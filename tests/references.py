@@ -257,13 +257,12 @@ def zhang_a2r(model, tokenizer, ids: list[int]) -> np.ndarray:
 # ----------------------------------------------------------------------------------- Retrieval_Head, HeadKV
 
 def rule_top_k(row, k: int) -> np.ndarray:
-    """The tie rule of headscope's README (ties.py): the k positions of the row's largest entries, each entry
-    rounded to 2^-16 of its size (its float32 bits to the nearest multiple of 2^7), equal ones earliest first."""
-    row = np.asarray(row, dtype=np.float32)
-    bits = np.maximum(row, 0).view(np.int32).astype(np.int64)
-    levels = (bits + 64) >> 7
-    order = np.lexsort((np.arange(len(row)), -levels))  # by level descending, then position ascending
-    return order[:k]
+    """The tie rule of headscope's README (ties.py), as the family sweep's reference writes it out on its own in
+    numpy (sweep.rule_top_k): the k positions of the row's largest entries, ties earliest first."""
+    from headscope.sweep import rule_top_k as written_out
+
+    return np.array([position for position, _ in written_out(torch.as_tensor(np.asarray(row, dtype=np.float32)), k)[0]],
+                    dtype=np.int64)
 
 
 def _decoding_rows(model, ids: list[int], steps: int, eos: int | None):
