@@ -201,7 +201,11 @@ class Point:
 
     @property
     def arm(self) -> str:
-        return "full" if self.budget is None else f"{self.policy}-{self.budget}"
+        if self.budget is None:
+            return "full"
+        # a ratio in fixed point: 1e-05 would read back as policy "snapkv-1e", budget 5
+        return f"{self.policy}-{self.budget:.12f}".rstrip("0") if isinstance(self.budget, float) else \
+            f"{self.policy}-{self.budget}"
 
 
 def parse_arm(arm: str) -> tuple[str, int | float | None]:
