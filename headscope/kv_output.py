@@ -53,7 +53,9 @@ def draw(report: dict, path) -> Path:
                               label=f"{policy} ({'ratio' if by_ratio else UNITS[policy]})")
     axes.plot([1.0], [report["full"]["success_rate"]], "*", color="black", markersize=12, label="full cache")
     convention = report["settings"].get("convention", "headscope")
-    axes.set(xlabel="share of the KV cache kept (KV heads × entries)", ylabel="success rate", xlim=(0, 1.03),
+    widest = max([1.0] + [point["kv_kept"] for point in report["points"] if point.get("kv_kept")])  # query-head
+    # selection keeps a KV head's entries once per query head: a share can pass 1, and stays on the picture
+    axes.set(xlabel="share of the KV cache kept (KV heads × entries)", ylabel="success rate", xlim=(0, 1.03 * widest),
              ylim=(-0.03, 1.03), title=f"{report['task']}: success as the KV cache shrinks ({convention})")
     axes.legend(fontsize="small")
     figure.tight_layout()
