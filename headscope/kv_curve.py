@@ -203,9 +203,10 @@ class Point:
     def arm(self) -> str:
         if self.budget is None:
             return "full"
-        # a ratio in fixed point: 1e-05 would read back as policy "snapkv-1e", budget 5
-        return f"{self.policy}-{self.budget:.12f}".rstrip("0") if isinstance(self.budget, float) else \
-            f"{self.policy}-{self.budget}"
+        if isinstance(self.budget, float):  # a ratio in fixed point: 1e-05 would read back as "snapkv-1e", 5
+            digits = f"{self.budget:.12f}".rstrip("0")
+            return f"{self.policy}-{digits}{'0' if digits.endswith('.') else ''}"
+        return f"{self.policy}-{self.budget}"
 
 
 def parse_arm(arm: str) -> tuple[str, int | float | None]:

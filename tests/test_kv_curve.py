@@ -230,7 +230,7 @@ def test_reasoning_marks_where_its_question_starts(toy_dir):
     assert sample.prompt[sample.question_char:].startswith(PROMPT_MIDDLE + record["question"])
 
 
-@pytest.mark.parametrize("budget", [8, 0.5, 0.25, 1e-05])
+@pytest.mark.parametrize("budget", [8, 0.0, 0.5, 0.25, 1e-05])
 def test_an_arms_name_reads_back_as_its_policy_and_budget(budget):
     point = curve_module.Point("snapkv", budget, 0, None, lambda: None)
     assert curve_module.parse_arm(point.arm) == ("snapkv", budget)
