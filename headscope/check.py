@@ -46,7 +46,7 @@ from .recorder import Recorder
 from .rowcheck import ROW_LIMIT, Differences, EagerRowsRecorder, Spying
 from .runstate import calling_layer, module_state, state_of
 from .scorers import PromptBatch, Scorer
-from .ties import ROUNDING, experts_per_token, logging_routers, routing_tie, tolerance
+from .ties import experts_per_token, logging_routers, routing_tie, rounding, tolerance
 
 SCORE_LIMIT = 1e-4  # scorer values: sums of rows over steps, each row within ROW_LIMIT
 OUTPUT_LIMIT, OUTPUT_ROUNDING = 1e-4, 8  # attention outputs: float32, else 8 epsilons of the output's dtype
@@ -326,7 +326,7 @@ def token_figure(model, input_ids, mask, tokens: list[list[int]], routers: list)
     expected = [sequence for sequence, _, _ in runs]
     total = sum(len(t) for t in tokens)
     same = sum(a == b for ours, theirs in zip(tokens, expected) for a, b in zip(ours, theirs))
-    limit = f"all equal, or each split a near tie ({ROUNDING.get(model.dtype, 4)} eps x top)"
+    limit = f"all equal, or each split a near tie ({rounding(model.dtype)} eps x top)"
     if expected == tokens:
         return Figure("tokens", f"{same}/{total} equal ({len(tokens)} samples)", limit, True)
     splits = [split_verdict(model, input_ids, pad, tokens, runs, routers, sample)

@@ -76,8 +76,13 @@ def rule_order(rows: torch.Tensor, k: int) -> torch.Tensor:
 ROUNDING = {torch.float32: 16, torch.bfloat16: 4, torch.float16: 4}
 
 
+def rounding(dtype: torch.dtype) -> int:
+    """How many of the dtype's epsilons (times the largest logit) a gap may move by rounding alone."""
+    return ROUNDING.get(dtype, 4)
+
+
 def tolerance(logits: torch.Tensor, dtype: torch.dtype) -> float:
-    return float(logits.abs().max()) * torch.finfo(dtype).eps * ROUNDING.get(dtype, 4)
+    return float(logits.abs().max()) * torch.finfo(dtype).eps * rounding(dtype)
 
 
 def router_modules(model) -> list:
