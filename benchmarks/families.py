@@ -7,7 +7,7 @@ Each type runs in its own process (`python -m headscope.sweep TYPE`, see headsco
 limit, so a crash or a hang of one type is that type's row, not the end of the sweep. Rows are kept in
 headscope/data/families.json as they finish, with the transformers release they were measured on (a re-run with
 --types redoes those rows only, on the same release); docs/families.md is written from it, with the counts per
-class. Upgrading transformers: run the whole sweep on the new release (see README, *Upgrading*).
+class. Upgrading transformers: run the whole sweep on the new release (see docs/development.md, *Upgrading dependencies*).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The README's fidelity table: each scorer against a reference transcribed from its paper's released code
+"""The fidelity table of docs/method.md: each scorer against a reference transcribed from its paper's released code
 (tests/references.py), on identical tokens, default options and the other convention.
 
     python benchmarks/fidelity.py          # about a minute on 2 CPU cores

@@ -1,6 +1,6 @@
 """`headscope kv --convention kvpress` against kvpress itself, sample for sample, on the bundled organism.
 
-For each retrieval prompt of the README's kv grid (3 context lengths x 3 depths x 5 needles) and each press, the
+For each retrieval prompt of docs/kv.md's grid (3 context lengths x 3 depths x 5 needles) and each press, the
 prompt is split where the task marks its question (kv_curve.context_tokens). kvpress compresses the context with
 its press during the context's prefill (`with press(model): model.model(context)`, as its pipeline does), then
 feeds the question after it and decodes greedily (its pipeline's `generate_answer`). headscope replays the
@@ -11,8 +11,8 @@ whose context keeps at least SnapKV's window (int(C x (1 - ratio)) >= 64; below 
 part of the window, torch.topk's order among equal scores, and headscope the whole window: counted apart).
 A press that raises inside kvpress is reported with its error.
 
-DuoAttentionPress takes the heads file's pattern as `export --to duo` writes it, loaded as README's kvpress snippet
-loads it (DuoAttentionPress.load_attention_pattern replaced by a reader of the exported folder).
+DuoAttentionPress takes the heads file's pattern as `export --to duo` writes it, loaded as the kvpress snippet of
+docs/look-compare-export.md loads it (DuoAttentionPress.load_attention_pattern replaced by a reader of the exported folder).
 
     pip install kvpress==0.5.4
     headscope detect retrieval --out head_scores          # the README's first command
@@ -124,7 +124,7 @@ def main() -> None:
     kv_heads = plain.config.num_key_value_heads
     folder = duo_pattern_folder(args.heads, kv_heads, args.sink, args.recent)
 
-    def exported_pattern(model):  # README's snippet: DuoAttentionPress reads `export --to duo`'s folder
+    def exported_pattern(model):  # docs/look-compare-export.md's snippet: DuoAttentionPress reads `export --to duo`'s folder
         import json
         config = json.loads((folder / "config.json").read_text())
         scores = np.loadtxt(folder / "full_attention_heads.tsv", dtype=float, delimiter="\t")

@@ -1,9 +1,10 @@
-"""The organism numbers the README prints, recomputed by the README's own commands, and checked against its text.
+"""The organism numbers the README and the guides in docs/ print, recomputed by their own commands, and checked
+against their text.
 
 Each claim below runs (or reuses) the detect / ablate / kv runs it needs in a work folder and writes the passage
-as the README prints it; the passage must appear in README.md (white space aside, as prose wraps it). So a change
-of default cannot leave a stale table: tests/test_readme_numbers.py runs the cheap claims in the default suite
-(marker `readme`) and the expensive ones under the marker `slow`.
+as its file (README.md or a guide) prints it; the passage must appear in that file (white space aside, as prose
+wraps it). So a change of default cannot leave a stale table: tests/test_readme_numbers.py runs the cheap claims
+in the default suite (marker `readme`) and the expensive ones under the marker `slow`.
 
     python benchmarks/readme_numbers.py                  # the cheap claims (about a minute on 2 cores)
     python benchmarks/readme_numbers.py --slow           # and ablation and kv (7 CPU minutes more)
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--quiet", "--no-plots", "--no-check"]  # what a run shows and checks, never what it measures
 NEEDLE_GRID = ["--context-lengths", "300,700,1200", "--num-depths", "3"]  # the ablation and kv sections' grid
 
@@ -70,6 +71,15 @@ def first_command_table(work: Path) -> str:
     return "\n".join(format_table(summary(retrieval_run(work), "retrieval"), 9).splitlines())
 
 
+def retrieval_heads_in_results(work: Path) -> str:
+    """The README's results table: the retrieval heads of layer 1 against every other head."""
+    means = {key: stats["mean"] for key, stats in summary(retrieval_run(work), "retrieval").items()}
+    layer_1 = [mean for key, mean in means.items() if key.startswith("1-")]
+    others = [mean for key, mean in means.items() if not key.startswith("1-")]
+    return (f"the {'eight' if len(layer_1) == 8 else len(layer_1)} heads of layer 1 score {min(layer_1):.2f}–"
+            f"{max(layer_1):.2f}, every other head ≤ {max(others):.3f}")
+
+
 def top5_table(work: Path) -> list[str]:
     """The rows of the "On the organism" table (the pattern rows beside them come from one pattern run)."""
     both, query = retrieval_run(work), detect(work, "query", "query")
@@ -110,6 +120,17 @@ def comparing_the_sets(work: Path) -> str:
                  for index, entry in enumerate(result["per_k"])]
         cells.append(f"{', '.join(per_k)}; Spearman {result['spearman']:.2f}")
     return f"| {cells[0]} | {cells[1]} |"
+
+
+def induction_in_results(work: Path) -> str:
+    """The README's results table: `headscope compare` of retrieval with induction at K = 8."""
+    from headscope.analysis import compare
+
+    pattern = detect(work, "pattern", "pattern", "--scorer", "induction,previous_token")
+    result = compare(summary(retrieval_run(work), "retrieval"), summary(pattern, "pattern_induction"), [8])
+    top8 = result["per_k"][0]
+    return (f"retrieval vs induction: top-8 overlap {top8['overlap']} (Jaccard {top8['jaccard']:.2f}), Spearman "
+            f"{result['spearman']:.2f}")
 
 
 def reasoning_with_and_without_current(work: Path) -> str:
@@ -162,6 +183,7 @@ def kv_table(work: Path) -> str:
 class Claim:
     name: str
     produce: Callable[[Path], str | list[str]]  # the passage, or passages that each appear (not together)
+    doc: str  # the file that prints it, from the repository's root
     slow: bool = False
 
     def passages(self, work: Path) -> list[str]:
@@ -169,22 +191,29 @@ class Claim:
         return [produced] if isinstance(produced, str) else produced
 
 
+    @property
+    def path(self) -> Path:
+        return ROOT / self.doc
+
+
 CLAIMS = [
-    Claim("the first command's table", first_command_table),
-    Claim("the top-5 heads on the organism (retrieval, r2, induction, previous_token, query)", top5_table),
-    Claim("query against retrieval", query_against_retrieval),
-    Claim("comparing the sets", comparing_the_sets),
-    Claim("reasoning with and without --exclude-current-token", reasoning_with_and_without_current),
-    Claim("ablation, --top auto", ablation_auto, slow=True),
-    Claim("ablation sweep", ablation_sweep, slow=True),
-    Claim("kv on the organism", kv_table, slow=True),
+    Claim("the first command's table", first_command_table, "README.md"),
+    Claim("the results table: retrieval heads", retrieval_heads_in_results, "README.md"),
+    Claim("the results table: induction", induction_in_results, "README.md"),
+    Claim("the top-5 heads on the organism (retrieval, r2, induction, previous_token, query)", top5_table,
+          "docs/scorers.md"),
+    Claim("query against retrieval", query_against_retrieval, "docs/scorers.md"),
+    Claim("comparing the sets", comparing_the_sets, "docs/scorers.md"),
+    Claim("reasoning with and without --exclude-current-token", reasoning_with_and_without_current, "docs/method.md"),
+    Claim("ablation, --top auto", ablation_auto, "docs/experiments.md", slow=True),
+    Claim("ablation sweep", ablation_sweep, "docs/experiments.md", slow=True),
+    Claim("kv on the organism", kv_table, "docs/kv.md", slow=True),
 ]
 
 
-def in_readme(passage: str, readme: str | None = None) -> bool:
-    """Whether the README holds the passage, white space aside (prose wraps lines anywhere)."""
-    readme = README.read_text() if readme is None else readme
-    return " ".join(passage.split()) in " ".join(readme.split())
+def printed_in(passage: str, text: str) -> bool:
+    """Whether the text holds the passage, white space aside (prose wraps lines anywhere)."""
+    return " ".join(passage.split()) in " ".join(text.split())
 
 
 def main() -> int:
@@ -197,11 +226,11 @@ def main() -> int:
         work = Path(args.work or temporary)
         for claim in (claim for claim in CLAIMS if args.slow or not claim.slow):
             for passage in claim.passages(work):
-                fresh = in_readme(passage)
+                fresh = printed_in(passage, claim.path.read_text())
                 stale += not fresh
-                print(f"{'ok' if fresh else 'STALE'}: {claim.name}\n{passage}\n")
-    print(f"{stale} stale passage(s): replace them in README.md with the text above" if stale else
-          "every passage is in README.md")
+                print(f"{'ok' if fresh else 'STALE'}: {claim.name} ({claim.doc})\n{passage}\n")
+    print(f"{stale} stale passage(s): replace them in the files named with the text above" if stale else
+          "every passage is where it belongs")
     return 1 if stale else 0
 
 

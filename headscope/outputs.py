@@ -72,7 +72,7 @@ def parse_head_key(key: str) -> tuple[int, int]:
 def atomic_path(path: Path, follow: bool = False):
     """Yield a temporary path beside `path` to write; on success it replaces `path`, on failure it is removed.
 
-    Readers never see half a file, and a crash leaves at worst a hidden .tmp file. Links (README, *Run
+    Readers never see half a file, and a crash leaves at worst a hidden .tmp file. Links (docs/runs.md, *Run
     folders*): a path headscope chose itself (`follow=False`: everything in a run folder, and files named after
     an input) must be a regular file or nothing; a symlink or a device there is refused, never written through
     or over. A path the user named (`follow=True`: `--out FILE`, `--plot FILE`) is written through: a link's

@@ -83,8 +83,8 @@ def report(run_dir, out=None, compare=None, run: str | None = None, bootstrap: i
 
 def page_runs(run_dir: Path) -> tuple[list[tuple[str, dict]], dict[str, Path]]:
     """The runs whose pages `report RUN_DIR` writes (prefix, manifest), and the folder of each one's files: the
-    folder's own detect runs; or, in a folder holding ablations only (`ablate --out elsewhere`, as the README's
-    sweep), the detect runs their heads files came from, each page with this folder's ablation."""
+    folder's own detect runs; or, in a folder holding ablations only (`ablate --out elsewhere`, as the
+    sweep of docs/experiments.md), the detect runs their heads files came from, each page with this folder's ablation."""
     try:
         runs = store.find_runs(run_dir)
         return runs, {prefix: run_dir for prefix, _ in runs}

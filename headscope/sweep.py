@@ -7,7 +7,7 @@ For one model type (`sweep_type`):
   2. save it with a word-level tokenizer and run `headscope check` on it;
   3. run `headscope detect retrieval` and `detect reasoning` (each runs the check again first) and
      recompute both heads files from the eager model's own rows -- the whole sequence at every step, no cache,
-     a Python loop over layers and heads, the top k under the README's tie rule -- and compare each sample's
+     a Python loop over layers and heads, the top k under the tie rule (docs/method.md) -- and compare each sample's
      scores (<= 1e-4 relative; same responses), counting the head-steps with a tie in their top k + 1.
   4. (exact types) replay `headscope kv`'s policies on it (`kv_replay_check`, the outcome's `kv`): a window as
      long as the sequence must give the model's own logits, and every head streaming must give the logits of the
@@ -160,7 +160,7 @@ def refusal_or_problem(code: int, out: str, err: str, out_dir: Path | None) -> t
 
 
 def rule_top_k(row: torch.Tensor, k: int) -> tuple[list[tuple[int, float]], bool]:
-    """The row's top k under the README's tie rule, written out on its own (numpy): sorted by value, an entry
+    """The row's top k under the tie rule (docs/method.md), written out on its own (numpy): sorted by value, an entry
     within 2^-16 of its size of the entry above it is on that entry's level, and within a level the earliest
     position ranks first. Returns the (position, value) pairs and whether two of the top k + 1 share a level (a
     tie the rule settled; headscope's `tied_head_steps` counts the same)."""

@@ -8,7 +8,7 @@ tests; pyproject.toml keeps the ranges a library user installs into their own en
     python scripts/deps.py newest --write    # the same, and if the suite passes, constraints.txt from that venv
 
 torch is not in the lock: the README's commands install `torch==2.13.0` (a CPU build) first, and a GPU machine
-installs the build it needs. Upgrading is a decision: see the README's *Upgrading dependencies*.
+installs the build it needs. Upgrading is a decision: see docs/development.md, *Upgrading dependencies*.
 Standard library only: it runs before anything is installed.
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def newest(write: bool, torch: str) -> int:
 
 def write_lock(found: dict[str, str]) -> None:
     LOCK.write_text(HEADER + "".join(f"{name}=={version}\n" for name, version in sorted(found.items())))
-    print(f"deps: wrote {LOCK} ({len(found)} packages); run the family sweep on it before committing (README, "
+    print(f"deps: wrote {LOCK} ({len(found)} packages); run the family sweep on it before committing (docs/development.md, "
           "*Upgrading dependencies*)")
 
 

@@ -12,7 +12,7 @@ from headscope import check, decode, recorder
 from headscope.cli import main
 from headscope.toy import tiny_model
 
-THINK = ["--think-end", "so the answer is"]  # the organism's end marker (README: Reasoning models)
+THINK = ["--think-end", "so the answer is"]  # the organism's end marker (docs/reasoning-models.md)
 
 
 def detect_reasoning(tmp_path, scorers: str, *extra: str) -> list[str]:

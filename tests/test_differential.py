@@ -28,7 +28,7 @@ def reference_scores(model, tokenizer, prompt, span, task, max_new_tokens):
             for h in range(heads):
                 row = out.attentions[l][0, h, -1]
                 if task == "retrieval":
-                    top = int(references.rule_top_k(row.numpy(), 1)[0])  # the argmax, ties by the README's rule
+                    top = int(references.rule_top_k(row.numpy(), 1)[0])  # the argmax, ties by the tie rule
                     if span[0] <= top < span[1] and ids[top] == token:
                         score[l][h] += 1 / (span[1] - span[0])
                 else:

@@ -152,11 +152,13 @@ def test_the_readme_lists_every_command():
 # ---------------------------------------------------------------------------- the checks themselves fail
 
 def test_a_broken_link_or_anchor_is_found(tmp_path):
-    (tmp_path / "guide.md").write_text("# A guide\n\n## Run folders: `--out` (and more)\n\n## Run folders: `--out` (and more)\n")
+    heading = "## Run folders: `--out` (and more)\n\n"
+    (tmp_path / "guide.md").write_text(f"# A guide\n\n{heading}{heading}")  # anchors ...-and-more, ...-and-more-1
     page = tmp_path / "page.md"
     page.write_text("[ok](guide.md#run-folders---out-and-more-1) [ok](#page) [web](https://example.org/x#y)\n"
                     "`[code](missing.md)`\n```text\n[fenced](missing.md)\n```\n"
-                    "[gone](missing.md) [no anchor](guide.md#run-folders) [twice](guide.md#run-folders---out-and-more-2)\n"
+                    "[gone](missing.md) [no anchor](guide.md#run-folders) "
+                    "[twice](guide.md#run-folders---out-and-more-2)\n"
                     "# Page\n")
     assert broken_links(page) == ["missing.md: no such file",
                                   "guide.md#run-folders: guide.md has no heading with that anchor",

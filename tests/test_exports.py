@@ -119,8 +119,8 @@ def test_default_top_fits_a_small_model(tmp_path):
 
 
 def test_kvpress_streams_the_heads_headscope_streams_at_every_ratio(tmp_path):
-    """README's kvpress snippet: DuoAttentionPress reads `export --to duo`'s folder (np.loadtxt, clipped to [0, 1])
-    and streams the round(N x ratio) lowest-scoring KV heads by np.argsort, whose order among equal scores is
+    """The kvpress snippet of docs/look-compare-export.md: DuoAttentionPress reads `export --to duo`'s folder
+    (np.loadtxt, clipped to [0, 1]) and streams the round(N x ratio) lowest-scoring KV heads by np.argsort, whose order among equal scores is
     unspecified. With ties -- a tie at the top, and half the heads at 0 -- the raw export still gives, at every
     ratio, exactly the heads `headscope kv`'s duo (keep_best) keeps full; a binary export at its own ratio too."""
     import references

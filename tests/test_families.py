@@ -14,13 +14,13 @@ CI_SUBSET = ["qwen3_next", "minimax", "jamba", "deepseek_v3", "doge", "qwen4_exp
 
 
 @pytest.mark.parametrize("installed", [None, "99.0.0"])
-def test_the_table_and_the_readme_list_are_written_from_the_sweep(installed, monkeypatch):
+def test_the_table_and_the_guides_list_are_written_from_the_sweep(installed, monkeypatch):
     """...whatever transformers is installed: they say the release the rows were measured on."""
     if installed:
         monkeypatch.setattr(transformers, "__version__", installed)
     assert sweep_table.TABLE.read_text() == sweep_table.table(SWEEP)
-    assert sweep_table.readme_block(SWEEP) in sweep_table.README.read_text()
-    assert f"transformers {SWEEP.transformers}" in sweep_table.readme_block(SWEEP)
+    assert sweep_table.list_block(SWEEP) in sweep_table.GUIDE.read_text()
+    assert f"transformers {SWEEP.transformers}" in sweep_table.list_block(SWEEP)
 
 
 def test_the_sweep_has_no_crash_or_mismatch_and_every_type_of_its_release():
@@ -33,7 +33,8 @@ def test_the_sweep_has_no_crash_or_mismatch_and_every_type_of_its_release():
 
 
 def test_no_exact_types_kv_replay_differs_from_a_reduced_cache():
-    """Every exact type's kv is exact, refused by name, or (listed in the README) a replay that changed nothing."""
+    """Every exact type's kv is exact, refused by name, or (listed in docs/model-support.md) a replay that changed
+    nothing."""
     for model_type, row in ROWS.items():
         if row["verdict"] == sweep.EXACT:
             assert row["kv"].startswith(("exact", "off the interface: kv refuses it", "refused: ", "no effect: ")), \

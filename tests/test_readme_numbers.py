@@ -1,5 +1,5 @@
-"""The README's organism numbers are what benchmarks/readme_numbers.py recomputes with the README's own commands:
-a change of default cannot leave a stale table. The cheap claims (marker `readme`, about a minute on 2 cores) run
+"""The organism numbers of the README and the guides in docs/ are what benchmarks/readme_numbers.py recomputes
+with their own commands: a change of default cannot leave a stale table. The cheap claims (marker `readme`, about a minute on 2 cores) run
 in the default suite; ablation and kv (minutes) under the marker `slow`."""
 import importlib.util
 import sys
@@ -29,12 +29,18 @@ def work(tmp_path_factory):
                                    for claim in readme_numbers.CLAIMS])
 def test_the_readme_prints_what_the_script_computes(claim, work):
     for passage in claim.passages(work):
-        assert readme_numbers.in_readme(passage), f"README.md is stale; it should say:\n{passage}"
+        assert readme_numbers.printed_in(passage, claim.path.read_text()), \
+            f"{claim.doc} is stale; it should say:\n{passage}"
 
 
 def test_a_changed_number_is_caught():
     table = "| query (QRHead) | 1-0 (0.13), 1-5 (0.13), 1-3 (0.12), 1-1 (0.11), 1-7 (0.11) |"
-    readme = readme_numbers.README.read_text()
-    assert readme_numbers.in_readme(table, readme)
-    assert not readme_numbers.in_readme(table.replace("0.13", "0.28", 1), readme)
-    assert readme_numbers.in_readme("0-0 17.1, 0-7 15.7,\n   4-1 11.4", readme)  # wrapped prose still matches
+    scorers = (readme_numbers.ROOT / "docs" / "scorers.md").read_text()
+    assert readme_numbers.printed_in(table, scorers)
+    assert not readme_numbers.printed_in(table.replace("0.13", "0.28", 1), scorers)
+    method = (readme_numbers.ROOT / "docs" / "method.md").read_text()
+    assert readme_numbers.printed_in("0-0 17.1, 0-7 15.7,\n   4-1 11.4", method)  # wrapped prose still matches
+
+
+def test_every_claim_names_a_file_that_exists():
+    assert all(claim.path.is_file() for claim in readme_numbers.CLAIMS)

@@ -126,12 +126,12 @@ def test_a_task_without_a_filter_has_nothing_to_rescore(query_and_retrieval, tmp
 # ---------------------------------------------------------------------------- 5. the rescore recipe's set-up
 
 def test_the_rescore_recipe_runs_after_its_setup_command():
-    """The README's rescore recipe installs the [metrics] extra, which holds every package its commands import, and
-    its MINILM line names the packaged model's folder."""
+    """The rescore recipe (docs/experiments.md) installs the [metrics] extra, which holds every package its commands
+    import, and its MINILM line names the packaged model's folder."""
     tomllib = pytest.importorskip("tomllib")
     root = Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text()
-    recipe = readme[readme.index("## How much does the head set depend"):].split("```bash\n", 1)[1].split("```")[0]
+    guide = (root / "docs" / "experiments.md").read_text()
+    recipe = guide[guide.index("## How much does the head set depend"):].split("```bash\n", 1)[1].split("```")[0]
     lines = recipe.splitlines()
     assert lines[0].startswith('. .venv/bin/activate && pip install -q -e ".[metrics]"')
     extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["metrics"]
