@@ -134,6 +134,7 @@ def test_every_fence_names_its_language_and_every_command_block_is_marked():
     assert CHEAP_BLOCKS, "no cheap block: the docs' commands would go untested"
 
 
+@pytest.mark.docs
 @pytest.mark.parametrize("block", CHEAP_BLOCKS, ids=lambda block: block.name)
 def test_a_cheap_block_runs(block, tmp_path):
     done = run_block(block, tmp_path)
