@@ -59,17 +59,26 @@ def test_a_hybrids_layers_are_its_attention_layers_by_real_index(hybrid_run):
     assert scores.kv_keys(2) == ["1-0", "1-1", "3-0", "3-1"]
 
 
-def test_kv_pooling_of_a_grouped_query_model(toy_run):
-    """The toy has 4 query heads on 2 KV heads: KV head g of a layer reads query heads 2g and 2g + 1."""
+def test_kv_pooling_of_a_grouped_query_model(toy_run, tmp_path):
+    """The toy has 4 query heads on 2 KV heads: KV head g of a layer reads query heads 2g and 2g + 1 (repeat_kv).
+    The run's own scores are mostly 0, so the file is also read with distinct scores put in its lists."""
     path = toy_run / f"{PREFIX}_heads.json"
-    scores, means = HeadScores.load(path), file_means(path)
-    assert scores.layers == [0, 1, 2] and scores.named_attention_layers == []
-    mean = {key: value or 0.0 for key, value in means.items()}
-    expected_max = [[max(mean[f"{l}-{2 * g}"], mean[f"{l}-{2 * g + 1}"]) for g in range(2)] for l in range(3)]
-    expected_mean = [[(mean[f"{l}-{2 * g}"] + mean[f"{l}-{2 * g + 1}"]) / 2 for g in range(2)] for l in range(3)]
-    assert scores.kv_scores(2, "max").tolist() == pytest.approx(expected_max)
-    assert scores.kv_scores(2, "mean").tolist() == pytest.approx(expected_mean)
-    assert scores.kv_scores(4).tolist() == pytest.approx([[mean[f"{l}-{h}"] for h in range(4)] for l in range(3)])
+    scores = HeadScores.load(path)
+    assert scores.layers == [0, 1, 2] and scores.named_attention_layers == [0, 1, 2]  # as its manifest says
+    alone = tmp_path / "alone_heads.json"  # no manifest, layers 0..n-1: nothing says which layers have attention
+    shutil.copy(path, alone)
+    assert HeadScores.load(alone).named_attention_layers == []
+    distinct = tmp_path / "distinct_heads.json"
+    distinct.write_text(json.dumps({key: [((7 * l + 3 * h) % 12) / 12, 0.0]
+                                    for key, (l, h) in ((key, parse_head_key(key)) for key in scores.keys)}))
+    for path in (path, distinct):
+        scores, mean = HeadScores.load(path), {key: value or 0.0 for key, value in file_means(path).items()}
+        expected_max = [[max(mean[f"{l}-{2 * g}"], mean[f"{l}-{2 * g + 1}"]) for g in range(2)] for l in range(3)]
+        expected_mean = [[(mean[f"{l}-{2 * g}"] + mean[f"{l}-{2 * g + 1}"]) / 2 for g in range(2)] for l in range(3)]
+        assert np.allclose(scores.kv_scores(2, "max"), expected_max)
+        assert np.allclose(scores.kv_scores(2, "mean"), expected_mean)
+        assert np.allclose(scores.kv_scores(4), [[mean[f"{l}-{h}"] for h in range(4)] for l in range(3)])  # MHA
+    assert np.allclose(scores.kv_scores(2) * 24, [[3, 9], [10, 4], [5, 11]])  # the distinct file, by hand
     with pytest.raises(HeadscopeError, match="must divide"):
         scores.kv_scores(3)
 
@@ -136,7 +145,9 @@ def test_another_models_file_is_refused_in_one_line(toy_run, hybrid_run, toy_dir
                  "--out", str(out), "--haystack", str(data_dir / "haystack"), "--needles",
                  str(data_dir / "needles.jsonl"), "--context-lengths", "260", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"headscope: error: {refused.value}"
+    # before its weights load, the toy's config is cut to the layers the hybrid's file names (1 of its 3 layers)
+    assert err == (f"headscope: error: {hybrid_run} scores 2 layers x 4 heads, and the model being run has 1 layers "
+                   "x 4 heads (it has head 3-0, which the model does not have): the score file is for another model")
     assert not out.exists() or not any(out.iterdir())  # refused before anything was written
 
 

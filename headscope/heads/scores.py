@@ -181,9 +181,9 @@ class HeadScores:
 
     @cached_property
     def named_attention_layers(self) -> list[int]:
-        """The layers the file says are a hybrid model's attention layers (a model's config does not say which
-        are): its layers when they are not 0..n-1, or when its manifest names them as the model's attention
-        layers; [] otherwise. Read from the head ids alone (not yet a checked grid)."""
+        """The layers the file says are its model's attention layers (a hybrid's config does not say which are):
+        its layers when they are not 0..n-1, or when its manifest names them as the attention layers; [] when
+        nothing says so. Read from the head ids alone (not yet a checked grid)."""
         named = sorted({parse_head_key(key)[0] for key in self.summary})
         if named != list(range(len(named))) or self.manifest.get("attention_layers") == named:
             return named
