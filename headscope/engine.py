@@ -102,10 +102,10 @@ def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_f
     """The model's head ids, before its weights load (so that a wrong score file or K is refused first); None when
     the config cannot be read here: loading the model then says why. `score_files`: the HeadScores given.
 
-    A config does not say which layers of a hybrid have attention. A score file that names a hybrid's attention
-    layers (HeadScores.named_attention_layers) cuts the config's layers x heads to those layers (another model's
-    head count, a layer the model lacks and a K beyond the heads are still refused here; the loaded model's own ids
-    decide the rest)."""
+    A config does not say which layers of a hybrid have attention. The layers the score files name as such
+    (HeadScores.named_attention_layers, asked only here, when the config was read) cut the config's layers x heads
+    to those layers (another model's head count, a layer the model lacks and a K beyond the heads are still
+    refused here; the loaded model's own ids decide the rest)."""
     from transformers import AutoConfig
 
     if loaded is not None:
@@ -118,8 +118,8 @@ def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_f
     layers, heads = config_count(config, LAYER_COUNT), config_count(config, HEAD_COUNT)
     if not layers or not heads:
         return None
-    hybrid = {layer for scores in score_files for layer in scores.named_attention_layers}
-    return outputs.head_keys([layer for layer in range(layers) if not hybrid or layer in hybrid], heads)
+    named = {layer for scores in score_files for layer in scores.named_attention_layers}
+    return outputs.head_keys([layer for layer in range(layers) if not named or layer in named], heads)
 
 
 
