@@ -241,9 +241,9 @@ def plot_run(heads_path, top: int = 10) -> list[Path]:
     summary = scores.summary
     name = companion(heads_path, "heatmap").name.removesuffix("_heatmap.png")
     written = []
-    if any(stats["mean"] for stats in summary.values()):
+    if any(stats["mean"] for stats in summary.values()):  # before the grid is checked, as heatmap checks it
         written.append(heatmap(scores, companion(heads_path, "heatmap"), title=f"{name}: mean head score", top=top))
-    elif all(stats["mean"] is None for stats in summary.values()):  # no passing sample has a score
+    elif not scores.valued:  # no passing sample has a score
         notify(f"{name}: no head has a value (no passing sample has a score), no heatmap drawn")
     else:  # a flat map would look like a result
         notify(f"{name}: every head's mean is 0, no heatmap drawn")
