@@ -75,21 +75,6 @@ def layers_line(layers: list[int], total: int | None) -> str | None:
         " (the other layers have no attention heads)"
 
 
-def resolve_num_kv_heads(scores: HeadScores, num_kv_heads: int | None, model: str | None,
-                         trust_remote_code: bool = False) -> int:
-    """--num-kv-heads, else --model's config, else the config of the model in the run's manifest."""
-    if num_kv_heads is not None:
-        return num_kv_heads
-    source, local_only = (model, False) if model else (scores.model_path, True)
-    if not source:
-        raise HeadscopeError("the number of KV heads is needed: pass --num-kv-heads K or --model PATH")
-    heads, kv_heads = num_kv_heads_from_config(source, local_only, trust_remote_code)
-    if heads != scores.heads_per_layer:
-        raise HeadscopeError(f"{source} has {heads} attention heads per layer but {scores.path} has "
-                             f"{scores.heads_per_layer}")
-    return kv_heads
-
-
 # ------------------------------------------------------------------------------------------ agreement
 
 def overlap(a: list[str], b: list[str]) -> tuple[int, float]:

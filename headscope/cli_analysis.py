@@ -144,9 +144,7 @@ def run_show(args) -> None:
 
 def kv_table(args, scores) -> str:
     """Query heads aggregated onto their KV head (GQA), best first."""
-    from . import analysis
-
-    num_kv = analysis.resolve_num_kv_heads(scores, args.num_kv_heads, args.model, args.trust_remote_code)
+    num_kv = num_kv_heads(args, scores)
     pooled = scores.kv_scores(num_kv, args.kv_heads)
     group = scores.heads_per_layer // num_kv
     order = sorted(np.ndindex(pooled.shape), key=lambda lg: (-pooled[lg], lg))
@@ -156,6 +154,23 @@ def kv_table(args, scores) -> str:
         served = f"{layer}-{first}" if group == 1 else f"{layer}-{first} to {layer}-{last}"  # head ids, as elsewhere
         lines.append(f"{layer:>5} {kv:>7} {pooled[row, kv]:>8.4f}  {served}")
     return "\n".join(lines)
+
+
+def num_kv_heads(args, scores) -> int:
+    """--num-kv-heads, else --model's config, else the config of the model in the run's manifest."""
+    from .analysis import num_kv_heads_from_config
+    from .errors import HeadscopeError
+
+    if args.num_kv_heads is not None:
+        return args.num_kv_heads
+    source, local_only = (args.model, False) if args.model else (scores.model_path, True)
+    if not source:
+        raise HeadscopeError("the number of KV heads is needed: pass --num-kv-heads K or --model PATH")
+    heads, kv_heads = num_kv_heads_from_config(source, local_only, args.trust_remote_code)
+    if heads != scores.heads_per_layer:
+        raise HeadscopeError(f"{source} has {heads} attention heads per layer but {scores.path} has "
+                             f"{scores.heads_per_layer}")
+    return kv_heads
 
 
 def stability(args, scores) -> str:
@@ -216,7 +231,7 @@ def run_plot(args) -> None:
 
 
 def run_export(args) -> None:
-    from . import analysis, exports
+    from . import exports
     from .heads import HeadScores
     from .heads.scores import companion
     from .outputs import atomic_write_json
@@ -226,7 +241,7 @@ def run_export(args) -> None:
     default = companion(args.file, args.to)
     top = args.top if args.top is not None else min(20, scores.valued) or 1
     if args.to == "duo":
-        num_kv = analysis.resolve_num_kv_heads(scores, args.num_kv_heads, args.model, args.trust_remote_code)
+        num_kv = num_kv_heads(args, scores)
         pattern = scores.duo(num_kv, args.threshold, args.sparsity, args.raw or None)
         written = exports.write_duo(pattern, args.out or default.with_suffix(""), args.sink_size, args.recent_size)
         print(f"{int((pattern > 0).sum())} of {pattern.size} KV heads marked full attention" if not args.raw else
