@@ -160,3 +160,21 @@ def test_a_head_its_model_cannot_have_is_refused_by_its_manifest(toy_run, tmp_pa
     with pytest.raises(HeadscopeError, match="it has head 3-0, which the model does not have"):
         HeadScores.load(tmp_path / f"{PREFIX}_heads.json").checked()
     assert HeadScores.load(toy_run / f"{PREFIX}_heads.json").checked().layers == [0, 1, 2]
+
+
+def test_the_value_imports_nothing_above_the_run_folder():
+    """heads/ may import errors, schema, outputs and store only: loading it in a fresh interpreter pulls in no
+    engine, experiment, command line or report (nor torch)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    loaded = subprocess.run([sys.executable, "-c", "import sys, headscope.heads; print(' '.join(sys.modules))"],
+                            capture_output=True, text=True, check=True, cwd=root,
+                            env=os.environ | {"PYTHONPATH": str(root)}).stdout.split()
+    above = {"headscope.engine", "headscope.ablation", "headscope.kv_curve", "headscope.specificity",
+             "headscope.rescore", "headscope.cli", "headscope.cli_analysis", "headscope.report", "headscope.analysis",
+             "headscope.exports", "headscope.plots", "torch"}
+    assert not above & set(loaded)
