@@ -89,11 +89,11 @@ def headscope_tokens(model, policy, ids, context, steps):
 
 def duo_pattern_folder(heads_file: str, kv_heads: int, sink: int, recent: int) -> Path:
     """`headscope export --to duo --raw`'s folder for the heads file (the scores DuoAttentionPress ranks)."""
-    from headscope import analysis, exports
+    from headscope import exports
+    from headscope.heads import HeadScores
 
-    summary = analysis.load_summary(heads_file)
     folder = Path(tempfile.mkdtemp()) / "duo"
-    exports.write_duo(exports.duo_pattern(analysis.mean_matrix(summary), kv_heads, raw=True), folder, sink, recent)
+    exports.write_duo(HeadScores.load(heads_file).duo(kv_heads, raw=True), folder, sink, recent)
     return folder
 
 
@@ -110,8 +110,9 @@ def main() -> None:
     from kvpress import DuoAttentionPress, SnapKVPress, StreamingLLMPress
     from transformers import AutoModelForCausalLM
 
-    from headscope import analysis, kv_curve
+    from headscope import kv_curve
     from headscope.engine import all_items, start_run, task_options
+    from headscope.heads import HeadScores
     from headscope.organism import CHECKPOINT_DIR
 
     transformers5_hook(kvpress.presses.base_press.BasePress)
@@ -133,7 +134,7 @@ def main() -> None:
     DuoAttentionPress.load_attention_pattern = staticmethod(exported_pattern)
     settings = kv_curve.with_convention_defaults(kv_curve.KVSettings(scores=args.heads, convention="kvpress",
                                                                      sink=args.sink, recent=args.recent))
-    planner = kv_curve.Planner(settings, analysis.load_summary(args.heads), kv_heads, 0)
+    planner = kv_curve.Planner(settings, HeadScores.load(args.heads), kv_heads, 0)
     full = {sample.id: kvpress_tokens(plain, None, torch.tensor([prompt.input_ids]), contexts[sample.id],
                                       args.steps)[1] for _, sample, prompt in items}
     print(f"{len(items)} prompts; {args.steps} greedy tokens; sink {args.sink}, recent {args.recent}")

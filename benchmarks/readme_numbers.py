@@ -94,12 +94,13 @@ def top5_table(work: Path) -> list[str]:
 
 def query_against_retrieval(work: Path) -> str:
     from headscope.analysis import compare
+    from headscope.heads import HeadScores
     from headscope.outputs import ranked
 
     query = summary(detect(work, "query", "query"), "query")
     retrieval = summary(retrieval_run(work), "retrieval")
     leading = next(i for i, (key, _) in enumerate(ranked(query) + [("end-", None)]) if not key.startswith("1-"))
-    result = compare(query, retrieval, [8])
+    result = compare(HeadScores.from_summary(query), HeadScores.from_summary(retrieval), [8])
     return (f"The QRHead score puts {leading} layer-1 heads in its top {leading} (top-8 overlap with retrieval "
             f"{result['per_k'][0]['overlap']}/8, Spearman {result['spearman']:.2f} over all {result['num_heads']} "
             "heads")
@@ -108,13 +109,14 @@ def query_against_retrieval(work: Path) -> str:
 def comparing_the_sets(work: Path) -> str:
     """The "Comparing the sets" table: `headscope compare` of retrieval with induction and with r2, K = 4, 8, 16."""
     from headscope.analysis import compare
+    from headscope.heads import HeadScores
 
     both = retrieval_run(work)
     pattern = detect(work, "pattern", "pattern", "--scorer", "induction,previous_token")
     retrieval = summary(both, "retrieval")
     cells = []
     for other, first_label in ((summary(pattern, "pattern_induction"), "Jaccard "), (summary(both, "retrieval_r2"), "")):
-        result = compare(retrieval, other, [4, 8, 16])
+        result = compare(HeadScores.from_summary(retrieval), HeadScores.from_summary(other), [4, 8, 16])
         per_k = [f"top-{entry['k']} {'overlap ' if index == 0 else ''}{entry['overlap']} "
                  f"({first_label if index == 0 else ''}{entry['jaccard']:.2f})"
                  for index, entry in enumerate(result["per_k"])]

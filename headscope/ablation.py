@@ -20,11 +20,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import analysis, identity, masking, outputs, schema, store
+from . import identity, masking, outputs, schema, store
 from .engine import (Run, all_items, batch_size, head_ids_before_loading, kept_threads, model_name_of, run_batch,
                      run_identity,
                      start_run, task_options)
 from .errors import HeadscopeError
+from .heads import HeadScores
 from .lock import writer_lock
 from .options import DetectOptions, option, parse_ints, unused_by, validate
 from .tasks import TASKS
@@ -155,27 +156,27 @@ def random_heads(all_keys: list[str], excluded: list[str], k: int, seed: int) ->
     return sorted(random.Random(seed).sample(pool, k), key=outputs.parse_head_key)
 
 
-def heads_above(summary: dict[str, dict], min_score: float) -> int:
+def heads_above(scores: HeadScores, min_score: float) -> int:
     """K chosen by the data: how many heads have a mean score of at least ``min_score``.
 
     Wu et al. (2024) call a head a retrieval head when its retrieval score exceeds 0.1, hence the default."""
-    k = sum(stats["mean"] is not None and stats["mean"] >= min_score for stats in summary.values())
+    k = scores.at_least(min_score)
     if k == 0:
         raise HeadscopeError(f"--top auto: no head has a mean score of at least {min_score:g}; give K instead")
     return k
 
 
-def plan_arms(summary: dict, keys: list[str], ks: list[int], settings: AblationSettings, seed: int,
-              scores) -> list[tuple]:
+def plan_arms(scores: HeadScores, keys: list[str], ks: list[int], settings: AblationSettings,
+              seed: int) -> list[tuple]:
     """(name, K, head sets) of every arm; refused when the score file is another model's or a K cannot be met.
     Run before the model loads (with the head ids of its config) and again on the loaded model."""
-    analysis.refuse_other_model(summary, keys, scores)
+    scores.refuse_other_model(keys)
     for k in ks:
         if k < 0 or k > len(keys):
             raise HeadscopeError(f"K = {k} is not between 0 and the number of heads ({len(keys)})")
     arms = [("none", 0, [[]])]
     for k in ks:
-        top = analysis.top_keys(summary, k) if k else []
+        top = scores.top(k) if k else []
         arms.append((f"top-{k}", k, [top]))
         if k and (settings.random_k is None or settings.random_k > 0):
             count = k if settings.random_k is None or len(ks) > 1 else settings.random_k
@@ -194,20 +195,21 @@ def ablate(task: str, scores: str, top: list[int] | str, options=None, loaded=No
     the prompts are built."""
     settings, options = settings_and_options("ablate", AblationSettings, task, options, overrides, scores=scores,
                                              top=top)
-    summary = analysis.load_summary(scores)
-    ks = [heads_above(summary, settings.min_score)] if top == "auto" else top
-    keys = head_ids_before_loading(options, loaded, {scores: summary})
+    heads = HeadScores.load(scores)
+    ks = [heads_above(heads, settings.min_score)] if top == "auto" else top
+    keys = head_ids_before_loading(options, loaded, [heads])
     if keys is not None:
-        plan_arms(summary, keys, ks, settings, options.seed, scores)
+        plan_arms(heads, keys, ks, settings, options.seed)
     name = model_name_of(options, loaded)
     made_of = identity.digests(run_identity(task, options, loaded))
     path = Path(options.out) / f"{name}_{task}_ablation.json"
     with writer_lock(options.out, f"{name}_{task}_ablation"):
         log = ArmLog(path.with_name(f"{name}_{task}_ablation_samples.jsonl"),
-                     ablation_id(task, options, made_of, settings, summary), options.overwrite, made_of=made_of)
+                     ablation_id(task, options, made_of, settings, heads.summary), options.overwrite,
+                     made_of=made_of)
         try:
             run = start_run(task, options, loaded, command="ablate")
-            arms_to_run = plan_arms(summary, run.keys, ks, settings, options.seed, scores)
+            arms_to_run = plan_arms(heads, run.keys, ks, settings, options.seed)
             items = all_items(run)
             results, rows_of = run_arms(run, items, arms_to_run, settings.mode, log)
         finally:

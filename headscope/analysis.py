@@ -1,61 +1,24 @@
-"""Reading score files back and asking how much to trust them: rankings, GQA, agreement, stability.
+"""Asking how much to trust score files: agreement of two, stability under resampling, GQA configs, samples.
 
-Every function works on a "summary" ({"L-H": {"mean", "std", "count", "max"}}, from either a heads
-or a summary file) or on numpy arrays of shape (layers, heads) / (samples, layers * heads).
+A score file itself is a `HeadScores` (heads/scores.py: its grid, means, top K, KV pooling); the functions here
+take those, or numpy arrays of shape (samples, layers * heads).
 """
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from . import schema, store
+from . import store
 from .errors import HeadscopeError, loading_reason
-from .outputs import head_key, parse_head_key, ranked, summarize
-
-RUN_FILE = re.compile(r"^(?P<prefix>.+)_(?P<kind>heads|summary)(?P<shard>\.shard-\d+-of-\d+)?\.json$")
+from .heads import HeadScores
+from .heads.patterns import kv_head_scores  # noqa: F401 -- the README's name for it: headscope.analysis.kv_head_scores
+from .heads.scores import check_top, grid_shape
+from .outputs import parse_head_key
 
 
 # ---------------------------------------------------------------------------------------------- files
-
-def load_summary(path: str | Path) -> dict[str, dict]:
-    """A heads file ({"L-H": [scores]}) or a summary file ({"L-H": {"mean", ...}}), told apart by its values.
-    A head with no value (an empty list, a null mean) keeps mean None: it is never ranked, shown or exported
-    as if it had scored 0."""
-    data = schema.read_json(path, "score file")
-    if not isinstance(data, dict) or not data:
-        raise HeadscopeError(f"{path} is not a heads or summary file: expected a non-empty object keyed by LAYER-HEAD")
-    for key in data:
-        parse_head_key(key)
-    values = list(data.values())
-    if all(isinstance(v, list) and all(schema.is_number(s) for s in v) for v in values):
-        data = summarize(data)
-        values = list(data.values())
-    if all(isinstance(v, dict) and (schema.is_number(v.get("mean")) or v.get("mean") is None) for v in values):
-        return {key: _head_stats(v) for key, v in data.items()}
-    raise HeadscopeError(f"{path} is not a heads or summary file: each LAYER-HEAD must map to a list of scores "
-                         "or to {\"mean\": ...}")
-
-
-def _head_stats(stats: dict) -> dict:
-    if stats["mean"] is None:
-        return {"mean": None, "std": None, "count": 0, "max": None}
-    return {"mean": float(stats["mean"]), "std": float(stats.get("std") or 0.0), "count": int(stats.get("count", 0)),
-            "max": float(stats.get("max") if stats.get("max") is not None else stats["mean"])}
-
-
-def companion(path: str | Path, kind: str) -> Path:
-    """The file of another `kind` (samples, manifest, heatmap, ...) from the same run as a heads/summary file.
-
-    NAME_TASK_heads.json -> NAME_TASK_samples.jsonl; other names just get `_kind` after their stem."""
-    path = Path(path)
-    match = RUN_FILE.match(path.name)
-    prefix, shard = (match["prefix"], match["shard"] or "") if match else (path.stem, "")
-    extension = {"samples": ".jsonl", "manifest": ".json", "summary": ".json"}.get(kind, ".png")
-    return path.with_name(f"{prefix}_{kind}{shard}{extension}")
-
 
 def existing_samples(path: str | Path) -> Path:
     """The samples file `path`, refused in one line when it is missing."""
@@ -67,94 +30,6 @@ def existing_samples(path: str | Path) -> Path:
 def read_samples(path: str | Path) -> list[dict]:
     """NAME_TASK_samples.jsonl, checked row by row (store.read_rows: every reader alike)."""
     return store.read_rows(existing_samples(path))
-
-
-# ----------------------------------------------------------------------------------------- the grid
-
-def grid_layers(keys) -> tuple[list[int], int]:
-    """(the layers, ascending, heads per layer) of a complete LAYER-HEAD grid: every present layer with heads
-    0..H-1. The layers are the model's attention layers by their real indices (a hybrid's skip the others); a
-    missing or stray head id is an error."""
-    pairs = {parse_head_key(key) for key in keys}
-    if min(min(pair) for pair in pairs) < 0:
-        raise HeadscopeError("head ids must not be negative")
-    layers = sorted({layer for layer, _ in pairs})
-    heads = 1 + max(head for _, head in pairs)
-    if len(pairs) != len(layers) * heads:
-        missing = next(head_key(l, h) for l in layers for h in range(heads) if (l, h) not in pairs)
-        raise HeadscopeError(f"the head ids do not form a full layers x heads grid: {len(layers)} x {heads} would "
-                             f"need {missing}, which is missing (is a head id like 99-0 out of range?)")
-    return layers, heads
-
-
-def grid_shape(keys) -> tuple[int, int]:
-    """(layers, heads) of a complete LAYER-HEAD grid (see grid_layers)."""
-    layers, heads = grid_layers(keys)
-    return len(layers), heads
-
-
-def mean_matrix(summary: dict[str, dict]) -> np.ndarray:
-    """The (layers, heads) array of mean scores, row i being the i-th layer of `grid_layers` (a hybrid model's
-    attention layers only); a head with no value counts as 0 in a matrix (heatmaps, KV-cache policies)."""
-    layers, heads = grid_layers(summary)
-    row = {layer: index for index, layer in enumerate(layers)}
-    means = np.zeros((len(layers), heads))
-    for key, stats in summary.items():
-        layer, head = parse_head_key(key)
-        means[row[layer], head] = stats["mean"] or 0.0
-    return means
-
-
-def valued(summary: dict[str, dict]) -> int:
-    """How many heads have a value (at least one passing sample scored them)."""
-    return sum(stats["mean"] is not None for stats in summary.values())
-
-
-def check_top(k: int, num_heads: int) -> None:
-    if k < 1:
-        raise HeadscopeError(f"K must be at least 1, not {k}")
-    if k > num_heads:
-        raise HeadscopeError(f"K = {k} is larger than the number of heads ({num_heads})")
-
-
-def top_keys(summary: dict[str, dict], k: int) -> list[str]:
-    """The K best heads by mean (ties by layer then head, as `outputs.ranked`); a head with no value is never
-    among them, so K larger than the heads with a value is refused."""
-    check_top(k, len(summary))
-    if k > valued(summary):
-        raise HeadscopeError(f"K = {k}, but only {valued(summary)} of the {len(summary)} heads have a value (no "
-                             "passing sample scored the others)")
-    return [key for key, _ in ranked(summary)[:k]]
-
-
-def checked_heads(path, summary: dict[str, dict]) -> list[str]:
-    """The score file's head ids in grid order: the heads of the run's model when its manifest lies beside the
-    file (a head the model cannot have, e.g. 99-0 in a 6-layer model, is refused), and a full layers x heads grid."""
-    manifest = read_manifest(path)
-    if manifest is not None:
-        refuse_other_model(summary, manifest["heads"], path)
-    keys = sorted(summary, key=parse_head_key)
-    grid_shape(keys)
-    return keys
-
-
-def refuse_other_model(summary: dict[str, dict], keys: list[str], path) -> None:
-    """A score file must score exactly the model's heads: a file of another model (another shape) is refused."""
-    if set(summary) != set(keys):
-        extra = sorted(set(summary) - set(keys), key=parse_head_key)
-        missing = sorted(set(keys) - set(summary), key=parse_head_key)
-        detail = f"it has head {extra[0]}, which the model does not have" if extra else f"it lacks head {missing[0]}"
-        raise HeadscopeError(f"{path} scores {shape_of(summary)}, and the model being run has {shape_of(keys)} "
-                             f"({detail}): the score file is for another model")
-
-
-def shape_of(keys) -> str:
-    """"6 layers x 8 heads" (each side of a mismatch says its own), or "N heads" when they are not a full grid."""
-    try:
-        layers, heads = grid_shape(keys)
-    except HeadscopeError:
-        return f"{len(keys)} heads"
-    return f"{layers} layers x {heads} heads"
 
 
 # The NIAH grid's context length is the setting (the haystack is cut to it minus --length-buffer); the prompts the
@@ -174,24 +49,6 @@ def length_labels(rows: list[dict], lengths: list) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ GQA
 
-def kv_head_scores(means: np.ndarray, num_kv_heads: int, reduce: str = "max") -> np.ndarray:
-    """Aggregate query heads onto the KV head they read, for grouped-query attention.
-
-    With H query heads and G KV heads, each KV head serves H / G consecutive query heads:
-    query head h reads KV head h // (H / G) (transformers' `repeat_kv` repeats each KV head
-    H / G times in place). score[l, g] = reduce over h in [g * H/G, (g+1) * H/G) of means[l, h],
-    with reduce = max (a KV head matters if any of its query heads does) or mean.
-    """
-    layers, heads = means.shape
-    if num_kv_heads < 1 or heads % num_kv_heads:
-        raise HeadscopeError(f"{heads} query heads per layer cannot be shared by {num_kv_heads} KV heads "
-                             "(the number of KV heads must divide the number of query heads)")
-    if reduce not in ("max", "mean"):
-        raise HeadscopeError(f"--kv-heads must be max or mean, not {reduce!r}")
-    grouped = means.reshape(layers, num_kv_heads, heads // num_kv_heads)
-    return grouped.max(axis=2) if reduce == "max" else grouped.mean(axis=2)
-
-
 def num_kv_heads_from_config(model: str, local_only: bool = False, trust_remote_code: bool = False) -> tuple[int, int]:
     """(num_attention_heads, num_key_value_heads) from a model's config.json (MHA: the two are equal). A config
     that needs custom code (an auto_map) is refused unless the user passed --trust-remote-code: a model named
@@ -209,11 +66,6 @@ def num_kv_heads_from_config(model: str, local_only: bool = False, trust_remote_
     return heads, getattr(config, "num_key_value_heads", None) or heads
 
 
-def read_manifest(path: str | Path) -> dict | None:
-    """The run's manifest beside a score file (checked), or None when there is none."""
-    return store.read_manifest(companion(path, "manifest"))
-
-
 def layers_line(layers: list[int], total: int | None) -> str | None:
     """"attention layers 1, 3 of 4" when the heads' layers are not every layer 0..n-1 (a hybrid model); None
     otherwise. `total`: the model's layer count, from the run's manifest (None: unknown)."""
@@ -221,25 +73,6 @@ def layers_line(layers: list[int], total: int | None) -> str | None:
         return None
     return f"attention layers {', '.join(map(str, layers))}" + (f" of {total}" if total else "") + \
         " (the other layers have no attention heads)"
-
-
-def model_from_manifest(path: str | Path) -> str | None:
-    """The model path recorded in the run's manifest, when there is one beside the score file."""
-    return (read_manifest(path) or {}).get("model_path")
-
-
-def resolve_num_kv_heads(path, num_query_heads: int, num_kv_heads: int | None, model: str | None,
-                         trust_remote_code: bool = False) -> int:
-    """--num-kv-heads, else --model's config, else the config of the model in the run's manifest."""
-    if num_kv_heads is not None:
-        return num_kv_heads
-    source, local_only = (model, False) if model else (model_from_manifest(path), True)
-    if not source:
-        raise HeadscopeError("the number of KV heads is needed: pass --num-kv-heads K or --model PATH")
-    heads, kv_heads = num_kv_heads_from_config(source, local_only, trust_remote_code)
-    if heads != num_query_heads:
-        raise HeadscopeError(f"{source} has {heads} attention heads per layer but {path} has {num_query_heads}")
-    return kv_heads
 
 
 # ------------------------------------------------------------------------------------------ agreement
@@ -274,26 +107,24 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float((rx * ry).sum() / norm) if norm > 0 else float("nan")
 
 
-def compare(a: dict[str, dict], b: dict[str, dict], ks: list[int]) -> dict:
+def compare(a: HeadScores, b: HeadScores, ks: list[int]) -> dict:
     """Overlap and Jaccard of the top-K sets for each K, Spearman over all heads, and the
     heads in only one top-K for the largest K. The two files must score the same heads."""
-    if set(a) != set(b):
-        only = sorted(set(a) ^ set(b), key=parse_head_key)
-        ga, gb = grid_shape(a), grid_shape(b)
+    if set(a.summary) != set(b.summary):
+        only = sorted(set(a.summary) ^ set(b.summary), key=parse_head_key)
+        ga, gb = grid_shape(a.summary), grid_shape(b.summary)
         raise HeadscopeError(f"the files score different heads ({ga[0]}x{ga[1]} vs {gb[0]}x{gb[1]}, "
                              f"e.g. {only[0]} is in one only): were they made with the same model?")
     if not ks:
         raise HeadscopeError("--top needs at least one K")
-    keys = sorted(a, key=parse_head_key)
     per_k = []
     for k in ks:
-        top_a, top_b = top_keys(a, k), top_keys(b, k)
-        shared, jaccard = overlap(top_a, top_b)
+        shared, jaccard = overlap(a.top(k), b.top(k))
         per_k.append({"k": k, "overlap": shared, "jaccard": jaccard})
     largest = max(ks)
-    top_a, top_b = top_keys(a, largest), top_keys(b, largest)
-    return {"per_k": per_k, "num_heads": len(keys),
-            "spearman": spearman(np.array([a[k]["mean"] for k in keys]), np.array([b[k]["mean"] for k in keys])),
+    top_a, top_b = a.top(largest), b.top(largest)
+    return {"per_k": per_k, "num_heads": len(a.keys),
+            "spearman": spearman(a.means.ravel(), b.means.ravel()),  # both in grid order, a head with no value 0
             "largest_k": largest,
             "only_a": [k for k in top_a if k not in top_b], "only_b": [k for k in top_b if k not in top_a]}
 

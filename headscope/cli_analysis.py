@@ -108,69 +108,82 @@ def add_report(report) -> None:
 COMMANDS = {"show": add_show, "compare": add_compare, "plot": add_plot, "export": add_export, "report": add_report}
 
 
-def score_name(path) -> str:
-    """What a score file measures, for axis labels: its run's task and scorer (from the manifest), else its name."""
-    from . import analysis
-
-    manifest = analysis.read_manifest(path) or {}
+def score_name(scores) -> str:
+    """What a score file (a HeadScores) measures, for axis labels: its run's task and scorer (from the manifest),
+    else its name."""
+    manifest = scores.manifest
     if manifest.get("task") and manifest.get("scorer"):
         task, scorer = manifest["task"], manifest["scorer"]
         return task if task == scorer else f"{task} ({scorer})"
-    return Path(path).stem.removesuffix("_heads").removesuffix("_summary")
+    return Path(scores.path).stem.removesuffix("_heads").removesuffix("_summary")
 
 
 def run_show(args) -> None:
     from . import analysis
     from .errors import HeadscopeError
+    from .heads import HeadScores
     from .outputs import format_table
 
-    summary = analysis.load_summary(args.file)
+    scores = HeadScores.load(args.file)
     if args.top < 1:
         raise HeadscopeError("--top must be at least 1")
     if args.kv_heads and args.bootstrap:
         raise HeadscopeError("--kv-heads and --bootstrap cannot be combined")
-    keys = analysis.checked_heads(args.file, summary)
+    scores.checked()
     if args.kv_heads:
-        print(kv_table(args, summary))
+        print(kv_table(args, scores))
         return
-    hybrid = analysis.layers_line(analysis.grid_layers(summary)[0],
-                                  (analysis.read_manifest(args.file) or {}).get("layers"))
+    hybrid = analysis.layers_line(scores.layers, scores.model_layers)
     if hybrid:
         print(hybrid)
     if args.bootstrap:
-        print(stability(args, summary, keys))
+        print(stability(args, scores))
     else:
-        print(format_table(summary, args.top))
+        print(format_table(scores.summary, args.top))
 
 
-def kv_table(args, summary: dict) -> str:
+def kv_table(args, scores) -> str:
     """Query heads aggregated onto their KV head (GQA), best first."""
-    from . import analysis
-
-    means = analysis.mean_matrix(summary)
-    num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model,
-                                          args.trust_remote_code)
-    scores = analysis.kv_head_scores(means, num_kv, args.kv_heads)
-    group = means.shape[1] // num_kv
-    layers, _ = analysis.grid_layers(summary)  # row i: the i-th attention layer, by its real index
-    order = sorted(np.ndindex(scores.shape), key=lambda lg: (-scores[lg], lg))
+    num_kv = num_kv_heads(args, scores)
+    pooled = scores.kv_scores(num_kv, args.kv_heads)
+    group = scores.heads_per_layer // num_kv
+    order = sorted(np.ndindex(pooled.shape), key=lambda lg: (-pooled[lg], lg))
     lines = [f"{'layer':>5} {'kv_head':>7} {args.kv_heads:>8}  query heads"]
     for row, kv in order[:args.top]:
-        layer, first, last = layers[row], kv * group, (kv + 1) * group - 1
+        layer, first, last = scores.layers[row], kv * group, (kv + 1) * group - 1  # row i: the i-th attention layer
         served = f"{layer}-{first}" if group == 1 else f"{layer}-{first} to {layer}-{last}"  # head ids, as elsewhere
-        lines.append(f"{layer:>5} {kv:>7} {scores[row, kv]:>8.4f}  {served}")
+        lines.append(f"{layer:>5} {kv:>7} {pooled[row, kv]:>8.4f}  {served}")
     return "\n".join(lines)
 
 
-def stability(args, summary: dict, keys: list[str]) -> str:
+def num_kv_heads(args, scores) -> int:
+    """--num-kv-heads, else --model's config, else the config of the model in the run's manifest."""
+    from .analysis import num_kv_heads_from_config
+    from .errors import HeadscopeError
+
+    if args.num_kv_heads is not None:
+        return args.num_kv_heads
+    source, local_only = (args.model, False) if args.model else (scores.model_path, True)
+    if not source:
+        raise HeadscopeError("the number of KV heads is needed: pass --num-kv-heads K or --model PATH")
+    heads, kv_heads = num_kv_heads_from_config(source, local_only, args.trust_remote_code)
+    if heads != scores.heads_per_layer:
+        raise HeadscopeError(f"{source} has {heads} attention heads per layer but {scores.path} has "
+                             f"{scores.heads_per_layer}")
+    return kv_heads
+
+
+def stability(args, scores) -> str:
     """The bootstrap table of the samples beside the file (heads with no value shown as '-', never as 0)."""
     from . import analysis, store
     from .errors import HeadscopeError
+    from .heads.scores import companion
     from .scorers import keeps_zeros
 
-    paths = {"samples": analysis.existing_samples(analysis.companion(args.file, "samples")),
-             "manifest": analysis.companion(args.file, "manifest")}
-    rows = store.run_rows(paths, analysis.read_manifest(args.file))
+    keys, summary = scores.keys, scores.summary
+    paths = {"samples": analysis.existing_samples(companion(args.file, "samples")),
+             "manifest": companion(args.file, "manifest")}
+    rows = store.run_rows(paths, scores.manifest or None)
     contributions = analysis.sample_contributions(rows, keys)
     if not contributions.size:
         raise HeadscopeError(f"{paths['samples']} has no passing samples with head_scores to resample")
@@ -190,11 +203,12 @@ def stability(args, summary: dict, keys: list[str]) -> str:
 
 def run_compare(args) -> None:
     from . import analysis, plots
-    from .outputs import plain
+    from .heads import HeadScores
 
     refuse_overwriting(args.plot, "--plot", [args.a, args.b], [Path(args.a).parent, Path(args.b).parent])
-    a, b = (plain(analysis.load_summary(path)) for path in (args.a, args.b))  # no value counts as 0 here
-    ks = args.top if args.top is not None else [k for k in (5, 10, 20, 30) if k <= len(a)] or [len(a)]
+    a, b = (HeadScores.load(path).plain() for path in (args.a, args.b))  # no value counts as 0 here
+    heads = len(a.summary)
+    ks = args.top if args.top is not None else [k for k in (5, 10, 20, 30) if k <= heads] or [heads]
     result = analysis.compare(a, b, ks)
     print(f"{'K':>4} {'overlap':>7} {'jaccard':>7}")
     for row in result["per_k"]:
@@ -206,7 +220,7 @@ def run_compare(args) -> None:
     if not args.no_plot:
         path_a, path_b = Path(args.a), Path(args.b)
         out = Path(args.plot) if args.plot else path_a.with_name(f"{path_a.stem}_vs_{path_b.stem}.png")
-        wrote(plots.scatter(a, b, out, (score_name(path_a), score_name(path_b)), follow=args.plot is not None))
+        wrote(plots.scatter(a, b, out, (score_name(a), score_name(b)), follow=args.plot is not None))
 
 
 def run_plot(args) -> None:
@@ -217,31 +231,29 @@ def run_plot(args) -> None:
 
 
 def run_export(args) -> None:
-    from . import analysis, exports
-    from .errors import HeadscopeError
+    from . import exports
+    from .heads import HeadScores
+    from .heads.scores import companion
     from .outputs import atomic_write_json
 
     refuse_overwriting(args.out, "--out", [args.file], [Path(args.file).parent])
-    summary = analysis.load_summary(args.file)
-    analysis.checked_heads(args.file, summary)
-    means = analysis.mean_matrix(summary)
-    default = analysis.companion(args.file, args.to)
-    top = args.top if args.top is not None else min(20, analysis.valued(summary)) or 1
+    scores = HeadScores.load(args.file).checked()
+    default = companion(args.file, args.to)
+    top = args.top if args.top is not None else min(20, scores.valued) or 1
     if args.to == "duo":
-        num_kv = analysis.resolve_num_kv_heads(args.file, means.shape[1], args.num_kv_heads, args.model,
-                                               args.trust_remote_code)
-        pattern = exports.duo_pattern(means, num_kv, args.threshold, args.sparsity, args.raw or None)
+        num_kv = num_kv_heads(args, scores)
+        pattern = scores.duo(num_kv, args.threshold, args.sparsity, args.raw or None)
         written = exports.write_duo(pattern, args.out or default.with_suffix(""), args.sink_size, args.recent_size)
         print(f"{int((pattern > 0).sum())} of {pattern.size} KV heads marked full attention" if not args.raw else
               f"{pattern.size} KV heads, scores scaled to [0, 1]")
     else:
         if args.to == "topk":
-            content = exports.top_k_list(summary, top)
+            content = scores.top_k_list(top)
         elif args.to == "razor":
-            content = exports.razor_heads(summary, top)
+            content = scores.razor(top)
         else:
-            content = exports.headkv_json(exports.headkv_budgets(means, args.budget, args.beta, args.temperature),
-                                          args.layout, analysis.grid_layers(summary)[0])
+            content = exports.headkv_json(scores.headkv(args.budget, args.beta, args.temperature), args.layout,
+                                          scores.layers)
         out = Path(args.out or default.with_suffix(".json"))
         atomic_write_json(out, content, follow=args.out is not None)  # a path the user named: through links
         written = [out]

@@ -98,17 +98,15 @@ def model_identity(options, loaded: loading.LoadedModel | None) -> dict:
     return identity.of_model(path, loaded)
 
 
-def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_files: dict) -> list[str] | None:
+def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_files: list) -> list[str] | None:
     """The model's head ids, before its weights load (so that a wrong score file or K is refused first); None when
-    the config cannot be read here: loading the model then says why. `score_files`: {path: summary}.
+    the config cannot be read here: loading the model then says why. `score_files`: the HeadScores given.
 
-    A config does not say which layers of a hybrid have attention. A score file whose layers are not 0..n-1, or
-    whose manifest names them as the model's attention layers, may be a hybrid's: the ids are then the config's
-    layers x heads cut to those layers (another model's head count, a layer the model lacks and a K beyond the
-    heads are still refused here; the loaded model's own ids decide the rest)."""
+    A config does not say which layers of a hybrid have attention. The layers the score files name as such
+    (HeadScores.named_attention_layers, asked only here, when the config was read) cut the config's layers x heads
+    to those layers (another model's head count, a layer the model lacks and a K beyond the heads are still
+    refused here; the loaded model's own ids decide the rest)."""
     from transformers import AutoConfig
-
-    from . import analysis
 
     if loaded is not None:
         return model_head_keys(loaded.model)
@@ -120,12 +118,8 @@ def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_f
     layers, heads = config_count(config, LAYER_COUNT), config_count(config, HEAD_COUNT)
     if not layers or not heads:
         return None
-    hybrid = set()
-    for path, summary in score_files.items():
-        named = sorted({outputs.parse_head_key(key)[0] for key in summary})
-        if named != list(range(len(named))) or (analysis.read_manifest(path) or {}).get("attention_layers") == named:
-            hybrid |= set(named)
-    return outputs.head_keys([layer for layer in range(layers) if not hybrid or layer in hybrid], heads)
+    named = {layer for scores in score_files for layer in scores.named_attention_layers}
+    return outputs.head_keys([layer for layer in range(layers) if not named or layer in named], heads)
 
 
 

@@ -56,13 +56,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import analysis, exports, identity, kv, outputs, schema, store
+from . import identity, kv, outputs, schema, store
 from .ablation import ArmLog, arm_result, random_heads, settings_and_options, unlogged_batches
 from .decode import num_layers_and_heads
 from .engine import (Run, all_items, decodable, head_ids_before_loading, kept_threads, model_name_of, run_batch,
                      run_identity,
                      start_run)
 from .errors import HeadscopeError, notify
+from .heads import HeadScores
 from .lock import writer_lock
 from .options import option
 
@@ -217,14 +218,12 @@ def parse_arm(arm: str) -> tuple[str, int | float | None]:
 
 
 class Planner:
-    """Turns (policy, budget, draw) into the policy to replay, from the heads file's means (layers, query heads)."""
+    """Turns (policy, budget, draw) into the policy to replay, from the heads file (its KV heads, top K and
+    patterns, as `export` writes them)."""
 
-    def __init__(self, settings: KVSettings, summary: dict, kv_heads: int, seed: int):
-        self.settings, self.seed = settings, seed
-        self.means = analysis.mean_matrix(summary)  # (attention layers, query heads): row i is layer layers[i]
-        self.layers = analysis.grid_layers(summary)[0]  # their real indices (a hybrid's skip its other layers)
-        self.kv_scores = analysis.kv_head_scores(self.means, kv_heads, "max")  # (layers, KV heads), export's scores
-        self.kv_keys = [outputs.head_key(self.layers[row], head) for row, head in np.ndindex(self.kv_scores.shape)]
+    def __init__(self, settings: KVSettings, scores: HeadScores, kv_heads: int, seed: int):
+        self.settings, self.scores, self.kv_heads, self.seed = settings, scores, kv_heads, seed
+        self.total = scores.kv_scores(kv_heads).size  # the KV heads (refused if they cannot share the query heads)
 
     def budgets(self) -> list[int] | list[float]:
         settings = self.settings
@@ -232,14 +231,13 @@ class Planner:
             return [float(ratio) for ratio in settings.ratios]
         if settings.budgets is not None:
             return settings.budgets
-        pattern = exports.duo_pattern(self.means, self.kv_scores.shape[1], settings.threshold, settings.sparsity)
-        return [int(pattern.sum())]
+        return [int(self.scores.duo(self.kv_heads, settings.threshold, settings.sparsity).sum())]
 
     def points(self, policy: str, budget: int) -> list[Point]:
         """The point's draws (one, but --repeats for random), each checked: a bad budget fails before any output."""
         if policy in BY_ENTRIES or isinstance(budget, float) and policy == "streaming":
             return [self.point(policy, budget, 0)]
-        total, k = self.kv_scores.size, self.full_heads(budget)
+        total, k = self.total, self.full_heads(budget)
         if not 0 <= k <= total:
             raise HeadscopeError(f"K = {k} is not between 0 and the number of KV heads ({total})")
         if policy != "random":
@@ -253,7 +251,7 @@ class Planner:
     def full_heads(self, budget: int | float) -> int:
         """K, the KV heads kept full: the budget, or from a head compression ratio as DuoAttentionPress counts the
         streaming ones (round(heads x ratio))."""
-        return self.kv_scores.size - round(self.kv_scores.size * budget) if isinstance(budget, float) else budget
+        return self.total - round(self.total * budget) if isinstance(budget, float) else budget
 
     def point(self, policy: str, budget: int | float | None, repeat: int) -> Point:
         settings = self.settings
@@ -263,39 +261,35 @@ class Planner:
         window = kv.ContextWindow if settings.convention == "kvpress" else kv.StreamingHeads
         if policy in ("duo", "random"):
             k = self.full_heads(budget)
-            top = self.top(k)
-            heads = top if policy == "duo" else random_heads(self.kv_keys, top, k, self.seed + repeat)
+            top = self.scores.top_kv(self.kv_heads, k)  # the K KV heads export --to duo keeps full
+            heads = top if policy == "duo" else random_heads(self.scores.kv_keys(self.kv_heads), top, k,
+                                                             self.seed + repeat)
             return Point(policy, budget, repeat, heads, lambda: window(outputs.heads_by_layer(heads), settings.sink,
                                                                        settings.recent))
         if policy == "streaming":
             if isinstance(budget, float):  # StreamingLLMPress: int(C * (1 - ratio)) entries, the sinks included
                 recent = streaming_llm_recent(budget, settings.sink)
             else:
-                recent = kv.matched_recent(self.kv_scores.size, budget, settings.sink, settings.recent)
+                recent = kv.matched_recent(self.total, budget, settings.sink, settings.recent)
             return Point(policy, budget, 0, None, lambda: window({}, settings.sink, recent))
         per_query_head = settings.selection == "query-head"
-        # each cache's score: a query head's own, or a KV head's mean of its query heads' (their share of the pool)
-        unit_scores = self.means if per_query_head else analysis.kv_head_scores(self.means, self.kv_scores.shape[1],
-                                                                                "mean")
         if isinstance(budget, float):  # SnapKVPress at a compression ratio
             return Point(policy, budget, 0, None, lambda: kv.SnapSelection(
                 None, 0, settings.window, settings.kernel, settings.pooling, per_query_head, ratio=budget))
+        # one cache per query head, or per KV head (a KV head scoring the mean of its query heads': its pool share)
+        caches = None if per_query_head else self.kv_heads
         if policy == "headkv":
-            budgets = exports.headkv_budgets(unit_scores, budget, settings.beta, settings.temperature)
+            budgets = self.scores.headkv(budget, settings.beta, settings.temperature, caches)
         else:
             if budget < 1:
                 raise HeadscopeError(f"B must be at least 1, not {budget}")
-            budgets = np.full(unit_scores.shape, budget)
-        per_layer = np.zeros((self.layers[-1] + 1, budgets.shape[1]), dtype=budgets.dtype)  # row: the real layer
-        per_layer[self.layers] = budgets
+            budgets = np.full((len(self.scores.layers), caches or self.scores.heads_per_layer), budget)
+        layers = self.scores.layers  # row i of budgets: attention layer layers[i] (a hybrid's skip the others)
+        per_layer = np.zeros((layers[-1] + 1, budgets.shape[1]), dtype=budgets.dtype)  # row: the real layer
+        per_layer[layers] = budgets
         return Point(policy, budget, 0, None, lambda: kv.SnapSelection(torch.tensor(per_layer), budget, settings.window,
                                                                        settings.kernel, settings.pooling,
                                                                        per_query_head))
-
-    def top(self, k: int) -> list[str]:
-        """The K KV heads export --to duo keeps full, in layer order."""
-        pattern = exports.keep_best(self.kv_scores, k).ravel()
-        return [key for key, kept in zip(self.kv_keys, pattern) if kept]
 
 
 def streaming_llm_recent(ratio: float, sink: int) -> Callable[[int], int]:
@@ -312,25 +306,25 @@ def kv_curve(task: str, scores: str, options=None, loaded=None, **overrides) -> 
     settings, options = settings_and_options("kv", KVSettings, task, options, overrides, scores=scores)
     settings = with_convention_defaults(settings)
     check_settings(settings)
-    summary = analysis.load_summary(scores)
-    keys = head_ids_before_loading(options, loaded, {scores: summary})
+    heads = HeadScores.load(scores)
+    keys = head_ids_before_loading(options, loaded, [heads])
     if keys is not None:
-        analysis.refuse_other_model(summary, keys, scores)
+        heads.refuse_other_model(keys)
     name = model_name_of(options, loaded)
     made_of = identity.digests(run_identity(task, options, loaded))
     paths = kv_paths(options.out, f"{name}_{task}")
     with writer_lock(options.out, f"{name}_{task}_kv"):
         try:
-            log = ArmLog(paths["samples"], curve_id(task, options, made_of, settings, summary), options.overwrite,
-                         schema.KV_ROW, made_of)
+            log = ArmLog(paths["samples"], curve_id(task, options, made_of, settings, heads.summary),
+                         options.overwrite, schema.KV_ROW, made_of)
         except HeadscopeError as error:  # say what a later run must share to add its points
             flags = ", ".join("--" + flag for flag in SHARED)
             raise HeadscopeError(f"{error} (the points of one curve share the task's options, the heads file and "
                                  f"{flags})") from None
         try:
             run = start_run(task, options, loaded, command="kv")
-            analysis.refuse_other_model(summary, run.keys, scores)
-            planner = Planner(settings, summary, num_kv_heads(run.loaded.model), options.seed)
+            heads.refuse_other_model(run.keys)
+            planner = Planner(settings, heads, num_kv_heads(run.loaded.model), options.seed)
             policies = parse_policies(settings.policy)
             points = [planner.point("full", None, 0)] + [point for budget in planner.budgets() for policy in policies
                                                          for point in planner.points(policy, budget)]
@@ -449,7 +443,7 @@ def curve(run: Run, planner: Planner, done: dict, scores: str) -> dict:
         raise RuntimeError("the full cache's point is missing from the log")
     settings = planner.settings
     return {"task": run.task.name, "model": run.loaded.path, "scores": str(scores), "samples": len(ids),
-            "settings": {name: getattr(settings, name) for name in SHARED} | {"kv_heads": planner.kv_scores.shape[1]},
+            "settings": {name: getattr(settings, name) for name in SHARED} | {"kv_heads": planner.kv_heads},
             "full": points[0], "points": points[1:]}
 
 

@@ -15,9 +15,10 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .analysis import (LENGTH_AXIS, companion, grid_layers, grid_shape, length_labels, load_summary,  # noqa: E402
-                       mean_matrix, read_samples, top_keys)
+from .analysis import LENGTH_AXIS, length_labels, read_samples  # noqa: E402
 from .errors import HeadscopeError, notify  # noqa: E402
+from .heads import HeadScores  # noqa: E402
+from .heads.scores import companion  # noqa: E402
 from .outputs import atomic_path, parse_head_key  # noqa: E402
 
 DPI = 100
@@ -40,12 +41,12 @@ def save(figure, path: str | Path, follow: bool = False) -> Path:
     return Path(path)
 
 
-def heatmap(summary: dict[str, dict], path, title: str = "", top: int = 10) -> Path:
+def heatmap(scores: HeadScores, path, title: str = "", top: int = 10) -> Path:
     """Layer x head map of mean scores; the `top` best heads carry their rank (1 = best) in a white badge.
     Signed scores (the query score) get a diverging map centred on 0; a map with no non-zero head is
     refused (it would look like a result)."""
-    means = mean_matrix(summary)
-    layers, _ = grid_layers(summary)  # a hybrid model's attention layers only, by their real indices
+    means, summary = scores.means, scores.summary
+    layers = scores.layers  # a hybrid model's attention layers only, by their real indices
     if not np.any(means):
         raise HeadscopeError("every head's mean is 0 (or has no value): there is no heatmap to draw")
     figure, axes = plt.subplots(figsize=HEATMAP_SIZE)
@@ -55,7 +56,7 @@ def heatmap(summary: dict[str, dict], path, title: str = "", top: int = 10) -> P
                         interpolation="nearest")
     figure.colorbar(image, ax=axes, label="mean score" + (" (0 at the centre)" if signed else ""))
     cut = 0.01 * np.abs(means).max()  # ranks among near-zero heads mean nothing
-    for rank, key in enumerate(top_keys(summary, min(top, len(summary))) if top > 0 else [], 1):
+    for rank, key in enumerate(scores.top(min(top, len(summary))) if top > 0 else [], 1):
         if summary[key]["mean"] <= cut:
             break
         layer, head = parse_head_key(key)
@@ -208,13 +209,13 @@ def change(points: float) -> str:
     return f"{value:+d}" if value else "0"
 
 
-def scatter(a_summary: dict[str, dict], b_summary: dict[str, dict], path, labels=("A", "B"), annotate: int = 5,
-            follow: bool = False) -> Path:
+def scatter(a: HeadScores, b: HeadScores, path, labels=("A", "B"), annotate: int = 5, follow: bool = False) -> Path:
     """Each head's mean score in A against B, with the diagonal and the best `annotate` heads of each named."""
-    keys = sorted(a_summary, key=parse_head_key)
-    if set(keys) != set(b_summary):
+    a_summary, b_summary = a.summary, b.summary
+    if set(a_summary) != set(b_summary):
         raise HeadscopeError("the two score files score different heads")
-    grid_shape(keys)
+    a.refuse_partial_grid()
+    keys = a.keys
     x = np.array([a_summary[k]["mean"] for k in keys])
     y = np.array([b_summary[k]["mean"] for k in keys])
     figure, axes = plt.subplots(figsize=SCATTER_SIZE)
@@ -222,7 +223,7 @@ def scatter(a_summary: dict[str, dict], b_summary: dict[str, dict], path, labels
     high = max(x.max(), y.max(), 1e-12)
     low = min(x.min(), y.min(), 0.0)
     axes.plot([low, high], [low, high], ":", color="grey", linewidth=1)
-    named = set(top_keys(a_summary, min(annotate, len(keys)))) | set(top_keys(b_summary, min(annotate, len(keys))))
+    named = set(a.top(min(annotate, len(keys)))) | set(b.top(min(annotate, len(keys))))
     for index, key in enumerate(sorted(named, key=lambda k: -(a_summary[k]["mean"] + b_summary[k]["mean"]))):
         offset = [(4, 4), (4, -10), (-24, 4), (-24, -10)][index % 4]  # neighbours' labels go different ways
         axes.annotate(key, (a_summary[key]["mean"], b_summary[key]["mean"]), xytext=offset,
@@ -236,12 +237,13 @@ def plot_run(heads_path, top: int = 10) -> list[Path]:
     """The figures of one run, next to its heads (or summary) file: NAME_TASK_heatmap.png, and for a
     retrieval run with its samples file, NAME_TASK_niah.png. Returns the paths written."""
     heads_path = Path(heads_path)
-    summary = load_summary(heads_path)
+    scores = HeadScores.load(heads_path)
+    summary = scores.summary
     name = companion(heads_path, "heatmap").name.removesuffix("_heatmap.png")
     written = []
-    if any(stats["mean"] for stats in summary.values()):
-        written.append(heatmap(summary, companion(heads_path, "heatmap"), title=f"{name}: mean head score", top=top))
-    elif all(stats["mean"] is None for stats in summary.values()):  # no passing sample has a score
+    if any(stats["mean"] for stats in summary.values()):  # before the grid is checked, as heatmap checks it
+        written.append(heatmap(scores, companion(heads_path, "heatmap"), title=f"{name}: mean head score", top=top))
+    elif not scores.valued:  # no passing sample has a score
         notify(f"{name}: no head has a value (no passing sample has a score), no heatmap drawn")
     else:  # a flat map would look like a result
         notify(f"{name}: every head's mean is 0, no heatmap drawn")

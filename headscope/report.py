@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from . import analysis, lock, outputs, schema, store
 from .errors import HeadscopeError, notify
+from .heads import HeadScores
 from .outputs import parse_head_key
 from .scorers import keeps_zeros
 from .tasks import TASKS
@@ -119,7 +120,7 @@ def read_run(run_dir: Path, prefix: str, manifest: dict) -> dict:
     keys = manifest["heads"]
     _, summary = store.derive_heads_and_summary(paths, rows, keys)
     return {"folder": run_dir, "prefix": prefix, "manifest": manifest, "rows": rows, "keys": keys,
-            "summary": summary}
+            "scores": HeadScores.from_summary(summary, manifest)}
 
 
 def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None, bootstrap: int,
@@ -127,8 +128,8 @@ def page_context(run_dir: Path, prefix: str, manifest: dict, other: dict | None,
     """Everything the template needs, as plain data; the ablation, kv, specificity and rescore sections from the
     files in `companions` (default: the run's folder)."""
     run = read_run(run_dir, prefix, manifest)
-    keys, summary = run["keys"], run["summary"]
-    layers, heads_per_layer = analysis.grid_layers(keys)
+    keys, scores = run["keys"], run["scores"]
+    summary, layers, heads_per_layer = scores.summary, scores.layers, scores.heads_per_layer
     k = min(10, len(keys)) if k is None else k
     if bootstrap and not 1 <= k <= len(keys):
         raise HeadscopeError(f"--k must be between 1 and the number of heads ({len(keys)}), not {k}")
@@ -480,15 +481,15 @@ def load_other(compare, runs: list) -> dict:
 
 def compare_section(run: dict, other: dict) -> dict:
     """Overlap and Jaccard of the top-K sets, Spearman over all heads (`analysis.compare`), and the scatter."""
-    ours, theirs = outputs.plain(run["summary"]), outputs.plain(other["summary"])
-    ks = [k for k in (5, 10, 20, 30) if k <= len(ours)] or [len(ours)]
+    ours, theirs = run["scores"].plain(), other["scores"].plain()
+    ks = [k for k in (5, 10, 20, 30) if k <= len(ours.summary)] or [len(ours.summary)]
     result = analysis.compare(ours, theirs, ks)
     labels = (run_label(run), run_label(other))
-    points = [{"id": key, "a": ours[key]["mean"], "b": theirs[key]["mean"]} for key in run["keys"]]
+    points = [{"id": key, "a": ours.summary[key]["mean"], "b": theirs.summary[key]["mean"]} for key in run["keys"]]
     spearman = result["spearman"]
     return {"labels": labels, "per_k": result["per_k"], "spearman": None if math.isnan(spearman) else spearman,
             "largest_k": result["largest_k"], "only_a": result["only_a"], "only_b": result["only_b"],
-            "spec": scatter_spec(points, labels, analysis.top_keys(ours, 1)[0])}
+            "spec": scatter_spec(points, labels, ours.top(1)[0])}
 
 
 def run_label(run: dict) -> str:

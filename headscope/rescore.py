@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import analysis, outputs, schema, store
 from .errors import HeadscopeError
+from .heads import HeadScores
 from .lock import writer_locks
 from .metrics import METRICS, MODEL_BASED, score_responses
 
@@ -97,7 +98,7 @@ def rescore_run(run_dir: Path, prefix: str, manifest: dict, rows: list[dict], sc
     (path -> content) for rescore/METRIC-THRESHOLD/ (a run whose task has a success filter: filtered_runs)."""
     keys, paths = manifest["heads"], outputs.prefix_paths(run_dir, prefix)
     base = outputs.read_heads(paths["base_heads"]) if paths["base_heads"].exists() else None  # read once
-    own = outputs.summarize(store.derive_heads(rows, keys, base))
+    own = HeadScores.from_summary(outputs.summarize(store.derive_heads(rows, keys, base))).plain()
     options = manifest.get("options", {})
     settings = []
     for metric, values in scores.items():
@@ -110,14 +111,15 @@ def rescore_run(run_dir: Path, prefix: str, manifest: dict, rows: list[dict], sc
             files[written["heads"]], files[written["summary"]] = heads, summary
             measured = [value for value in values if value is not None]
             ks = [k for k in K_VALUES if k <= len(keys)] or [len(keys)]
-            comparison = analysis.compare(outputs.plain(own), outputs.plain(summary), ks)
+            rescored = HeadScores.from_summary(summary).plain()
+            comparison = analysis.compare(own, rescored, ks)
             passing = sum(r["passed"] for r in judged)
             if not passing:  # no head has a value: there is no head set to compare
                 comparison = {"per_k": [{"k": k, "overlap": None, "jaccard": None} for k in ks], "spearman": None}
             settings.append({"metric": metric, "threshold": threshold, "passing": passing,
                              "samples": len(rows), "mean_metric": sum(measured) / max(len(measured), 1),
                              "top_k": comparison["per_k"], "spearman": comparison["spearman"],
-                             "top10": analysis.top_keys(outputs.plain(summary), min(10, len(keys))) if passing else None,
+                             "top10": rescored.top(min(10, len(keys))) if passing else None,
                              "path": str(folder)})
     return {"own": {"metric": options.get("metric"), "threshold": options.get("success_threshold")},
             "run_ids": sorted(manifest.get("runs") or [manifest.get("run")], key=str), "settings": settings}

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import analysis, identity, outputs
+from . import identity, outputs
 from .ablation import ArmLog, ablation_id, random_heads, run_arm
 from .engine import (all_items, head_ids_before_loading, kept_threads, model_identity, model_name_of, run_identity,
                      start_run, task_options)
 from .errors import HeadscopeError
+from .heads import HeadScores
 from .lock import writer_lock
 from .tasks import TASKS
 
@@ -43,30 +44,31 @@ def specificity(files: list[str], tasks: list[str], arms: Arms, loaded=None, **o
     """Run the matrix and write NAME_specificity.json (and its picture) in the output folder. The score files,
     K and every log are checked before a model loads; nothing is written before the first task's prompts are
     built."""
-    summaries = {str(path): analysis.load_summary(path) for path in files}
+    score_files = {str(path): HeadScores.load(path) for path in files}
     unknown = [task for task in tasks if task not in TASKS or not TASKS[task].success_filter]
     if unknown:
         raise HeadscopeError(f"specificity needs tasks with a success filter (retrieval, reasoning), not {unknown[0]}")
     options_of = {task: options_for(task, overrides) for task in tasks}
     first = options_of[tasks[0]]
     out, name = Path(first.out), model_name_of(first, loaded)
-    keys = head_ids_before_loading(first, loaded, summaries)
+    keys = head_ids_before_loading(first, loaded, list(score_files.values()))
     if keys is not None:
-        check_files(summaries, keys, arms)
+        check_files(score_files, keys, arms)
     with writer_lock(out, f"{name}_specificity"):
         model = model_identity(first, loaded)  # the model's files fingerprinted once, each task's data on its own
         made_of = {task: identity.digests(run_identity(task, options_of[task], loaded, model)) for task in tasks}
         logs = {task: ArmLog(out / f"{name}_specificity_{task}_samples.jsonl",
-                             ablation_id(task, options_of[task], made_of[task], arms, summaries),
+                             ablation_id(task, options_of[task], made_of[task], arms,
+                                         {path: scores.summary for path, scores in score_files.items()}),
                              options_of[task].overwrite, made_of=made_of[task])
                 for task in tasks}
         try:
-            matrix = run_matrix(summaries, arms, options_of, logs, loaded)
+            matrix = run_matrix(score_files, arms, options_of, logs, loaded)
         finally:
             for log in logs.values():
                 log.close()
         report = {"k": arms.k, "random_k": arms.random_k or arms.k, "repeats": arms.repeats, "mode": arms.mode,
-                  "tasks": tasks, "files": list(summaries), "matrix": matrix}
+                  "tasks": tasks, "files": list(score_files), "matrix": matrix}
         path = out / f"{name}_specificity.json"
         outputs.atomic_write_json(path, report)
         report["path"] = str(path)
@@ -79,41 +81,41 @@ def options_for(task: str, overrides: dict):
     return task_options(task, None, **{key: value for key, value in overrides.items() if key in names})
 
 
-def check_files(summaries: dict, keys: list[str], arms: Arms) -> None:
+def check_files(score_files: dict, keys: list[str], arms: Arms) -> None:
     """Every score file scores this model's heads, has K heads with a value, and leaves K random ones to draw."""
-    for path, summary in summaries.items():
-        analysis.refuse_other_model(summary, keys, path)
-        analysis.top_keys(summary, arms.k)
+    for scores in score_files.values():
+        scores.refuse_other_model(keys)
+        scores.top(arms.k)
         if (arms.random_k or arms.k) > len(keys) - arms.k:
             raise HeadscopeError(f"cannot draw {arms.random_k or arms.k} random heads from the {len(keys) - arms.k} "
                                  "heads outside the top K")
 
 
-def run_matrix(summaries: dict, arms: Arms, options_of: dict, logs: dict, loaded) -> dict:
+def run_matrix(score_files: dict, arms: Arms, options_of: dict, logs: dict, loaded) -> dict:
     """{file: {task: cell}}: each task's arms, one model load."""
-    matrix = {name: {} for name in summaries}
+    matrix = {name: {} for name in score_files}
     for task, options in options_of.items():
         run = start_run(task, options, loaded, command="ablate")
         loaded = run.loaded
-        check_files(summaries, run.keys, arms)
+        check_files(score_files, run.keys, arms)
         items = all_items(run)
-        for name, cell in run_cells(run, items, summaries, arms, logs[task]).items():
+        for name, cell in run_cells(run, items, score_files, arms, logs[task]).items():
             matrix[name][task] = cell
     return matrix
 
 
-def run_cells(run, items, summaries: dict, arms: Arms, log: ArmLog) -> dict:
+def run_cells(run, items, score_files: dict, arms: Arms, log: ArmLog) -> dict:
     """{file: {"none", "top", "random", "random_std", "top_heads"}} for one task; `none` runs once."""
     keys = run.keys
     label = run.task.name
     quiet = run.options.quiet
-    total = 1 + len(summaries) * (1 + arms.repeats)
+    total = 1 + len(score_files) * (1 + arms.repeats)
     progress = tqdm(total=total, desc=f"specificity {label}", unit="arm", disable=quiet, file=sys.stderr)
     none = success_rate(run_arm(run, items, [], ("none", 0, arms.mode), log))
     progress.update(1)
     cells = {}
-    for index, (name, summary) in enumerate(summaries.items()):
-        top = analysis.top_keys(summary, arms.k)
+    for index, (name, scores) in enumerate(score_files.items()):
+        top = scores.top(arms.k)
         top_rate = success_rate(run_arm(run, items, top, (f"file{index}-top", 0, arms.mode), log))
         progress.update(1)
         drawn = []

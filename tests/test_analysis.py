@@ -7,6 +7,8 @@ import pytest
 from headscope import analysis
 from headscope.cli import main
 from headscope.errors import HeadscopeError
+from headscope.heads import HeadScores
+from headscope.heads.scores import companion
 from headscope.outputs import summarize
 from headscope.scorers import keeps_zeros
 
@@ -55,8 +57,8 @@ def error_line(capsys, argv):
 
 def test_heads_and_summary_files_read_the_same(tmp_path):
     heads = write_run(tmp_path, "m", np.arange(12).reshape(3, 2, 2) / 10)
-    from_heads = analysis.load_summary(heads)
-    from_summary = analysis.load_summary(tmp_path / "m_retrieval_summary.json")
+    from_heads = HeadScores.load(heads).summary
+    from_summary = HeadScores.load(tmp_path / "m_retrieval_summary.json").summary
     assert from_heads.keys() == from_summary.keys()
     assert all(from_heads[key] == pytest.approx(from_summary[key]) for key in from_heads)
     assert from_heads["1-1"]["mean"] == pytest.approx(0.7) and from_heads["1-1"]["count"] == 3
@@ -72,7 +74,7 @@ def test_files_not_in_the_format(tmp_path, capsys, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(HeadscopeError, match=message):
-        analysis.load_summary(path)
+        HeadScores.load(path)
     assert message in error_line(capsys, ["show", str(path)])
 
 
@@ -86,14 +88,14 @@ def test_a_head_outside_the_grid_is_named(tmp_path):
     data["99-0"] = data["0-0"]
     path.write_text(json.dumps(data))
     with pytest.raises(HeadscopeError, match="99-0|missing"):
-        analysis.mean_matrix(analysis.load_summary(path))
+        HeadScores.load(path).means
 
 
 def test_companion_files_of_a_run():
-    assert analysis.companion("out/m_retrieval_heads.json", "samples").as_posix() == "out/m_retrieval_samples.jsonl"
-    assert analysis.companion("m_reasoning_summary.json", "heatmap").name == "m_reasoning_heatmap.png"
-    assert analysis.companion("m_x_heads.shard-0-of-2.json", "samples").name == "m_x_samples.shard-0-of-2.jsonl"
-    assert analysis.companion("scores.json", "samples").name == "scores_samples.jsonl"
+    assert companion("out/m_retrieval_heads.json", "samples").as_posix() == "out/m_retrieval_samples.jsonl"
+    assert companion("m_reasoning_summary.json", "heatmap").name == "m_reasoning_heatmap.png"
+    assert companion("m_x_heads.shard-0-of-2.json", "samples").name == "m_x_samples.shard-0-of-2.jsonl"
+    assert companion("scores.json", "samples").name == "scores_samples.jsonl"
 
 
 def test_show_prints_the_ranked_table(tmp_path, capsys):
@@ -155,8 +157,8 @@ def test_spearman_of_a_known_permutation():
 
 
 def test_compare_top_k_sets(tmp_path):
-    a = analysis.load_summary(write_means(tmp_path / "a.json", [[9, 8, 7], [6, 5, 4]]))
-    b = analysis.load_summary(write_means(tmp_path / "b.json", [[9, 4, 7], [6, 5, 8]]))  # 0-1 and 1-2 swapped
+    a = HeadScores.load(write_means(tmp_path / "a.json", [[9, 8, 7], [6, 5, 4]]))
+    b = HeadScores.load(write_means(tmp_path / "b.json", [[9, 4, 7], [6, 5, 8]]))  # 0-1 and 1-2 swapped
     result = analysis.compare(a, b, [1, 2, 3])
     assert [(r["overlap"], r["jaccard"]) for r in result["per_k"]] == [(1, 1.0), (1, pytest.approx(1 / 3)),
                                                                       (2, pytest.approx(0.5))]
@@ -197,9 +199,9 @@ def test_bootstrap_full_data_means_match_the_heads_file(tmp_path, task, keep_zer
     rng = np.random.default_rng(1)
     per_sample = rng.uniform(0, 1, (6, 2, 3)) * (rng.uniform(0, 1, (6, 2, 3)) > 0.4)
     path = write_run(tmp_path, "m", per_sample, task, keep_zeros, passed=[True] * 5 + [False])
-    summary = analysis.load_summary(path)
-    keys = sorted(summary, key=analysis.parse_head_key)
-    rows = analysis.read_samples(analysis.companion(path, "samples"))
+    scores = HeadScores.load(path)
+    summary, keys = scores.summary, scores.keys
+    rows = analysis.read_samples(companion(path, "samples"))
     keep = keeps_zeros(rows)  # the scorer's rule, read back from the rows
     assert keep == (task == "retrieval" or bool(keep_zeros))
     contributions = analysis.sample_contributions(rows, keys)

@@ -7,6 +7,7 @@ import pytest
 from headscope import exports
 from headscope.cli import main
 from headscope.errors import HeadscopeError
+from headscope.heads import HeadScores, patterns
 from headscope.outputs import summarize
 
 
@@ -28,25 +29,25 @@ GQA = np.array([[0.0, 0.1, 0.9, 0.2, 0.0, 0.0, 0.0, 0.05],
 
 
 def test_top_k_and_razor():
-    summary = means_summary(GQA)
-    assert exports.top_k_list(summary, 3) == [[0, 2, 0.9], [1, 5, 0.7], [1, 4, 0.6]]
-    assert exports.razor_heads(summary, 4) == {"0": [2], "1": [4, 5], "2": [7]}
+    scores = HeadScores.from_summary(means_summary(GQA))
+    assert scores.top_k_list(3) == [[0, 2, 0.9], [1, 5, 0.7], [1, 4, 0.6]]
+    assert scores.razor(4) == {"0": [2], "1": [4, 5], "2": [7]}
     with pytest.raises(HeadscopeError, match="larger than the number of heads"):
-        exports.razor_heads(summary, 25)
+        scores.razor(25)
 
 
 def test_duo_pattern_shape_and_values():
-    raw = exports.duo_pattern(GQA, 2, raw=True)
+    raw = patterns.duo_pattern(GQA, 2, raw=True)
     assert raw.shape == (3, 2) and raw.min() >= 0 and raw.max() == 1
     assert raw == pytest.approx(np.array([[1.0, 0.05 / 0.9], [0.3 / 0.9, 0.7 / 0.9], [0.0, 0.4 / 0.9]]))
-    assert exports.duo_pattern(GQA, 2, threshold=0.35).tolist() == [[1, 0], [0, 1], [0, 1]]
-    half = exports.duo_pattern(GQA, 2, sparsity=0.5)
+    assert patterns.duo_pattern(GQA, 2, threshold=0.35).tolist() == [[1, 0], [0, 1], [0, 1]]
+    half = patterns.duo_pattern(GQA, 2, sparsity=0.5)
     assert half.tolist() == [[1, 0], [0, 1], [0, 1]]  # the 3 best of 6 KV heads: 0.9, 0.7, 0.4
-    assert exports.duo_pattern(GQA, 2, sparsity=0.0).sum() == 6 and exports.duo_pattern(GQA, 2, sparsity=1.0).sum() == 0
+    assert patterns.duo_pattern(GQA, 2, sparsity=0.0).sum() == 6 and patterns.duo_pattern(GQA, 2, sparsity=1.0).sum() == 0
     with pytest.raises(HeadscopeError, match="exactly one"):
-        exports.duo_pattern(GQA, 2, threshold=0.3, sparsity=0.5)
+        patterns.duo_pattern(GQA, 2, threshold=0.3, sparsity=0.5)
     with pytest.raises(HeadscopeError, match="between 0 and 1"):
-        exports.duo_pattern(GQA, 2, sparsity=1.5)
+        patterns.duo_pattern(GQA, 2, sparsity=1.5)
 
 
 def test_duo_export_is_a_folder_duoattention_loads(tmp_path, capsys):
@@ -65,34 +66,34 @@ def test_duo_export_is_a_folder_duoattention_loads(tmp_path, capsys):
 
 
 def test_largest_remainder_sums_exactly():
-    assert exports.largest_remainder(np.array([2.5, 7.5, 0.0, 10.0]), 20).tolist() == [3, 7, 0, 10]
+    assert patterns.largest_remainder(np.array([2.5, 7.5, 0.0, 10.0]), 20).tolist() == [3, 7, 0, 10]
     shares = np.random.default_rng(0).dirichlet(np.ones(50)) * 997
-    assert exports.largest_remainder(shares, 997).sum() == 997
+    assert patterns.largest_remainder(shares, 997).sum() == 997
 
 
 def test_headkv_budgets_by_hand():
     """B = 10, beta = 2: each head keeps 10 - floor(10 / 2) = 5 and the pool is 5 * 4 = 20,
     shared 1:3:0:4 (T = 1) -> 2.5, 7.5, 0, 10 -> 3, 7, 0, 10 by largest remainder."""
     means = np.array([[1.0, 3.0], [0.0, 4.0]])
-    assert exports.headkv_budgets(means, 10, beta=2).tolist() == [[8, 12], [5, 15]]
+    assert patterns.headkv_budgets(means, 10, beta=2).tolist() == [[8, 12], [5, 15]]
     # T = 2 sharpens: shares 1:9:0:16 of 20 -> 0.77, 6.92, 0, 12.31 -> 1, 7, 0, 12
-    assert exports.headkv_budgets(means, 10, beta=2, temperature=2).tolist() == [[6, 12], [5, 17]]
-    assert exports.headkv_budgets(means, 10, beta=2, temperature=0).tolist() == [[10, 10], [10, 10]]
-    assert exports.headkv_budgets(means, 10, beta=1).min() == 0  # beta 1: everything pooled
+    assert patterns.headkv_budgets(means, 10, beta=2, temperature=2).tolist() == [[6, 12], [5, 17]]
+    assert patterns.headkv_budgets(means, 10, beta=2, temperature=0).tolist() == [[10, 10], [10, 10]]
+    assert patterns.headkv_budgets(means, 10, beta=1).min() == 0  # beta 1: everything pooled
 
 
 def test_headkv_budgets_sum_exactly_and_follow_the_scores():
     means = np.random.default_rng(2).gamma(0.5, 1.0, (4, 8))
     for budget, beta, temperature in ((128, 1.2, 1.0), (37, 1.01, 1.0), (64, 5.0, 3.0)):
-        budgets = exports.headkv_budgets(means, budget, beta, temperature)
+        budgets = patterns.headkv_budgets(means, budget, beta, temperature)
         assert budgets.sum() == budget * means.size
         order = np.argsort(means.ravel())
         assert np.all(np.diff(budgets.ravel()[order]) >= 0)  # a higher score never gets less
     for bad, message in (({"beta": 0.5}, "beta"), ({"temperature": -1}, "temperature")):
         with pytest.raises(HeadscopeError, match=message):
-            exports.headkv_budgets(means, 128, **bad)
+            patterns.headkv_budgets(means, 128, **bad)
     with pytest.raises(HeadscopeError, match="every head scores 0"):
-        exports.headkv_budgets(np.zeros((2, 2)), 128)
+        patterns.headkv_budgets(np.zeros((2, 2)), 128)
 
 
 def test_export_cli_formats(tmp_path, capsys):
@@ -130,13 +131,13 @@ def test_kvpress_streams_the_heads_headscope_streams_at_every_ratio(tmp_path):
     means[2, 2:6], means[4, ::3] = 0.3, 0.3  # ties in the middle
     means[5, 1:3] = 0.05
     raw = tmp_path / "raw"
-    exports.write_duo(exports.duo_pattern(means, 8, raw=True), raw, 4, 64)
+    exports.write_duo(patterns.duo_pattern(means, 8, raw=True), raw, 4, 64)
     loaded = np.clip(np.loadtxt(raw / "full_attention_heads.tsv", dtype=float, delimiter="\t"), 0, 1)
     for full in range(49):
         streaming = references.kvpress_duo_streaming_mask(loaded, 1 - full / 48).numpy()
-        assert np.array_equal(~streaming, exports.keep_best(means, full).astype(bool)), full
+        assert np.array_equal(~streaming, patterns.keep_best(means, full).astype(bool)), full
     binary = tmp_path / "binary"
-    exports.write_duo(exports.duo_pattern(means, 8, sparsity=0.75), binary, 4, 64)
+    exports.write_duo(patterns.duo_pattern(means, 8, sparsity=0.75), binary, 4, 64)
     pattern = np.loadtxt(binary / "full_attention_heads.tsv", dtype=float, delimiter="\t")
     streaming = references.kvpress_duo_streaming_mask(pattern, 1 - pattern.mean()).numpy()
     assert np.array_equal(~streaming, pattern == 1) and pattern.sum() == 12

@@ -54,12 +54,13 @@ def test_show_heatmap_and_report_say_which_layers_have_attention(detected, capsy
     assert main(["show", f"{detected}_summary.json", "--top", "3"]) == 0
     assert "attention layers 1, 3 of 4" in capsys.readouterr().out
     assert main(["show", f"{detected}_summary.json", "--bootstrap", "20", "--top", "3"]) == 0
+    from headscope.heads import HeadScores
     from headscope.plots import heatmap
 
     summary = json.loads(open(f"{detected}_summary.json").read())
     for stats in summary.values():  # a map with values to draw, whatever the random model copied
         stats["mean"] = stats["mean"] or 0.5
-    heatmap(summary, tmp_path / "map.png")
+    heatmap(HeadScores.from_summary(summary), tmp_path / "map.png")
     from headscope.report import run_card
 
     card = run_card(json.loads(open(f"{detected}_manifest.json").read()), [], [1, 3], 4)

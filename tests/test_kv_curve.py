@@ -6,6 +6,7 @@ import pytest
 import headscope
 from headscope import kv_curve as curve_module
 from headscope.cli import main
+from headscope.heads import HeadScores
 from headscope.kv_curve import kv_curve
 
 GRID = dict(context_lengths=[260, 300], depths=[0, 100], success_threshold=-1, max_new_tokens=6, quiet=True)
@@ -73,8 +74,7 @@ def test_the_curve_its_file_table_picture_and_report_section(toy_dir, data_dir, 
     points = {(p["policy"], p["budget"]): p for p in report["points"]}
     assert list(points) == [("duo", 0), ("duo", 2), ("random", 2), ("streaming", 0), ("streaming", 2)]
     top = points[("duo", 2)]["full_heads"]
-    summary = headscope.analysis.load_summary(scores)
-    kv_scores = headscope.analysis.kv_head_scores(headscope.analysis.mean_matrix(summary), 2)
+    kv_scores = headscope.analysis.kv_head_scores(HeadScores.load(scores).means, 2)
     best = sorted(((l, g) for l in range(3) for g in range(2)), key=lambda lg: -kv_scores[lg])[:2]
     assert top == [f"{l}-{g}" for l, g in sorted(best)]  # export --to duo's two best KV heads
     drawn = points[("random", 2)]

@@ -7,6 +7,7 @@ import pytest
 from headscope import plots
 from headscope.cli import main
 from headscope.errors import HeadscopeError
+from headscope.heads import HeadScores
 from headscope.outputs import summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -22,8 +23,9 @@ def size(inches):
     return round(inches[0] * plots.DPI), round(inches[1] * plots.DPI)
 
 
-def summary(layers=3, heads=4):
-    return summarize({f"{l}-{h}": [float(l * heads + h)] for l in range(layers) for h in range(heads)})
+def scores(layers=3, heads=4):
+    return HeadScores.from_summary(summarize({f"{l}-{h}": [float(l * heads + h)] for l in range(layers)
+                                              for h in range(heads)}))
 
 
 def niah_rows(task="retrieval"):
@@ -33,7 +35,7 @@ def niah_rows(task="retrieval"):
 
 
 def test_heatmap(tmp_path):
-    path = plots.heatmap(summary(), tmp_path / "h.png", "title", top=3)
+    path = plots.heatmap(scores(), tmp_path / "h.png", "title", top=3)
     assert pixels(path) == size(plots.HEATMAP_SIZE)
     assert [p.name for p in tmp_path.iterdir()] == ["h.png"]  # no temporary file left behind
 
@@ -59,9 +61,9 @@ def test_ablation_curve_and_scatter(tmp_path):
     assert pixels(plots.ablation_curve(sweep, tmp_path / "a.png")) == size(plots.CURVE_SIZE)
     with pytest.raises(HeadscopeError, match="random_std"):
         plots.ablation_curve([{"k": 1, "top": 0.5}], tmp_path / "bad.png")
-    assert pixels(plots.scatter(summary(), summary(), tmp_path / "s.png", ("a", "b"))) == size(plots.SCATTER_SIZE)
+    assert pixels(plots.scatter(scores(), scores(), tmp_path / "s.png", ("a", "b"))) == size(plots.SCATTER_SIZE)
     with pytest.raises(HeadscopeError, match="different heads"):
-        plots.scatter(summary(), summary(2, 4), tmp_path / "bad.png")
+        plots.scatter(scores(), scores(2, 4), tmp_path / "bad.png")
 
 
 def test_plot_run_draws_the_niah_grid_for_retrieval_only(tmp_path, capsys):

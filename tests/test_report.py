@@ -17,6 +17,7 @@ import headscope
 from headscope import analysis, outputs
 from headscope.ablation import ablate
 from headscope.cli import main
+from headscope.heads import HeadScores
 from headscope.report import report
 
 MAX_PAGE_BYTES = 5_000_000
@@ -146,14 +147,14 @@ def test_compare_two_runs(runs, tmp_path):
     out = tmp_path / "compared.html"
     assert main(["report", str(runs["reasoning"]), "--compare", str(runs["query"]), "--out", str(out)]) == 0
     data, html = page_data(out), out.read_text()
-    mine = analysis.load_summary(runs["reasoning"] / "organism_reasoning_summary.json")
-    other = analysis.load_summary(runs["query"] / "organism_query_summary.json")
+    mine = HeadScores.load(runs["reasoning"] / "organism_reasoning_summary.json")
+    other = HeadScores.load(runs["query"] / "organism_query_summary.json")
     expected = analysis.compare(mine, other, [5, 10, 20, 30])
     assert f"<strong>{expected['spearman']:.3f}</strong>" in html
     for entry in expected["per_k"]:
         assert f"<td>{entry['k']}</td><td>{entry['overlap']}</td><td>{entry['jaccard']:.3f}</td>" in html
     points = {point["id"]: (point["a"], point["b"]) for point in data["charts"]["scatter"]["data"]["values"]}
-    assert points == {key: (mine[key]["mean"], other[key]["mean"]) for key in mine}
+    assert points == {key: (mine.summary[key]["mean"], other.summary[key]["mean"]) for key in mine.summary}
 
     # two runs of one folder: --compare names the other by one of its files
     both = two_runs(runs, tmp_path / "both")
