@@ -20,10 +20,10 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 import headscope  # noqa: E402
-from headscope import check, engine  # noqa: E402
-from headscope.loading import default_model_path  # noqa: E402
+from headscope.detection import check, engine  # noqa: E402
+from headscope.detection.loading import default_model_path  # noqa: E402
 from headscope.tasks import TASKS  # noqa: E402
-from headscope.toy import tiny_model  # noqa: E402
+from headscope.families.toy import tiny_model  # noqa: E402
 
 
 def timed(label: str, work):

@@ -3,7 +3,7 @@
     python benchmarks/families.py                      # every type of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     python benchmarks/families.py --types llama,mamba  # some (the table keeps the other rows it had)
 
-Each type runs in its own process (`python -m headscope.sweep TYPE`, see headscope/sweep.py) with a time
+Each type runs in its own process (`python -m headscope.families.sweep TYPE`, see headscope/families/sweep.py) with a time
 limit, so a crash or a hang of one type is that type's row, not the end of the sweep. Rows are kept in
 headscope/data/families.json as they finish, with the transformers release they were measured on (a re-run with
 --types redoes those rows only, on the same release); docs/families.md is written from it, with the counts per
@@ -22,14 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from headscope.sweep import CRASH, Outcome, causal_lm_class, example_checkpoint  # noqa: E402
-from headscope.sweep_table import RESULTS, Sweep, load, save, write_table  # noqa: E402
+from headscope.families.sweep import CRASH, Outcome, causal_lm_class, example_checkpoint  # noqa: E402
+from headscope.detection.sweep_table import RESULTS, Sweep, load, save, write_table  # noqa: E402
 
 
 def run_type(model_type: str, limit: int) -> dict:
     started = time.time()
     try:
-        done = subprocess.run([sys.executable, "-m", "headscope.sweep", model_type], cwd=ROOT, capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "headscope.families.sweep", model_type], cwd=ROOT, capture_output=True,
                               text=True, timeout=limit)
         line = next((line for line in reversed(done.stdout.splitlines()) if line.startswith("{")), None)
         row = json.loads(line) if line else vars(Outcome(model_type, causal_lm_class(model_type),

@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import headscope  # noqa: E402
 import references  # noqa: E402
-from headscope import loading  # noqa: E402
-from headscope.analysis import spearman  # noqa: E402
-from headscope.toy import tiny_model, word_tokenizer  # noqa: E402
+from headscope.detection import loading  # noqa: E402
+from headscope.heads.analysis import spearman  # noqa: E402
+from headscope.families.toy import tiny_model, word_tokenizer  # noqa: E402
 from conftest import WORDS, query_records  # noqa: E402
 from scripted import chain_data, chain_script, scripted_model  # noqa: E402
 

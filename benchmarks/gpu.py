@@ -16,8 +16,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from headscope import recorder
-from headscope.decode import StopRule, greedy_decode
+from headscope.attention import recorder
+from headscope.detection.decode import StopRule, greedy_decode
 from headscope.scorers import PromptBatch, ReasoningScorer, RetrievalScorer
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

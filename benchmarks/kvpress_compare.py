@@ -71,8 +71,8 @@ def kvpress_tokens(model, press, ids, context, steps):
 
 def headscope_tokens(model, policy, ids, context, steps):
     """headscope's engine way under the policy: prompt[:-1] in one pass, then one token at a time."""
-    from headscope import kv
-    from headscope.caches import fresh_cache
+    from headscope.attention import kv
+    from headscope.attention.caches import fresh_cache
 
     past, length = fresh_cache(model), ids.shape[1]
     replay = kv.replaying(model, policy, kv.Layout(length, (0,), (context,))) if policy else None
@@ -89,7 +89,7 @@ def headscope_tokens(model, policy, ids, context, steps):
 
 def duo_pattern_folder(heads_file: str, kv_heads: int, sink: int, recent: int) -> Path:
     """`headscope export --to duo --raw`'s folder for the heads file (the scores DuoAttentionPress ranks)."""
-    from headscope import exports
+    from headscope.heads import exports
     from headscope.heads import HeadScores
 
     folder = Path(tempfile.mkdtemp()) / "duo"
@@ -110,8 +110,8 @@ def main() -> None:
     from kvpress import DuoAttentionPress, SnapKVPress, StreamingLLMPress
     from transformers import AutoModelForCausalLM
 
-    from headscope import kv_curve
-    from headscope.engine import all_items, start_run, task_options
+    from headscope.experiments import kv_curve
+    from headscope.detection.engine import all_items, start_run, task_options
     from headscope.heads import HeadScores
     from headscope.organism import CHECKPOINT_DIR
 

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from headscope import recorder
-from headscope.decode import StopRule, greedy_decode
+from headscope.attention import recorder
+from headscope.detection.decode import StopRule, greedy_decode
 from headscope.scorers import PromptBatch, ReasoningScorer, Scorer
-from headscope.toy import tiny_model
+from headscope.families.toy import tiny_model
 
 SHAPES = {"organism": dict(num_layers=6, num_heads=8, hidden=128, num_key_value_heads=8),
           "32x32": dict(num_layers=32, num_heads=32, hidden=256, num_key_value_heads=8)}

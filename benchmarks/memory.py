@@ -20,8 +20,8 @@ import sys
 
 import torch
 
-from headscope import recorder
-from headscope.decode import StopRule, greedy_decode
+from headscope.attention import recorder
+from headscope.detection.decode import StopRule, greedy_decode
 from headscope.scorers import PromptBatch, ReasoningScorer, RetrievalScorer
 
 
@@ -34,7 +34,7 @@ def build(name: str, attn: str):
         model = AutoModelForCausalLM.from_pretrained(CHECKPOINT_DIR, attn_implementation=attn, dtype=torch.float32)
         model.config.max_position_embeddings = max(model.config.max_position_embeddings, 32768)
         return model.eval()
-    from headscope.toy import tiny_model
+    from headscope.families.toy import tiny_model
 
     return tiny_model("llama", attn=attn, vocab_size=1000, num_layers=32, num_heads=32, hidden=256,
                       num_key_value_heads=8, max_positions=32768)

@@ -30,7 +30,7 @@ NEEDLE_GRID = ["--context-lengths", "300,700,1200", "--num-depths", "3"]  # the 
 def headscope(*argv: str) -> None:
     """One headscope command, in this process, its console output swallowed (a finished run's "already complete"
     note too); a failure stops the script with what the command said."""
-    from headscope.cli import main
+    from headscope.cli.commands import main
 
     said = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(said):
@@ -52,7 +52,7 @@ def summary(folder: Path, label: str) -> dict:
 
 def top(summary_: dict, k: int, form: str) -> str:
     """The top-K heads as the README lists them: "1-1 (0.93), 1-4 (0.91)" (form "{key} ({mean:.2f})")."""
-    from headscope.outputs import ranked
+    from headscope.runs.outputs import ranked
 
     return ", ".join(form.format(key=key, mean=stats["mean"]) for key, stats in ranked(summary_)[:k])
 
@@ -66,7 +66,7 @@ def retrieval_run(work: Path) -> Path:
 
 
 def first_command_table(work: Path) -> str:
-    from headscope.outputs import format_table
+    from headscope.runs.outputs import format_table
 
     return "\n".join(format_table(summary(retrieval_run(work), "retrieval"), 9).splitlines())
 
@@ -93,9 +93,9 @@ def top5_table(work: Path) -> list[str]:
 
 
 def query_against_retrieval(work: Path) -> str:
-    from headscope.analysis import compare
+    from headscope.heads.analysis import compare
     from headscope.heads import HeadScores
-    from headscope.outputs import ranked
+    from headscope.runs.outputs import ranked
 
     query = summary(detect(work, "query", "query"), "query")
     retrieval = summary(retrieval_run(work), "retrieval")
@@ -108,7 +108,7 @@ def query_against_retrieval(work: Path) -> str:
 
 def comparing_the_sets(work: Path) -> str:
     """The "Comparing the sets" table: `headscope compare` of retrieval with induction and with r2, K = 4, 8, 16."""
-    from headscope.analysis import compare
+    from headscope.heads.analysis import compare
     from headscope.heads import HeadScores
 
     both = retrieval_run(work)
@@ -126,7 +126,7 @@ def comparing_the_sets(work: Path) -> str:
 
 def induction_in_results(work: Path) -> str:
     """The README's results table: `headscope compare` of retrieval with induction at K = 8."""
-    from headscope.analysis import compare
+    from headscope.heads.analysis import compare
 
     pattern = detect(work, "pattern", "pattern", "--scorer", "induction,previous_token")
     result = compare(summary(retrieval_run(work), "retrieval"), summary(pattern, "pattern_induction"), [8])
@@ -146,7 +146,7 @@ def reasoning_with_and_without_current(work: Path) -> str:
 
 
 def ablation_auto(work: Path) -> str:
-    from headscope.ablation import format_report
+    from headscope.experiments.ablation import format_report
 
     out = work / "ablate_auto"
     heads = retrieval_run(work) / "organism_retrieval_heads.json"
@@ -170,7 +170,7 @@ def ablation_sweep(work: Path) -> str:
 
 
 def kv_table(work: Path) -> str:
-    from headscope.kv_output import format_table
+    from headscope.experiments.kv_output import format_table
 
     out = work / "kv"
     heads = retrieval_run(work) / "organism_retrieval_heads.json"

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from headscope import recorder
-from headscope.decode import StopRule, greedy_decode
+from headscope.attention import recorder
+from headscope.detection.decode import StopRule, greedy_decode
 from headscope.scorers import PromptBatch, ReasoningScorer, RetrievalScorer
-from headscope.toy import tiny_model
+from headscope.families.toy import tiny_model
 
 
 def build(attn):

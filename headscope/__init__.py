@@ -19,7 +19,7 @@ def __getattr__(name: str):
 
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    try:  # headscope.engine and the other modules, as attributes of the package
+    try:  # headscope.detection.engine and the other modules, as attributes of the package
         return importlib.import_module(f".{name}", __name__)
     except ModuleNotFoundError:
         raise AttributeError(f"module 'headscope' has no attribute {name!r}") from None

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from headscope.toy import tiny_model, word_tokenizer
+from headscope.families.toy import tiny_model, word_tokenizer
 
 WORDS = "red blue green gold fish bird tree stone river code key is the of what".split()
 
@@ -48,7 +48,7 @@ def data_dir(tmp_path_factory):
 
 def refuse_headscope_attention(model):
     """Make `model` one whose attention cannot be switched to headscope's function (a model off the interface)."""
-    from headscope import recorder
+    from headscope.attention import recorder
 
     switch = model.set_attn_implementation
 
@@ -63,7 +63,7 @@ def refuse_headscope_attention(model):
 @pytest.fixture(scope="session")
 def toy_run(toy_dir, data_dir, tmp_path_factory):
     """One finished retrieval run of 3 samples on the toy model (every sample passes: each head has a value)."""
-    from headscope.cli import main
+    from headscope.cli.commands import main
     from toy_runs import detect_args
 
     out = tmp_path_factory.mktemp("toy_run") / "run"

@@ -259,7 +259,7 @@ def zhang_a2r(model, tokenizer, ids: list[int]) -> np.ndarray:
 def rule_top_k(row, k: int) -> np.ndarray:
     """The tie rule of headscope (docs/method.md, ties.py), as the family sweep's reference writes it out on its own
     in numpy (sweep.rule_top_k): the k positions of the row's largest entries, ties earliest first."""
-    from headscope.sweep import rule_top_k as written_out
+    from headscope.families.sweep import rule_top_k as written_out
 
     return np.array([position for position, _ in written_out(torch.as_tensor(np.asarray(row, dtype=np.float32)), k)[0]],
                     dtype=np.int64)

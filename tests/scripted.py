@@ -26,7 +26,7 @@ import torch
 
 from headscope.tasks import Sample, Task, register_task
 from headscope.tasks.reasoning import ReasoningOptions
-from headscope.toy import tiny_model
+from headscope.families.toy import tiny_model
 
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
 ENDING = ["</think>", "ans", "</s>"]

@@ -4,8 +4,8 @@ import json
 import pytest
 
 import headscope
-from headscope.ablation import ablate
-from headscope.cli import main
+from headscope.experiments.ablation import ablate
+from headscope.cli.commands import main
 
 GRID = dict(context_lengths=[260, 300], depths=[0, 100], success_threshold=-1, max_new_tokens=6, quiet=True)
 
@@ -30,7 +30,7 @@ def test_report_has_the_three_arms(toy_dir, data_dir, detected, tmp_path, capsys
     report = json.loads((tmp_path / f"{toy_dir.name}_retrieval_ablation.json").read_text())
     assert report["none"]["k"] == 0 and report["none"]["heads"] == []
     assert report["top"]["k"] == 2 and len(report["top"]["heads"]) == 2
-    top = [key for key, _ in headscope.outputs.ranked(detected.summary)[:2]]
+    top = [key for key, _ in headscope.runs.outputs.ranked(detected.summary)[:2]]
     assert report["top"]["heads"] == top
     random_arm = report["random"]
     assert random_arm["repeats"] == 2 and len(random_arm["heads"]) == 2
@@ -102,7 +102,7 @@ def test_bad_input(case, toy_dir, data_dir, detected, tmp_path, capsys):
 
 def test_an_interrupted_ablation_resumes_without_losing_or_repeating(toy_dir, data_dir, detected, tmp_path,
                                                                     monkeypatch):
-    from headscope import ablation
+    from headscope.experiments import ablation
 
     arguments = dict(model=str(toy_dir), haystack=str(data_dir / "haystack"), needles=str(data_dir / "needles.jsonl"),
                      repeats=2, **GRID)

@@ -4,12 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from headscope import analysis
-from headscope.cli import main
+from headscope.heads import analysis
+from headscope.cli.commands import main
 from headscope.errors import HeadscopeError
 from headscope.heads import HeadScores
 from headscope.heads.scores import companion
-from headscope.outputs import summarize
+from headscope.runs.outputs import summarize
 from headscope.scorers import keeps_zeros
 
 
@@ -257,8 +257,8 @@ def test_default_k_fit_a_small_model(tmp_path, capsys):
 def test_signed_values_and_nulls_count_the_same_in_the_heads_file_and_the_bootstrap():
     """A scorer that drops zeros keeps negative values; a null is no value: heads.json's mean, show --bootstrap's
     and the running top-10 agree (they once dropped negatives from the count but not the total)."""
-    from headscope.engine import RunningTop
-    from headscope.store import derive_heads
+    from headscope.detection.engine import RunningTop
+    from headscope.runs.store import derive_heads
 
     keys = ["0-0", "0-1"]
     scores = [[[2.0, 0.0]], [[-1.0, None]], [[0.0, 3.0]], [[4.0, -3.0]]]

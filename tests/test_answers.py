@@ -6,7 +6,7 @@ import torch
 
 import headscope
 from headscope.answers import extract_answer, parse_answer_from
-from headscope.cli import main
+from headscope.cli.commands import main
 from headscope.scorers import PromptBatch, ReasoningScorer, StepView
 
 CHAIN = "the key is in the barrel . the barrel is in the kitchen . so the answer is kitchen"

@@ -8,12 +8,13 @@ import torch
 from transformers import AutoTokenizer
 
 import headscope
-from headscope import check, recorder, reference
-from headscope.ablation import ablate
-from headscope.check import run_check
-from headscope.cli import main
-from headscope.loading import default_model_path
-from headscope.toy import FAMILIES, tiny_model
+from headscope.detection import check
+from headscope.attention import recorder, reference
+from headscope.experiments.ablation import ablate
+from headscope.detection.check import run_check
+from headscope.cli.commands import main
+from headscope.detection.loading import default_model_path
+from headscope.families.toy import FAMILIES, tiny_model
 
 from conftest import refuse_headscope_attention
 

@@ -9,11 +9,12 @@ import torch
 from transformers import AutoTokenizer
 
 import headscope
-from headscope import recorder, recipes
-from headscope.check import run_check
-from headscope.loading import default_model_path
-from headscope.ties import router_modules
-from headscope.toy import tiny_model
+from headscope.attention import recorder
+from headscope.families import recipes
+from headscope.detection.check import run_check
+from headscope.detection.loading import default_model_path
+from headscope.attention.ties import router_modules
+from headscope.families.toy import tiny_model
 
 WINDOW = 512
 

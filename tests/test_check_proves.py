@@ -8,9 +8,10 @@ import re
 import pytest
 import torch
 
-from headscope import check, decode, recorder
-from headscope.cli import main
-from headscope.toy import tiny_model
+from headscope.detection import check, decode
+from headscope.attention import recorder
+from headscope.cli.commands import main
+from headscope.families.toy import tiny_model
 
 THINK = ["--think-end", "so the answer is"]  # the organism's end marker (docs/reasoning-models.md)
 
@@ -28,7 +29,7 @@ def test_segment_scorers_pass_the_check_alone_first_and_last(scorers, tmp_path, 
 
 
 def test_check_compares_the_segment_scorers_on_a_scripted_think_block():
-    from headscope import engine, loading
+    from headscope.detection import engine, loading
     from headscope.tasks import TASKS
 
     loaded = loading.load(None, "float32", "cpu", "sdpa", False)
@@ -42,7 +43,7 @@ def test_check_compares_the_segment_scorers_on_a_scripted_think_block():
 
 
 def test_a_scorer_with_no_value_is_not_checked_and_says_why():
-    from headscope import engine, loading
+    from headscope.detection import engine, loading
     from headscope.tasks import TASKS
 
     loaded = loading.load(None, "float32", "cpu", "sdpa", False)
@@ -130,7 +131,7 @@ def test_a_wrong_row_of_a_diffuse_head_fails_at_thousands_of_tokens(monkeypatch)
     from transformers import AutoTokenizer
 
     import headscope
-    from headscope.loading import default_model_path
+    from headscope.detection.loading import default_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     model = tiny_model("llama", vocab_size=len(tokenizer), num_layers=2)
@@ -155,8 +156,8 @@ def test_a_correct_row_at_128k_keys_moves_no_mass():
     no entry moves by 1e-5, where the old limit looked."""
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    from headscope.recorder import Rule, query_probs
-    from headscope.rowcheck import ROW_LIMIT, mass_moved
+    from headscope.attention.recorder import Rule, query_probs
+    from headscope.attention.rowcheck import ROW_LIMIT, mass_moved
 
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(1, 4, 1, 64, generator=generator) * 0.05

@@ -4,7 +4,7 @@ import json
 import pytest
 import transformers
 
-from headscope.cli import main
+from headscope.cli.commands import main
 
 
 def detect(task, toy_dir, data_dir, out, *extra):

@@ -1,4 +1,4 @@
-"""The conformance matrix: headscope is exact on every family of `headscope.toy.FAMILIES`, at 4 layers
+"""The conformance matrix: headscope is exact on every family of `headscope.families.toy.FAMILIES`, at 4 layers
 (an error in layer 0's cache shows in later layers' rows and in the tokens, not in a 2-layer model's logits).
 
 Per family:
@@ -13,10 +13,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from headscope import recorder
-from headscope.decode import StopRule, fresh_cache, greedy_decode, num_layers_and_heads
+from headscope.attention import recorder
+from headscope.detection.decode import StopRule, fresh_cache, greedy_decode, num_layers_and_heads
 from headscope.scorers import PromptBatch, ReasoningScorer, RetrievalScorer
-from headscope.toy import FAMILIES, tiny_model
+from headscope.families.toy import FAMILIES, tiny_model
 
 LAYERS = 4
 PROMPT_LEN = 40  # past the sliding windows (24) of Mistral, Starcoder2, Gemma 2/3 and GPT-OSS

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 import headscope
 import references
-from headscope.decode import num_layers_and_heads
-from headscope.toy import FAMILIES, tiny_model, word_tokenizer
+from headscope.detection.decode import num_layers_and_heads
+from headscope.families.toy import FAMILIES, tiny_model, word_tokenizer
 
 from conftest import WORDS
 

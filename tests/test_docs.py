@@ -142,7 +142,7 @@ def test_a_cheap_block_runs(block, tmp_path):
 
 
 def test_the_readme_lists_every_command():
-    from headscope.cli import build_parser
+    from headscope.cli.commands import build_parser
 
     parser = build_parser()
     commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))

@@ -4,11 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from headscope import exports
-from headscope.cli import main
+from headscope.heads import exports
+from headscope.cli.commands import main
 from headscope.errors import HeadscopeError
 from headscope.heads import HeadScores, patterns
-from headscope.outputs import summarize
+from headscope.runs.outputs import summarize
 
 
 def write_heads(path, means):

@@ -1,11 +1,12 @@
-"""The family sweep (headscope/sweep.py): each causal-LM type ends as docs/families.md says -- exact, refused
+"""The family sweep (headscope/families/sweep.py): each causal-LM type ends as docs/families.md says -- exact, refused
 in one line, or cannot-build. CI runs a subset (a hybrid with linear attention, one with its own cache class,
 a Mamba hybrid, latent attention, a mask per head, a pure state-space model; each with its kv column); the whole sweep is behind the `families` marker
 (`pytest -m families`, about 40 minutes on 2 cores; `python benchmarks/families.py` writes the table)."""
 import pytest
 import transformers
 
-from headscope import sweep, sweep_table
+from headscope.families import sweep
+from headscope.detection import sweep_table
 
 SWEEP = sweep_table.load()
 ROWS = SWEEP.rows
@@ -42,7 +43,7 @@ def test_no_exact_types_kv_replay_differs_from_a_reduced_cache():
 
 
 def test_a_type_the_sweep_never_ran_is_said_not_swept(toy_dir, monkeypatch, capsys):
-    from headscope import loading
+    from headscope.detection import loading
 
     assert sweep_table.not_swept(SWEEP, [*ROWS, "brand_new_lm"]) == ["brand_new_lm"]
     loading.load(str(toy_dir))

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import headscope
-from headscope import answers, lock
-from headscope.cli import main
+from headscope import answers
+from headscope.runs import lock
+from headscope.cli.commands import main
 from headscope.errors import HeadscopeError
 from toy_runs import PREFIX, detect_args
 
@@ -346,7 +347,7 @@ def test_two_concurrent_detects_leave_one_row_per_sample(toy_dir, data_dir, tmp_
 
 
 def test_a_writer_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(run_folder, toy_dir, data_dir, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from headscope.lock import writer_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from headscope.runs.lock import writer_lock\n"
                                f"with writer_lock({str(run_folder)!r}, {PREFIX!r}):\n print('held', flush=True); "
                                "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     try:

@@ -9,9 +9,9 @@ import pytest
 import headscope
 import references
 from conftest import WORDS, query_records
-from headscope import loading
-from headscope.analysis import spearman
-from headscope.toy import tiny_model, word_tokenizer
+from headscope.detection import loading
+from headscope.heads.analysis import spearman
+from headscope.families.toy import tiny_model, word_tokenizer
 from scripted import chain_data, chain_script, scripted_model
 
 ANCHORS, PLANTED = (5, 17), (2, 1)

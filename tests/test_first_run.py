@@ -2,7 +2,7 @@
 (issue 11's defects, each with a test that failed before)."""
 import json
 
-from headscope.cli import main
+from headscope.cli.commands import main
 from headscope.tasks.retrieval import RetrievalOptions, grid_lengths
 
 
@@ -73,7 +73,7 @@ def test_a_real_model_gets_the_real_text_haystack(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     from headscope.tasks import DATA_DIR
-    from headscope.toy import tiny_model
+    from headscope.families.toy import tiny_model
 
     essays = [path.read_text() for path in sorted((DATA_DIR / "prose").glob("*.txt"))]
     trained = ByteLevelBPETokenizer()
@@ -100,8 +100,8 @@ def test_organism_defaults_fill_only_the_options_left_unset():
     never reaches the ablation settings (where it used to override --num-depths)."""
     import argparse
 
-    from headscope.ablation import AblationSettings
-    from headscope.cli import options_from
+    from headscope.experiments.ablation import AblationSettings
+    from headscope.cli.commands import options_from
     from headscope.tasks import TASKS
 
     args = argparse.Namespace(task_spec=TASKS["retrieval"], num_depths=3, top=[8], scores="s.json")

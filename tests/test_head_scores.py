@@ -7,12 +7,12 @@ import shutil
 import numpy as np
 import pytest
 
-from headscope import recipes
-from headscope.cli import main
+from headscope.families import recipes
+from headscope.cli.commands import main
 from headscope.errors import HeadscopeError
 from headscope.heads import HeadScores
-from headscope.outputs import parse_head_key
-from headscope.toy import word_tokenizer
+from headscope.runs.outputs import parse_head_key
+from headscope.families.toy import word_tokenizer
 
 from conftest import WORDS
 from toy_runs import PREFIX
@@ -174,7 +174,7 @@ def test_the_value_imports_nothing_above_the_run_folder():
     loaded = subprocess.run([sys.executable, "-c", "import sys, headscope.heads; print(' '.join(sys.modules))"],
                             capture_output=True, text=True, check=True, cwd=root,
                             env=os.environ | {"PYTHONPATH": str(root)}).stdout.split()
-    above = {"headscope.engine", "headscope.ablation", "headscope.kv_curve", "headscope.specificity",
-             "headscope.rescore", "headscope.cli", "headscope.cli_analysis", "headscope.report", "headscope.analysis",
-             "headscope.exports", "headscope.plots", "torch"}
+    above = {"headscope.detection.engine", "headscope.experiments.ablation", "headscope.experiments.kv_curve", "headscope.experiments.specificity",
+             "headscope.experiments.rescore", "headscope.cli.commands", "headscope.cli.analysis_commands", "headscope.cli.report", "headscope.heads.analysis",
+             "headscope.heads.exports", "headscope.heads.plots", "torch"}
     assert not above & set(loaded)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from headscope import cli, cli_analysis, validate
-from headscope.cli import main
+from headscope.cli import commands as cli, analysis_commands as cli_analysis
+from headscope import validate
+from headscope.cli.commands import main
 from test_faults import refused, snapshot, split_into_shards
 from toy_runs import PREFIX
 
@@ -289,7 +290,7 @@ def test_a_prompt_longer_than_the_model_is_refused_before_the_model_loads(toy_di
     """Finding 1: the check must never run the model on a prompt it cannot take (here 6,000 words on a model of
     4,096 positions); the tokenizer and config tell, so the refusal comes before the weights load, names the
     sample, and nothing is written."""
-    from headscope import check, loading
+    from headscope.detection import check, loading
 
     monkeypatch.setattr(check, "require", lambda *a, **k: pytest.fail("the check ran before the prompt was sized"))
     monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained",
@@ -411,7 +412,7 @@ def copies_of_the_run(folder: Path, count: int) -> None:
 
 
 def test_report_on_more_runs_than_it_makes_at_once_asks_for_run(run_folder, tmp_path, capsys):
-    from headscope import report
+    from headscope.cli import report
 
     copies_of_the_run(run_folder, report.MOST_PAGES)
     capsys.readouterr()
@@ -419,7 +420,7 @@ def test_report_on_more_runs_than_it_makes_at_once_asks_for_run(run_folder, tmp_
 
 
 def test_report_on_several_runs_shows_its_progress(run_folder, capsys):
-    from headscope import report
+    from headscope.cli import report
 
     copies_of_the_run(run_folder, report.SHOWN_PROGRESS - 1)
     assert main(["report", str(run_folder), "--bootstrap", "0"]) == 0
@@ -437,7 +438,7 @@ def test_a_page_made_while_its_run_is_written_says_so(run_folder, capsys):
     data = json.loads(manifest.read_text())
     manifest.write_text(json.dumps(dict(data, finished=None, runs={r: dict(v, finished=None)
                                                                     for r, v in data["runs"].items()})))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from headscope.lock import writer_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from headscope.runs.lock import writer_lock\n"
                                f"with writer_lock({str(run_folder)!r}, {PREFIX!r}):\n print('held', flush=True); "
                                "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     try:
@@ -483,8 +484,8 @@ def numeric_fields():
     """(options class, field) for every number (or list of numbers) an options dataclass takes."""
     from dataclasses import fields
 
-    from headscope.ablation import AblationSettings
-    from headscope.kv_curve import KVSettings
+    from headscope.experiments.ablation import AblationSettings
+    from headscope.experiments.kv_curve import KVSettings
     from headscope.tasks import TASKS
 
     classes = {task.options for task in TASKS.values()} | {AblationSettings, KVSettings}
@@ -516,7 +517,7 @@ def test_the_python_api_refuses_the_same_numbers(value):
 
 def test_a_loaded_model_sizes_every_prompt_before_the_check(toy_dir, tmp_path, monkeypatch):
     """With the model already loaded (the Python API), the prompts are sized before the check runs on any."""
-    from headscope import check, engine, loading
+    from headscope.detection import check, engine, loading
     from headscope.errors import HeadscopeError
 
     loaded = loading.load(str(toy_dir))

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 import headscope
-from headscope import kv, masking, recorder, runstate
-from headscope.cli import main
-from headscope.toy import tiny_model
+from headscope.attention import kv, masking, recorder, runstate
+from headscope.cli.commands import main
+from headscope.families.toy import tiny_model
 
 PACKAGE = Path(headscope.__file__).parent
 
@@ -91,7 +91,7 @@ def test_the_attention_function_consults_no_module_level_mutable_state():
 def test_two_models_record_and_mask_independently():
     """Two models recording at once each get their own rows, as when recorded alone; masking one leaves the
     other untouched."""
-    from headscope.decode import fresh_cache
+    from headscope.detection.decode import fresh_cache
 
     torch.manual_seed(0)
     ids = torch.randint(4, 256, (1, 20))

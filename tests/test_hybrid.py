@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import headscope
-from headscope import masking, recipes
-from headscope.cli import main
-from headscope.layout import attention_layout
-from headscope.toy import word_tokenizer
+from headscope.attention import masking
+from headscope.families import recipes
+from headscope.cli.commands import main
+from headscope.attention.layout import attention_layout
+from headscope.families.toy import word_tokenizer
 
 from conftest import WORDS
 
@@ -55,13 +56,13 @@ def test_show_heatmap_and_report_say_which_layers_have_attention(detected, capsy
     assert "attention layers 1, 3 of 4" in capsys.readouterr().out
     assert main(["show", f"{detected}_summary.json", "--bootstrap", "20", "--top", "3"]) == 0
     from headscope.heads import HeadScores
-    from headscope.plots import heatmap
+    from headscope.heads.plots import heatmap
 
     summary = json.loads(open(f"{detected}_summary.json").read())
     for stats in summary.values():  # a map with values to draw, whatever the random model copied
         stats["mean"] = stats["mean"] or 0.5
     heatmap(HeadScores.from_summary(summary), tmp_path / "map.png")
-    from headscope.report import run_card
+    from headscope.cli.report import run_card
 
     card = run_card(json.loads(open(f"{detected}_manifest.json").read()), [], [1, 3], 4)
     assert card["grid"].startswith("attention layers 1, 3 of 4")
@@ -102,7 +103,7 @@ def test_kv_policies_address_the_attention_layers_by_their_real_index(hybrid_dir
     cache (a policy addressed by dense slot would stream layer 3, or find no budget for it); K = 0 streams both."""
     from transformers import AutoConfig
 
-    from headscope.kv_curve import kv_curve
+    from headscope.experiments.kv_curve import kv_curve
 
     kv_heads = AutoConfig.from_pretrained(hybrid_dir).num_key_value_heads
     scores = tmp_path / "hybrid_heads.json"

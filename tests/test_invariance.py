@@ -9,9 +9,9 @@ import pytest
 
 import headscope
 from conftest import WORDS
-from headscope import loading
+from headscope.detection import loading
 from headscope.scorers import SCORERS
-from headscope.toy import tiny_model, word_tokenizer
+from headscope.families.toy import tiny_model, word_tokenizer
 from scripted import chain_data, chain_script, scripted_model
 
 CHAIN_SCORERS = "receiver,reasoning_focus,reasoning"

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from headscope import kv, recorder
-from headscope.decode import fresh_cache, positions_of
-from headscope.toy import tiny_model
+from headscope.attention import kv, recorder
+from headscope.detection.decode import fresh_cache, positions_of
+from headscope.families.toy import tiny_model
 
 REFERENCE = {}  # the reference attention's current cache (tests only)
 

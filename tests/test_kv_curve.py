@@ -4,10 +4,10 @@ import json
 import pytest
 
 import headscope
-from headscope import kv_curve as curve_module
-from headscope.cli import main
+from headscope.experiments import kv_curve as curve_module
+from headscope.cli.commands import main
 from headscope.heads import HeadScores
-from headscope.kv_curve import kv_curve
+from headscope.experiments.kv_curve import kv_curve
 
 GRID = dict(context_lengths=[260, 300], depths=[0, 100], success_threshold=-1, max_new_tokens=6, quiet=True)
 KV_HEADS = 6  # the toy model: 3 layers x 2 KV heads (4 query heads each)
@@ -74,7 +74,7 @@ def test_the_curve_its_file_table_picture_and_report_section(toy_dir, data_dir, 
     points = {(p["policy"], p["budget"]): p for p in report["points"]}
     assert list(points) == [("duo", 0), ("duo", 2), ("random", 2), ("streaming", 0), ("streaming", 2)]
     top = points[("duo", 2)]["full_heads"]
-    kv_scores = headscope.analysis.kv_head_scores(HeadScores.load(scores).means, 2)
+    kv_scores = headscope.heads.analysis.kv_head_scores(HeadScores.load(scores).means, 2)
     best = sorted(((l, g) for l in range(3) for g in range(2)), key=lambda lg: -kv_scores[lg])[:2]
     assert top == [f"{l}-{g}" for l, g in sorted(best)]  # export --to duo's two best KV heads
     drawn = points[("random", 2)]
@@ -91,7 +91,7 @@ def test_the_curve_its_file_table_picture_and_report_section(toy_dir, data_dir, 
     report = json.loads(next(folder.glob("*_kv.json")).read_text())
     assert [(p["policy"], p["budget"]) for p in report["points"]][-2:] == [("headkv", 8), ("snapkv", 8)]
     assert len(report["points"]) == 7
-    from headscope.report import report as write_report
+    from headscope.cli.report import report as write_report
 
     page = write_report(folder, bootstrap=0)[0].read_text()
     assert '<section id="kv">' in page and "snapkv" in page and "share of the KV cache kept" in page
@@ -199,7 +199,7 @@ def test_kvpress_convention_at_ratio_0_is_the_full_cache_and_its_settings_are_th
 def test_the_context_is_the_prompt_before_its_question(toy_dir, data_dir, scores, tmp_path):
     """Retrieval's context ends where "Based on the content of the book, Question: ..." begins; a context cut
     there compresses the haystack alone, and a smaller ratio keeps more of it."""
-    from headscope.engine import all_items, start_run, task_options
+    from headscope.detection.engine import all_items, start_run, task_options
 
     options = task_options("retrieval", None, **arguments(toy_dir, data_dir, out=str(tmp_path)))
     run = start_run("retrieval", options, None, command="kv")

@@ -12,8 +12,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from headscope import kv, recipes, recorder
-from headscope.caches import fresh_cache
+from headscope.attention import kv, recorder
+from headscope.families import recipes
+from headscope.attention.caches import fresh_cache
 from test_kv import padded_logits
 
 REFERENCE = {}  # the reference attention's current cache (tests only)
@@ -204,7 +205,7 @@ def test_a_policy_that_keeps_everything_equals_the_model(model_type):
 def test_the_family_sweeps_kv_check(model_type, tmp_path):
     """The sweep's step 4 (sweep.kv_replay_check) on the saved type: the replay against the model's own eager
     attention with the keys outside the window masked out."""
-    from headscope import sweep
+    from headscope.families import sweep
 
     tokenizer = sweep.sweep_tokenizer()
     model, why = sweep.build(model_type, len(tokenizer))

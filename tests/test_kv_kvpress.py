@@ -16,9 +16,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import references
-from headscope import kv, recorder
-from headscope.caches import fresh_cache
-from headscope.toy import tiny_model
+from headscope.attention import kv, recorder
+from headscope.attention.caches import fresh_cache
+from headscope.families.toy import tiny_model
 from test_kv import padded_logits
 
 REFERENCE = {}

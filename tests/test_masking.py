@@ -4,9 +4,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from headscope import masking, recipes, recorder
-from headscope.decode import StopRule, greedy_decode
-from headscope.toy import tiny_model
+from headscope.attention import masking, recorder
+from headscope.families import recipes
+from headscope.detection.decode import StopRule, greedy_decode
+from headscope.families.toy import tiny_model
 
 MASKED = {0: [1], 1: [0, 3], 3: [2]}  # layer 3: the 4-layer models of `recipes` only
 
@@ -84,7 +85,7 @@ def test_zero_and_mean_modes_change_only_what_they_should():
 def test_a_float_mask_with_a_bias_per_head_counts_its_queries_as_real():
     """Doge's dynamic mask adds a bias to the keys it shows (no entry is 0) and has one row set per head: mean
     ablation must still take every real query's output into its mean."""
-    from headscope.masking import _query_validity
+    from headscope.attention.masking import _query_validity
 
     bias = torch.rand(1, 4, 5, 5) + 0.1
     hidden = torch.ones(5, 5).triu(1).bool()

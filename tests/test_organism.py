@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from headscope.cli import main
+from headscope.cli.commands import main
 from headscope.organism import CHECKPOINT_DIR
-from headscope.outputs import ranked
+from headscope.runs.outputs import ranked
 
 pytestmark = pytest.mark.skipif(not (CHECKPOINT_DIR / "model.safetensors").exists(), reason="no organism checkpoint")
 

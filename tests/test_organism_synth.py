@@ -152,8 +152,8 @@ def test_head_dropout_in_training_is_the_uniform_ablation_of_headscope_ablate():
     import torch
     from transformers import LlamaForCausalLM
 
-    import headscope.recorder  # noqa: F401  (registers the "headscope" attention function)
-    from headscope import masking
+    import headscope.attention.recorder  # noqa: F401  (registers the "headscope" attention function)
+    from headscope.attention import masking
 
     org_train._register_head_dropout()
     config = org_train.make_config(576, layers=2, heads=4)

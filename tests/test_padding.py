@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from headscope import recipes
-from headscope.cli import main
-from headscope.layout import pads_like_alone
+from headscope.families import recipes
+from headscope.cli.commands import main
+from headscope.attention.layout import pads_like_alone
 
 from conftest import WORDS
 from test_hybrid import saved

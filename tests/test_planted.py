@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import headscope
-from headscope import recorder
-from headscope.outputs import ranked
+from headscope.attention import recorder
+from headscope.runs.outputs import ranked
 
 PLANTED = (1, 2)  # layer, head
 
@@ -55,21 +55,21 @@ def test_planted_retrieval_head_ranks_first_with_score_one(forced, data_dir, tmp
     forced["answer"] = tokenizer(needles[0]["real_needle"], add_special_tokens=False).input_ids
     spans = {}
     forced["plant"] = lambda step, seq_len: spans["start"] + min(step, len(forced["answer"]) - 1)
-    original_encode = headscope.engine.encode_with_span
+    original_encode = headscope.detection.engine.encode_with_span
 
     def remember_span(*args):
         encoded = original_encode(*args)
         spans["start"] = encoded.span[0]
         return encoded
 
-    headscope.engine.encode_with_span = remember_span
+    headscope.detection.engine.encode_with_span = remember_span
     try:
         result = headscope.detect("retrieval", loaded=forced["loaded"], out=str(tmp_path), quiet=True,
                                   haystack=str(data_dir / "haystack"), needles=str(data_dir / "needles.jsonl"),
                                   context_lengths=[300], depths=[50], max_new_tokens=40,
                                   check=False)  # the planted rows are wrong on purpose: the check would refuse
     finally:
-        headscope.engine.encode_with_span = original_encode
+        headscope.detection.engine.encode_with_span = original_encode
     assert result.counts["passed"] == 1
     (best, stats), (_, second) = ranked(result.summary)[:2]
     assert best == f"{PLANTED[0]}-{PLANTED[1]}"

@@ -4,11 +4,11 @@ import json
 import matplotlib.image
 import pytest
 
-from headscope import plots
-from headscope.cli import main
+from headscope.heads import plots
+from headscope.cli.commands import main
 from headscope.errors import HeadscopeError
 from headscope.heads import HeadScores
-from headscope.outputs import summarize
+from headscope.runs.outputs import summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

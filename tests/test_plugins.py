@@ -2,7 +2,7 @@
 import json
 
 
-from headscope.cli import main
+from headscope.cli.commands import main
 from headscope.scorers import Scorer
 
 

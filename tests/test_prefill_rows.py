@@ -4,10 +4,10 @@ wanted query position exactly once: grouped-query (Llama), sliding-window (Mistr
 import pytest
 import torch
 
-from headscope import recorder
-from headscope.decode import StopRule, greedy_decode
+from headscope.attention import recorder
+from headscope.detection.decode import StopRule, greedy_decode
 from headscope.scorers import Scorer
-from headscope.toy import tiny_model
+from headscope.families.toy import tiny_model
 
 PROMPT_LEN = 60  # past Mistral's sliding window (24)
 

@@ -3,8 +3,8 @@ attention: test_conformance.py.)"""
 import torch
 from transformers import DynamicCache
 
-from headscope import recorder
-from headscope.toy import tiny_model
+from headscope.attention import recorder
+from headscope.families.toy import tiny_model
 
 from conftest import refuse_headscope_attention
 

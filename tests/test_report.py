@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 import headscope
-from headscope import analysis, outputs
-from headscope.ablation import ablate
-from headscope.cli import main
+from headscope.heads import analysis
+from headscope.runs import outputs
+from headscope.experiments.ablation import ablate
+from headscope.cli.commands import main
 from headscope.heads import HeadScores
-from headscope.report import report
+from headscope.cli.report import report
 
 MAX_PAGE_BYTES = 5_000_000
 

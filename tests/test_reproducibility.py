@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from headscope.cli import main
-from headscope.toy import tiny_model, word_tokenizer
+from headscope.cli.commands import main
+from headscope.families.toy import tiny_model, word_tokenizer
 
 from conftest import WORDS
 
@@ -50,7 +50,7 @@ def test_a_pad_id_past_the_embedding_changes_nothing(pad_past_embedding, tmp_pat
 def load_deps():
     import importlib.util
 
-    from headscope.sweep_table import ROOT
+    from headscope.detection.sweep_table import ROOT
 
     spec = importlib.util.spec_from_file_location("deps", ROOT / "scripts" / "deps.py")
     deps = importlib.util.module_from_spec(spec)
@@ -63,7 +63,7 @@ def test_the_lock_pins_every_dependency_and_the_families_tables_transformers():
     import re
 
     tomllib = pytest.importorskip("tomllib")
-    from headscope import sweep_table
+    from headscope.detection import sweep_table
 
     deps = load_deps()
     project = tomllib.loads((sweep_table.ROOT / "pyproject.toml").read_text())["project"]
@@ -221,7 +221,7 @@ def transformers_version():
 
 def test_pictures_are_drawn_under_the_runs_lock(toy_dir, data_dir, tmp_path, monkeypatch):
     """A concurrent writer cannot change the heads file while its pictures are drawn."""
-    from headscope import plots
+    from headscope.heads import plots
 
     out, held = tmp_path / "out", []
     drawing = plots.plot_run
@@ -249,7 +249,7 @@ def test_shards_made_on_other_library_versions_merge_with_a_note_and_both_record
 def test_the_data_fingerprint_is_of_the_files_the_haystack_is_read_from(tmp_path):
     """Its .txt files, links followed (a linked file's new text is new data); a file it never reads changes
     nothing."""
-    from headscope.engine import run_identity
+    from headscope.detection.engine import run_identity
     from headscope.tasks import TASKS
 
     (tmp_path / "elsewhere.txt").write_text("the red fish .")

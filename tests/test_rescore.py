@@ -6,9 +6,9 @@ import sys
 import pytest
 
 import headscope
-from headscope.cli import main
+from headscope.cli.commands import main
 from headscope.metrics import score_responses
-from headscope.outputs import file_label
+from headscope.runs.outputs import file_label
 from headscope.tasks import TASKS
 
 GRIDS = {"retrieval": dict(context_lengths=[300], depths=[0, 100]), "reasoning": dict(num_samples=8)}

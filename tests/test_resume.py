@@ -10,8 +10,8 @@ import time
 import pytest
 
 import headscope
-from headscope.cli import main
-from headscope.outputs import atomic_write_json
+from headscope.cli.commands import main
+from headscope.runs.outputs import atomic_write_json
 
 
 def grid(toy_dir, data_dir, out):

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from headscope.cli import main
-from headscope.scorers import (DuplicateTokenScorer, EchoScorer, InductionScorer, PreviousTokenScorer, PromptBatch,
-                               QueryScorer, R2Scorer, StepView)
+from headscope.cli.commands import main
+from headscope.scorers import (
+    DuplicateTokenScorer, EchoScorer, InductionScorer, PreviousTokenScorer, PromptBatch, QueryScorer, R2Scorer,
+    StepView)
 from headscope.tasks.base import Sample
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import headscope
-from headscope import engine
-from headscope.cli import main
+from headscope.detection import engine
+from headscope.cli.commands import main
 from headscope.tasks.base import DATA_DIR
 from toy_runs import PREFIX, detect_args
 

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import headscope
-from headscope import engine, loading, plots
-from headscope.ablation import ablate
-from headscope.cli import main
-from headscope.rescore import draw
+from headscope.detection import engine, loading
+from headscope.heads import plots
+from headscope.experiments.ablation import ablate
+from headscope.cli.commands import main
+from headscope.experiments.rescore import draw
 from toy_runs import PREFIX, detect_args
 
 
@@ -239,7 +240,7 @@ def test_a_second_rescore_adds_its_settings(run_folder):
 # ---------------------------------------------------------------------------- 9. threads and a fast --help
 
 def test_help_imports_no_torch():
-    code = "import sys\nfrom headscope.cli import main\ntry:\n main(['--help'])\nexcept SystemExit:\n pass\n"\
+    code = "import sys\nfrom headscope.cli.commands import main\ntry:\n main(['--help'])\nexcept SystemExit:\n pass\n"\
            "print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "False" and "detect" in result.stdout
@@ -330,7 +331,7 @@ def test_quiet_prints_no_loading_bar(toy_dir, data_dir, tmp_path, capfd):
 
 
 def test_library_retry_lines_are_silenced():
-    from headscope.cli import quiet_libraries
+    from headscope.cli.commands import quiet_libraries
 
     quiet_libraries()
     assert logging.getLogger("huggingface_hub").getEffectiveLevel() >= logging.ERROR

@@ -9,7 +9,7 @@ import references
 from headscope.scorers import PromptBatch, ReasoningFocusScorer, ReceiverScorer
 from headscope.scorers.segments import find_marker, kurtosis, locate, token_texts
 from headscope.scorers.sentences import chunk_ranges, chunk_texts, original_sentences
-from headscope.toy import word_tokenizer
+from headscope.families.toy import word_tokenizer
 from tokenizers_util import byte_level_bpe_tokenizer, metaspace_bpe_tokenizer
 
 TOKENIZER = word_tokenizer(["red", "blue", "a", "b", "c", "so", "also", "the", "answer", "is", "x"])
@@ -194,7 +194,7 @@ def test_a_thinking_model_decodes_2000_steps_end_to_end(tmp_path, data_dir):
     import json
 
     import headscope
-    from headscope.toy import tiny_model
+    from headscope.families.toy import tiny_model
 
     tokenizer = word_tokenizer(["red", "blue", "green", "key", "is", "the", "what"])
     tokenizer.add_tokens(["<think>", "</think>"])

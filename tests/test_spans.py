@@ -7,7 +7,7 @@ from tokenizers_util import (
 )
 
 from headscope.errors import HeadscopeError
-from headscope.spans import EncodedPrompt, chat_prompt, encode_with_span
+from headscope.tasks.spans import EncodedPrompt, chat_prompt, encode_with_span
 from headscope.tasks.base import Sample
 
 

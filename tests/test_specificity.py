@@ -2,7 +2,7 @@
 import json
 
 import headscope
-from headscope.cli import main
+from headscope.cli.commands import main
 
 
 def test_specificity_matrix_on_the_organism(tmp_path, capsys):

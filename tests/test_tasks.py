@@ -5,18 +5,12 @@ import pytest
 from tokenizers_util import byte_level_bpe_tokenizer, word_level_tokenizer
 
 from headscope.errors import HeadscopeError
-from headscope.spans import encode_with_span
+from headscope.tasks.spans import encode_with_span
 from headscope.tasks import reasoning, retrieval
 from headscope.tasks.reasoning import build_reasoning_samples, load_reasoning_data, parse_fields
 from headscope.tasks.retrieval import (
-    QUESTION_SUFFIX,
-    build_retrieval_samples,
-    depth_percents,
-    insertion_point,
-    linear_lengths,
-    load_haystack,
-    load_needles,
-)
+    QUESTION_SUFFIX, build_retrieval_samples, depth_percents, insertion_point, linear_lengths, load_haystack,
+    load_needles)
 
 SENTENCE = "the cat saw a dog ."  # 6 word-level tokens, a period every 6th token
 HAYSTACK = " ".join([SENTENCE] * 40)

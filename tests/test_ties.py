@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import references
-from headscope import ties
-from headscope.recorder import Recorder
+from headscope.attention import ties
+from headscope.attention.recorder import Recorder
 
 
 def recorded_top(row: torch.Tensor, k: int) -> list[int]:
@@ -84,8 +84,8 @@ def test_detect_counts_the_tied_head_steps_per_sample_and_in_the_manifest(data_d
     import json
 
     import headscope
-    from headscope import loading
-    from headscope.toy import tiny_model, word_tokenizer
+    from headscope.detection import loading
+    from headscope.families.toy import tiny_model, word_tokenizer
     from conftest import WORDS
 
     tokenizer = word_tokenizer(WORDS + ["book", "based", "on", "content", "question", "answer", "context"])
@@ -109,7 +109,7 @@ def test_the_sweep_finds_headscope_exact_against_a_reference_with_the_rule(model
     """Flint's rows of repeated tokens tie exactly, and granite_swa had 7 head-steps at a near tie: the table
     said "either way" for both. headscope and the sweep's eager reference, each applying the rule, now give one
     value per score; Flint's ties are counted as settled."""
-    from headscope import sweep
+    from headscope.families import sweep
 
     outcome = sweep.sweep_type(model_type, tmp_path)
     assert outcome.verdict == sweep.EXACT and "either way" not in outcome.reason, outcome

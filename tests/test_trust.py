@@ -7,8 +7,8 @@ from transformers import PreTrainedTokenizerFast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import headscope
-from headscope import masking, recorder
-from headscope.decode import newline_token_ids
+from headscope.attention import masking, recorder
+from headscope.detection.decode import newline_token_ids
 
 
 class Attention(torch.nn.Module):
@@ -66,8 +66,8 @@ def test_uniform_ablation_by_prefix_sums_equals_the_mean_of_visible_values(windo
 
 def test_prompts_are_tokenised_for_this_shard_only(toy_dir, data_dir, tmp_path, monkeypatch):
     encoded = []
-    original = headscope.engine.encode_with_span
-    monkeypatch.setattr(headscope.engine, "encode_with_span", lambda *a: encoded.append(a[1].id) or original(*a))
+    original = headscope.detection.engine.encode_with_span
+    monkeypatch.setattr(headscope.detection.engine, "encode_with_span", lambda *a: encoded.append(a[1].id) or original(*a))
     options = dict(model=str(toy_dir), quiet=True, max_new_tokens=2, haystack=str(data_dir / "haystack"),
                    needles=str(data_dir / "needles.jsonl"), context_lengths=[260, 330], depths=[0, 50, 100],
                    check=False)  # the check tokenises the task's first prompts, whatever the shard

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import schema, store
+from ..runs import schema, store
 from ..errors import HeadscopeError
-from ..outputs import head_key, heads_by_layer, parse_head_key, plain, ranked, summarize
+from ..runs.outputs import head_key, heads_by_layer, parse_head_key, plain, ranked, summarize
 from . import patterns
 
 RUN_FILE = re.compile(r"^(?P<prefix>.+)_(?P<kind>heads|summary)(?P<shard>\.shard-\d+-of-\d+)?\.json$")

@@ -421,9 +421,9 @@ def evaluate(model_dir, threads: int = 2, verbose: bool = True) -> dict:
     after "so the answer is" are the answer)."""
     import tempfile
 
-    from .. import loading
-    from ..engine import detect
-    from ..outputs import ranked
+    from ..detection import loading
+    from ..detection.engine import detect
+    from ..runs.outputs import ranked
 
     torch.set_num_threads(threads)
     loaded = loading.load(str(model_dir))

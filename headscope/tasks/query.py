@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 from headscope.errors import HeadscopeError
-from headscope.spans import _span_from_offsets
+from headscope.tasks.spans import _span_from_offsets
 from headscope.tasks import reasoning
 from dataclasses import dataclass
 

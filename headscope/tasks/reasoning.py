@@ -7,7 +7,7 @@ from pathlib import Path
 
 from headscope.errors import HeadscopeError
 from headscope.validate import data_file
-from headscope.spans import chat_prompt
+from headscope.tasks.spans import chat_prompt
 from dataclasses import dataclass
 
 from headscope.options import option

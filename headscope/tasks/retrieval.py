@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from headscope.errors import HeadscopeError, notify
-from headscope.spans import chat_prompt
+from headscope.tasks.spans import chat_prompt
 from headscope.validate import data_file
 from dataclasses import dataclass
 
@@ -359,7 +359,7 @@ def grid_lengths(options: RetrievalOptions, max_context: int | None) -> list[int
 def default_data(model: str | None) -> tuple[Path, Path]:
     """(haystack folder, needles file) when none is given: the organism's own synthetic world for the bundled
     organism, real English prose (data/prose/, CC0) with needles written for it for every other model."""
-    from headscope.loading import model_name
+    from headscope.detection.loading import model_name
 
     if model is None or model_name(model) == "organism":
         return DATA_DIR / "haystack", DATA_DIR / "needles.jsonl"
