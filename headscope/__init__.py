@@ -10,8 +10,8 @@ __all__ = ["detect", "DetectOptions", "DetectResult", "HeadscopeError", "load", 
 __version__ = "0.1.0"
 
 # Where each name of the API lives: imported when first used, so that `headscope --help` does not import torch.
-_LAZY = {"detect": "engine", "DetectOptions": "engine", "DetectResult": "engine", "load": "loading",
-         "prepare": "loading"}
+_LAZY = {"detect": "detection.engine", "DetectOptions": "detection.engine", "DetectResult": "detection.engine",
+         "load": "detection.loading", "prepare": "detection.loading"}
 
 
 def __getattr__(name: str):
@@ -19,7 +19,7 @@ def __getattr__(name: str):
 
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    try:  # headscope.detection.engine and the other modules, as attributes of the package
+    try:  # headscope.heads and the other packages, as attributes of the package
         return importlib.import_module(f".{name}", __name__)
     except ModuleNotFoundError:
         raise AttributeError(f"module 'headscope' has no attribute {name!r}") from None

@@ -10,6 +10,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..attention import recorder
+from .. import bundled
 from ..errors import HeadscopeError, loading_reason, notify
 from ..attention.layout import attention_layout
 
@@ -50,16 +51,12 @@ def max_context_of(config) -> int | None:
 
 
 def default_model_path() -> str:
-    from ..organism import CHECKPOINT_DIR
-
-    return str(CHECKPOINT_DIR)
+    return str(bundled.CHECKPOINTS[bundled.DEFAULT])
 
 
 def model_name(path: str) -> str:
-    """Output files are named after the model's last path component; the bundled organism is "organism"."""
-    if os.path.normpath(path) == os.path.normpath(default_model_path()):
-        return "organism"
-    return os.path.basename(os.path.normpath(path)) or "model"
+    """Output files are named after the model's last path component; a bundled model by its name ("organism")."""
+    return bundled.name_of(path) or os.path.basename(os.path.normpath(path)) or "model"
 
 
 def prepare(model, tokenizer, path: str, attn: str = "sdpa") -> LoadedModel:

@@ -13,8 +13,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "data" / "families.json"  # packaged: loading a model reads it
+PACKAGE = Path(__file__).resolve().parents[1]
+ROOT = PACKAGE.parent
+RESULTS = PACKAGE / "data" / "families.json"  # packaged: loading a model reads it
 TABLE = ROOT / "docs" / "families.md"
 GUIDE = ROOT / "docs" / "model-support.md"  # the guide that holds the family list
 ORDER = ("exact", "refused", "cannot-build", "mismatch", "crash")

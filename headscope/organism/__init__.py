@@ -1,8 +1,11 @@
 """The bundled "model organism": a small Llama trained on a synthetic world whose retrieval and
-reasoning skills are real, so headscope's detectors find real heads with no download."""
+reasoning skills are real, so headscope's detectors find real heads with no download.
 
-from pathlib import Path
+`synth` writes its world and the bundled data, `train` trains and evaluates it.
+May import: `experiments` and everything below it (its evaluator runs the detection engine)."""
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
+from ..bundled import CHECKPOINTS
+
+CHECKPOINT_DIR = CHECKPOINTS["organism"]
 
 __all__ = ["CHECKPOINT_DIR"]

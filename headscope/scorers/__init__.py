@@ -6,6 +6,8 @@
   query.py      query (QRHead)
   pattern.py    previous_token, duplicate_token, induction, echo
   segments.py   reasoning_focus, receiver: think and answer segments of reasoning models
+
+May import: the foundation modules only (errors, validate, ...): a scorer is a pure function of what a step shows it.
 """
 from .base import SCORERS, PromptBatch, Scorer, StepView, keeps_zeros, load_scorer, register_scorer
 from .pattern import DuplicateTokenScorer, EchoScorer, InductionScorer, PatternScorer, PreviousTokenScorer
