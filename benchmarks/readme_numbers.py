@@ -126,10 +126,12 @@ def comparing_the_sets(work: Path) -> str:
 
 def induction_in_results(work: Path) -> str:
     """The README's results table: `headscope compare` of retrieval with induction at K = 8."""
+    from headscope.heads import HeadScores
     from headscope.heads.analysis import compare
 
     pattern = detect(work, "pattern", "pattern", "--scorer", "induction,previous_token")
-    result = compare(summary(retrieval_run(work), "retrieval"), summary(pattern, "pattern_induction"), [8])
+    result = compare(HeadScores.from_summary(summary(retrieval_run(work), "retrieval")),
+                     HeadScores.from_summary(summary(pattern, "pattern_induction")), [8])
     top8 = result["per_k"][0]
     return (f"retrieval vs induction: top-8 overlap {top8['overlap']} (Jaccard {top8['jaccard']:.2f}), Spearman "
             f"{result['spearman']:.2f}")
