@@ -1,5 +1,6 @@
 """Every figure is a valid PNG of the expected pixel size, written whole; bad input is one clear error."""
 import json
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -84,3 +85,22 @@ def test_plot_refuses_a_broken_grid(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "m_heads.json")]) == 2
     assert "full layers x heads grid" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_the_scatter_does_not_depend_on_the_hash_seed(tmp_path):
+    """Heads tied in the two files' summed means are annotated in one order whatever Python's hash seed (the
+    annotated set used to be sorted by score alone, so tied labels went to different corners from run to run)."""
+    import os
+    import subprocess
+    import sys
+
+    draw = ("import sys; from headscope.heads import HeadScores, plots; from headscope.runs.outputs import summarize\n"
+            "tied = HeadScores.from_summary(summarize({f'{l}-{h}': [float(h % 2)] for l in range(3) for h in range(4)}))\n"
+            "plots.scatter(tied, tied, sys.argv[1], ('a', 'b'))")
+    pictures = []
+    for seed in ("1", "2", "3"):
+        path = tmp_path / f"scatter_{seed}.png"
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        subprocess.run([sys.executable, "-c", draw, str(path)], check=True, env=env)
+        pictures.append(path.read_bytes())
+    assert pictures[0] == pictures[1] == pictures[2]

@@ -224,7 +224,8 @@ def scatter(a: HeadScores, b: HeadScores, path, labels=("A", "B"), annotate: int
     low = min(x.min(), y.min(), 0.0)
     axes.plot([low, high], [low, high], ":", color="grey", linewidth=1)
     named = set(a.top(min(annotate, len(keys)))) | set(b.top(min(annotate, len(keys))))
-    for index, key in enumerate(sorted(named, key=lambda k: -(a_summary[k]["mean"] + b_summary[k]["mean"]))):
+    for index, key in enumerate(sorted(named, key=lambda k: (-(a_summary[k]["mean"] + b_summary[k]["mean"]), k))):
+        # ties by name: the picture must not depend on the set's (hash-seeded) order
         offset = [(4, 4), (4, -10), (-24, 4), (-24, -10)][index % 4]  # neighbours' labels go different ways
         axes.annotate(key, (a_summary[key]["mean"], b_summary[key]["mean"]), xytext=offset,
                       textcoords="offset points", fontsize=7)
