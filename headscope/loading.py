@@ -55,10 +55,29 @@ def default_model_path() -> str:
     return str(CHECKPOINT_DIR)
 
 
+def bundled_models() -> dict[str, str]:
+    """The bundled checkpoints by name: the organism (the default model) and the thinking organism."""
+    from .organism import CHECKPOINT_DIR, THINKER_DIR
+
+    return {"organism": str(CHECKPOINT_DIR), "thinker": str(THINKER_DIR)}
+
+
+def model_path(model: str | None) -> str:
+    """Where a --model value loads from: no value is the organism; a bundled name ("thinker", "organism") is its
+    checkpoint unless a folder of that name is here; anything else as given (a folder or a hub id)."""
+    if model is None:
+        return default_model_path()
+    if model in bundled_models() and not os.path.isdir(model):
+        return bundled_models()[model]
+    return model
+
+
 def model_name(path: str) -> str:
-    """Output files are named after the model's last path component; the bundled organism is "organism"."""
-    if os.path.normpath(path) == os.path.normpath(default_model_path()):
-        return "organism"
+    """Output files are named after the model's last path component; a bundled checkpoint after its name
+    ("organism", "thinker")."""
+    for name, bundled in bundled_models().items():
+        if os.path.normpath(model_path(path)) == os.path.normpath(bundled):
+            return name
     return os.path.basename(os.path.normpath(path)) or "model"
 
 
@@ -82,7 +101,7 @@ def prepare(model, tokenizer, path: str, attn: str = "sdpa") -> LoadedModel:
 
 def load(path: str | None = None, dtype: str = "auto", device: str = "auto", attn: str = "sdpa",
          trust_remote_code: bool = False) -> LoadedModel:
-    path = path or default_model_path()
+    path = model_path(path)
     if (os.path.isabs(path) or path.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(path)):
         raise HeadscopeError(f"no such model folder: {path}")
     if dtype not in DTYPES:

@@ -4,5 +4,6 @@ reasoning skills are real, so headscope's detectors find real heads with no down
 from pathlib import Path
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
+THINKER_DIR = Path(__file__).resolve().parent / "thinker_checkpoint"  # the thinking organism (thinker.py)
 
-__all__ = ["CHECKPOINT_DIR"]
+__all__ = ["CHECKPOINT_DIR", "THINKER_DIR"]

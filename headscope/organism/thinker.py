@@ -39,7 +39,6 @@ from pathlib import Path
 from ..options import add_arguments, option
 from . import synth
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "thinker_checkpoint"
 DATA_FILE = "thinker.jsonl"  # under headscope/data
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -368,3 +367,98 @@ def train(out_dir, recipe: ThinkerRecipe | None = None) -> Path:
     print(f"training wall time {time.time() - start:.1f}s", flush=True)
     organism._save(model, tokenizer, out_dir)
     return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: answer accuracy and anchor reading, through headscope's own engine
+# --------------------------------------------------------------------------------------------
+
+
+def think_text(response: str) -> str | None:
+    """The think block of a response (the prompt opened it): the text before `</think>`; None if it never closed."""
+    return response.split(THINK_END)[0] if THINK_END in response else None
+
+
+def anchor_sentences(think: str) -> set[int]:
+    """Indices of the anchor sentences ("so the X ends in the Y .") among the think block's sentences as
+    Thought Anchors splits them (the receiver scorer's sentences)."""
+    from ..scorers.sentences import chunk_texts
+
+    return {index for index, chunk in enumerate(chunk_texts(think.strip())) if chunk.startswith("so the ")}
+
+
+def anchor_reading(rows: list[dict], heads: list[str]) -> dict:
+    """How often the sentence each of `heads` reads most (the receiver rows' `most_received`) is a planted anchor:
+    over every (scored sample, head with a value) and by majority of the heads per sample; with the chance rate,
+    the anchors' share of the sentences that have a v[k] (all but the last four), averaged over the samples."""
+    from ..outputs import parse_head_key
+    from ..scorers.sentences import chunk_texts
+
+    hits = votes = majority = 0
+    chance = []
+    for row in rows:
+        think = think_text(row.get("response", ""))
+        if "most_received" not in row or think is None:
+            continue
+        anchors = anchor_sentences(think)
+        picked = [row["most_received"][layer][head] for layer, head in map(parse_head_key, heads)]
+        picked = [index for index in picked if index >= 0]
+        if not picked:
+            continue
+        counted = sum(index in anchors for index in picked)
+        hits, votes, majority = hits + counted, votes + len(picked), majority + (2 * counted > len(picked))
+        chance.append(len(anchors) / max(1, len(chunk_texts(think.strip())) - 4))
+    return {"samples": len(chance), "head_rate": hits / max(votes, 1), "sample_rate": majority / max(len(chance), 1),
+            "chance": sum(chance) / max(len(chance), 1)}
+
+
+def answer_accuracy(rows: list[dict], problems: dict[str, dict]) -> dict:
+    """Answers right (the words after </think> equal the reference) and think blocks equal to the reference."""
+    right = sum((row.get("response", "").split(THINK_END)[-1].strip() == problems[row["id"]]["answer"])
+                and THINK_END in row.get("response", "") for row in rows)
+    exact = sum((think_text(row.get("response", "")) or "").strip() == problems[row["id"]]["think"] for row in rows)
+    return {"correct": right, "total": len(rows), "accuracy": right / max(len(rows), 1), "think_exact": exact}
+
+
+def evaluate(model_dir, threads: int = 1, verbose: bool = True, top: int = 5) -> dict:
+    """Quality report of a thinker checkpoint on the bundled, held-out questions (through `detect`, with the
+    thinker's defaults): answer accuracy, think blocks equal to the reference, the receiver heads and how often
+    the sentence they read most is a planted anchor, and needle retrieval on the short contexts it was trained on."""
+    import tempfile
+
+    import torch
+
+    from .. import loading
+    from ..engine import detect
+    from ..outputs import ranked
+
+    torch.set_num_threads(threads)
+    loaded = loading.load(str(model_dir))
+    problems = {problem["id"]: problem for problem in read_bundled()}
+    from ..tasks import DATA_DIR
+
+    with tempfile.TemporaryDirectory() as out:
+        reasoning = detect("reasoning", loaded=loaded, out=out, quiet=True, data=str(DATA_DIR / DATA_FILE),
+                           scorer="receiver,reasoning_focus", success_threshold=-1,
+                           **TASK_DEFAULTS["reasoning"])
+        retrieval = detect("retrieval", loaded=loaded, out=out, quiet=True, **TASK_DEFAULTS["retrieval"],
+                           haystack=str(DATA_DIR / "haystack"), needles=str(DATA_DIR / "needles.jsonl"))
+    receiver = reasoning.by_scorer["receiver"]
+    top_heads = [key for key, _ in ranked(receiver.summary)[:top]]
+    report = {"answers": answer_accuracy(receiver.samples, problems),
+              "receiver_scored": sum("most_received" in row for row in receiver.samples),
+              "top_receiver_heads": [(key, round(stats["mean"], 2)) for key, stats in ranked(receiver.summary)[:top]],
+              "anchor_reading": anchor_reading(receiver.samples, top_heads),
+              "retrieval": retrieval.counts["passed"] / max(retrieval.counts["run"], 1)}
+    if verbose:
+        answers, reading = report["answers"], report["anchor_reading"]
+        print(f"answers: {answers['correct']}/{answers['total']} right; think blocks equal to the reference: "
+              f"{answers['think_exact']}/{answers['total']}")
+        print(f"receiver: {report['receiver_scored']}/{len(receiver.samples)} samples scored; top heads "
+              + ", ".join(f"{key} {mean}" for key, mean in report["top_receiver_heads"]))
+        print(f"anchor reading (top {top} receiver heads): the most-read sentence is a planted anchor for "
+              f"{reading['head_rate']:.0%} of head-samples, by majority in {reading['sample_rate']:.0%} of samples "
+              f"(chance {reading['chance']:.0%})")
+        print(f"retrieval (contexts {TASK_DEFAULTS['retrieval']['min_length']}-"
+              f"{TASK_DEFAULTS['retrieval']['max_length']}): {report['retrieval']:.0%} pass")
+    return report

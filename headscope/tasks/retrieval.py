@@ -358,10 +358,11 @@ def grid_lengths(options: RetrievalOptions, max_context: int | None) -> list[int
 
 def default_data(model: str | None) -> tuple[Path, Path]:
     """(haystack folder, needles file) when none is given: the organism's own synthetic world for the bundled
-    organism, real English prose (data/prose/, CC0) with needles written for it for every other model."""
+    organisms (organism, thinker), real English prose (data/prose/, CC0) with needles written for it for every
+    other model."""
     from headscope.loading import model_name
 
-    if model is None or model_name(model) == "organism":
+    if model is None or model_name(model) in ("organism", "thinker"):
         return DATA_DIR / "haystack", DATA_DIR / "needles.jsonl"
     return DATA_DIR / "prose", DATA_DIR / "prose_needles.jsonl"
 
