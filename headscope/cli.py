@@ -294,9 +294,13 @@ def run_merge(args: argparse.Namespace) -> None:
 
 
 def run_organism_train(args: argparse.Namespace, rest: list[str]) -> None:
-    from .organism import train
+    """The organism's training command, or the thinker's with --which thinker (each parses every flag itself)."""
+    from .organism import thinker, train
+    from .parser import HeadscopeParser
 
-    train.main(rest)
+    which = HeadscopeParser(prog="headscope organism train", add_help=False)
+    which.add_argument("--which", choices=train.WHICH, default="organism")
+    (thinker.main if which.parse_known_args(rest)[0].which == "thinker" else train.main)(rest)
 
 
 # ------------------------------------------------------------------------------------------ the parser

@@ -462,3 +462,32 @@ def evaluate(model_dir, threads: int = 1, verbose: bool = True, top: int = 5) ->
         print(f"retrieval (contexts {TASK_DEFAULTS['retrieval']['min_length']}-"
               f"{TASK_DEFAULTS['retrieval']['max_length']}): {report['retrieval']:.0%} pass")
     return report
+
+
+def main(argv=None) -> int:
+    """`headscope organism train --which thinker ...`: train, evaluate, or write the bundled questions."""
+    from ..parser import HeadscopeParser  # a mistake is one line, as in every other command
+    from .train import WHICH, WHICH_HELP
+
+    parser = HeadscopeParser(prog="headscope organism train", description="Train or evaluate the thinker.")
+    parser.add_argument("--which", choices=WHICH, default="thinker", help=WHICH_HELP)
+    parser.add_argument("--out", help="output checkpoint directory")
+    add_arguments(parser, ThinkerRecipe)
+    parser.add_argument("--evaluate", metavar="MODEL_DIR", help="evaluate a checkpoint instead")
+    parser.add_argument("--write-data", metavar="DATA_DIR", help="(re)write the bundled questions (thinker.jsonl)")
+    args = parser.parse_args(argv)
+    names = {spec.name for spec in dataclasses.fields(ThinkerRecipe)}
+    recipe = ThinkerRecipe(**{name: value for name, value in vars(args).items() if name in names})
+    if args.write_data:
+        write_bundled_data(args.write_data)
+    elif args.evaluate:
+        evaluate(args.evaluate, threads=recipe.threads)
+    elif not args.out:
+        parser.error("--out is required to train")
+    else:
+        train(args.out, recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -464,35 +464,32 @@ def _reasoning_records() -> list[dict]:
     return [json.loads(line) for line in (DATA_DIR / "reasoning.jsonl").read_text().splitlines() if line.strip()]
 
 
+WHICH = ("organism", "thinker")
+WHICH_HELP = ("which organism: the organism (retrieval, one-line reasoning; default) or the thinker (think blocks with "
+              "planted anchors, organism/thinker.py); the flags below are its recipe's")
+
+
 def main(argv=None) -> int:
     from ..parser import HeadscopeParser  # a mistake is one line, as in every other command
-    from . import thinker
 
-    which = HeadscopeParser(prog="headscope organism train", add_help=False)
-    which.add_argument("--which", choices=("organism", "thinker"), default="organism")
-    organism = which.parse_known_args(argv)[0].which == "organism"
-    recipe_class = Recipe if organism else thinker.ThinkerRecipe
-    ap = HeadscopeParser(prog="headscope organism train", description="Train or evaluate a bundled model organism: "
-                         "the organism (default) or the thinker (--which thinker).")
-    ap.add_argument("--which", choices=("organism", "thinker"), default="organism",
-                    help="which organism: the organism (retrieval, one-line reasoning) or the thinker (think blocks "
-                         "with planted anchors); the flags below are its recipe's")
+    ap = HeadscopeParser(prog="headscope organism train", description="Train or evaluate the bundled model organism.")
+    ap.add_argument("--which", choices=WHICH, default="organism", help=WHICH_HELP)
     ap.add_argument("--out", help="output checkpoint directory")
-    add_arguments(ap, recipe_class)
+    add_arguments(ap, Recipe)
     ap.add_argument("--evaluate", metavar="MODEL_DIR", help="evaluate a checkpoint instead")
     ap.add_argument("--write-data", metavar="DATA_DIR", help="(re)write the bundled data files")
     args = ap.parse_args(argv)
-    names = {spec.name for spec in dataclasses.fields(recipe_class)}
-    recipe = recipe_class(**{name: value for name, value in vars(args).items() if name in names})
+    names = {spec.name for spec in dataclasses.fields(Recipe)}
+    recipe = Recipe(**{name: value for name, value in vars(args).items() if name in names})
     if args.write_data:
-        (synth if organism else thinker).write_bundled_data(args.write_data)
+        synth.write_bundled_data(args.write_data)
         return 0
     if args.evaluate:
-        (evaluate if organism else thinker.evaluate)(args.evaluate, threads=recipe.threads)
+        evaluate(args.evaluate, threads=recipe.threads)
         return 0
     if not args.out:
         ap.error("--out is required to train")
-    (train if organism else thinker.train)(args.out, recipe)
+    train(args.out, recipe)
     return 0
 
 
