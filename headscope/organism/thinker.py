@@ -125,7 +125,7 @@ def item_list(items: list[str]) -> str:
 
 def make_problem(rng: random.Random) -> dict:
     """A question with its reference think block and ground truth (see module)."""
-    world = make_world(rng, rng.choice([2, 3, 3, 4]))
+    world = make_world(rng, rng.choice([2, 3]))
     parent = world["parent"]
     facts = [synth.fact(a, b) for a, b in parent.items()]
     rng.shuffle(facts)
@@ -257,7 +257,7 @@ class ThinkerRecipe:
     --which thinker`'s flags are generated from these fields)."""
 
     seed: int = option(0, "seed of every random choice: the same seed gives byte-identical files")
-    steps: int = option(1500, "optimizer steps in all (induction phase included)", minimum=1)
+    steps: int = option(2400, "optimizer steps in all (induction phase included)", minimum=1)
     hidden: int = option(128, "hidden size", group="model")
     layers: int = option(6, "decoder layers", group="model")
     heads: int = option(8, "attention heads per layer", group="model")
@@ -269,8 +269,8 @@ class ThinkerRecipe:
     max_len: int = option(320, "longest retrieval sequence")
     min_len: int = option(96, "shortest retrieval sequence")
     induction_prob: float = option(0.1, "share of induction sequences among the retrieval ones")
-    induction_steps: int = option(400, "steps of the first phase: repeated random segments only")
-    induction_batch: int = option(16, "sequences per induction-phase step")
+    induction_steps: int = option(1000, "steps of the first phase: repeated random segments only")
+    induction_batch: int = option(32, "sequences per induction-phase step")
     induction_len: int = option(64, "length of an induction-phase sequence")
     head_dropout: float = option(0.2, "probability that a head is ablated (uniform attention) in a training "
                                       "sequence, after the induction phase")
