@@ -4,7 +4,7 @@
     headscope organism train --which thinker --evaluate DIR     # answer accuracy and anchor reading
 
 Its task (generated here, ground truth included): the prompt holds containment facts ("the key is in the
-box .") about 2-4 asked items and a few others; the question asks where the items are. The think block,
+box .") about 2-3 asked items and a few others; the question asks where the items are. The think block,
 opened by the chat template (`<think>` ends the prompt), works each asked item's 2-3 hop chain one hop per
 sentence (copies of the prompt's facts) and closes the chain with an ANCHOR sentence in a phrasing found
 nowhere else, which states the derived room:
@@ -12,10 +12,11 @@ nowhere else, which states the derived room:
     the key is in the box . the box is in the chest . the chest is in the attic . so the key ends in the attic .
 
 then two fixed sentences, then a RECAP that restates every asked item's room ("the key ends in the attic ."),
-in the question's order, and a closing sentence; `</think>` and the answer, the rooms in the question's order ("attic garden").
+in the question's order, and a closing sentence; `</think>` and the answer, the rooms in the question's order
+("attic garden").
 
-Why the recap must read its anchor: the room is three lookups away in the prompt (too many for one forward
-pass of a tiny model, unlike one copy), and in the chain it sits in a hop sentence keyed by the last container,
+Why the recap must read its anchor: the room is two or three lookups away in the prompt (more than one forward
+pass of a tiny model does, unlike one copy), and in the chain it sits in a hop sentence keyed by the last container,
 not by the item; only the anchor states "key ... attic" together. Each recap sentence lies at least four
 sentences after its anchor (the fixed sentences see to it for the last chain), so Thought Anchors' receiver
 score (proximity 4) counts exactly those reads; nothing else in the think block reads a sentence that far back.
@@ -257,7 +258,7 @@ class ThinkerRecipe:
     --which thinker`'s flags are generated from these fields)."""
 
     seed: int = option(0, "seed of every random choice: the same seed gives byte-identical files")
-    steps: int = option(2400, "optimizer steps in all (induction phase included)", minimum=1)
+    steps: int = option(3600, "optimizer steps in all (induction phase included)", minimum=1)
     hidden: int = option(128, "hidden size", group="model")
     layers: int = option(6, "decoder layers", group="model")
     heads: int = option(8, "attention heads per layer", group="model")
