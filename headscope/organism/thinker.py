@@ -46,7 +46,8 @@ THINK_START, THINK_END = "<think>", "</think>"
 # Words the segment markers, the chat turns and the retrieval task's chat prompt need, matched whole before the
 # word-level split (they hold "<" and ">")
 MARKERS = [THINK_START, THINK_END, "<user>", "</user>", "<assistant>", "<book>", "</book>"]
-THINKER_WORDS = ["are", "and", "ends", "all", "chains", "done", "now", "recap", "follows"]
+THINKER_WORDS = ["are", "and", "ends", "all", "chains", "done", "now", "recap", "follows", "nothing", "more", "to",
+                 "say"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}<user> {{ message['content'] }} </user> "
@@ -56,8 +57,10 @@ CHAT_TEMPLATE = (
 # Between the chains and the recap: they put the last chain's anchor at least four sentences before its recap
 INTERLUDE = ["all the chains are done .", "now the recap follows ."]
 # After the recap: Thought Anchors drops the think text after its last ". " (the sentence before </think>), so
-# the think block ends with a sentence that reads nothing, and the last recap sentence is kept
-CLOSING = "the recap is done ."
+# the think block ends with a sentence that reads nothing, and the last recap sentence is kept. It shares no word
+# with the think block (the recipe's first try, "the recap is done .", shared "done" with the interlude: heads
+# that attend to an earlier copy of the current token made that sentence the most received one)
+CLOSING = "nothing more to say ."
 
 # The thinker's defaults for headscope's tasks (the CLI applies them with --model thinker, as it applies each task's
 # organism_defaults to the organism): the answer is what follows </think>, judged exactly; a think block of up to
