@@ -82,6 +82,18 @@ def test_thinker_names_the_bundled_checkpoint():
     assert loading.model_path("some/hub-model") == "some/hub-model"
 
 
+def test_the_thinker_gets_its_questions_and_defaults():
+    from headscope.cli import bundled_defaults
+    from headscope.tasks import TASKS, reasoning, retrieval
+
+    assert reasoning.default_data("thinker").name == thinker.DATA_FILE
+    assert reasoning.default_data(None).name == reasoning.default_data("some/model").name == "reasoning.jsonl"
+    assert retrieval.default_data("thinker") == retrieval.default_data(None)  # the synthetic world's haystack
+    assert bundled_defaults(TASKS["reasoning"], "thinker") == thinker.TASK_DEFAULTS["reasoning"]
+    assert bundled_defaults(TASKS["retrieval"], None) == TASKS["retrieval"].organism_defaults
+    assert bundled_defaults(TASKS["retrieval"], "some/model") == {}
+
+
 # ----------------------------------------------------------------------------- what headscope finds on it
 
 
