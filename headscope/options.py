@@ -85,8 +85,8 @@ def _scorer_help() -> str:
 class ModelOptions:
     """Which model, and how it is loaded (`headscope check` takes these alone)."""
 
-    model: str | None = option(None, "name or path of a Hugging Face causal LM (default: the bundled organism)",
-                               group="model")
+    model: str | None = option(None, "name or path of a Hugging Face causal LM (default: the bundled organism; "
+                                     "thinker: the bundled thinking organism)", group="model")
     dtype: str = option("auto", "the weights' dtype (auto: the checkpoint's)", group="model",
                         choices=("auto", "float32", "bfloat16", "float16"))
     device: str = option("auto", "auto (every GPU via device_map, else CPU), cpu, cuda, cuda:1, ...", group="model")

@@ -174,3 +174,18 @@ def test_head_dropout_in_training_is_the_uniform_ablation_of_headscope_ablate():
     assert torch.equal(trained[0], plain[0])
     assert (trained[1] - plain[1]).abs().max() > 1e-4
     torch.testing.assert_close(trained[1:], ablated, atol=1e-5, rtol=0)
+
+
+def test_thinker_training_is_deterministic(tmp_path):
+    """`headscope organism train --which thinker` twice with the same seed: byte-identical weights."""
+    from headscope.cli import main
+    from headscope.organism import thinker
+
+    flags = ["--which", "thinker", "--seed", "2", "--steps", "5", "--hidden", "32", "--layers", "2", "--heads", "2",
+             "--intermediate", "64", "--warmup", "2", "--thinking-batch", "2", "--retrieval-tokens", "128",
+             "--max-len", "128", "--induction-steps", "2", "--induction-batch", "2", "--log-every", "100"]
+    for run in ("a", "b"):
+        assert main(["organism", "train", *flags, "--out", str(tmp_path / run)]) == 0
+    a, b = ((tmp_path / run / "model.safetensors").read_bytes() for run in ("a", "b"))
+    assert a == b
+    assert (tmp_path / "a" / "chat_template.jinja").read_text() == thinker.CHAT_TEMPLATE

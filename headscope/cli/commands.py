@@ -17,9 +17,9 @@ from ..errors import EscapedStream, HeadscopeError, printable
 
 
 def options_from(args: argparse.Namespace, options_class) -> dict:
-    """The fields of `options_class` set on the command line (flags that cannot be combined refused); on the
-    bundled organism (no --model), the task's organism defaults for those left unset and not replaced by a flag
-    given (--context-lengths replaces the organism's --min-length ...)."""
+    """The fields of `options_class` set on the command line (flags that cannot be combined refused); on a
+    bundled model (no --model: the organism; --model thinker), the task's defaults for it for those left unset and
+    not replaced by a flag given (--context-lengths replaces the organism's --min-length ...)."""
     from ..detection.engine import refuse_filter_flags
     from ..options import excluded_by, refuse_conflicts
 
@@ -30,11 +30,23 @@ def options_from(args: argparse.Namespace, options_class) -> dict:
     if task is None:
         return given
     refuse_filter_flags(task, set(given))
-    if getattr(args, "model", None) is None:  # only this class's fields take them
-        defaults = {k: v for k, v in task.organism_defaults.items()
-                    if k in names and not excluded_by(options_class, k, set(given))}
-        given = defaults | given
-    return given
+    defaults = {k: v for k, v in bundled_defaults(task, getattr(args, "model", None)).items()
+                if k in names and not excluded_by(options_class, k, set(given))}  # only this class's fields take them
+    return defaults | given
+
+
+def bundled_defaults(task, model: str | None) -> dict:
+    """The option values a task takes on a bundled model unless set: the organism's (no --model) or the thinker's
+    (--model thinker: its answer follows </think>; organism/thinker.py); none on any other model."""
+    from .. import bundled
+
+    if model is None:
+        return task.organism_defaults
+    if bundled.name_of(model) == "thinker":
+        from ..organism.thinker import TASK_DEFAULTS
+
+        return TASK_DEFAULTS.get(task.name, {})
+    return {}
 
 
 def run_detect(args: argparse.Namespace) -> int:
@@ -158,11 +170,11 @@ def _merged_result(task, options):
     import json
 
     from ..detection.engine import DetectResult
-    from ..detection.loading import default_model_path, model_name
+    from ..detection.loading import model_name, model_path
     from ..runs.outputs import output_paths
     from ..runs.store import read_rows
 
-    paths = output_paths(options.out, model_name(options.model or default_model_path()), task)
+    paths = output_paths(options.out, model_name(model_path(options.model)), task)
     summary = json.loads(paths["summary"].read_text())
     return DetectResult(json.loads(paths["heads"].read_text()), summary, read_rows(paths["samples"]), paths)
 
@@ -205,7 +217,7 @@ def run_check(args: argparse.Namespace) -> int:
     loaded = load(model.model, model.dtype, model.device, model.attn, model.trust_remote_code)
     cases = []
     for task in ("retrieval", "reasoning"):  # each task's default scorer on its first two prompts
-        defaults = TASKS[task].organism_defaults if model.model is None else {}
+        defaults = bundled_defaults(TASKS[task], model.model)
         options = TASKS[task].options(**(defaults | dataclasses.asdict(model)))
         with quiet_notes():  # notes on the task's grid name flags that check does not have
             case = scorer_case(start_run(task, options, loaded, check_it=False))
@@ -260,9 +272,9 @@ def run_specificity(args: argparse.Namespace) -> None:
     tasks = [TASKS[task] for task in args.tasks if task in TASKS]
     for task in tasks:
         refuse_conflicts(task.options, set(given))
-    if given.get("model") is None:  # the bundled organism: each task's organism defaults, unless set or replaced
-        given = {k: v for task in tasks for k, v in task.organism_defaults.items()
-                 if not excluded_by(task.options, k, set(given))} | given
+    # a bundled model: each task's defaults for it, unless set or replaced
+    given = {k: v for task in tasks for k, v in bundled_defaults(task, given.get("model")).items()
+             if not excluded_by(task.options, k, set(given))} | given
     report = specificity(args.scores, args.tasks, Arms(args.top, args.random, args.repeats, args.mode), **given)
     print(format_matrix(report))
     said_wrote(report["path"])
@@ -282,9 +294,13 @@ def run_merge(args: argparse.Namespace) -> None:
 
 
 def run_organism_train(args: argparse.Namespace, rest: list[str]) -> None:
-    from ..organism import train
+    """The organism's training command, or the thinker's with --which thinker (each parses every flag itself)."""
+    from ..organism import thinker, train
+    from ..parser import HeadscopeParser
 
-    train.main(rest)
+    which = HeadscopeParser(prog="headscope organism train", add_help=False)
+    which.add_argument("--which", choices=train.WHICH, default="organism")
+    (thinker.main if which.parse_known_args(rest)[0].which == "thinker" else train.main)(rest)
 
 
 # ------------------------------------------------------------------------------------------ the parser

@@ -83,7 +83,7 @@ def model_head_keys(model) -> list[str]:
 
 def model_name_of(options, loaded: loading.LoadedModel | None) -> str:
     """The name the run's files carry, known before the model loads."""
-    return loaded.name if loaded is not None else loading.model_name(options.model or loading.default_model_path())
+    return loaded.name if loaded is not None else loading.model_name(loading.model_path(options.model))
 
 
 def run_identity(task: str, options, loaded: loading.LoadedModel | None, model: dict | None = None) -> dict:
@@ -95,7 +95,7 @@ def run_identity(task: str, options, loaded: loading.LoadedModel | None, model: 
 
 
 def model_identity(options, loaded: loading.LoadedModel | None) -> dict:
-    path = loaded.path if loaded is not None else (options.model or loading.default_model_path())
+    path = loaded.path if loaded is not None else loading.model_path(options.model)
     return identity.of_model(path, loaded)
 
 
@@ -112,7 +112,7 @@ def head_ids_before_loading(options, loaded: loading.LoadedModel | None, score_f
     if loaded is not None:
         return model_head_keys(loaded.model)
     try:
-        config = AutoConfig.from_pretrained(options.model or loading.default_model_path(),
+        config = AutoConfig.from_pretrained(loading.model_path(options.model),
                                             trust_remote_code=options.trust_remote_code).get_text_config(decoder=True)
     except (OSError, ValueError):
         return None
@@ -244,7 +244,7 @@ def prepared_before_loading(task: str, options, done: frozenset) -> tuple[bool, 
     when they cannot be read on their own (loading the model then says why)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    path = options.model or loading.default_model_path()
+    path = loading.model_path(options.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
         config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
@@ -446,10 +446,10 @@ def decode_all(run: Run, encoded: dict, total: int, todo: list[int], stores: dic
             for scorer in scorers:
                 runs = stores[scorer.name]
                 if row["id"] not in runs.done:
-                    per_head, unscored = per_scorer.get(scorer.name, (None, None))
+                    per_head, unscored, fields = per_scorer.get(scorer.name, (None, None, {}))
                     runs.append({"run": runs.run, **row, "scorer": scorer.name, "keep_zeros": scorer.keep_zeros,
                                  "head_scores": None if per_head is None or unscored else values(per_head)}
-                                | ({"unscored": unscored} if unscored else {}))
+                                | ({"unscored": unscored} if unscored else {}) | fields)
             progress.update(1)
             if row["passed"] and not options.quiet:
                 tqdm.write("top-10: " + running.add(primary.rows[-1]), file=sys.stderr)
@@ -519,7 +519,8 @@ def run_batch(run: Run, items: list, scorers: list):
         scorer.begin(batch, *num_layers_and_heads(loaded.model))
     generated = greedy_decode(loaded.model, input_ids, attention_mask, scorers + ties, run.options.max_new_tokens,
                               run.stop, loaded.eager_fallback)
-    per_scorer = {scorer.name: (scorer.result().float().cpu(), scorer.unscored) for scorer in scorers}
+    per_scorer = {scorer.name: (scorer.result().float().cpu(), scorer.unscored, scorer.sample_fields())
+                  for scorer in scorers}
     tied = ties[0].per_sample() if ties else None
     seconds = (time.time() - started) / len(runnable)
     for i, (index, sample, prompt) in enumerate(runnable):
@@ -532,8 +533,8 @@ def run_batch(run: Run, items: list, scorers: list):
         if tied is not None:
             outcome["tied_head_steps"] = tied[i]
         row = sample_row(run, sample, prompt, outcome)
-        yield {"index": index} | row, {name: (scores[i], unscored.get(i)) for name, (scores, unscored)
-                                       in per_scorer.items()}
+        yield {"index": index} | row, {name: (scores[i], unscored.get(i), fields.get(i, {}))
+                                       for name, (scores, unscored, fields) in per_scorer.items()}
 
 
 def prompt_batch(run: Run, runnable: list) -> tuple[PromptBatch, torch.Tensor | None]:

@@ -51,11 +51,17 @@ def max_context_of(config) -> int | None:
 
 
 def default_model_path() -> str:
-    return str(bundled.CHECKPOINTS[bundled.DEFAULT])
+    return bundled.path_of(None)
+
+
+def model_path(model: str | None) -> str:
+    """Where a --model value loads from (a bundled name such as "thinker" is its checkpoint)."""
+    return bundled.path_of(model)
 
 
 def model_name(path: str) -> str:
-    """Output files are named after the model's last path component; a bundled model by its name ("organism")."""
+    """Output files are named after the model's last path component; a bundled model by its name ("organism",
+    "thinker")."""
     return bundled.name_of(path) or os.path.basename(os.path.normpath(path)) or "model"
 
 
@@ -79,7 +85,7 @@ def prepare(model, tokenizer, path: str, attn: str = "sdpa") -> LoadedModel:
 
 def load(path: str | None = None, dtype: str = "auto", device: str = "auto", attn: str = "sdpa",
          trust_remote_code: bool = False) -> LoadedModel:
-    path = path or default_model_path()
+    path = model_path(path)
     if (os.path.isabs(path) or path.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(path)):
         raise HeadscopeError(f"no such model folder: {path}")
     if dtype not in DTYPES:

@@ -47,8 +47,9 @@ def build_vocab() -> dict[str, int]:
     return vocab
 
 
-def build_tokenizer():
-    """The organism's fast tokenizer (a ``transformers.PreTrainedTokenizerFast``).
+def build_tokenizer(vocab: dict[str, int] | None = None):
+    """The organism's fast tokenizer (a ``transformers.PreTrainedTokenizerFast``), over ``vocab`` (default: the
+    organism's; the thinker passes its own).
 
     Word-level; words and punctuation are split apart, spaces dropped, ``"\\n"`` kept as a token of
     its own; ``<s>`` is prepended when ``add_special_tokens`` is true (the default); decoding joins
@@ -57,7 +58,7 @@ def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(build_vocab(), unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(vocab or build_vocab(), unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
         pre_tokenizers.Split("\n", behavior="isolated"),
@@ -463,10 +464,16 @@ def _reasoning_records() -> list[dict]:
     return [json.loads(line) for line in (DATA_DIR / "reasoning.jsonl").read_text().splitlines() if line.strip()]
 
 
+WHICH = ("organism", "thinker")
+WHICH_HELP = ("which organism: the organism (retrieval, one-line reasoning; default) or the thinker (think blocks with "
+              "planted anchors, organism/thinker.py); the flags below are its recipe's")
+
+
 def main(argv=None) -> int:
     from ..parser import HeadscopeParser  # a mistake is one line, as in every other command
 
     ap = HeadscopeParser(prog="headscope organism train", description="Train or evaluate the bundled model organism.")
+    ap.add_argument("--which", choices=WHICH, default="organism", help=WHICH_HELP)
     ap.add_argument("--out", help="output checkpoint directory")
     add_arguments(ap, Recipe)
     ap.add_argument("--evaluate", metavar="MODEL_DIR", help="evaluate a checkpoint instead")

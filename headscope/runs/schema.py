@@ -152,6 +152,8 @@ SAMPLE_ROW = {
     "scorer": (False, is_text, "a string"),
     "unscored": (False, optional(is_text), "a string or null"),  # why a scorer gave this sample no value
     "tied_head_steps": (False, is_count, "a whole number >= 0"),  # head-steps whose top k + 1 held a tie (ties.py)
+    # receiver: per head, the think sentence its later sentences read most (argmax of v[k]; -1: no value)
+    "most_received": (False, is_score_grid, "a layers x heads list of sentence indices"),
 }
 # A shard's rows must say which run they belong to and where they sit in the sample grid (merge sorts on it).
 SHARD_ROW = SAMPLE_ROW | {"run": (True, is_text, "a string"), "index": (True, is_count, "a whole number >= 0")}

@@ -101,6 +101,10 @@ class Scorer:
             scores[sample] = float("nan")
         return scores
 
+    def sample_fields(self) -> dict[int, dict]:
+        """After `result()`: fields this scorer adds to a sample's row (sample -> {name: JSON value}); none here."""
+        return {}
+
     def prefill_queries(self) -> tuple[int, int] | None:
         """Query positions [start, end) (padded coordinates) whose prefill rows this scorer wants; None: none."""
         return None

@@ -32,7 +32,9 @@ with p = `--receiver-proximity` (4, as every receiver-head entry point passes `p
 `control_depth=False`). A head whose v is constant has no kurtosis (NaN in scipy): no value for that head. A
 chain with fewer than p + 2 sentences has no kurtosis at all: the sample adds nothing and is counted.
 `--receiver-reduce sum` takes M[m, k] as the mean over m's queries of the SUM over k's keys (headscope's
-earlier convention); `--receiver-sentences tokens` splits at tokens instead of Thought Anchors' chunks.
+earlier convention); `--receiver-sentences tokens` splits at tokens instead of Thought Anchors' chunks. Each
+scored sample's row records `most_received`: per head, the index of the sentence with the largest v[k] (the one
+its later sentences read most; -1 where the head has no value), so a user can check it against known anchors.
 """
 from __future__ import annotations
 
@@ -236,6 +238,7 @@ class ReceiverScorer(SegmentScorer):
         super().begin(batch, num_layers, num_heads)
         self.plans = {}  # sample -> its sentences' bookkeeping (see _plan)
         self.received = {}  # sample -> (layers, heads, sentences) sum over m >= k + p of M[m, k] (times |k|)
+        self.most_received = {}  # sample -> (layers, heads) argmax of v[k] over k (sample_fields)
 
     def replay_queries(self, sample: int, sequence: list[int], prompt_len: int) -> tuple[int, int] | None:
         segments = self.segments(sequence, prompt_len)
@@ -301,7 +304,14 @@ class ReceiverScorer(SegmentScorer):
             columns = sizes if self.reduce == "mean" else torch.ones_like(sizes)
             vertical = received.double() / (later * columns).clamp(min=1).double()  # v[k]; 0 for an empty k
             out[sample] = kurtosis(vertical[..., later > 0]).to(out.dtype)
+            self.most_received[sample] = vertical[..., later > 0].argmax(-1).where(~out[sample].isnan(), -1)
         return self.with_unscored(out)
+
+    def sample_fields(self) -> dict[int, dict]:
+        """`most_received`: per head, the index (among the think segment's sentences, from 0) of the sentence with
+        the largest v[k] -- the sentence that head's later sentences read most; -1 where the head has no value."""
+        return {sample: {"most_received": received.tolist()} for sample, received in self.most_received.items()
+                if sample not in self.unscored}
 
 
 def kurtosis(values: torch.Tensor) -> torch.Tensor:

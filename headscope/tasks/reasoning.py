@@ -5,6 +5,7 @@ import json
 import random
 from pathlib import Path
 
+from headscope import bundled
 from headscope.errors import HeadscopeError
 from headscope.validate import data_file
 from headscope.tasks.spans import chat_prompt
@@ -210,7 +211,7 @@ def build_reasoning_samples(
 class ReasoningOptions(ContextOptions):
     max_new_tokens: int = option(100, "decoding budget", minimum=1)
     data: str | None = option(None, "JSON list or JSON Lines with id, context, question, answer "
-                                    "(default: the bundled organism questions)", group="data")
+                                    "(default: the bundled organism questions; the thinker's own for --model thinker)", group="data")
     fields: dict | None = option(None, "rename fields, e.g. id=qid,answer=gold", group="data", parse=parse_fields)
     num_samples: int | None = option(None, "sample this many records (with --seed)", group="data", minimum=1)
     top_k: int = option(5, "positions of each attention row scored", group="reasoning score", minimum=1,
@@ -244,8 +245,14 @@ class ReasoningOptions(ContextOptions):
                                                 "generated tokens", group="reasoning score", ablate=False)
 
 
+def default_data(model: str | None) -> Path:
+    """The questions when --data is not given: the thinker's own (with their ground truth) for the bundled thinker,
+    the organism's questions for every other model."""
+    return DATA_DIR / ("thinker.jsonl" if bundled.name_of(model) == "thinker" else "reasoning.jsonl")
+
+
 def build(options: ReasoningOptions, tokenizer, max_context: int | None) -> list[Sample]:
-    records = load_reasoning_data(options.data or DATA_DIR / "reasoning.jsonl", fields=options.fields,
+    records = load_reasoning_data(options.data or default_data(options.model), fields=options.fields,
                                   num_samples=options.num_samples, seed=options.seed)
     lengths = checked_lengths(options.context_lengths, max_context) if options.context_lengths else None
     return build_reasoning_samples(tokenizer, records, lengths, length_buffer=options.length_buffer,
@@ -259,4 +266,4 @@ def prompt_template(chat: bool) -> str:
 
 register_task(Task("reasoning", "reasoning heads: attention on generated tokens and the question",
                    ReasoningOptions, build, "reasoning", prompt_template,
-                   data_files=lambda options: [options.data or DATA_DIR / "reasoning.jsonl"]))
+                   data_files=lambda options: [options.data or default_data(options.model)]))

@@ -359,8 +359,9 @@ def grid_lengths(options: RetrievalOptions, max_context: int | None) -> list[int
 
 def default_data(model: str | None) -> tuple[Path, Path]:
     """(haystack folder, needles file) when none is given: the organism's own synthetic world for the bundled
-    organism, real English prose (data/prose/, CC0) with needles written for it for every other model."""
-    if model is None or bundled.name_of(model) == "organism":
+    organisms (organism, thinker), real English prose (data/prose/, CC0) with needles written for it for every
+    other model."""
+    if bundled.name_of(model) in ("organism", "thinker"):
         return DATA_DIR / "haystack", DATA_DIR / "needles.jsonl"
     return DATA_DIR / "prose", DATA_DIR / "prose_needles.jsonl"
 

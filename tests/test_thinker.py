@@ -1,0 +1,130 @@
+"""The bundled thinking organism: its task's ground truth, and what headscope finds on it (trains nothing).
+
+The thinker (headscope/organism/thinker.py) writes a think block whose recap sentences must read planted anchor
+sentences at least four sentences back. On it the receiver score must find heads that read those anchors, and
+masking them must cost the answers far more than masking as many random heads.
+"""
+import json
+import random
+
+import pytest
+
+from headscope.cli.commands import main
+from headscope.organism import THINKER_DIR, thinker
+from headscope.runs.outputs import ranked
+from headscope.scorers.sentences import chunk_texts
+
+NEEDS_CHECKPOINT = pytest.mark.skipif(not (THINKER_DIR / "model.safetensors").exists(), reason="no thinker checkpoint")
+SAMPLES = ["--num-samples", "12", "--seed", "0"]  # a subset of the 40 bundled questions: the claims hold on it
+TOP = 8  # receiver heads masked (a sixth of the 48)
+
+
+# ----------------------------------------------------------------------------- the task's ground truth (no model)
+
+
+def test_every_recap_sentence_reads_an_anchor_at_least_four_sentences_back():
+    rng = random.Random(5)
+    for _ in range(200):
+        problem = thinker.make_problem(rng)
+        sentences = [s + " ." for s in problem["think"].removesuffix(" .").split(" . ")]
+        assert 8 <= len(sentences) <= 30
+        assert [i for i, s in enumerate(sentences) if s.startswith("so the ")] == problem["anchors"]
+        assert len(problem["readers"]) == len(problem["anchors"]) == len(problem["question"].split("the ")) - 1
+        for reader, anchor in problem["readers"].items():
+            assert reader - anchor >= 4
+            item, room = sentences[anchor].removeprefix("so ").split(" ends in ")
+            assert sentences[reader] == f"{item} ends in {room}"  # the recap restates the anchor's result
+        assert problem["answer"].split() == [sentences[a].split()[-2] for a in problem["anchors"]]
+        for anchor in problem["anchors"]:  # the room is 2-3 hops from the item: no prompt fact names both
+            item, room = sentences[anchor].split()[2], sentences[anchor].split()[-2]
+            assert 2 <= sum(s.startswith("the ") and " is in " in s for s in sentences[:anchor]
+                            [-3:]) and f"the {item} is in the {room} ." not in problem["context"]
+
+
+def test_the_receiver_sentences_are_the_generators_sentences():
+    """Thought Anchors' splitter (the receiver's) keeps every think sentence apart (each is >= 10 characters) and
+    drops only the closing one, so the ground truth's indices are the scorer's."""
+    tokenizer = thinker.build_tokenizer()
+    for problem in thinker.read_bundled():
+        ids = tokenizer(thinker.completion(problem), add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        decoded = thinker.think_text(tokenizer.decode(ids))
+        sentences = problem["think"].removesuffix(" .").split(" . ")
+        assert chunk_texts(decoded.strip()) == [s + " ." for s in sentences[:-1]]
+        assert thinker.anchor_sentences(decoded) == set(problem["anchors"])
+
+
+def test_the_chat_template_opens_the_think_block():
+    tokenizer = thinker.build_tokenizer()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Context: x"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt.endswith("<assistant> <think>")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids[-1]) == "<think>"
+    assert "</think>" in tokenizer.chat_template  # what makes the segments default to <think> / </think>
+
+
+def test_bundled_questions_are_held_out_and_match_the_generator(tmp_path):
+    data = thinker.ThinkerData(0, thinker.build_tokenizer())
+    assert {(p["context"], p["question"]) for p in thinker.read_bundled()} <= data.held
+    from headscope.tasks import DATA_DIR
+
+    assert thinker.write_bundled_data(tmp_path).read_text() == (DATA_DIR / thinker.DATA_FILE).read_text()
+
+
+def test_thinker_names_the_bundled_checkpoint():
+    from headscope.detection import loading
+
+    assert loading.model_path("thinker") == str(THINKER_DIR)
+    assert loading.model_name(loading.model_path("thinker")) == "thinker"
+    assert loading.model_name("thinker") == "thinker"
+    assert loading.model_path(None) == loading.default_model_path()
+    assert loading.model_path("some/hub-model") == "some/hub-model"
+
+
+def test_the_thinker_gets_its_questions_and_defaults():
+    from headscope.cli.commands import bundled_defaults
+    from headscope.tasks import TASKS, reasoning, retrieval
+
+    assert reasoning.default_data("thinker").name == thinker.DATA_FILE
+    assert reasoning.default_data(None).name == reasoning.default_data("some/model").name == "reasoning.jsonl"
+    assert retrieval.default_data("thinker") == retrieval.default_data(None)  # the synthetic world's haystack
+    assert bundled_defaults(TASKS["reasoning"], "thinker") == thinker.TASK_DEFAULTS["reasoning"]
+    assert bundled_defaults(TASKS["retrieval"], None) == TASKS["retrieval"].organism_defaults
+    assert bundled_defaults(TASKS["retrieval"], "some/model") == {}
+
+
+# ----------------------------------------------------------------------------- what headscope finds on it
+
+
+@pytest.fixture(scope="module")
+def detected(tmp_path_factory):
+    out = tmp_path_factory.mktemp("thinker")
+    assert main(["detect", "reasoning", "--model", "thinker", "--scorer", "reasoning,receiver,reasoning_focus",
+                 "--out", str(out), "--quiet", "--no-plots", *SAMPLES]) == 0
+    return out
+
+
+@NEEDS_CHECKPOINT
+def test_receiver_heads_read_the_planted_anchors(detected):
+    rows = [json.loads(line) for line in (detected / "thinker_reasoning_receiver_samples.jsonl").open()]
+    assert len(rows) == 12 and all(row["id"].startswith("thinker-") for row in rows)
+    scored = [row for row in rows if "most_received" in row]
+    assert len(scored) >= 0.8 * len(rows)
+    summary = json.loads((detected / "thinker_reasoning_receiver_summary.json").read_text())
+    top = [key for key, _ in ranked(summary)[:5]]
+    reading = thinker.anchor_reading(rows, top)
+    # chance: the anchors' share of the sentences with a v[k], about a quarter
+    assert reading["chance"] < 0.35
+    assert reading["sample_rate"] >= 0.75 and reading["head_rate"] >= 2 * reading["chance"], reading
+
+
+@NEEDS_CHECKPOINT
+def test_masking_the_receiver_heads_costs_the_answers_and_random_heads_do_not(detected):
+    assert main(["ablate", "reasoning", "--model", "thinker", "--scores",
+                 str(detected / "thinker_reasoning_receiver_heads.json"), "--top", str(TOP), "--repeats", "2",
+                 "--out", str(detected), "--quiet", "--no-plots", *SAMPLES]) == 0
+    report = json.loads((detected / "thinker_reasoning_ablation.json").read_text())
+    none, top, random_ = (report[arm]["success_rate"] for arm in ("none", "top", "random"))
+    assert none >= 0.8
+    assert (none - top) - (none - random_) >= 0.5, (none, top, random_)
