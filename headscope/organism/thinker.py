@@ -156,6 +156,7 @@ def completion(problem: dict) -> str:
 
 
 def bundled_problems(seed: int = synth.BUNDLED_SEED, count: int = 40) -> list[dict]:
+    """The held-out questions (distinct), with ids thinker-000 ..."""
     rng = random.Random(f"thinker-{seed}")
     problems, seen = [], set()
     while len(problems) < count:
@@ -177,11 +178,11 @@ def write_bundled_data(data_dir, seed: int = synth.BUNDLED_SEED) -> Path:
 
 
 def read_bundled() -> list[dict]:
+    """The bundled questions (`readers` keyed by int again: JSON made the keys strings)."""
     from ..tasks import DATA_DIR
 
-    lines = (DATA_DIR / DATA_FILE).read_text().splitlines()
-    return [json.loads(line) | {"readers": {int(k): v for k, v in json.loads(line)["readers"].items()}}
-            for line in lines if line.strip()]
+    problems = [json.loads(line) for line in (DATA_DIR / DATA_FILE).read_text().splitlines() if line.strip()]
+    return [problem | {"readers": {int(k): v for k, v in problem["readers"].items()}} for problem in problems]
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,8 +197,8 @@ class ThinkerData:
     def __init__(self, seed: int, tokenizer):
         self.rng = random.Random(f"thinker-train-{seed}")
         self.tokenizer = tokenizer
-        self.held = {(p["context"], p["question"]) for p in bundled_problems()} | synth.held_out()["reasoning"]
-        self.held_needles = synth.held_out()
+        self.held = {(p["context"], p["question"]) for p in bundled_problems()}  # never trained on
+        self.held_needles = synth.held_out()  # the bundled needles' keys and values, as the organism holds them out
         self.first_word = len(synth.PUNCTUATION) + 5  # ids below: special tokens, newline, punctuation
 
     def _ids(self, text: str) -> list[int]:
