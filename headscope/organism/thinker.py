@@ -287,7 +287,6 @@ class ThinkerRecipe:
 def train(out_dir, recipe: ThinkerRecipe | None = None) -> Path:
     """Train the thinker from scratch, deterministically from the recipe's seed; save it to ``out_dir``."""
     import torch
-    from transformers import LlamaForCausalLM
 
     from . import train as organism
 
@@ -298,39 +297,11 @@ def train(out_dir, recipe: ThinkerRecipe | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     vocab_size = ((len(tokenizer) + 63) // 64) * 64
-    config = organism.make_config(vocab_size, r.hidden, r.layers, r.heads, r.intermediate)
-    config._attn_implementation = "sdpa"
-    if r.head_dropout:
-        organism._register_head_dropout()
-        config._attn_implementation = organism.HEAD_DROPOUT_ATTENTION
-    model = LlamaForCausalLM(config)
-    drop_rng = torch.Generator().manual_seed(r.seed)
-
-    def loss_on(batch, drop: bool = True):  # the weighted loss, each sequence with its own dropped heads
-        ids, weights = batch
-        if r.head_dropout and drop:
-            organism.set_head_drop(model, torch.rand(ids.shape[0], r.layers, r.heads, generator=drop_rng) < r.head_dropout)
-        try:
-            return organism.weighted_loss(model, ids, weights)
-        finally:
-            organism.set_head_drop(model, None)
-
+    model, loss_on, opt, lr_at = organism.training_setup(r, vocab_size)
     print(f"params {sum(p.numel() for p in model.parameters()):,}  vocab {len(tokenizer)} (padded {vocab_size})",
           flush=True)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=r.lr, betas=(0.9, 0.98), eps=1e-8)
     data = ThinkerData(r.seed, tokenizer)
     lengths = random.Random(f"thinker-lengths-{r.seed}")
-
-    def lr_at(step):
-        if step < r.warmup:
-            return r.lr * (step + 1) / r.warmup
-        if step < r.induction_steps:
-            return r.lr
-        progress = (step - r.induction_steps) / max(1, r.steps - r.induction_steps)
-        return r.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def update(step, loss):
         for group in opt.param_groups:

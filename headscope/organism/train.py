@@ -286,18 +286,12 @@ class Recipe:
     save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
 
 
-def train(out_dir, recipe: Recipe | None = None) -> Path:
-    """Train the organism from scratch, deterministically from the recipe's seed; save it to ``out_dir``."""
-    r = recipe or Recipe()
+def training_setup(r, vocab_size: int):
+    """What every organism's training shares, from its recipe `r`: the Llama (with head-dropout attention when
+    r.head_dropout), the weighted loss with each sequence's own dropped heads, AdamW, and the learning rate
+    (linear warm-up, flat through the induction phase, then cosine to 5%). Returns (model, loss_on, opt, lr_at)."""
     from transformers import LlamaForCausalLM
 
-    torch.set_num_threads(r.threads)
-    torch.manual_seed(r.seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    vocab = build_vocab()
-    vocab_size = ((len(vocab) + 63) // 64) * 64
     config = make_config(vocab_size, r.hidden, r.layers, r.heads, r.intermediate)
     config._attn_implementation = "sdpa"
     if r.head_dropout:
@@ -306,32 +300,45 @@ def train(out_dir, recipe: Recipe | None = None) -> Path:
     model = LlamaForCausalLM(config)
     drop_rng = torch.Generator().manual_seed(r.seed)
 
-    def loss_on(batch, drop: bool = True):  # the weighted loss, each sequence with its own dropped heads
-        ids, wt = batch
+    def loss_on(batch, drop: bool = True):
+        ids, weights = batch
         if r.head_dropout and drop:
             set_head_drop(model, torch.rand(ids.shape[0], r.layers, r.heads, generator=drop_rng) < r.head_dropout)
         try:
-            return weighted_loss(model, ids, wt)
+            return weighted_loss(model, ids, weights)
         finally:
             set_head_drop(model, None)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"params {n_params:,}  vocab {len(vocab)} (padded {vocab_size})", flush=True)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
-                             {"params": no_decay, "weight_decay": 0.0}],
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=r.lr, betas=(0.9, 0.98), eps=1e-8)
+
+    def lr_at(step):
+        if step < r.warmup:
+            return r.lr * (step + 1) / r.warmup
+        if step < r.induction_steps:
+            return r.lr
+        progress = (step - r.induction_steps) / max(1, r.steps - r.induction_steps)
+        return r.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return model, loss_on, opt, lr_at
+
+
+def train(out_dir, recipe: Recipe | None = None) -> Path:
+    """Train the organism from scratch, deterministically from the recipe's seed; save it to ``out_dir``."""
+    r = recipe or Recipe()
+    torch.set_num_threads(r.threads)
+    torch.manual_seed(r.seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    vocab = build_vocab()
+    vocab_size = ((len(vocab) + 63) // 64) * 64
+    model, loss_on, opt, lr_at = training_setup(r, vocab_size)
+    print(f"params {sum(p.numel() for p in model.parameters()):,}  vocab {len(vocab)} (padded {vocab_size})", flush=True)
     gen = DataGen(r.seed, vocab)
     lrng = random.Random(f"lengths-{r.seed}")
-
-    def lr_at(s):
-        if s < r.warmup:
-            return r.lr * (s + 1) / r.warmup
-        if s < r.induction_steps:
-            return r.lr
-        p = (s - r.induction_steps) / max(1, r.steps - r.induction_steps)
-        return r.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
     def max_len_at(s):
         p = min(1.0, (s - r.induction_steps) / max(1, r.curriculum_frac * (r.steps - r.induction_steps)))
