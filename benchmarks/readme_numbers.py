@@ -1,5 +1,5 @@
-"""The organism numbers the README and the guides in docs/ print, recomputed by their own commands, and checked
-against their text.
+"""The bundled organisms' numbers the README and the guides in docs/ print, recomputed by their own commands,
+and checked against their text.
 
 Each claim below runs (or reuses) the detect / ablate / kv runs it needs in a work folder and writes the passage
 as its file (README.md or a guide) prints it; the passage must appear in that file (white space aside, as prose
@@ -7,7 +7,7 @@ wraps it). So a change of default cannot leave a stale table: tests/test_readme_
 in the default suite (marker `readme`) and the expensive ones under the marker `slow`.
 
     python benchmarks/readme_numbers.py                  # the cheap claims (about a minute on 2 cores)
-    python benchmarks/readme_numbers.py --slow           # and ablation and kv (7 CPU minutes more)
+    python benchmarks/readme_numbers.py --slow           # and ablation and kv (10 CPU minutes more)
     python benchmarks/readme_numbers.py --work runs      # keep the runs: a second call reuses them
 """
 from __future__ import annotations
@@ -183,6 +183,43 @@ def kv_table(work: Path) -> str:
     return format_table(json.loads((out / "organism_retrieval_kv.json").read_text()))
 
 
+def thinker_run(work: Path) -> Path:
+    """The reasoning-models guide's worked example: the three reasoning scores on the bundled thinker."""
+    return detect(work, "thinker", "reasoning", "--model", "thinker", "--scorer", "reasoning,receiver,reasoning_focus")
+
+
+def thinker_in_results(work: Path) -> str:
+    """The README's results table: the thinker's answers, how many chains `receiver` scores, and how often its
+    top-5 heads read a planted anchor most (thinker.anchor_reading, against the planted anchors' chance rate)."""
+    from headscope.organism.thinker import anchor_reading
+    from headscope.runs.outputs import ranked
+
+    folder = thinker_run(work)
+    rows = [json.loads(line) for line in (folder / "thinker_reasoning_receiver_samples.jsonl").open()]
+    heads = [key for key, _ in ranked(json.loads((folder / "thinker_reasoning_receiver_summary.json").read_text()))[:5]]
+    reading = anchor_reading(rows, heads)
+    scored = sum("most_received" in row for row in rows)
+    return (f"on the [thinker](docs/thinker.md) ({sum(row['passed'] for row in rows)}/{len(rows)} right), "
+            f"`receiver` scores {scored}/{len(rows)} chains and for its top 5 heads the most-read sentence is a "
+            f"planted anchor in {reading['head_rate']:.0%} of head-samples (chance {reading['chance']:.0%})")
+
+
+def thinker_ablation(work: Path) -> list[str]:
+    """The thinker guide's two ablation tables: the top-8 receiver heads, then the top-8 reasoning_focus heads,
+    each against 8 random ones (3 draws)."""
+    from headscope.experiments.ablation import format_report
+
+    tables = []
+    for scores in ("receiver", "reasoning_focus"):
+        out = work / f"thinker_ablate_{scores}"
+        headscope("ablate", "reasoning", "--model", "thinker", "--scores",
+                  str(thinker_run(work) / f"thinker_reasoning_{scores}_heads.json"), "--top", "8", "--repeats", "3",
+                  "--out", str(out), *FAST)
+        report = json.loads((out / "thinker_reasoning_ablation.json").read_text())
+        tables.append("\n".join(format_report(report).splitlines()[:4]))
+    return tables
+
+
 @dataclass(frozen=True)
 class Claim:
     name: str
@@ -209,9 +246,11 @@ CLAIMS = [
     Claim("query against retrieval", query_against_retrieval, "docs/scorers.md"),
     Claim("comparing the sets", comparing_the_sets, "docs/scorers.md"),
     Claim("reasoning with and without --exclude-current-token", reasoning_with_and_without_current, "docs/method.md"),
+    Claim("the results table: the thinker", thinker_in_results, "README.md"),
     Claim("ablation, --top auto", ablation_auto, "docs/experiments.md", slow=True),
     Claim("ablation sweep", ablation_sweep, "docs/experiments.md", slow=True),
     Claim("kv on the organism", kv_table, "docs/kv.md", slow=True),
+    Claim("ablation on the thinker", thinker_ablation, "docs/thinker.md", slow=True),
 ]
 
 

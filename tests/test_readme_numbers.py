@@ -1,4 +1,4 @@
-"""The organism numbers of the README and the guides in docs/ are what benchmarks/readme_numbers.py recomputes
+"""The bundled organisms' numbers in the README and the guides in docs/ are what benchmarks/readme_numbers.py recomputes
 with their own commands: a change of default cannot leave a stale table. The cheap claims (marker `readme`, about a minute on 2 cores) run
 in the default suite; ablation and kv (minutes) under the marker `slow`."""
 import importlib.util

@@ -1,8 +1,8 @@
 """The bundled thinking organism: its task's ground truth, and what headscope finds on it (trains nothing).
 
 The thinker (headscope/organism/thinker.py) writes a think block whose recap sentences must read planted anchor
-sentences at least four sentences back. On it the receiver score must find heads that read those anchors, and
-masking them must cost the answers far more than masking as many random heads.
+sentences at least four sentences back. On it the receiver score must find heads that read those anchors; masking
+the heads the answers depend on must cost them far more than masking as many random heads.
 """
 import json
 import random
@@ -28,17 +28,28 @@ def test_every_recap_sentence_reads_an_anchor_at_least_four_sentences_back():
         problem = thinker.make_problem(rng)
         sentences = [s + " ." for s in problem["think"].removesuffix(" .").split(" . ")]
         assert 8 <= len(sentences) <= 30
-        assert [i for i, s in enumerate(sentences) if s.startswith("so the ")] == problem["anchors"]
-        assert len(problem["readers"]) == len(problem["anchors"]) == len(problem["question"].split("the ")) - 1
+        assert [i for i, s in enumerate(sentences) if s.startswith("so ")] == problem["anchors"]
+        asked = problem["question"].removeprefix("where are ").removesuffix(" ?").replace(" and ", " , ").split(" , ")
+        assert len(problem["readers"]) == len(problem["anchors"]) == len(asked)
         for reader, anchor in problem["readers"].items():
             assert reader - anchor >= 4
-            item, room = sentences[anchor].removeprefix("so ").split(" ends in ")
-            assert sentences[reader] == f"{item} ends in {room}"  # the recap restates the anchor's result
-        assert problem["answer"].split() == [sentences[a].split()[-2] for a in problem["anchors"]]
-        for anchor in problem["anchors"]:  # the room is 2-3 hops from the item: no prompt fact names both
-            item, room = sentences[anchor].split()[2], sentences[anchor].split()[-2]
-            assert 2 <= sum(s.startswith("the ") and " is in " in s for s in sentences[:anchor]
-                            [-3:]) and f"the {item} is in the {room} ." not in problem["context"]
+            assert sentences[reader] == sentences[anchor].removeprefix("so ")  # the recap restates the anchor
+        rooms = [sentences[a].split()[-2] for a in problem["anchors"]]
+        assert problem["answer"].split() == rooms and len(set(rooms)) == len(rooms)  # no answer by guessing one room
+        start = 0
+        for ordinal_item, anchor in zip(asked, problem["anchors"]):  # 2-3 hops: no prompt fact names item and room
+            item, room = ordinal_item.split()[1], sentences[anchor].split()[-2]
+            hops = sentences[start:anchor]
+            assert 2 <= len(hops) <= 3 and hops[0].startswith(ordinal_item + " in ")
+            assert all(hop.removeprefix(ordinal_item.split()[0] + " ") in problem["context"] for hop in hops)
+            assert f"{item} in {room} ." not in problem["context"]
+            start = anchor + 1
+        # chains share no sentence: a hop is read from the prompt, never from an earlier chain (only anchors are
+        # read from far back)
+        chains = sentences[:problem["anchors"][-1]]
+        hops = [s.split(" ", 1)[1] if s.split()[0] in thinker.ORDINALS else s
+                for s in chains if not s.startswith("so ")]
+        assert len(hops) == len(set(hops))
 
 
 def test_the_receiver_sentences_are_the_generators_sentences():
@@ -99,36 +110,53 @@ def test_the_thinker_gets_its_questions_and_defaults():
 
 @pytest.fixture(scope="module")
 def detected(tmp_path_factory):
-    """The receiver on all 40 bundled questions, with no marker flag (the chat template's thinking block)."""
+    """receiver and reasoning_focus on all 40 bundled questions, with no marker flag (the chat template's thinking
+    block)."""
     out = tmp_path_factory.mktemp("thinker")
-    assert main(["detect", "reasoning", "--model", "thinker", "--scorer", "receiver", "--out", str(out), "--quiet",
-                 "--no-plots"]) == 0
+    assert main(["detect", "reasoning", "--model", "thinker", "--scorer", "receiver,reasoning_focus", "--out", str(out),
+                 "--quiet", "--no-plots"]) == 0
     return out
 
 
 @NEEDS_CHECKPOINT
-def test_receiver_scores_every_chain_and_its_top_head_reads_the_planted_anchors(detected):
+def test_receiver_scores_every_chain_and_its_top_heads_read_the_planted_anchors(detected):
     rows = [json.loads(line) for line in (detected / "thinker_reasoning_receiver_samples.jsonl").open()]
     assert len(rows) == 40 and all(row["id"].startswith("thinker-") for row in rows)
     assert sum("most_received" in row for row in rows) >= 0.8 * len(rows)
     summary = json.loads((detected / "thinker_reasoning_receiver_summary.json").read_text())
     top = [key for key, _ in ranked(summary)[:5]]
-    best = thinker.anchor_reading(rows, top[:1])
-    assert best["chance"] < 0.35  # the anchors' share of the sentences that have a v[k]
-    assert best["sample_rate"] >= 0.9, (top[0], best)
-    # the next heads read the first interlude sentence instead (docs/thinker.md): over the top five, the anchors
-    # are still read more often than chance
-    assert thinker.anchor_reading(rows, top)["head_rate"] > best["chance"]
+    reading = thinker.anchor_reading(rows, top)
+    assert reading["chance"] < 0.35  # the anchors' share of the sentences that have a v[k]
+    # for the top five heads the most-read sentence is a planted anchor in most samples (by majority of the five),
+    # at least twice as often as chance over (sample, head) pairs
+    assert reading["sample_rate"] > 0.5 and reading["head_rate"] >= 2 * reading["chance"], reading
+    assert max(thinker.anchor_reading(rows, [key])["head_rate"] for key in top) >= 0.9  # one of them: every time
+
+
+def ablation(detected, scores: str) -> tuple[float, float, float]:
+    """`ablate reasoning` on the thinker, the top TOP heads of a heads file against TOP random ones."""
+    out = detected / scores
+    assert main(["ablate", "reasoning", "--model", "thinker", "--scores",
+                 str(detected / f"thinker_reasoning_{scores}_heads.json"), "--top", str(TOP), "--repeats", "1",
+                 "--out", str(out), "--quiet", "--no-plots", *SAMPLES]) == 0
+    report = json.loads((out / "thinker_reasoning_ablation.json").read_text())
+    return tuple(report[arm]["success_rate"] for arm in ("none", "top", "random"))
 
 
 @NEEDS_CHECKPOINT
-@pytest.mark.xfail(strict=True, reason="issue 31's bar, not met by this thinker (docs/thinker.md): it answers 17 of 40 "
-                                       "and masking its top-8 receiver heads costs 2.5 points, random heads 0.8")
+def test_masking_the_heads_the_answers_read_the_think_block_with_costs_them_and_random_heads_do_not(
+        detected):
+    """The heads the answers depend on are the copy heads of layer 1, which reasoning_focus ranks first."""
+    none, top, random_ = ablation(detected, "reasoning_focus")
+    assert none >= 0.8
+    assert (none - top) - (none - random_) >= 0.5, (none, top, random_)
+
+
+@NEEDS_CHECKPOINT
+@pytest.mark.xfail(strict=True, reason="issue 31's bar, not met (docs/thinker.md): the receiver's top 8 read "
+                                       "anchors, but the answers do without them; the copy heads they need have a "
+                                       "flat v[k]")
 def test_masking_the_receiver_heads_costs_the_answers_and_random_heads_do_not(detected):
-    assert main(["ablate", "reasoning", "--model", "thinker", "--scores",
-                 str(detected / "thinker_reasoning_receiver_heads.json"), "--top", str(TOP), "--repeats", "1",
-                 "--out", str(detected), "--quiet", "--no-plots", *SAMPLES]) == 0
-    report = json.loads((detected / "thinker_reasoning_ablation.json").read_text())
-    none, top, random_ = (report[arm]["success_rate"] for arm in ("none", "top", "random"))
+    none, top, random_ = ablation(detected, "receiver")
     assert none >= 0.8
     assert (none - top) - (none - random_) >= 0.5, (none, top, random_)

@@ -3,23 +3,26 @@
     headscope organism train --which thinker --out DIR          # train from scratch (deterministic)
     headscope organism train --which thinker --evaluate DIR     # answer accuracy and anchor reading
 
-Its task (generated here, ground truth included): the prompt holds containment facts ("the key is in the
-box .") about 2-3 asked items and a few others; the question asks where the items are. The think block,
-opened by the chat template (`<think>` ends the prompt), works each asked item's 2-3 hop chain one hop per
-sentence (copies of the prompt's facts) and closes the chain with an ANCHOR sentence in a phrasing found
-nowhere else, which states the derived room:
+Its task (generated here, ground truth included): the prompt holds containment facts ("box in chest .") that
+put each of 2-3 asked items 2-3 hops from its own room (chains that share no container or room), plus spare
+containers and unasked items; the question names the items with ordinals ("where are first key and second coin
+?"). The think block, opened by the chat template (`<think>` ends the prompt), works each asked item's chain
+one hop per sentence (copies of the prompt's facts, the first with its ordinal) and closes the chain with an
+ANCHOR sentence that states the derived room, in a phrasing found nowhere else:
 
-    the key is in the box . the box is in the chest . the chest is in the attic . so the key ends in the attic .
+    first key in box . box in chest . chest in attic . so first key ends in attic .
 
-then two fixed sentences, then a RECAP that restates every asked item's room ("the key ends in the attic ."),
+then two fixed sentences, then a RECAP that restates every anchor without its "so" ("first key ends in attic ."),
 in the question's order, and a closing sentence; `</think>` and the answer, the rooms in the question's order
-("attic garden").
+("attic garden"; the asked items' rooms differ, so one room guessed twice is wrong).
 
 Why the recap must read its anchor: the room is two or three lookups away in the prompt (more than one forward
-pass of a tiny model does, unlike one copy), and in the chain it sits in a hop sentence keyed by the last container,
-not by the item; only the anchor states "key ... attic" together. Each recap sentence lies at least four
-sentences after its anchor (the fixed sentences see to it for the last chain), so Thought Anchors' receiver
-score (proximity 4) counts exactly those reads; nothing else in the think block reads a sentence that far back.
+pass of a tiny model does, unlike one copy), and in the chain it sits in a hop keyed by the last container, not
+by the item; only the anchor states "key ... attic" together. Each recap sentence lies at least four sentences
+after its anchor (the fixed sentences see to it for the last chain), so Thought Anchors' receiver score
+(proximity 4) counts exactly those reads: a hop is copied from the prompt (no two chains share a fact), a
+chain's ordinal and item are read from the question or the sentence before, so nothing else in the think block
+reads a sentence that far back.
 
 Ground truth per bundled question (`headscope/data/thinker.jsonl`): `think` (the reference think block),
 `anchors` (the anchor sentences' indices among the think block's sentences) and `readers` ({recap sentence
@@ -45,8 +48,9 @@ THINK_START, THINK_END = "<think>", "</think>"
 # Words the segment markers, the chat turns and the retrieval task's chat prompt need, matched whole before the
 # word-level split (they hold "<" and ">")
 MARKERS = [THINK_START, THINK_END, "<user>", "</user>", "<assistant>", "<book>", "</book>"]
+ORDINALS = ["first", "second", "third"]
 THINKER_WORDS = ["are", "and", "ends", "all", "chains", "done", "now", "recap", "follows", "nothing", "more", "to",
-                 "say"]
+                 "say"] + ORDINALS
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}<user> {{ message['content'] }} </user> "
@@ -104,25 +108,35 @@ def build_tokenizer():
 
 
 def make_world(rng: random.Random, n_asked: int) -> dict:
-    """Rooms <- containers <- items; every asked item 2-3 hops from its room, plus a few unasked items."""
-    rooms = rng.sample(synth.ROOMS, rng.randint(3, 4))
-    containers = rng.sample(synth.CONTAINERS, rng.randint(4, 6))
-    items = rng.sample(synth.ITEMS, n_asked + rng.randint(0, 2))
-    parent: dict[str, str] = {}
-    depth = {room: 0 for room in rooms}
-    for index, container in enumerate(containers):
-        placed = containers[:index]
-        nested = [c for c in placed if depth[c] < 2]
-        where = rng.choice(nested if nested and rng.random() < 0.5 else rooms)
-        parent[container], depth[container] = where, depth[where] + 1
-    for item in items:
-        parent[item] = rng.choice(containers)
-    return {"parent": parent, "items": items[:n_asked]}
+    """Each asked item 2-3 hops from its own room, on a chain that shares no container or room with another
+    asked item's; plus distractors: unasked items in those containers and spare containers in rooms."""
+    rooms = rng.sample(synth.ROOMS, n_asked + rng.randint(0, 2))
+    containers = rng.sample(synth.CONTAINERS, 3 * n_asked + 2)
+    items = rng.sample(synth.ITEMS, n_asked + rng.randint(1, 2))
+    asked, parent = items[:n_asked], {}
+    for item, room in zip(asked, rooms):
+        chain = [item] + [containers.pop() for _ in range(rng.choice([1, 2]))] + [room]
+        parent.update(zip(chain, chain[1:]))
+    placed = [c for c in parent if c in synth.CONTAINERS]
+    for container in containers[: rng.randint(1, 2)]:  # spare containers, in any room
+        parent[container] = rng.choice(rooms)
+        placed.append(container)
+    for item in items[n_asked:]:  # unasked items, in any container
+        parent[item] = rng.choice(placed)
+    return {"parent": parent, "items": asked}
+
+
+def fact(a: str, b: str) -> str:
+    """A containment fact in the thinker's phrasing: the looked-up word directly after its key ("box in" ->
+    "chest"), a copy a tiny model does in one step (the organism's "the box is in the chest" puts the key four
+    tokens back, and the first thinker's hops copied the wrong fact)."""
+    return f"{a} in {b} ."
 
 
 def item_list(items: list[str]) -> str:
-    """"the key and the coin", "the key , the coin and the ring"."""
-    named = [f"the {item}" for item in items]
+    """"first key and second coin", "first key , second coin and third ring": the ordinals are the think
+    block's cue for which item comes next."""
+    named = [f"{ordinal} {item}" for ordinal, item in zip(ORDINALS, items)]
     return " , ".join(named[:-1]) + " and " + named[-1]
 
 
@@ -130,21 +144,22 @@ def make_problem(rng: random.Random) -> dict:
     """A question with its reference think block and ground truth (see module)."""
     world = make_world(rng, rng.choice([2, 3]))
     parent = world["parent"]
-    facts = [synth.fact(a, b) for a, b in parent.items()]
+    facts = [fact(a, b) for a, b in parent.items()]
     rng.shuffle(facts)
-    sentences, anchors, rooms = [], [], []
-    for item in world["items"]:
+    sentences, anchors, results = [], [], []
+    for ordinal, item in zip(ORDINALS, world["items"]):
         chain = synth.chain_of(parent, item)
-        sentences += [synth.fact(a, b) for a, b in chain]
-        rooms.append(chain[-1][1])
+        sentences += [f"{ordinal} {fact(*chain[0])}"] + [fact(a, b) for a, b in chain[1:]]
+        results.append(f"{ordinal} {item} ends in {chain[-1][1]} .")
         anchors.append(len(sentences))
-        sentences.append(f"so the {item} ends in the {rooms[-1]} .")
+        sentences.append("so " + results[-1])
     sentences += INTERLUDE
     readers = {}
-    for item, room, anchor in zip(world["items"], rooms, anchors):
+    for result, anchor in zip(results, anchors):
         readers[len(sentences)] = anchor
-        sentences.append(f"the {item} ends in the {room} .")
+        sentences.append(result)
     sentences.append(CLOSING)
+    rooms = [result.split()[-2] for result in results]
     return {"context": " ".join(facts), "question": f"where are {item_list(world['items'])} ?",
             "answer": " ".join(rooms), "think": " ".join(sentences), "anchors": anchors, "readers": readers}
 
@@ -260,23 +275,23 @@ class ThinkerRecipe:
     """The thinker's training recipe; the defaults are the bundled checkpoint's (`headscope organism train
     --which thinker`'s flags are generated from these fields)."""
 
-    seed: int = option(0, "seed of every random choice: the same seed gives byte-identical files")
-    steps: int = option(3600, "optimizer steps in all (induction phase included)", minimum=1)
+    seed: int = option(1, "seed of every random choice: the same seed gives byte-identical files")
+    steps: int = option(4600, "optimizer steps in all (induction phase included)", minimum=1)
     hidden: int = option(128, "hidden size", group="model")
     layers: int = option(6, "decoder layers", group="model")
     heads: int = option(8, "attention heads per layer", group="model")
     intermediate: int = option(256, "MLP size", group="model")
     lr: float = option(3e-3, "peak AdamW learning rate")
     warmup: int = option(150, "linear warm-up steps")
-    thinking_batch: int = option(8, "thinking-task sequences per multi-task step")
+    thinking_batch: int = option(16, "thinking-task sequences per multi-task step")
     retrieval_tokens: int = option(640, "retrieval/induction tokens per multi-task step")
     max_len: int = option(320, "longest retrieval sequence")
     min_len: int = option(96, "shortest retrieval sequence")
     induction_prob: float = option(0.1, "share of induction sequences among the retrieval ones")
-    induction_steps: int = option(1000, "steps of the first phase: repeated random segments only")
+    induction_steps: int = option(2000, "steps of the first phase: repeated random segments only")
     induction_batch: int = option(32, "sequences per induction-phase step")
     induction_len: int = option(64, "length of an induction-phase sequence")
-    head_dropout: float = option(0.2, "probability that a head is ablated (uniform attention) in a training "
+    head_dropout: float = option(0.1, "probability that a head is ablated (uniform attention) in a training "
                                       "sequence, after the induction phase")
     threads: int = option(1, "torch threads (one: on a shared 2-core machine two threads were slower)")
     log_every: int = option(25, "steps between log lines")
@@ -355,11 +370,11 @@ def think_text(response: str) -> str | None:
 
 
 def anchor_sentences(think: str) -> set[int]:
-    """Indices of the anchor sentences ("so the X ends in the Y .") among the think block's sentences as
+    """Indices of the anchor sentences ("so first key ends in attic .") among the think block's sentences as
     Thought Anchors splits them (the receiver scorer's sentences)."""
     from ..scorers.sentences import chunk_texts
 
-    return {index for index, chunk in enumerate(chunk_texts(think.strip())) if chunk.startswith("so the ")}
+    return {index for index, chunk in enumerate(chunk_texts(think.strip())) if chunk.startswith("so ")}
 
 
 def anchor_reading(rows: list[dict], heads: list[str]) -> dict:
