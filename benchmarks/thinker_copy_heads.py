@@ -27,9 +27,7 @@ def copy_attention(questions: int) -> torch.Tensor:
     model = LlamaForCausalLM.from_pretrained(THINKER_DIR, attn_implementation="eager").eval()
     total, reads = 0.0, 0
     for problem in thinker.read_bundled()[:questions]:
-        user = synth.reasoning_prompt(problem["context"], problem["question"])
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = thinker.chat_prompt(tokenizer, synth.reasoning_prompt(problem["context"], problem["question"]))
         ids = tokenizer(prompt + thinker.completion(problem), add_special_tokens=False)["input_ids"]
         tokens = tokenizer.convert_ids_to_tokens(ids)
         recap_start = tokens.index("follows")  # "now the recap follows ."

@@ -146,11 +146,12 @@ def make_problem(rng: random.Random) -> dict:
     parent = world["parent"]
     facts = [fact(a, b) for a, b in parent.items()]
     rng.shuffle(facts)
-    sentences, anchors, results = [], [], []
+    sentences, anchors, results, rooms = [], [], [], []
     for ordinal, item in zip(ORDINALS, world["items"]):
         chain = synth.chain_of(parent, item)
         sentences += [f"{ordinal} {fact(*chain[0])}"] + [fact(a, b) for a, b in chain[1:]]
-        results.append(f"{ordinal} {item} ends in {chain[-1][1]} .")
+        rooms.append(chain[-1][1])
+        results.append(f"{ordinal} {item} ends in {rooms[-1]} .")
         anchors.append(len(sentences))
         sentences.append("so " + results[-1])
     sentences += INTERLUDE
@@ -159,9 +160,14 @@ def make_problem(rng: random.Random) -> dict:
         readers[len(sentences)] = anchor
         sentences.append(result)
     sentences.append(CLOSING)
-    rooms = [result.split()[-2] for result in results]
     return {"context": " ".join(facts), "question": f"where are {item_list(world['items'])} ?",
             "answer": " ".join(rooms), "think": " ".join(sentences), "anchors": anchors, "readers": readers}
+
+
+def chat_prompt(tokenizer, user: str) -> str:
+    """The thinker's prompt for a user turn: the chat template with the generation prompt, ending in `<think>`."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def completion(problem: dict) -> str:
@@ -220,8 +226,7 @@ class ThinkerData:
 
     def _chat(self, user: str, answer: str, prompt_weight: float) -> tuple[list[int], list[float]]:
         """The chat prompt of `user` (ending in <think>) and `answer` after it: the answer's tokens weigh 1."""
-        prompt = self._ids(self.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                                               add_generation_prompt=True))
+        prompt = self._ids(chat_prompt(self.tokenizer, user))
         target = self._ids(answer)
         return prompt + target, [0.0] + [prompt_weight] * (len(prompt) - 1) + [1.0] * len(target)
 
@@ -305,15 +310,10 @@ def train(out_dir, recipe: ThinkerRecipe | None = None) -> Path:
     from . import train as organism
 
     r = recipe or ThinkerRecipe()
-    torch.set_num_threads(r.threads)
-    torch.manual_seed(r.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    vocab_size = ((len(tokenizer) + 63) // 64) * 64
-    model, loss_on, opt, lr_at = organism.training_setup(r, vocab_size)
-    print(f"params {sum(p.numel() for p in model.parameters()):,}  vocab {len(tokenizer)} (padded {vocab_size})",
-          flush=True)
+    model, loss_on, opt, lr_at = organism.training_setup(r, len(tokenizer))
     data = ThinkerData(r.seed, tokenizer)
     lengths = random.Random(f"thinker-lengths-{r.seed}")
 

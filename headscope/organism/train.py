@@ -286,18 +286,23 @@ class Recipe:
     save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
 
 
-def training_setup(r, vocab_size: int):
-    """What every organism's training shares, from its recipe `r`: the Llama (with head-dropout attention when
-    r.head_dropout), the weighted loss with each sequence's own dropped heads, AdamW, and the learning rate
-    (linear warm-up, flat through the induction phase, then cosine to 5%). Returns (model, loss_on, opt, lr_at)."""
+def training_setup(r, vocab_len: int):
+    """What every organism's training shares, from its recipe `r`: torch's threads and seed, the Llama (its
+    embedding padded to a multiple of 64 rows past `vocab_len` words; head-dropout attention when r.head_dropout),
+    the weighted loss with each sequence's own dropped heads, AdamW, and the learning rate (linear warm-up, flat
+    through the induction phase, then cosine to 5%). Returns (model, loss_on, opt, lr_at)."""
     from transformers import LlamaForCausalLM
 
+    torch.set_num_threads(r.threads)
+    torch.manual_seed(r.seed)
+    vocab_size = ((vocab_len + 63) // 64) * 64
     config = make_config(vocab_size, r.hidden, r.layers, r.heads, r.intermediate)
     config._attn_implementation = "sdpa"
     if r.head_dropout:
         _register_head_dropout()
         config._attn_implementation = HEAD_DROPOUT_ATTENTION
     model = LlamaForCausalLM(config)
+    print(f"params {sum(p.numel() for p in model.parameters()):,}  vocab {vocab_len} (padded {vocab_size})", flush=True)
     drop_rng = torch.Generator().manual_seed(r.seed)
 
     def loss_on(batch, drop: bool = True):
@@ -328,15 +333,11 @@ def training_setup(r, vocab_size: int):
 def train(out_dir, recipe: Recipe | None = None) -> Path:
     """Train the organism from scratch, deterministically from the recipe's seed; save it to ``out_dir``."""
     r = recipe or Recipe()
-    torch.set_num_threads(r.threads)
-    torch.manual_seed(r.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     vocab = build_vocab()
-    vocab_size = ((len(vocab) + 63) // 64) * 64
-    model, loss_on, opt, lr_at = training_setup(r, vocab_size)
-    print(f"params {sum(p.numel() for p in model.parameters()):,}  vocab {len(vocab)} (padded {vocab_size})", flush=True)
+    model, loss_on, opt, lr_at = training_setup(r, len(vocab))
     gen = DataGen(r.seed, vocab)
     lrng = random.Random(f"lengths-{r.seed}")
 
